@@ -1,0 +1,278 @@
+//! `refrag ask`: answer one question.
+
+use super::Global;
+use crate::generate::{generate, Generation, SamplingOptions};
+use crate::options::{Mode, Policy, SearchKind};
+#[cfg(feature = "store")]
+use crate::rag::{AskOptions, Engine};
+#[cfg(feature = "store")]
+use crate::store::Store;
+use crate::prompt::{self, Segment};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Sampling flags shared by ask, eval and chat.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64, env = "REFRAG_MAX_TOKENS")]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.0, env = "REFRAG_TEMPERATURE")]
+    pub temperature: f64,
+    /// Nucleus sampling mass (with --temperature > 0).
+    #[arg(long, env = "REFRAG_TOP_P")]
+    pub top_p: Option<f64>,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 299792458, env = "REFRAG_SEED")]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn options(&self) -> Result<SamplingOptions> {
+        if self.max_tokens == 0 {
+            bail!("--max-tokens must be at least 1");
+        }
+        if let Some(p) = self.top_p {
+            if !(0.0..=1.0).contains(&p) || p == 0.0 {
+                bail!("--top-p {p}: must be in (0, 1]");
+            }
+        }
+        if self.temperature < 0.0 {
+            bail!("--temperature {}: must be >= 0", self.temperature);
+        }
+        Ok(SamplingOptions {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+        })
+    }
+}
+
+/// Retrieval and compression flags shared by ask and eval.
+#[derive(Args, Debug, Clone)]
+pub struct RagArgs {
+    /// Index database (a folder, or an object-store URI).
+    #[arg(long, env = "REFRAG_DB", default_value = "index")]
+    pub db: String,
+    /// Passages to retrieve.
+    #[arg(long, default_value_t = 3, env = "REFRAG_TOP_K")]
+    pub top_k: usize,
+    /// What the decoder reads: refrag (chunk vectors), full (passage tokens), none.
+    /// Default: refrag when trained weights are found, else full.
+    #[arg(long, value_enum, env = "REFRAG_MODE")]
+    pub mode: Option<Mode>,
+    /// Chunk size in tokens; must match the index (default: the index's).
+    #[arg(long, env = "REFRAG_K")]
+    pub k: Option<usize>,
+    /// Fraction of chunks to expand back to tokens (refrag mode).
+    #[arg(long, default_value_t = 0.0, env = "REFRAG_EXPAND")]
+    pub expand: f64,
+    /// Which chunks to expand.
+    #[arg(long, value_enum, default_value = "sim", env = "REFRAG_POLICY")]
+    pub policy: Policy,
+    /// Retrieval: vector, or hybrid (vector + BM25).
+    #[arg(long, value_enum, default_value = "vector", env = "REFRAG_SEARCH")]
+    pub search: SearchKind,
+    /// Folder with trained weights (projector.safetensors).
+    #[arg(long, env = "REFRAG_WEIGHTS")]
+    pub weights: Option<PathBuf>,
+}
+
+#[cfg(feature = "store")]
+impl RagArgs {
+    /// Load models, index and (when present) trained weights; resolve the mode.
+    pub fn engine(&self, g: &Global) -> Result<(Engine, Mode)> {
+        if !(0.0..=1.0).contains(&self.expand) {
+            bail!("--expand {}: must be between 0 and 1", self.expand);
+        }
+        let device = g.device()?;
+        let decoder = g.load_decoder(&device)?;
+        let encoder = g.load_encoder(&device)?;
+        let store = Store::open(&self.db)?;
+        let Some(info) = store.info.clone() else {
+            bail!("{}: no index here; build one with `refrag index PATH --db {}`", self.db, self.db);
+        };
+        let now = crate::indexer::index_info(&encoder, &decoder.tokenizer_id, self.k.unwrap_or(info.k));
+        info.check(&now, &self.db)?;
+        let dirs = crate::projector::weights_dirs(self.weights.as_deref(), &g.home());
+        let (projector, mode) = match self.mode {
+            Some(Mode::Refrag) => (
+                Some(crate::projector::find(&dirs, &device, encoder.dim, decoder.cfg.hidden)?),
+                Mode::Refrag,
+            ),
+            Some(m) => (None, m),
+            None => match crate::projector::find(&dirs, &device, encoder.dim, decoder.cfg.hidden) {
+                Ok(p) => (Some(p), Mode::Refrag),
+                Err(_) => {
+                    if !g.quiet {
+                        eprintln!("refrag: no trained projector found; answering in --mode full");
+                    }
+                    (None, Mode::Full)
+                }
+            },
+        };
+        Ok((Engine { decoder, encoder, store, projector, k: info.k }, mode))
+    }
+
+    pub fn options(&self, mode: Mode, sampling: SamplingOptions) -> AskOptions {
+        AskOptions {
+            mode,
+            top_k: self.top_k,
+            search: self.search,
+            expand: self.expand,
+            policy: self.policy,
+            sampling,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct AskArgs {
+    /// The question; `-` (or nothing, with a pipe on stdin) reads it from stdin.
+    pub question: Option<String>,
+    /// Answer from these text files (full text in the prompt) instead of the index.
+    #[arg(long, value_name = "FILE")]
+    pub context: Vec<PathBuf>,
+    #[command(flatten)]
+    pub rag: RagArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print one JSON object instead of streaming the answer.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The question from the argument or stdin.
+pub fn read_question(arg: Option<&str>) -> Result<String> {
+    let q = match arg {
+        Some("-") | None => {
+            if arg.is_none() && std::io::stdin().is_terminal() {
+                bail!("no question given: `refrag ask \"QUESTION\"` or pipe it on stdin");
+            }
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("stdin: the question is not UTF-8 text")?;
+            s
+        }
+        Some(q) => q.to_string(),
+    };
+    let q = q.trim().to_string();
+    if q.is_empty() {
+        bail!("the question is empty");
+    }
+    Ok(q)
+}
+
+/// Read a UTF-8 text file, naming it in any error.
+pub fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+pub fn run(g: &Global, args: AskArgs) -> Result<ExitCode> {
+    let question = read_question(args.question.as_deref())?;
+    let opts = args.sampling.options()?;
+    if args.context.is_empty() {
+        return run_index(g, &args, &question, opts);
+    }
+    let contexts = args
+        .context
+        .iter()
+        .map(|p| read_text(p))
+        .collect::<Result<Vec<_>>>()?;
+    let device = g.device()?;
+    let decoder = g.load_decoder(&device)?;
+    let passages: Vec<Vec<Segment>> = contexts
+        .iter()
+        .map(|t| vec![Segment::Text(t.trim().to_string())])
+        .collect();
+    let input = prompt::assemble(&decoder, &prompt::rag(&question, passages))?;
+    let stream = !args.json;
+    let mut out = std::io::stdout().lock();
+    let gen = generate(&decoder, &input, &opts, |piece| {
+        if stream {
+            out.write_all(piece.as_bytes())?;
+            out.flush()?;
+        }
+        Ok(())
+    })?;
+    if args.json {
+        writeln!(out, "{}", answer_json(&gen, "full", &device))?;
+    } else {
+        writeln!(out)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "store"))]
+fn run_index(_: &Global, _: &AskArgs, _: &str, _: SamplingOptions) -> Result<ExitCode> {
+    bail!("this refrag was built without the `store` feature: only `ask --context FILE` works")
+}
+
+#[cfg(feature = "store")]
+fn run_index(g: &Global, args: &AskArgs, question: &str, sampling: SamplingOptions) -> Result<ExitCode> {
+    let (engine, mode) = args.rag.engine(g)?;
+    let opts = args.rag.options(mode, sampling);
+    let stream = !args.json;
+    let mut out = std::io::stdout().lock();
+    let ans = engine.answer(question, &opts, |piece| {
+        if stream {
+            out.write_all(piece.as_bytes())?;
+            out.flush()?;
+        }
+        Ok(())
+    })?;
+    if args.json {
+        let mut v = answer_json(&ans.generation, mode_name(mode), &engine.decoder.device);
+        v["sources"] = serde_json::to_value(&ans.sources)?;
+        v["retrieval_ms"] = ans.retrieval_ms.into();
+        v["context_tokens"] = ans.context_tokens.into();
+        v["chunks"] = ans.chunks.into();
+        v["expanded_chunks"] = ans.expanded_chunks.into();
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(out)?;
+        if !ans.sources.is_empty() {
+            writeln!(out, "\nsources:")?;
+            for s in &ans.sources {
+                writeln!(out, "  {:.3}  {}  {}", s.score, s.passage_id, s.title)?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Refrag => "refrag",
+        Mode::Full => "full",
+        Mode::None => "none",
+    }
+}
+
+/// The JSON object `ask --json` prints.
+pub fn answer_json(gen: &Generation, mode: &str, device: &candle_core::Device) -> serde_json::Value {
+    serde_json::json!({
+        "answer": gen.text,
+        "mode": mode,
+        "ttft_ms": gen.ttft_ms(),
+        "tokens_per_s": gen.tokens_per_s(),
+        "prompt_tokens": gen.prompt_positions,
+        "decoder_positions": gen.prompt_positions,
+        "generated_tokens": gen.generated_tokens,
+        "kv_cache_bytes": gen.kv_cache_bytes,
+        "device": crate::device::name(device),
+    })
+}

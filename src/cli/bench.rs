@@ -1,0 +1,106 @@
+//! `refrag bench`: TTFT / TTIT / KV-cache size, full context against REFRAG.
+
+use super::Global;
+use anyhow::{bail, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Public-domain text used as context when --text is not given (Alice, chapters 1-3).
+const DEFAULT_TEXT: &str = include_str!("../../fixtures/alice_ch1-3.txt");
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Context lengths in tokens (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "2048,4096,8192,16384")]
+    pub contexts: Vec<usize>,
+    /// Chunk sizes (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "8,16,32")]
+    pub k: Vec<usize>,
+    /// Timed repeats per variant (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Greedy steps after the first token, for the time per later token.
+    #[arg(long, default_value_t = 16)]
+    pub decode_tokens: usize,
+    /// Also time decoding with dense weights only (no quantized matrices).
+    #[arg(long)]
+    pub dense_decode: bool,
+    /// Skip the "not cached" variant (encoder in the timed path).
+    #[arg(long)]
+    pub no_encoder: bool,
+    /// Text to draw the context from (default: a bundled public-domain text).
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// Folder with a trained projector (timing does not depend on its values).
+    #[arg(long, env = "REFRAG_WEIGHTS")]
+    pub weights: Option<PathBuf>,
+    /// Print rows as JSON lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(g: &Global, args: BenchArgs) -> Result<ExitCode> {
+    if args.repeats == 0 || args.contexts.is_empty() || args.k.iter().any(|&k| k == 0) {
+        bail!("--repeats, --contexts and --k must be positive");
+    }
+    let text = match &args.text {
+        Some(p) => super::ask::read_text(p)?,
+        None => DEFAULT_TEXT.to_string(),
+    };
+    let device = g.device()?;
+    let decoder = g.load_decoder(&device)?;
+    let dense = if args.dense_decode {
+        let path = crate::models::resolve_decoder(g.decoder.as_deref(), &g.home(), g.quiet)?;
+        Some(crate::decoder::Decoder::load(&path, &device, crate::decoder::Ops::Fused, false)?)
+    } else {
+        None
+    };
+    let encoder = if args.no_encoder { None } else { Some(g.load_encoder(&device)?) };
+    let in_dim = encoder.as_ref().map(|e| e.dim).unwrap_or(384);
+    let dirs = crate::projector::weights_dirs(args.weights.as_deref(), &g.home());
+    let projector = match crate::projector::find(&dirs, &device, in_dim, decoder.cfg.hidden) {
+        Ok(p) => p,
+        Err(_) => {
+            let vm = candle_nn::VarMap::new();
+            crate::projector::Projector::init(&vm, &device, in_dim, decoder.cfg.hidden)?
+        }
+    };
+    let setup = crate::bench::BenchSetup {
+        decoder: &decoder,
+        dense_decoder: dense.as_ref(),
+        encoder: encoder.as_ref(),
+        projector: &projector,
+        text: &text,
+        repeats: args.repeats,
+        decode_tokens: args.decode_tokens,
+    };
+    let pb = crate::progress::spinner(g.quiet, "bench".into());
+    let rows = crate::bench::run(&setup, &args.contexts, &args.k, |m| pb.set_message(m.to_string()))?;
+    pb.finish_and_clear();
+    let dev = crate::device::name(&device);
+    if args.json {
+        for r in &rows {
+            let mut v = serde_json::to_value(r)?;
+            v["device"] = dev.clone().into();
+            println!("{v}");
+        }
+    } else {
+        println!("device: {dev}; median of {} runs after a warm-up", args.repeats);
+        println!("{:>8} {:<18} {:>9} {:>10} {:>10} {:>9} {:>10}", "context", "variant", "positions", "ttft_ms", "ttit_ms", "speedup", "kv_MiB");
+        for r in &rows {
+            let f = |x: Option<f64>, p: usize| x.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into());
+            println!(
+                "{:>8} {:<18} {:>9} {:>10} {:>10} {:>9} {:>10}",
+                r.context_tokens,
+                r.variant,
+                r.positions,
+                r.ttft_ms_median.map(|v| format!("{v:.1}")).unwrap_or_else(|| "over window".into()),
+                f(r.ttit_ms_median, 2),
+                f(r.speedup, 2),
+                f(r.kv_cache_bytes.map(|b| b as f64 / (1 << 20) as f64), 1),
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,194 @@
+//! `refrag eval`: batch questions from JSONL, with metrics.
+
+use super::ask::{mode_name, RagArgs, SamplingArgs};
+use super::Global;
+use crate::metrics;
+use anyhow::{anyhow, Context, Result};
+use clap::Args;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Questions: one {"id","question","answers":[...],"gold_doc"?,"answerable"?} per line.
+    #[arg(long)]
+    pub questions: PathBuf,
+    /// Write one JSON line per question here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Score retrieval only (recall@k), without decoding.
+    #[arg(long)]
+    pub retrieval_only: bool,
+    /// Evaluate only the first N questions.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[command(flatten)]
+    pub rag: RagArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+struct Question {
+    id: String,
+    question: String,
+    answers: Vec<String>,
+    gold_docs: Vec<String>,
+    answerable: bool,
+}
+
+fn parse(line: &str, at: &str) -> Result<Question> {
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| anyhow!("{at}: malformed JSON: {e}"))?;
+    let question = v["question"]
+        .as_str()
+        .filter(|q| !q.trim().is_empty())
+        .ok_or_else(|| anyhow!("{at}: missing \"question\""))?
+        .to_string();
+    let id = match &v["id"] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => at.to_string(),
+    };
+    let strings = |x: &serde_json::Value| -> Vec<String> {
+        match x {
+            serde_json::Value::String(s) => vec![s.clone()],
+            serde_json::Value::Array(a) => a.iter().filter_map(|s| s.as_str().map(String::from)).collect(),
+            _ => vec![],
+        }
+    };
+    let answers = strings(&v["answers"]);
+    let mut gold_docs = strings(&v["gold_doc"]);
+    gold_docs.extend(strings(&v["gold_docs"]));
+    let answerable = v["answerable"].as_bool().unwrap_or(true);
+    Ok(Question { id, question, answers, gold_docs, answerable })
+}
+
+pub fn run(g: &Global, args: EvalArgs) -> Result<ExitCode> {
+    let text = super::ask::read_text(&args.questions)?;
+    let name = args.questions.display().to_string();
+    let mut bad = 0usize;
+    let mut qs = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match parse(line, &format!("{name}:{}", n + 1)) {
+            Ok(q) => qs.push(q),
+            Err(e) => {
+                bad += 1;
+                eprintln!("refrag: {e:#} (skipped)");
+            }
+        }
+    }
+    if let Some(l) = args.limit {
+        qs.truncate(l);
+    }
+    let sampling = args.sampling.options()?;
+    let (engine, mode) = args.rag.engine(g)?;
+    let opts = args.rag.options(mode, sampling);
+    let mut out = match &args.out {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?,
+        )),
+        None => None,
+    };
+    let pb = crate::progress::bar(g.quiet, qs.len() as u64, "questions");
+    pb.set_message("eval");
+    let (mut ems, mut f1s, mut ttfts, mut tps, mut rms, mut positions) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut recall = vec![0usize; args.rag.top_k + 1];
+    let (mut with_gold, mut abst_total, mut abst_right) = (0usize, 0usize, 0usize);
+    for q in &qs {
+        let (hits_ids, line) = if args.retrieval_only {
+            let (hits, _, ms) = engine.retrieve(&q.question, args.rag.top_k, args.rag.search)?;
+            rms.push(ms);
+            let ids: Vec<String> = hits.iter().map(|h| h.passage.doc_id.clone()).collect();
+            (ids.clone(), serde_json::json!({"id": q.id, "sources": ids, "retrieval_ms": ms}))
+        } else {
+            let ans = engine.answer(&q.question, &opts, |_| Ok(()))?;
+            let gen = &ans.generation;
+            let (em, f1) = metrics::best(&gen.text, &q.answers);
+            if q.answerable && !q.answers.is_empty() {
+                ems.push(em);
+                f1s.push(f1);
+            }
+            if !q.answerable {
+                abst_total += 1;
+                abst_right += metrics::abstains(&gen.text) as usize;
+            }
+            ttfts.push(gen.ttft_ms());
+            tps.push(gen.tokens_per_s());
+            rms.push(ans.retrieval_ms);
+            positions.push(gen.prompt_positions as f64);
+            let ids: Vec<String> = ans.sources.iter().map(|s| s.doc_id.clone()).collect();
+            (
+                ids,
+                serde_json::json!({
+                    "id": q.id, "question": q.question, "answer": gen.text, "gold": q.answers,
+                    "em": em, "f1": f1, "sources": ans.sources, "ttft_ms": gen.ttft_ms(),
+                    "tokens_per_s": gen.tokens_per_s(), "retrieval_ms": ans.retrieval_ms,
+                    "decoder_positions": gen.prompt_positions, "context_tokens": ans.context_tokens,
+                    "chunks": ans.chunks, "expanded_chunks": ans.expanded_chunks,
+                }),
+            )
+        };
+        if !q.gold_docs.is_empty() {
+            with_gold += 1;
+            // A gold id matches a document id, or a file document's id without its extension.
+            let is_gold = |d: &String| {
+                let stem = std::path::Path::new(d).with_extension("");
+                q.gold_docs.iter().any(|g| g == d || std::path::Path::new(g) == stem)
+            };
+            if let Some(rank) = hits_ids.iter().position(is_gold) {
+                for r in recall.iter_mut().skip(rank + 1) {
+                    *r += 1;
+                }
+            }
+        }
+        if let Some(o) = out.as_mut() {
+            writeln!(o, "{line}")?;
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    if let Some(mut o) = out {
+        o.flush()?;
+    }
+    let mean = |v: &[f64]| if v.is_empty() { 0.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
+    let (ttft_mean, ttft_median, ttft_p95) = metrics::summary(&ttfts);
+    let recall_at = |k: usize| (with_gold > 0).then(|| recall[k.min(args.rag.top_k)] as f64 / with_gold as f64);
+    let summary = serde_json::json!({
+        "questions": qs.len(),
+        "bad_lines": bad,
+        "mode": mode_name(mode),
+        "top_k": args.rag.top_k,
+        "expand": args.rag.expand,
+        "exact_match": (!args.retrieval_only).then(|| mean(&ems)),
+        "f1": (!args.retrieval_only).then(|| mean(&f1s)),
+        "scored": ems.len(),
+        "recall_at_1": recall_at(1),
+        "recall_at_k": recall_at(args.rag.top_k),
+        "abstention_accuracy": (abst_total > 0).then(|| abst_right as f64 / abst_total as f64),
+        "ttft_ms_mean": ttft_mean, "ttft_ms_median": ttft_median, "ttft_ms_p95": ttft_p95,
+        "tokens_per_s_mean": mean(&tps),
+        "retrieval_ms_mean": mean(&rms),
+        "decoder_positions_mean": mean(&positions),
+    });
+    if args.json {
+        println!("{summary}");
+    } else {
+        for (k, v) in summary.as_object().into_iter().flatten() {
+            if !v.is_null() {
+                println!("{k:<24} {}", match v.as_f64() {
+                    Some(x) if v.is_f64() => format!("{x:.4}"),
+                    _ => v.to_string(),
+                });
+            }
+        }
+    }
+    Ok(if bad > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
+}

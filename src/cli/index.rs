@@ -1,0 +1,94 @@
+//! `refrag index`: build or update an index.
+
+use super::Global;
+use crate::indexer::{self, IndexOptions};
+use crate::store::Store;
+use anyhow::{bail, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Args, Debug)]
+pub struct IndexArgs {
+    /// Files and folders: .txt/.md (one document each) and .jsonl ({"id","title","text"} per line).
+    #[arg(required_unless_present = "delete")]
+    pub paths: Vec<PathBuf>,
+    /// Index database (a folder, or an object-store URI).
+    #[arg(long, env = "REFRAG_DB", default_value = "index")]
+    pub db: String,
+    /// Chunk size: decoder tokens per chunk vector.
+    #[arg(long, default_value_t = 16, env = "REFRAG_K")]
+    pub k: usize,
+    /// Passages hold at least this many words (when the text allows).
+    #[arg(long, default_value_t = 100)]
+    pub min_words: usize,
+    /// Passages hold at most this many words.
+    #[arg(long, default_value_t = 200)]
+    pub max_words: usize,
+    /// Documents per commit.
+    #[arg(long, default_value_t = 64)]
+    pub batch_docs: usize,
+    /// Remove these document ids (repeatable).
+    #[arg(long, value_name = "ID")]
+    pub delete: Vec<String>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
+    if args.k == 0 || args.k > 256 {
+        bail!("--k {}: must be between 1 and 256", args.k);
+    }
+    if args.min_words == 0 || args.min_words > args.max_words {
+        bail!("--min-words {} / --max-words {}: need 0 < min <= max", args.min_words, args.max_words);
+    }
+    // Read and check every input before touching the index.
+    let mut warnings = Vec::new();
+    let files = crate::corpus::collect_files(&args.paths)?;
+    let docs = crate::corpus::load(&files, &mut warnings)?;
+    for w in &warnings {
+        if !g.quiet {
+            eprintln!("refrag: warning: {w}");
+        }
+    }
+    let device = g.device()?;
+    let gguf = crate::models::resolve_decoder(g.decoder.as_deref(), &g.home(), g.quiet)?;
+    let (tokenizer, tokenizer_id) = crate::gguf_tokenizer::load(&gguf)?;
+    let encoder = g.load_encoder(&device)?;
+    let mut store = Store::open(&args.db)?;
+    let info = indexer::index_info(&encoder, &tokenizer_id, args.k);
+    store.prepare_write(&info)?;
+    if !args.delete.is_empty() {
+        let n = store.delete_docs(&args.delete)?;
+        if !g.quiet {
+            eprintln!("deleted {n} passages of {} document id(s)", args.delete.len());
+        }
+    }
+    let opts = IndexOptions {
+        k: args.k,
+        min_words: args.min_words,
+        max_words: args.max_words,
+        batch_docs: args.batch_docs,
+        quiet: g.quiet,
+    };
+    let sum = indexer::index(&mut store, &docs, &tokenizer, &tokenizer_id, &encoder, &opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&sum)?);
+    } else {
+        println!(
+            "{} documents ({} added, {} replaced, {} unchanged), {} passages, {} chunks in {:.1} s; \
+             index: {} passages, {:.1} MiB on disk",
+            sum.documents,
+            sum.added,
+            sum.replaced,
+            sum.unchanged,
+            sum.passages,
+            sum.chunks,
+            sum.seconds,
+            sum.rows_total,
+            sum.bytes_on_disk as f64 / (1 << 20) as f64
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

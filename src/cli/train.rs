@@ -1,0 +1,114 @@
+//! `refrag train reconstruct|cpt`.
+
+use super::Global;
+use crate::train::{self, Stage, TextPool, TrainConfig, TrainRun};
+use anyhow::{bail, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Stage: reconstruct (chunk vectors -> the same tokens) or cpt (-> the next tokens).
+    #[arg(value_enum)]
+    pub stage: Stage,
+    /// Training text files (UTF-8). Never the text you report results on.
+    #[arg(long, required = true, num_args = 1..)]
+    pub text: Vec<PathBuf>,
+    /// Held-out text files scored at the end (written to the card).
+    #[arg(long, num_args = 1..)]
+    pub heldout: Vec<PathBuf>,
+    /// Output folder: checkpoints, train.jsonl, projector.safetensors, card.json.
+    #[arg(long, default_value = "weights")]
+    pub out: PathBuf,
+    /// Chunk size in tokens.
+    #[arg(long, default_value_t = 16)]
+    pub k: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub steps: usize,
+    /// Target tokens per optimizer step.
+    #[arg(long, default_value_t = 8192)]
+    pub tokens_per_step: usize,
+    /// Chunks per sample at the end of the curriculum.
+    #[arg(long, default_value_t = 16)]
+    pub max_chunks: usize,
+    /// cpt: tokens predicted after the compressed context.
+    #[arg(long, default_value_t = 128)]
+    pub predict_tokens: usize,
+    /// cpt: fraction of chunks left as tokens (mixed input).
+    #[arg(long, default_value_t = 0.0)]
+    pub mixed: f64,
+    /// Peak learning rate (paper: 2e-4 reconstruction, 5e-5 CPT).
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    /// Warm-up fraction of the steps.
+    #[arg(long, default_value_t = 0.04)]
+    pub warmup: f64,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    #[arg(long, default_value_t = 17)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 100)]
+    pub checkpoint_every: usize,
+    /// Continue from the checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Checkpoint and stop after this many seconds (resume later with --resume).
+    #[arg(long)]
+    pub max_seconds: Option<f64>,
+    /// Start from this projector (e.g. the reconstruction stage's output).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+}
+
+pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
+    if a.k == 0 || a.max_chunks == 0 || a.steps == 0 {
+        bail!("--k, --max-chunks and --steps must be positive");
+    }
+    if !(0.0..1.0).contains(&a.mixed) {
+        bail!("--mixed {}: must be in [0, 1)", a.mixed);
+    }
+    let device = g.device()?;
+    let path = crate::models::resolve_decoder(g.decoder.as_deref(), &g.home(), g.quiet)?;
+    let decoder = crate::decoder::Decoder::load(&path, &device, crate::decoder::Ops::Differentiable, false)?;
+    let encoder = g.load_encoder(&device)?;
+    let pool = TextPool::load(&a.text, &decoder)?;
+    let held = if a.heldout.is_empty() { None } else { Some(TextPool::load(&a.heldout, &decoder)?) };
+    if !g.quiet {
+        eprintln!("training text: {} tokens in {} files", pool.tokens(), a.text.len());
+    }
+    let names = |v: &[PathBuf]| v.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()).collect::<Vec<_>>();
+    let cfg = TrainConfig {
+        stage: a.stage,
+        k: a.k,
+        steps: a.steps,
+        tokens_per_step: a.tokens_per_step,
+        max_chunks: a.max_chunks,
+        predict_tokens: a.predict_tokens,
+        mixed: a.mixed,
+        lr: a.lr,
+        warmup: a.warmup,
+        weight_decay: a.weight_decay,
+        clip: a.clip,
+        seed: a.seed,
+        checkpoint_every: a.checkpoint_every,
+    };
+    let run = TrainRun {
+        decoder: &decoder,
+        encoder: &encoder,
+        train: &pool,
+        heldout: held.as_ref(),
+        out: &a.out,
+        resume: a.resume,
+        quiet: g.quiet,
+        max_seconds: a.max_seconds,
+        init_from: a.init.clone(),
+        data_note: format!("train: {:?}; held out: {:?}", names(&a.text), names(&a.heldout)),
+    };
+    let card = train::train(&run, &cfg)?;
+    println!("{}", serde_json::to_string_pretty(&card)?);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,96 @@
+//! Answer metrics: SQuAD-normalised exact match and token F1, and summary statistics.
+
+use std::collections::HashMap;
+
+/// SQuAD normalisation: lower case, drop punctuation and articles, squeeze spaces.
+pub fn normalize(s: &str) -> String {
+    let lower: String = s
+        .to_lowercase()
+        .chars()
+        .map(|c| if c.is_alphanumeric() || c.is_whitespace() { c } else { ' ' })
+        .collect();
+    lower
+        .split_whitespace()
+        .filter(|w| !matches!(*w, "a" | "an" | "the"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub fn exact_match(pred: &str, gold: &str) -> bool {
+    normalize(pred) == normalize(gold)
+}
+
+pub fn f1(pred: &str, gold: &str) -> f64 {
+    let p = normalize(pred);
+    let g = normalize(gold);
+    let pt: Vec<&str> = p.split_whitespace().collect();
+    let gt: Vec<&str> = g.split_whitespace().collect();
+    if pt.is_empty() || gt.is_empty() {
+        return (pt.is_empty() && gt.is_empty()) as u8 as f64;
+    }
+    let mut counts: HashMap<&str, i64> = HashMap::new();
+    for t in &gt {
+        *counts.entry(t).or_default() += 1;
+    }
+    let mut common = 0i64;
+    for t in &pt {
+        if let Some(c) = counts.get_mut(t) {
+            if *c > 0 {
+                *c -= 1;
+                common += 1;
+            }
+        }
+    }
+    if common == 0 {
+        return 0.0;
+    }
+    let prec = common as f64 / pt.len() as f64;
+    let rec = common as f64 / gt.len() as f64;
+    2.0 * prec * rec / (prec + rec)
+}
+
+/// Best EM and F1 over the gold answers.
+pub fn best(pred: &str, golds: &[String]) -> (f64, f64) {
+    golds.iter().fold((0.0, 0.0), |(em, f), g| {
+        (em.max(exact_match(pred, g) as u8 as f64), f.max(f1(pred, g)))
+    })
+}
+
+/// Whether an answer abstains ("unanswerable", "I don't know", ...).
+pub fn abstains(pred: &str) -> bool {
+    let n = normalize(pred);
+    n.is_empty()
+        || ["unanswerable", "i don t know", "not mentioned", "no answer", "cannot be answered", "not provided", "does not mention"]
+            .iter()
+            .any(|p| n.contains(p))
+}
+
+/// Mean, median and 95th percentile.
+pub fn summary(xs: &[f64]) -> (f64, f64, f64) {
+    if xs.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    let pct = |p: f64| v[((p * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)];
+    (mean, pct(0.5), pct(0.95))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn squad_normalisation_and_scores() {
+        assert_eq!(normalize("The  Nobel-Prize!"), "nobel prize");
+        assert!(exact_match("the Nobel Prize.", "Nobel Prize"));
+        assert!((f1("Nobel Prize in physics", "Nobel Prize") - 2.0 * 0.5 * 1.0 / 1.5).abs() < 1e-9);
+        assert_eq!(f1("otter", "beaver"), 0.0);
+        let (em, f) = best("over 100", &["100".into(), "over 100".into()]);
+        assert_eq!((em, f), (1.0, 1.0));
+        assert!(abstains("I don't know."));
+        assert!(!abstains("1745"));
+        assert_eq!(summary(&[3.0, 1.0, 2.0]), (2.0, 2.0, 3.0));
+    }
+}

@@ -1,0 +1,35 @@
+//! Choices shared by ask, eval, bench and chat (no dependency on the store).
+
+/// What the decoder reads of the retrieved passages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One projected vector per k-token chunk (expanded chunks as tokens).
+    Refrag,
+    /// The passages' tokens (plain RAG, the baseline).
+    Full,
+    /// No context at all.
+    None,
+}
+
+/// Which chunks go back to tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Expand nothing.
+    None,
+    /// Chunks chosen at random (seeded).
+    Random,
+    /// Chunks whose encoder vector is closest to the question's.
+    Sim,
+}
+
+/// How to search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SearchKind {
+    /// Nearest retrieval vectors (cosine).
+    Vector,
+    /// Vector and BM25 full-text results fused by reciprocal rank.
+    Hybrid,
+}
+

@@ -1,0 +1,98 @@
+//! The one place that builds decoder inputs: the chat template, question tokens, passage
+//! tokens and projected chunk embeddings, in order, as one embeddings tensor.
+//!
+//! ask, eval, bench and training all go through [`assemble`], so "what the decoder reads" is
+//! defined once.
+
+use crate::decoder::Decoder;
+use anyhow::{anyhow, Result};
+use candle_core::Tensor;
+
+/// System prompt for answering from context.
+pub const RAG_SYSTEM: &str =
+    "You are a helpful assistant. Answer the question with a short phrase taken from the context.";
+/// System prompt when no context is given.
+pub const PLAIN_SYSTEM: &str = "You are a helpful assistant. Answer the question with a short phrase.";
+
+/// A piece of decoder input.
+#[derive(Clone)]
+pub enum Segment {
+    /// Text, tokenized with the decoder's tokenizer (template markers are special tokens).
+    Text(String),
+    /// Decoder token ids, one position each (an expanded chunk, or a passage in full mode).
+    Tokens(Vec<u32>),
+    /// Embeddings already in the decoder's space, [n, hidden]: one position per row
+    /// (projected chunk vectors).
+    Embeds(Tensor),
+}
+
+/// What the decoder reads: [1, positions, hidden], plus counts for reporting.
+pub struct DecoderInput {
+    pub embeds: Tensor,
+    /// Decoder positions used.
+    pub positions: usize,
+    /// Positions that hold compressed chunks.
+    pub compressed_positions: usize,
+}
+
+/// A chat in SmolLM2's ChatML template: system, user turn, then the assistant's prefix.
+pub fn chat(system: &str, user: Vec<Segment>) -> Vec<Segment> {
+    let mut segs = vec![Segment::Text(format!(
+        "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+    ))];
+    segs.extend(user);
+    segs.push(Segment::Text("<|im_end|>\n<|im_start|>assistant\n".into()));
+    segs
+}
+
+/// The RAG question: each passage's segments (tokens, chunk embeddings or a mix), then the
+/// question. With no passages, a plain question.
+pub fn rag(question: &str, passages: Vec<Vec<Segment>>) -> Vec<Segment> {
+    if passages.is_empty() {
+        return chat(PLAIN_SYSTEM, vec![Segment::Text(format!("Question: {question}"))]);
+    }
+    let mut user = vec![Segment::Text("Context:\n".into())];
+    for p in passages {
+        user.extend(p);
+        user.push(Segment::Text("\n\n".into()));
+    }
+    user.push(Segment::Text(format!("Question: {question}")));
+    chat(RAG_SYSTEM, user)
+}
+
+/// Tokenize text with the decoder's tokenizer.
+pub fn tokenize(decoder: &Decoder, text: &str) -> Result<Vec<u32>> {
+    Ok(decoder
+        .tokenizer
+        .encode(text, false)
+        .map_err(|e| anyhow!("tokenizer: {e}"))?
+        .get_ids()
+        .to_vec())
+}
+
+/// Turn segments into one embeddings tensor. Runs of token segments are embedded together.
+pub fn assemble(decoder: &Decoder, segments: &[Segment]) -> Result<DecoderInput> {
+    let mut parts: Vec<Tensor> = Vec::new();
+    let mut ids: Vec<u32> = Vec::new();
+    let mut compressed = 0;
+    for seg in segments {
+        match seg {
+            Segment::Text(t) => ids.extend(tokenize(decoder, t)?),
+            Segment::Tokens(t) => ids.extend_from_slice(t),
+            Segment::Embeds(e) => {
+                if !ids.is_empty() {
+                    parts.push(decoder.embed_tokens(&ids)?);
+                    ids.clear();
+                }
+                compressed += e.dim(0)?;
+                parts.push(e.to_dtype(decoder.dtype)?);
+            }
+        }
+    }
+    if !ids.is_empty() {
+        parts.push(decoder.embed_tokens(&ids)?);
+    }
+    let embeds = Tensor::cat(&parts, 0)?;
+    let positions = embeds.dim(0)?;
+    Ok(DecoderInput { embeds: embeds.unsqueeze(0)?, positions, compressed_positions: compressed })
+}

@@ -1,0 +1,192 @@
+//! Question answering over an index: retrieve, load the cached chunk vectors, pick chunks to
+//! expand, assemble the decoder input (through [`crate::prompt`]) and decode. Shared by
+//! `ask`, `eval` and `bench`.
+
+use crate::decoder::Decoder;
+use crate::encoder::Encoder;
+use crate::generate::{generate, Generation, SamplingOptions};
+use crate::projector::Projector;
+use crate::prompt::{self, DecoderInput, Segment};
+pub use crate::options::{Mode, Policy, SearchKind};
+use crate::store::{Hit, Store};
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct AskOptions {
+    pub mode: Mode,
+    pub top_k: usize,
+    pub search: SearchKind,
+    /// Fraction of chunks to expand (0..=1).
+    pub expand: f64,
+    pub policy: Policy,
+    pub sampling: SamplingOptions,
+}
+
+/// A retrieved source, as reported.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Source {
+    pub passage_id: String,
+    pub doc_id: String,
+    pub title: String,
+    pub score: f32,
+}
+
+/// An answer with everything measured about it.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub generation: Generation,
+    pub sources: Vec<Source>,
+    pub retrieval_ms: f64,
+    /// Tokens of the retrieved passages.
+    pub context_tokens: usize,
+    pub chunks: usize,
+    pub expanded_chunks: usize,
+}
+
+/// Loaded models and index.
+pub struct Engine {
+    pub decoder: Decoder,
+    pub encoder: Encoder,
+    pub store: Store,
+    pub projector: Option<Projector>,
+    /// Chunk size of the index.
+    pub k: usize,
+}
+
+impl Engine {
+    /// Retrieve passages for a question; returns hits, the question vector and milliseconds.
+    pub fn retrieve(&self, question: &str, top_k: usize, kind: SearchKind) -> Result<(Vec<Hit>, Vec<f32>, f64)> {
+        let t = Instant::now();
+        let qv = self.encoder.encode(&[question])?.squeeze(0)?.to_vec1::<f32>()?;
+        let hits = if top_k == 0 { vec![] } else { self.store.search(&qv, question, top_k, kind)? };
+        Ok((hits, qv, t.elapsed().as_secs_f64() * 1e3))
+    }
+
+    /// The decoder input for a question and its passages.
+    pub fn build_input(
+        &self,
+        question: &str,
+        qvec: &[f32],
+        hits: &[Hit],
+        opts: &AskOptions,
+    ) -> Result<(DecoderInput, usize, usize)> {
+        let passages: Vec<Vec<Segment>>;
+        let mut n_chunks = 0;
+        let mut n_expanded = 0;
+        match opts.mode {
+            Mode::None => passages = vec![],
+            Mode::Full => {
+                passages = hits.iter().map(|h| vec![Segment::Tokens(h.passage.tokens.clone())]).collect();
+            }
+            Mode::Refrag => {
+                let Some(proj) = &self.projector else {
+                    bail!("--mode refrag needs a trained projector (see `refrag train`); use --mode full");
+                };
+                let dim = self.encoder.dim;
+                let all: Vec<f32> = hits.iter().flat_map(|h| h.passage.chunks.iter().copied()).collect();
+                n_chunks = all.len() / dim;
+                let expand = choose_expanded(hits, qvec, dim, opts, n_chunks);
+                n_expanded = expand.iter().filter(|&&e| e).count();
+                let projected = if n_chunks > 0 {
+                    let c = Tensor::from_vec(all, (n_chunks, dim), &self.decoder.device)?;
+                    Some(proj.forward(&c)?)
+                } else {
+                    None
+                };
+                let mut idx = 0;
+                let mut out = Vec::new();
+                for h in hits {
+                    let mut segs = Vec::new();
+                    let mut run_start: Option<usize> = None;
+                    for c in crate::corpus::chunks(&h.passage.tokens, self.k) {
+                        if expand[idx] {
+                            if let (Some(s), Some(p)) = (run_start.take(), &projected) {
+                                segs.push(Segment::Embeds(p.narrow(0, s, idx - s)?));
+                            }
+                            segs.push(Segment::Tokens(c.to_vec()));
+                        } else if run_start.is_none() {
+                            run_start = Some(idx);
+                        }
+                        idx += 1;
+                    }
+                    if let (Some(s), Some(p)) = (run_start, &projected) {
+                        segs.push(Segment::Embeds(p.narrow(0, s, idx - s)?));
+                    }
+                    out.push(segs);
+                }
+                if idx != n_chunks {
+                    bail!("index inconsistency: {n_chunks} chunk vectors for {idx} chunks (was it built with k = {}?)", self.k);
+                }
+                passages = out;
+            }
+        }
+        let input = prompt::assemble(&self.decoder, &prompt::rag(question, passages))?;
+        Ok((input, n_chunks, n_expanded))
+    }
+
+    /// Retrieve, build and decode, streaming text through `on_text`.
+    pub fn answer(
+        &self,
+        question: &str,
+        opts: &AskOptions,
+        on_text: impl FnMut(&str) -> Result<()>,
+    ) -> Result<Answer> {
+        let top_k = if opts.mode == Mode::None { 0 } else { opts.top_k };
+        let (hits, qv, retrieval_ms) = self.retrieve(question, top_k, opts.search)?;
+        let (input, chunks, expanded_chunks) = self.build_input(question, &qv, &hits, opts)?;
+        let generation = generate(&self.decoder, &input, &opts.sampling, on_text)?;
+        Ok(Answer {
+            generation,
+            context_tokens: hits.iter().map(|h| h.passage.tokens.len()).sum(),
+            sources: hits
+                .iter()
+                .map(|h| Source {
+                    passage_id: h.passage.passage_id.clone(),
+                    doc_id: h.passage.doc_id.clone(),
+                    title: h.passage.title.clone(),
+                    score: h.score,
+                })
+                .collect(),
+            retrieval_ms,
+            chunks,
+            expanded_chunks,
+        })
+    }
+}
+
+/// Which of the hits' chunks (in order) are expanded back to tokens.
+fn choose_expanded(hits: &[Hit], qvec: &[f32], dim: usize, opts: &AskOptions, n: usize) -> Vec<bool> {
+    let want = ((opts.expand.clamp(0.0, 1.0) * n as f64).round() as usize).min(n);
+    let mut out = vec![false; n];
+    if want == 0 || opts.policy == Policy::None {
+        return out;
+    }
+    let scores: Vec<f64> = match opts.policy {
+        Policy::None => unreachable!(),
+        Policy::Random => {
+            let mut s = opts.sampling.seed ^ 0x9e37_79b9_7f4a_7c15;
+            (0..n).map(|_| splitmix(&mut s) as f64).collect()
+        }
+        Policy::Sim => hits
+            .iter()
+            .flat_map(|h| h.passage.chunks.chunks(dim))
+            .map(|c| c.iter().zip(qvec).map(|(a, b)| (a * b) as f64).sum())
+            .collect(),
+    };
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    for &i in order.iter().take(want) {
+        out[i] = true;
+    }
+    out
+}
+
+fn splitmix(s: &mut u64) -> u64 {
+    *s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *s;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}

@@ -1,0 +1,450 @@
+//! The one place that knows the LanceDB layout.
+//!
+//! Table `passages`, one row per passage:
+//!
+//! | column      | type                                   | what                                   |
+//! |-------------|----------------------------------------|----------------------------------------|
+//! | passage_id  | Utf8                                   | `{doc_id}#{seq}`                       |
+//! | doc_id      | Utf8                                   | document id (file path or JSONL id)    |
+//! | seq         | Int32                                  | passage number inside the document     |
+//! | title       | Utf8                                   | document title                         |
+//! | text        | Utf8                                   | passage text (full-text index)         |
+//! | doc_hash    | Utf8                                   | sha256 of the document, for re-index   |
+//! | meta        | Utf8                                   | other JSONL fields, as JSON            |
+//! | vector      | FixedSizeList<Float32, dim>            | retrieval vector of the passage        |
+//! | tokens      | List<UInt32>                           | the passage's decoder token ids        |
+//! | chunks      | List<FixedSizeList<Float16, dim>>      | one encoder vector per k-token chunk   |
+//!
+//! Table `refrag_meta` (key, value) records the encoder and tokenizer identities, k, the vector
+//! size and the schema version; opening an index with other models or another k is an error.
+//! All of one document's passages are written in the same `add`, which LanceDB commits
+//! atomically: a document is either wholly visible or not at all.
+
+use anyhow::{anyhow, bail, Context, Result};
+use arrow_array::builder::{FixedSizeListBuilder, Float16Builder, ListBuilder};
+use arrow_array::types::{Float32Type, UInt32Type};
+use arrow_array::{
+    Array, FixedSizeListArray, Float16Array, Float32Array, Int32Array, ListArray, RecordBatch,
+    StringArray, UInt32Array,
+};
+use arrow_schema::{DataType, Field, Schema};
+use futures::TryStreamExt;
+use lancedb::index::scalar::{FtsIndexBuilder, FullTextSearchQuery};
+use lancedb::index::Index;
+use lancedb::query::{ExecutableQuery, QueryBase};
+use lancedb::table::OptimizeAction;
+use lancedb::{Connection, DistanceType, Table};
+pub use crate::options::SearchKind;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub const SCHEMA_VERSION: u32 = 1;
+const PASSAGES: &str = "passages";
+const META: &str = "refrag_meta";
+/// Rows above which an ANN index pays for itself (below, exact search is fast).
+const ANN_MIN_ROWS: usize = 5000;
+
+/// What an index was built with.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct IndexInfo {
+    pub encoder: String,
+    pub tokenizer: String,
+    pub k: usize,
+    pub dim: usize,
+    pub schema_version: u32,
+}
+
+impl IndexInfo {
+    fn to_pairs(&self) -> Vec<(String, String)> {
+        vec![
+            ("encoder".into(), self.encoder.clone()),
+            ("tokenizer".into(), self.tokenizer.clone()),
+            ("k".into(), self.k.to_string()),
+            ("dim".into(), self.dim.to_string()),
+            ("schema_version".into(), self.schema_version.to_string()),
+        ]
+    }
+
+    fn from_pairs(m: &HashMap<String, String>) -> Result<Self> {
+        let get = |k: &str| m.get(k).cloned().ok_or_else(|| anyhow!("index metadata lacks {k}"));
+        Ok(Self {
+            encoder: get("encoder")?,
+            tokenizer: get("tokenizer")?,
+            k: get("k")?.parse()?,
+            dim: get("dim")?.parse()?,
+            schema_version: get("schema_version")?.parse()?,
+        })
+    }
+
+    /// Error unless `other` (the models in use now) can read this index.
+    pub fn check(&self, now: &IndexInfo, db: &str) -> Result<()> {
+        if self.schema_version != now.schema_version {
+            bail!("{db}: index schema v{} but this refrag reads v{}; re-index into a new --db", self.schema_version, now.schema_version);
+        }
+        if self.encoder != now.encoder {
+            bail!("{db}: index built with encoder {} but {} is loaded; use the same --encoder or re-index into a new --db", self.encoder, now.encoder);
+        }
+        if self.tokenizer != now.tokenizer {
+            bail!("{db}: index built with decoder tokenizer {} but {} is loaded; use the same --decoder or re-index", self.tokenizer, now.tokenizer);
+        }
+        if self.k != now.k {
+            bail!("{db}: index built with k = {} but k = {} was asked for; pass --k {} or re-index into a new --db", self.k, now.k, self.k);
+        }
+        Ok(())
+    }
+}
+
+/// One passage as stored.
+#[derive(Debug, Clone)]
+pub struct Passage {
+    pub passage_id: String,
+    pub doc_id: String,
+    pub seq: i32,
+    pub title: String,
+    pub text: String,
+    pub doc_hash: String,
+    pub meta: String,
+    pub vector: Vec<f32>,
+    pub tokens: Vec<u32>,
+    /// Chunk vectors, row-major [n_chunks, dim].
+    pub chunks: Vec<f32>,
+}
+
+/// A retrieved passage and its score (higher is better).
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub passage: Passage,
+    pub score: f32,
+}
+
+/// A refrag index in a LanceDB database.
+pub struct Store {
+    rt: tokio::runtime::Runtime,
+    db: Connection,
+    table: Option<Table>,
+    pub uri: String,
+    pub info: Option<IndexInfo>,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+impl Store {
+    /// Open a database (creating nothing). `info` is None when no index exists there yet.
+    pub fn open(uri: &str) -> Result<Self> {
+        let rt = runtime()?;
+        let path = std::path::Path::new(uri);
+        if !uri.contains("://") && path.exists() && !path.is_dir() {
+            bail!("{uri}: not a directory (a refrag index is a LanceDB folder)");
+        }
+        let (db, table, info) = rt.block_on(async {
+            let db = lancedb::connect(uri)
+                .execute()
+                .await
+                .with_context(|| format!("{uri}: cannot open as a LanceDB database"))?;
+            let names = db.table_names().execute().await
+                .with_context(|| format!("{uri}: cannot list tables"))?;
+            if !names.iter().any(|n| n == PASSAGES) {
+                return Ok::<_, anyhow::Error>((db, None, None));
+            }
+            let meta = db.open_table(META).execute().await
+                .with_context(|| format!("{uri}: not a refrag index (no {META} table)"))?;
+            let info = read_meta(&meta).await.with_context(|| format!("{uri}: unreadable index metadata"))?;
+            let table = db.open_table(PASSAGES).execute().await?;
+            Ok((db, Some(table), Some(info)))
+        })?;
+        Ok(Self { rt, db, table, uri: uri.to_string(), info })
+    }
+
+    /// Open for reading: an index must exist and match `now`.
+    pub fn open_existing(uri: &str, now: &IndexInfo) -> Result<Self> {
+        if !uri.contains("://") && !std::path::Path::new(uri).exists() {
+            bail!("{uri}: no index here; build one with `refrag index PATH --db {uri}`");
+        }
+        let s = Self::open(uri)?;
+        match &s.info {
+            None => bail!("{uri}: no refrag index in this database; build one with `refrag index`"),
+            Some(i) => i.check(now, uri)?,
+        }
+        Ok(s)
+    }
+
+    /// Check or record the index identity before writing.
+    pub fn prepare_write(&mut self, now: &IndexInfo) -> Result<()> {
+        if let Some(i) = &self.info {
+            return i.check(now, &self.uri);
+        }
+        Ok(())
+    }
+
+    pub fn rows(&self) -> Result<usize> {
+        match &self.table {
+            None => Ok(0),
+            Some(t) => Ok(self.rt.block_on(t.count_rows(None))?),
+        }
+    }
+
+    /// doc_id -> doc_hash for every stored document.
+    pub fn doc_hashes(&self) -> Result<HashMap<String, String>> {
+        let Some(t) = &self.table else { return Ok(HashMap::new()) };
+        self.rt.block_on(async {
+            let batches: Vec<RecordBatch> = t
+                .query()
+                .select(lancedb::query::Select::columns(&["doc_id", "doc_hash"]))
+                .execute()
+                .await?
+                .try_collect()
+                .await?;
+            let mut m = HashMap::new();
+            for b in &batches {
+                let ids = str_col(b, "doc_id")?;
+                let hs = str_col(b, "doc_hash")?;
+                for i in 0..b.num_rows() {
+                    m.insert(ids.value(i).to_string(), hs.value(i).to_string());
+                }
+            }
+            Ok(m)
+        })
+    }
+
+    /// Append passages in one commit (creating the tables on first write).
+    pub fn add(&mut self, rows: &[Passage], info: &IndexInfo) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let batch = to_batch(rows, info.dim)?;
+        let table = self.rt.block_on(async {
+            match &self.table {
+                Some(t) => {
+                    t.add(batch).execute().await?;
+                    Ok::<_, anyhow::Error>(None)
+                }
+                None => {
+                    // The metadata table first: a passages table never exists without it.
+                    write_meta(&self.db, info).await?;
+                    let t = self.db.create_table(PASSAGES, batch).execute().await?;
+                    Ok(Some(t))
+                }
+            }
+        })?;
+        if let Some(t) = table {
+            self.table = Some(t);
+            self.info = Some(info.clone());
+        }
+        Ok(())
+    }
+
+    /// Remove every passage of these documents (one commit).
+    pub fn delete_docs(&self, ids: &[String]) -> Result<u64> {
+        let Some(t) = &self.table else { return Ok(0) };
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let list = ids.iter().map(|i| sql_str(i)).collect::<Vec<_>>().join(", ");
+        let r = self.rt.block_on(t.delete(format!("doc_id IN ({list})").as_str()))?;
+        Ok(r.num_deleted_rows)
+    }
+
+    /// Compact, drop old versions, and (re)build the search indexes.
+    pub fn finish(&self) -> Result<()> {
+        let Some(t) = &self.table else { return Ok(()) };
+        self.rt.block_on(async {
+            t.optimize(OptimizeAction::All).await?;
+            t.optimize(OptimizeAction::Prune {
+                older_than: Some(chrono_zero()),
+                delete_unverified: Some(false),
+                error_if_tagged_old_versions: None,
+            })
+            .await?;
+            let rows = t.count_rows(None).await?;
+            t.create_index(&["text"], Index::FTS(FtsIndexBuilder::default())).replace(true).execute().await
+                .context("building the full-text index")?;
+            if rows >= ANN_MIN_ROWS {
+                t.create_index(&["vector"], Index::IvfHnswSq(Default::default()))
+                    .replace(true)
+                    .execute()
+                    .await
+                    .context("building the vector index")?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The `limit` best passages for a query vector (and its text, for hybrid search).
+    pub fn search(&self, vector: &[f32], text: &str, limit: usize, kind: SearchKind) -> Result<Vec<Hit>> {
+        let Some(t) = &self.table else { return Ok(vec![]) };
+        self.rt.block_on(async {
+            let mut q = t
+                .vector_search(vector.to_vec())?
+                .column("vector")
+                .distance_type(DistanceType::Cosine)
+                .limit(limit);
+            if kind == SearchKind::Hybrid {
+                q = q.full_text_search(FullTextSearchQuery::new(text.to_string()));
+            }
+            let batches: Vec<RecordBatch> = q.execute().await?.try_collect().await?;
+            let mut hits = Vec::new();
+            for b in &batches {
+                let scores = score_col(b)?;
+                for (i, p) in from_batch(b)?.into_iter().enumerate() {
+                    hits.push(Hit { passage: p, score: scores[i] });
+                }
+            }
+            hits.sort_by(|a, b| b.score.total_cmp(&a.score));
+            hits.truncate(limit);
+            Ok(hits)
+        })
+    }
+
+    /// Bytes on disk under a local database folder.
+    pub fn disk_bytes(&self) -> u64 {
+        dir_size(std::path::Path::new(&self.uri))
+    }
+}
+
+fn chrono_zero() -> lancedb::table::Duration {
+    lancedb::table::Duration::zero()
+}
+
+fn dir_size(p: &std::path::Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(p) else { return 0 };
+    rd.flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn sql_str(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+async fn write_meta(db: &Connection, info: &IndexInfo) -> Result<()> {
+    let pairs = info.to_pairs();
+    let keys = StringArray::from_iter_values(pairs.iter().map(|p| p.0.as_str()));
+    let vals = StringArray::from_iter_values(pairs.iter().map(|p| p.1.as_str()));
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Utf8, false),
+        Field::new("value", DataType::Utf8, false),
+    ]));
+    let batch = RecordBatch::try_new(schema, vec![Arc::new(keys), Arc::new(vals)])?;
+    db.create_table(META, batch)
+        .mode(lancedb::database::CreateTableMode::Overwrite)
+        .execute()
+        .await?;
+    Ok(())
+}
+
+async fn read_meta(t: &Table) -> Result<IndexInfo> {
+    let batches: Vec<RecordBatch> = t.query().execute().await?.try_collect().await?;
+    let mut m = HashMap::new();
+    for b in &batches {
+        let k = str_col(b, "key")?;
+        let v = str_col(b, "value")?;
+        for i in 0..b.num_rows() {
+            m.insert(k.value(i).to_string(), v.value(i).to_string());
+        }
+    }
+    IndexInfo::from_pairs(&m)
+}
+
+fn to_batch(rows: &[Passage], dim: usize) -> Result<RecordBatch> {
+    let s = |f: fn(&Passage) -> &str| Arc::new(StringArray::from_iter_values(rows.iter().map(f)));
+    let vector = FixedSizeListArray::from_iter_primitive::<Float32Type, _, _>(
+        rows.iter().map(|r| Some(r.vector.iter().map(|&x| Some(x)).collect::<Vec<_>>())),
+        dim as i32,
+    );
+    let tokens = ListArray::from_iter_primitive::<UInt32Type, _, _>(
+        rows.iter().map(|r| Some(r.tokens.iter().map(|&x| Some(x)).collect::<Vec<_>>())),
+    );
+    let mut cb = ListBuilder::new(FixedSizeListBuilder::new(Float16Builder::new(), dim as i32));
+    for r in rows {
+        if r.chunks.len() % dim != 0 {
+            bail!("passage {}: chunk vectors are not a multiple of {dim}", r.passage_id);
+        }
+        for c in r.chunks.chunks(dim) {
+            let inner = cb.values();
+            for &x in c {
+                inner.values().append_value(half::f16::from_f32(x));
+            }
+            inner.append(true);
+        }
+        cb.append(true);
+    }
+    let chunks = cb.finish();
+    let cols: Vec<(&str, Arc<dyn Array>)> = vec![
+        ("passage_id", s(|r| &r.passage_id)),
+        ("doc_id", s(|r| &r.doc_id)),
+        ("seq", Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.seq)))),
+        ("title", s(|r| &r.title)),
+        ("text", s(|r| &r.text)),
+        ("doc_hash", s(|r| &r.doc_hash)),
+        ("meta", s(|r| &r.meta)),
+        ("vector", Arc::new(vector)),
+        ("tokens", Arc::new(tokens)),
+        ("chunks", Arc::new(chunks)),
+    ];
+    let schema = Arc::new(Schema::new(
+        cols.iter()
+            .map(|(n, a)| Field::new(*n, a.data_type().clone(), false))
+            .collect::<Vec<_>>(),
+    ));
+    Ok(RecordBatch::try_new(schema, cols.into_iter().map(|c| c.1).collect())?)
+}
+
+fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> Result<&'a T> {
+    b.column_by_name(name)
+        .ok_or_else(|| anyhow!("index column {name} missing"))?
+        .as_any()
+        .downcast_ref::<T>()
+        .ok_or_else(|| anyhow!("index column {name} has an unexpected type"))
+}
+
+fn str_col<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a StringArray> {
+    col::<StringArray>(b, name)
+}
+
+fn score_col(b: &RecordBatch) -> Result<Vec<f32>> {
+    if let Ok(r) = col::<Float32Array>(b, "_relevance_score") {
+        return Ok(r.values().to_vec());
+    }
+    let d = col::<Float32Array>(b, "_distance")?;
+    Ok(d.values().iter().map(|d| 1.0 - d).collect())
+}
+
+fn from_batch(b: &RecordBatch) -> Result<Vec<Passage>> {
+    let vector = col::<FixedSizeListArray>(b, "vector")?;
+    let tokens = col::<ListArray>(b, "tokens")?;
+    let chunks = col::<ListArray>(b, "chunks")?;
+    let seq = col::<Int32Array>(b, "seq")?;
+    let mut out = Vec::with_capacity(b.num_rows());
+    for i in 0..b.num_rows() {
+        let v = vector.value(i);
+        let v = v.as_any().downcast_ref::<Float32Array>().context("vector type")?;
+        let t = tokens.value(i);
+        let t = t.as_any().downcast_ref::<UInt32Array>().context("tokens type")?;
+        let c = chunks.value(i);
+        let c = c.as_any().downcast_ref::<FixedSizeListArray>().context("chunks type")?;
+        let cv = c.values();
+        let cv = cv.as_any().downcast_ref::<Float16Array>().context("chunk values type")?;
+        out.push(Passage {
+            passage_id: str_col(b, "passage_id")?.value(i).to_string(),
+            doc_id: str_col(b, "doc_id")?.value(i).to_string(),
+            seq: seq.value(i),
+            title: str_col(b, "title")?.value(i).to_string(),
+            text: str_col(b, "text")?.value(i).to_string(),
+            doc_hash: str_col(b, "doc_hash")?.value(i).to_string(),
+            meta: str_col(b, "meta")?.value(i).to_string(),
+            vector: v.values().to_vec(),
+            tokens: t.values().to_vec(),
+            chunks: cv.values().iter().map(|x| x.to_f32()).collect(),
+        });
+    }
+    Ok(out)
+}

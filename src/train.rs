@@ -1,0 +1,529 @@
+//! `refrag train`: the REFRAG training stages that fit our models (paper sections 3, B.2, B.3).
+//!
+//! - `reconstruct`: decoder frozen; the projector learns to map the encoder's chunk vectors into
+//!   the decoder's embedding space so that the decoder reproduces the s = L·k tokens from the L
+//!   chunk vectors alone. Input `[e_1..e_L, x_1..x_{s-1}]`, targets `x_1..x_s`.
+//! - `cpt`: next-paragraph prediction: s context tokens compressed into L vectors, predict the
+//!   next o tokens. Input `[e_1..e_L, y_1..y_{o-1}]`, targets `y_1..y_o`. With `--mixed P`, a
+//!   fraction P of the chunks is left as tokens (the paper's mixed-input phase).
+//!
+//! Curriculum (paper Table 8): L is drawn from stages 1, 2, 4, … chunks; as training advances
+//! the mixture moves geometrically from few to many chunks. In this version the encoder and the
+//! decoder stay frozen and only the projector trains (see the README's limits).
+//!
+//! Plumbing: AdamW with warm-up + cosine schedule, global-norm gradient clipping, a JSONL log,
+//! checkpoints (weights, optimizer moments, step, RNG) every N steps, `--resume`, fixed seed.
+
+use crate::decoder::Decoder;
+use crate::encoder::Encoder;
+use crate::projector::Projector;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Reconstruct,
+    Cpt,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    pub stage: Stage,
+    pub k: usize,
+    pub steps: usize,
+    /// Target tokens per optimizer step (the batch size adapts to the curriculum's L).
+    pub tokens_per_step: usize,
+    /// Largest number of chunks per sample (the last curriculum stage).
+    pub max_chunks: usize,
+    /// cpt: tokens to predict after the compressed context.
+    pub predict_tokens: usize,
+    /// cpt: fraction of chunks left uncompressed (mixed input).
+    pub mixed: f64,
+    pub lr: f64,
+    pub warmup: f64,
+    pub weight_decay: f64,
+    pub clip: f64,
+    pub seed: u64,
+    pub checkpoint_every: usize,
+}
+
+/// A small deterministic RNG (splitmix64) whose state is one number, so it checkpoints.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Curriculum stages: 1, 2, 4, … up to `max_chunks`.
+pub fn stages(max_chunks: usize) -> Vec<usize> {
+    let mut v = vec![1];
+    while v.last().unwrap() * 2 <= max_chunks {
+        let n = v.last().unwrap() * 2;
+        v.push(n);
+    }
+    v
+}
+
+/// Chunks per sample at training progress `f` in [0, 1]: stages up to the current one, each
+/// earlier stage half as likely as the next (a geometric mixture that drifts to long inputs).
+pub fn curriculum_chunks(max_chunks: usize, f: f64, rng: &mut Rng) -> usize {
+    let st = stages(max_chunks);
+    let cur = ((f * st.len() as f64) as usize).min(st.len() - 1);
+    let weights: Vec<f64> = (0..=cur).map(|j| 0.5f64.powi((cur - j) as i32)).collect();
+    let total: f64 = weights.iter().sum();
+    let mut u = rng.unit() * total;
+    for (j, w) in weights.iter().enumerate() {
+        if u < *w {
+            return st[j];
+        }
+        u -= w;
+    }
+    st[cur]
+}
+
+/// Learning rate at `step`: linear warm-up, then cosine decay to 10% of the peak.
+pub fn lr_at(cfg: &TrainConfig, step: usize) -> f64 {
+    let warm = ((cfg.warmup * cfg.steps as f64) as usize).max(1);
+    if step < warm {
+        return cfg.lr * (step + 1) as f64 / warm as f64;
+    }
+    let p = (step - warm) as f64 / (cfg.steps - warm).max(1) as f64;
+    cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p.min(1.0)).cos()))
+}
+
+/// Token ids of the training text, one stream per document.
+pub struct TextPool {
+    docs: Vec<Vec<u32>>,
+}
+
+impl TextPool {
+    pub fn load(files: &[PathBuf], decoder: &Decoder) -> Result<Self> {
+        let mut docs = Vec::new();
+        for f in files {
+            let text = std::fs::read_to_string(f).with_context(|| format!("{}: cannot read as UTF-8 text", f.display()))?;
+            let ids = crate::prompt::tokenize(decoder, strip_gutenberg(&text))?;
+            if ids.len() >= 64 {
+                docs.push(ids);
+            }
+        }
+        if docs.is_empty() {
+            bail!("no training text (give --text FILE… with at least 64 tokens each)");
+        }
+        Ok(Self { docs })
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.docs.iter().map(Vec::len).sum()
+    }
+
+    /// A random window of `n` tokens (from a document long enough, else the longest).
+    pub fn window(&self, n: usize, rng: &mut Rng) -> &[u32] {
+        for _ in 0..16 {
+            let d = &self.docs[rng.below(self.docs.len())];
+            if d.len() >= n {
+                let s = rng.below(d.len() - n + 1);
+                return &d[s..s + n];
+            }
+        }
+        let d = self.docs.iter().max_by_key(|d| d.len()).unwrap();
+        &d[..n.min(d.len())]
+    }
+}
+
+/// The body of a Project Gutenberg file (between its START and END markers), else all of it.
+pub fn strip_gutenberg(text: &str) -> &str {
+    let start = text
+        .find("*** START OF")
+        .and_then(|i| text[i..].find('\n').map(|j| i + j + 1))
+        .unwrap_or(0);
+    let end = text[start..].find("*** END OF").map(|i| start + i).unwrap_or(text.len());
+    &text[start..end]
+}
+
+/// AdamW whose moments can be saved and restored.
+pub struct AdamW {
+    vars: Vec<(String, Var)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    pub step: usize,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    wd: f64,
+}
+
+impl AdamW {
+    pub fn new(varmap: &VarMap, wd: f64) -> Result<Self> {
+        let data = varmap.data().lock().map_err(|_| anyhow::anyhow!("varmap lock"))?;
+        let mut vars: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let m = vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
+        let v = vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { vars, m, v, step: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8, wd })
+    }
+
+    /// One update with global-norm clipping; returns the gradient norm before clipping.
+    pub fn step(&mut self, grads: &candle_core::backprop::GradStore, lr: f64, clip: f64) -> Result<f64> {
+        let mut sq = 0f64;
+        for (_, var) in &self.vars {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            }
+        }
+        let norm = sq.sqrt();
+        let scale = if clip > 0.0 && norm > clip { clip / norm } else { 1.0 };
+        self.step += 1;
+        let t = self.step as i32;
+        let bc1 = 1.0 - self.beta1.powi(t);
+        let bc2 = 1.0 - self.beta2.powi(t);
+        for (i, (_, var)) in self.vars.iter().enumerate() {
+            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let g = (g.to_dtype(DType::F32)? * scale)?;
+            self.m[i] = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
+            self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            let mhat = (&self.m[i] / bc1)?;
+            let vhat = (&self.v[i] / bc2)?;
+            let upd = (mhat / (vhat.sqrt()? + self.eps)?)?;
+            let w = var.as_tensor();
+            let new = ((w * (1.0 - lr * self.wd))? - (upd * lr)?)?;
+            var.set(&new)?;
+        }
+        Ok(norm)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut map: HashMap<String, Tensor> = HashMap::new();
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            map.insert(format!("m.{name}"), self.m[i].clone());
+            map.insert(format!("v.{name}"), self.v[i].clone());
+        }
+        candle_core::safetensors::save(&map, path)?;
+        Ok(())
+    }
+
+    pub fn load(&mut self, path: &Path, device: &Device) -> Result<()> {
+        let map = candle_core::safetensors::load(path, device)?;
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            self.m[i] = map.get(&format!("m.{name}")).context("optimizer state lacks a moment")?.clone();
+            self.v[i] = map.get(&format!("v.{name}")).context("optimizer state lacks a moment")?.clone();
+        }
+        Ok(())
+    }
+}
+
+/// Saved between runs (a training may span many short GPU sessions).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Checkpoint {
+    step: usize,
+    rng: Rng,
+    config: TrainConfig,
+    tokens_seen: u64,
+}
+
+/// One training sample's parts: chunk token runs to compress and target tokens.
+struct Batch {
+    /// [B * L] chunk texts
+    chunk_texts: Vec<String>,
+    /// per sample, per chunk: Some(tokens) when the chunk stays uncompressed (mixed input)
+    keep_tokens: Vec<Vec<Option<Vec<u32>>>>,
+    targets: Vec<Vec<u32>>,
+    l: usize,
+}
+
+fn make_batch(pool: &TextPool, dec: &Decoder, cfg: &TrainConfig, l: usize, rng: &mut Rng) -> Result<Batch> {
+    let s = l * cfg.k;
+    let o = match cfg.stage {
+        Stage::Reconstruct => s,
+        Stage::Cpt => cfg.predict_tokens,
+    };
+    let per = (s + o).max(1);
+    let bsz = (cfg.tokens_per_step / per).max(1);
+    let mut b = Batch { chunk_texts: vec![], keep_tokens: vec![], targets: vec![], l };
+    // Which chunk slots stay as tokens: one pattern per batch, so all rows have one length.
+    let keep: Vec<bool> = (0..l)
+        .map(|_| cfg.stage == Stage::Cpt && cfg.mixed > 0.0 && rng.unit() < cfg.mixed)
+        .collect();
+    for _ in 0..bsz {
+        let (ctx, tgt): (Vec<u32>, Vec<u32>) = match cfg.stage {
+            Stage::Reconstruct => {
+                let w = pool.window(s, rng).to_vec();
+                (w.clone(), w)
+            }
+            Stage::Cpt => {
+                let w = pool.window(s + o, rng);
+                (w[..s].to_vec(), w[s..].to_vec())
+            }
+        };
+        if ctx.len() < s {
+            bail!("training text too short for {l} chunks of {} tokens", cfg.k);
+        }
+        let mut keeps = Vec::new();
+        for (j, c) in ctx.chunks(cfg.k).enumerate() {
+            b.chunk_texts.push(dec.tokenizer.decode(c, false).map_err(|e| anyhow::anyhow!("decode: {e}"))?);
+            keeps.push(keep[j].then(|| c.to_vec()));
+        }
+        b.keep_tokens.push(keeps);
+        b.targets.push(tgt);
+    }
+    Ok(b)
+}
+
+/// Mean cross-entropy (nats/token) of the targets given the compressed chunks; differentiable
+/// with respect to the projector.
+fn batch_loss(dec: &Decoder, enc: &Encoder, proj: &Projector, b: &Batch) -> Result<Tensor> {
+    let refs: Vec<&str> = b.chunk_texts.iter().map(String::as_str).collect();
+    let c = enc.encode(&refs)?.to_device(&dec.device)?.detach();
+    let e = proj.forward(&c)?.to_dtype(dec.dtype)?; // [B*L, H]
+    let bsz = b.targets.len();
+    let mut rows = Vec::with_capacity(bsz);
+    let mut tgt_ids = Vec::new();
+    let mut prefix_len = 0;
+    for i in 0..bsz {
+        let mut parts = Vec::new();
+        for (j, keep) in b.keep_tokens[i].iter().enumerate() {
+            match keep {
+                Some(ids) => parts.push(dec.embed_tokens(ids)?),
+                None => parts.push(e.narrow(0, i * b.l + j, 1)?),
+            }
+        }
+        let t = &b.targets[i];
+        let ctx = Tensor::cat(&parts, 0)?;
+        prefix_len = ctx.dim(0)?;
+        let tin = dec.embed_tokens(&t[..t.len() - 1])?;
+        rows.push(Tensor::cat(&[&ctx, &tin], 0)?);
+        tgt_ids.extend_from_slice(t);
+    }
+    let x = Tensor::stack(&rows, 0)?;
+    let n = rows.len();
+    let plen = prefix_len;
+    let tlen = b.targets[0].len();
+    let h = dec.forward_train(&x)?;
+    let h = h.narrow(1, plen - 1, tlen)?.reshape((n * tlen, dec.cfg.hidden))?;
+    let logits = dec.logits(&h)?;
+    let tgt = Tensor::from_vec(tgt_ids, n * tlen, &dec.device)?;
+    Ok(candle_nn::loss::cross_entropy(&logits, &tgt)?)
+}
+
+/// Token accuracy of greedy reconstruction/prediction (teacher forced) on a batch.
+fn batch_accuracy(dec: &Decoder, enc: &Encoder, proj: &Projector, b: &Batch) -> Result<f64> {
+    let refs: Vec<&str> = b.chunk_texts.iter().map(String::as_str).collect();
+    let c = enc.encode(&refs)?.to_device(&dec.device)?;
+    let e = proj.forward(&c)?.to_dtype(dec.dtype)?;
+    let mut right = 0usize;
+    let mut total = 0usize;
+    for (i, t) in b.targets.iter().enumerate() {
+        let ctx = e.narrow(0, i * b.l, b.l)?;
+        let tin = dec.embed_tokens(&t[..t.len() - 1])?;
+        let x = Tensor::cat(&[&ctx, &tin], 0)?.unsqueeze(0)?;
+        let h = dec.forward_train(&x)?.narrow(1, b.l - 1, t.len())?.squeeze(0)?;
+        let pred = dec.logits(&h)?.argmax(1)?.to_vec1::<u32>()?;
+        right += pred.iter().zip(t).filter(|(a, b)| a == b).count();
+        total += t.len();
+    }
+    Ok(right as f64 / total.max(1) as f64)
+}
+
+pub struct TrainRun<'a> {
+    pub decoder: &'a Decoder,
+    pub encoder: &'a Encoder,
+    pub train: &'a TextPool,
+    pub heldout: Option<&'a TextPool>,
+    pub out: &'a Path,
+    pub resume: bool,
+    pub quiet: bool,
+    /// Stop (after a checkpoint) once this much wall time has passed.
+    pub max_seconds: Option<f64>,
+    /// Start from this projector (e.g. the reconstruction stage's) when not resuming.
+    pub init_from: Option<PathBuf>,
+    pub data_note: String,
+}
+
+/// Train, checkpointing into `out`; writes `projector.safetensors` and `card.json` at the end.
+pub fn train(run: &TrainRun, cfg: &TrainConfig) -> Result<serde_json::Value> {
+    let dec = run.decoder;
+    let device = &dec.device;
+    std::fs::create_dir_all(run.out).with_context(|| format!("{}: cannot create", run.out.display()))?;
+    let ck_path = run.out.join("checkpoint.json");
+    let varmap = VarMap::new();
+    Projector::init(&varmap, device, run.encoder.dim, dec.cfg.hidden)?; // creates the variables
+    let mut opt;
+    let mut rng = Rng(cfg.seed);
+    let mut start_step = 0;
+    let mut tokens_seen = 0u64;
+    if run.resume && ck_path.exists() {
+        let ck: Checkpoint = serde_json::from_slice(&std::fs::read(&ck_path)?)
+            .with_context(|| format!("{}: unreadable checkpoint", ck_path.display()))?;
+        if ck.config.stage != cfg.stage || ck.config.k != cfg.k {
+            bail!("{}: checkpoint is for another stage or k; use a new --out", ck_path.display());
+        }
+        let mut vm = varmap;
+        vm.load(run.out.join("checkpoint.safetensors"))?;
+        opt = AdamW::new(&vm, cfg.weight_decay)?;
+        opt.load(&run.out.join("optimizer.safetensors"), device)?;
+        opt.step = ck.step;
+        start_step = ck.step;
+        rng = ck.rng;
+        tokens_seen = ck.tokens_seen;
+        return train_loop(run, cfg, vm, opt, rng, start_step, tokens_seen);
+    }
+    if let Some(init) = &run.init_from {
+        let mut vm = varmap;
+        vm.load(init).with_context(|| format!("{}: cannot load the starting projector", init.display()))?;
+        opt = AdamW::new(&vm, cfg.weight_decay)?;
+        return train_loop(run, cfg, vm, opt, rng, start_step, tokens_seen);
+    }
+    opt = AdamW::new(&varmap, cfg.weight_decay)?;
+    train_loop(run, cfg, varmap, opt, rng, start_step, tokens_seen)
+}
+
+fn projector_of(varmap: &VarMap, run: &TrainRun) -> Result<Projector> {
+    Projector::new(
+        candle_nn::VarBuilder::from_varmap(varmap, DType::F32, &run.decoder.device),
+        run.encoder.dim,
+        run.decoder.cfg.hidden,
+    )
+}
+
+fn train_loop(
+    run: &TrainRun,
+    cfg: &TrainConfig,
+    varmap: VarMap,
+    mut opt: AdamW,
+    mut rng: Rng,
+    start_step: usize,
+    mut tokens_seen: u64,
+) -> Result<serde_json::Value> {
+    let dec = run.decoder;
+    let proj = projector_of(&varmap, run)?;
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run.out.join("train.jsonl"))?;
+    let pb = crate::progress::bar(run.quiet, cfg.steps as u64, "steps");
+    pb.set_position(start_step as u64);
+    let t0 = Instant::now();
+    let mut step = start_step;
+    let save = |step: usize, rng: Rng, tokens_seen: u64, opt: &AdamW| -> Result<()> {
+        // weights and moments first, the JSON that points at them last (rename = atomic)
+        varmap.save(run.out.join("checkpoint.safetensors"))?;
+        opt.save(&run.out.join("optimizer.safetensors"))?;
+        let ck = Checkpoint { step, rng, config: cfg.clone(), tokens_seen };
+        let tmp = run.out.join("checkpoint.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&ck)?)?;
+        std::fs::rename(&tmp, run.out.join("checkpoint.json"))?;
+        Ok(())
+    };
+    while step < cfg.steps {
+        let f = step as f64 / cfg.steps as f64;
+        let l = curriculum_chunks(cfg.max_chunks, f, &mut rng);
+        let batch = make_batch(run.train, dec, cfg, l, &mut rng)?;
+        let ts = Instant::now();
+        let loss = batch_loss(dec, run.encoder, &proj, &batch)?;
+        let grads = loss.backward()?;
+        let lr = lr_at(cfg, step);
+        let gnorm = opt.step(&grads, lr, cfg.clip)?;
+        let lv = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+        if !lv.is_finite() {
+            bail!("loss became {lv} at step {step}; lower --lr");
+        }
+        let ntok: usize = batch.targets.iter().map(Vec::len).sum();
+        tokens_seen += ntok as u64;
+        step += 1;
+        let tps = ntok as f64 / ts.elapsed().as_secs_f64();
+        writeln!(
+            log,
+            "{}",
+            serde_json::json!({"step": step, "loss": lv, "lr": lr, "grad_norm": gnorm, "chunks": l,
+                "batch": batch.targets.len(), "tokens_per_s": tps, "tokens_seen": tokens_seen})
+        )?;
+        pb.set_position(step as u64);
+        pb.set_message(format!("loss {lv:.3} L={l}"));
+        let out_of_time = run.max_seconds.is_some_and(|m| t0.elapsed().as_secs_f64() > m);
+        if step % cfg.checkpoint_every.max(1) == 0 || step == cfg.steps || out_of_time {
+            save(step, rng, tokens_seen, &opt)?;
+        }
+        if out_of_time && step < cfg.steps {
+            pb.finish_and_clear();
+            return Ok(serde_json::json!({"status": "paused", "step": step, "resume": "run again with --resume"}));
+        }
+    }
+    pb.finish_and_clear();
+    // Held-out scores at the largest L, for the card.
+    let mut scores = serde_json::Map::new();
+    if let Some(h) = run.heldout {
+        let mut r = Rng(cfg.seed ^ 0xabcdef);
+        for l in stages(cfg.max_chunks) {
+            let mut c = cfg.clone();
+            c.tokens_per_step = c.tokens_per_step.min(4096);
+            c.mixed = 0.0;
+            let b = make_batch(h, dec, &c, l, &mut r)?;
+            let loss = batch_loss(dec, run.encoder, &proj, &b)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            let acc = if cfg.stage == Stage::Reconstruct { Some(batch_accuracy(dec, run.encoder, &proj, &b)?) } else { None };
+            scores.insert(format!("chunks_{l}"), serde_json::json!({"nll": loss, "token_accuracy": acc}));
+        }
+    }
+    varmap.save(run.out.join(crate::projector::FILE))?;
+    let card = serde_json::json!({
+        "what": "REFRAG projector (chunk vector -> decoder embedding), decoder and encoder frozen",
+        "stage": cfg.stage,
+        "k": cfg.k,
+        "config": cfg,
+        "steps": step,
+        "tokens_seen": tokens_seen,
+        "decoder_tokenizer": dec.tokenizer_id,
+        "encoder": run.encoder.id,
+        "data": run.data_note,
+        "heldout": scores,
+        "seconds_this_run": t0.elapsed().as_secs_f64(),
+    });
+    std::fs::write(run.out.join("card.json"), serde_json::to_vec_pretty(&card)?)?;
+    Ok(card)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn curriculum_moves_from_one_chunk_to_many() {
+        assert_eq!(stages(16), vec![1, 2, 4, 8, 16]);
+        let mut r = Rng(7);
+        let early: Vec<usize> = (0..200).map(|_| curriculum_chunks(16, 0.0, &mut r)).collect();
+        assert!(early.iter().all(|&l| l == 1));
+        let late: Vec<usize> = (0..2000).map(|_| curriculum_chunks(16, 0.99, &mut r)).collect();
+        let share16 = late.iter().filter(|&&l| l == 16).count() as f64 / late.len() as f64;
+        assert!((share16 - 16.0 / 31.0).abs() < 0.05, "{share16}");
+        assert!(late.contains(&1));
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        let cfg = TrainConfig {
+            stage: Stage::Reconstruct, k: 16, steps: 100, tokens_per_step: 1, max_chunks: 1,
+            predict_tokens: 1, mixed: 0.0, lr: 1e-3, warmup: 0.04, weight_decay: 0.0, clip: 1.0,
+            seed: 1, checkpoint_every: 10,
+        };
+        assert!(lr_at(&cfg, 0) < lr_at(&cfg, 3));
+        assert!((lr_at(&cfg, 4) - 1e-3).abs() < 1e-9);
+        assert!(lr_at(&cfg, 99) < 2e-4 && lr_at(&cfg, 99) >= 1e-4 - 1e-12);
+    }
+}

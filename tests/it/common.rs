@@ -1,0 +1,40 @@
+use refrag::decoder::{Decoder, Ops};
+use refrag::encoder::Encoder;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+pub fn home() -> PathBuf {
+    refrag::models::home_dir()
+}
+
+pub fn decoder_path() -> PathBuf {
+    refrag::models::resolve_decoder(None, &home(), true).expect("decoder model")
+}
+
+/// The real decoder on CPU, loaded once per test binary.
+pub fn decoder() -> &'static Decoder {
+    static D: OnceLock<Decoder> = OnceLock::new();
+    D.get_or_init(|| {
+        Decoder::load(&decoder_path(), &candle_core::Device::Cpu, Ops::Fused, true).expect("load decoder")
+    })
+}
+
+pub fn encoder() -> &'static Encoder {
+    static E: OnceLock<Encoder> = OnceLock::new();
+    E.get_or_init(|| {
+        let dir = refrag::models::resolve_encoder(None, &home(), true).expect("encoder model");
+        Encoder::load(&dir, &candle_core::Device::Cpu).expect("load encoder")
+    })
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+/// The refrag binary built for this test run.
+pub fn refrag() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_refrag"));
+    c.env("NO_COLOR", "1").env_remove("REFRAG_DEVICE");
+    c
+}

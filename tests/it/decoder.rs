@@ -1,0 +1,104 @@
+use crate::common::*;
+use candle_core::{quantized::gguf_file, Device, IndexOp, Tensor, D};
+use candle_transformers::models::quantized_llama::ModelWeights;
+
+fn alice_ids(n: usize) -> Vec<u32> {
+    let text = std::fs::read_to_string(fixture("alice_ch1-3.txt")).unwrap();
+    let ids = decoder().tokenizer.encode(&text[..8000], false).unwrap().get_ids().to_vec();
+    assert!(ids.len() >= n);
+    ids[..n].to_vec()
+}
+
+fn argmax_rows(logits: &Tensor) -> Vec<u32> {
+    logits.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap()
+}
+
+/// The embeddings-input forward (dequantized f32 weights) predicts the same next token as
+/// candle-transformers' quantized_llama on real text.
+#[test]
+fn embeddings_forward_agrees_with_quantized_llama() {
+    let d = decoder();
+    let n = 300;
+    let ids = alice_ids(n);
+    let emb = d.embed_tokens(&ids).unwrap().unsqueeze(0).unwrap();
+    let mut st = d.new_state(n);
+    let hidden = d.forward(&emb, &mut st).unwrap();
+    let ours = argmax_rows(&d.logits(&hidden.squeeze(0).unwrap()).unwrap());
+    assert_eq!(ours.len(), n);
+
+    let path = decoder_path();
+    let mut f = std::fs::File::open(&path).unwrap();
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    let mut reference = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
+    let mut agree = 0;
+    for (pos, &id) in ids.iter().enumerate() {
+        let x = Tensor::new(&[id], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = reference.forward(&x, pos).unwrap();
+        let top = logits.flatten_all().unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        agree += (top == ours[pos]) as usize;
+    }
+    let rate = agree as f64 / n as f64;
+    eprintln!("top-1 agreement with quantized_llama: {agree}/{n} = {rate:.4}");
+    assert!(rate >= 0.99, "top-1 agreement {rate}");
+}
+
+/// Prefill in one pass, then token by token through the KV cache, gives the same logits as
+/// one pass over everything; a batch of two equals each alone.
+#[test]
+fn kv_cache_and_batch_match_a_single_pass() {
+    let d = decoder();
+    let ids = alice_ids(40);
+    let full = {
+        let mut st = d.new_state(40);
+        let e = d.embed_tokens(&ids).unwrap().unsqueeze(0).unwrap();
+        d.logits(&d.forward(&e, &mut st).unwrap()).unwrap()
+    };
+    let mut st = d.new_state(40);
+    let e = d.embed_tokens(&ids[..30]).unwrap().unsqueeze(0).unwrap();
+    d.forward(&e, &mut st).unwrap();
+    assert_eq!(st.len(), 30);
+    for (i, &id) in ids[30..].iter().enumerate() {
+        let e = d.embed_tokens(&[id]).unwrap().unsqueeze(0).unwrap();
+        // one row: goes through the quantized weights
+        let l = d.logits(&d.forward(&e, &mut st).unwrap()).unwrap();
+        let want = full.i((0, 30 + i)).unwrap();
+        let got = l.flatten_all().unwrap();
+        assert_eq!(
+            got.argmax(0).unwrap().to_scalar::<u32>().unwrap(),
+            want.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+        );
+        let diff = (got - want).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 2.0, "quantized step differs by {diff}");
+    }
+
+    let a = d.embed_tokens(&ids[..20]).unwrap();
+    let b = d.embed_tokens(&ids[20..40]).unwrap();
+    let batch = Tensor::stack(&[&a, &b], 0).unwrap();
+    let mut st = d.new_state(20);
+    let both = d.logits(&d.forward(&batch, &mut st).unwrap()).unwrap();
+    let mut st = d.new_state(20);
+    let only_b = d.logits(&d.forward(&b.unsqueeze(0).unwrap(), &mut st).unwrap()).unwrap();
+    let diff = (both.i(1).unwrap() - only_b.squeeze(0).unwrap())
+        .unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-3, "batch row differs by {diff}");
+}
+
+/// A position may hold any embedding: feeding token embeddings through `prompt::assemble` as
+/// an `Embeds` segment gives the same result as feeding the tokens.
+#[test]
+fn embeds_segments_are_positions_like_tokens() {
+    use refrag::prompt::{assemble, Segment};
+    let d = decoder();
+    let ids = alice_ids(24);
+    let as_tokens = assemble(d, &[Segment::Tokens(ids.clone())]).unwrap();
+    let as_embeds = assemble(
+        d,
+        &[Segment::Tokens(ids[..8].to_vec()), Segment::Embeds(d.embed_tokens(&ids[8..16]).unwrap()), Segment::Tokens(ids[16..].to_vec())],
+    )
+    .unwrap();
+    assert_eq!(as_embeds.positions, 24);
+    assert_eq!(as_embeds.compressed_positions, 8);
+    let diff = (as_tokens.embeds - as_embeds.embeds).unwrap().abs().unwrap().flatten_all().unwrap()
+        .max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0);
+}

@@ -1,0 +1,125 @@
+//! index → ask → eval through the real binary, real models and a real LanceDB in a temp dir.
+
+use crate::common::*;
+use std::path::Path;
+
+fn index(db: &Path, extra: &[&str]) -> serde_json::Value {
+    let out = refrag()
+        .args(["index", "--device", "cpu", "--json", "--db"])
+        .arg(db)
+        .arg(fixture("corpus"))
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn ask(db: &Path, q: &str, extra: &[&str]) -> (std::process::ExitStatus, serde_json::Value, String) {
+    let out = refrag()
+        .args(["ask", "--device", "cpu", "--json", "--db"])
+        .arg(db)
+        .args(extra)
+        .arg(q)
+        .output()
+        .unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status, v, String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+#[test]
+fn index_reindex_ask_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+
+    let first = index(&db, &[]);
+    assert_eq!(first["documents"], 3);
+    assert_eq!(first["added"], 3);
+    let rows = first["rows_total"].as_u64().unwrap();
+    assert!(rows >= 3, "{first}");
+    assert!(first["chunks"].as_u64().unwrap() > rows * 4, "{first}");
+
+    // Re-indexing the same files changes nothing and adds no duplicates.
+    let again = index(&db, &[]);
+    assert_eq!(again["unchanged"], 3);
+    assert_eq!(again["added"], 0);
+    assert_eq!(again["rows_total"].as_u64().unwrap(), rows);
+
+    // Another k on the same index is refused.
+    let out = refrag().args(["index", "--k", "8", "--db"]).arg(&db).arg(fixture("corpus")).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("k = 16"));
+
+    // Full-context RAG over the index answers from the right passage.
+    let (st, v, err) = ask(&db, "What year was Casimir Pulaski born in Warsaw?", &["--mode", "full", "--top-k", "1"]);
+    assert!(st.success(), "{err}");
+    assert!(v["answer"].as_str().unwrap().contains("1745"), "{v}");
+    assert!(v["sources"][0]["doc_id"].as_str().unwrap().eq("warsaw-1.txt"), "{v}");
+    let full_positions = v["decoder_positions"].as_u64().unwrap();
+    assert!(v["retrieval_ms"].as_f64().unwrap() > 0.0);
+
+    // No trained projector: refrag mode says so instead of printing noise.
+    let empty = dir.path().join("no-weights");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (st, _, err) = ask(&db, "Who was Chopin?", &["--mode", "refrag", "--weights", empty.to_str().unwrap()]);
+    assert_eq!(st.code(), Some(2));
+    assert!(err.contains("projector"), "{err}");
+
+    // With a projector (random weights: plumbing only), the decoder reads one position per
+    // chunk: far fewer positions than full mode, and expanding 25% of the chunks adds tokens.
+    let w = dir.path().join("weights");
+    std::fs::create_dir_all(&w).unwrap();
+    let vm = candle_nn::VarMap::new();
+    refrag::projector::Projector::init(&vm, &candle_core::Device::Cpu, 384, 576).unwrap();
+    vm.save(w.join("projector.safetensors")).unwrap();
+    let ws = w.to_str().unwrap();
+    let args = ["--mode", "refrag", "--top-k", "1", "--max-tokens", "4", "--weights", ws];
+    let (st, v, err) = ask(&db, "What year was Casimir Pulaski born in Warsaw?", &args);
+    assert!(st.success(), "{err}");
+    let chunks = v["chunks"].as_u64().unwrap();
+    let compressed_positions = v["decoder_positions"].as_u64().unwrap();
+    assert!(chunks > 4);
+    assert_eq!(v["expanded_chunks"], 0);
+    assert!(compressed_positions + 20 < full_positions, "{compressed_positions} vs {full_positions}");
+    let mut more = args.to_vec();
+    more.extend(["--expand", "0.25", "--policy", "sim"]);
+    let (st, v, err) = ask(&db, "What year was Casimir Pulaski born in Warsaw?", &more);
+    assert!(st.success(), "{err}");
+    let expanded = v["expanded_chunks"].as_u64().unwrap();
+    assert_eq!(expanded, ((chunks as f64) * 0.25).round() as u64);
+    assert!(v["decoder_positions"].as_u64().unwrap() > compressed_positions + expanded * 8);
+
+    // eval: metrics over the fixture questions, plus a malformed line reported and skipped.
+    let qs = dir.path().join("q.jsonl");
+    let mut text = std::fs::read_to_string(fixture("squad_questions.jsonl")).unwrap();
+    let keep: Vec<&str> = text.lines().take(4).collect();
+    text = format!("{}\n{{not json\n", keep.join("\n"));
+    std::fs::write(&qs, text).unwrap();
+    let out_file = dir.path().join("answers.jsonl");
+    let out = refrag()
+        .args(["eval", "--device", "cpu", "--json", "--mode", "full", "--top-k", "1", "--max-tokens", "16", "--db"])
+        .arg(&db)
+        .arg("--questions")
+        .arg(&qs)
+        .arg("--out")
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "a bad line makes the run exit 2: {err}");
+    assert!(err.contains("q.jsonl:5"), "{err}");
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["questions"], 4);
+    assert_eq!(s["bad_lines"], 1);
+    assert!(s["f1"].as_f64().unwrap() > 0.3, "{s}");
+    assert!(s["recall_at_1"].as_f64().unwrap() >= 0.75, "{s}");
+    assert_eq!(std::fs::read_to_string(&out_file).unwrap().lines().count(), 4);
+}
+
+#[test]
+fn asking_without_an_index_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (st, _, err) = ask(&dir.path().join("nothing"), "q", &[]);
+    assert_eq!(st.code(), Some(2));
+    assert!(err.contains("no index here"), "{err}");
+}
