@@ -82,6 +82,9 @@ pub fn run(s: &BenchSetup, contexts: &[usize], ks: &[usize], mut progress: impl 
     let question = prompt::tokenize(d, "\n\nQuestion: What happened next?")?;
     let mut rows = Vec::new();
     for &len in contexts {
+        // L counts the question and the decoded tokens too, so full context at L = the
+        // decoder's window just fits.
+        let len = len.saturating_sub(question.len() + s.decode_tokens).max(1);
         let ctx = &pool[..len];
         // Variants for this length; each is timed `repeats` times, interleaved.
         struct Variant {
@@ -97,7 +100,7 @@ pub fn run(s: &BenchSetup, contexts: &[usize], ks: &[usize], mut progress: impl 
             name: "full".into(),
             k: 1,
             positions: len + question.len(),
-            segs: (len + question.len() < d.cfg.max_positions)
+            segs: (len + question.len() + s.decode_tokens <= d.cfg.max_positions)
                 .then(|| vec![Segment::Tokens(ctx.to_vec()), Segment::Tokens(question.clone())]),
             chunk_texts: vec![],
             samples: vec![],
@@ -121,7 +124,7 @@ pub fn run(s: &BenchSetup, contexts: &[usize], ks: &[usize], mut progress: impl 
                 .map(|c| d.tokenizer.decode(c, false).unwrap_or_default())
                 .collect();
             let n = chunks.len();
-            let fits = n + question.len() < d.cfg.max_positions;
+            let fits = n + question.len() <= d.cfg.max_positions;
             // Cached: chunk vectors computed before timing (as stored in the index).
             let cached = match (fits, s.encoder) {
                 (true, Some(enc)) => {
@@ -187,7 +190,7 @@ pub fn run(s: &BenchSetup, contexts: &[usize], ks: &[usize], mut progress: impl 
         for mut v in vars {
             let row = if v.samples.is_empty() {
                 Row {
-                    context_tokens: len, variant: v.name, k: v.k, positions: v.positions,
+                    context_tokens: len + question.len() + s.decode_tokens, variant: v.name, k: v.k, positions: v.positions,
                     ttft_ms_median: None, ttft_ms_min: None, ttft_ms_max: None,
                     ttit_ms_median: None, kv_cache_bytes: None, speedup: None,
                 }
@@ -199,7 +202,7 @@ pub fn run(s: &BenchSetup, contexts: &[usize], ks: &[usize], mut progress: impl 
                     full_ttft = Some(med);
                 }
                 Row {
-                    context_tokens: len,
+                    context_tokens: len + question.len() + s.decode_tokens,
                     variant: std::mem::take(&mut v.name),
                     k: v.k,
                     positions: v.positions,

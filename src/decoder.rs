@@ -55,17 +55,20 @@ impl Linear {
         Ok(Self { dense, quant })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, quant_rows: usize) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
-        if let (Some(q), true) = (&self.quant, rows <= QUANT_MAX_ROWS) {
+        if let (Some(q), true) = (&self.quant, rows <= quant_rows) {
             let dt = x.dtype();
             return Ok(q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dt)?);
         }
-        let w = match x.rank() {
-            3 => self.dense.broadcast_left(x.dim(0)?)?.t()?,
-            _ => self.dense.t()?,
-        };
-        Ok(x.matmul(&w)?)
+        // Fold leading dims into rows: a broadcast weight would be copied once per batch row.
+        let dims = x.dims().to_vec();
+        let inner = dims[dims.len() - 1];
+        let y = x.reshape((rows, inner))?.matmul(&self.dense.t()?)?;
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = self.dense.dim(0)?;
+        Ok(y.reshape(out)?)
     }
 }
 
@@ -122,6 +125,9 @@ pub struct Decoder {
     pub ops: Ops,
     /// sha256 prefix of the GGUF file's tokenizer, to tag indexes built with it.
     pub tokenizer_id: String,
+    /// Matmuls over at most this many rows use the quantized weights (when kept); set it to
+    /// `usize::MAX` to run everything as llama.cpp-style quantized arithmetic.
+    pub quant_rows: usize,
 }
 
 fn md_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
@@ -135,6 +141,11 @@ fn md_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
 impl Decoder {
     /// Load a LLaMA-architecture GGUF. `keep_quant` keeps the quantized matrices for decoding.
     pub fn load(path: &Path, device: &Device, ops: Ops, keep_quant: bool) -> Result<Self> {
+        Self::load_as(path, device, None, ops, keep_quant)
+    }
+
+    /// As [`Decoder::load`], with the compute dtype chosen (default: f32 on CPU, bf16 on CUDA).
+    pub fn load_as(path: &Path, device: &Device, dtype: Option<DType>, ops: Ops, keep_quant: bool) -> Result<Self> {
         let bad = |e: anyhow::Error| {
             e.context(format!(
                 "{}: not a usable LLaMA GGUF (truncated or wrong file?)",
@@ -144,13 +155,14 @@ impl Decoder {
         let mut file = std::fs::File::open(path)
             .with_context(|| format!("{}: cannot open the decoder", path.display()))?;
         let ct = gguf_file::Content::read(&mut file).map_err(|e| bad(e.into()))?;
-        Self::from_content(ct, &mut file, device, ops, keep_quant).map_err(bad)
+        Self::from_content(ct, &mut file, device, dtype, ops, keep_quant).map_err(bad)
     }
 
     fn from_content(
         ct: gguf_file::Content,
         file: &mut std::fs::File,
         device: &Device,
+        dtype: Option<DType>,
         ops: Ops,
         keep_quant: bool,
     ) -> Result<Self> {
@@ -186,7 +198,7 @@ impl Decoder {
         };
         let tokenizer = crate::gguf_tokenizer::from_gguf(&ct)?;
         let tokenizer_id = crate::gguf_tokenizer::digest(&ct);
-        let dtype = if device.is_cuda() { DType::BF16 } else { DType::F32 };
+        let dtype = dtype.unwrap_or(if device.is_cuda() { DType::BF16 } else { DType::F32 });
         let mut tensor = |name: &str| -> Result<QTensor> {
             ct.tensor(file, name, device)
                 .with_context(|| format!("tensor {name}"))
@@ -238,6 +250,7 @@ impl Decoder {
             device: device.clone(),
             ops,
             tokenizer_id,
+            quant_rows: QUANT_MAX_ROWS,
         })
     }
 
@@ -307,9 +320,9 @@ impl Decoder {
         let c = &self.cfg;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.attn_norm)?;
-            let q = layer.wq.forward(&h)?.reshape((b, t, c.n_head, c.head_dim))?.transpose(1, 2)?;
-            let k = layer.wk.forward(&h)?.reshape((b, t, c.n_kv_head, c.head_dim))?.transpose(1, 2)?;
-            let v = layer.wv.forward(&h)?.reshape((b, t, c.n_kv_head, c.head_dim))?.transpose(1, 2)?;
+            let q = layer.wq.forward(&h, self.quant_rows)?.reshape((b, t, c.n_head, c.head_dim))?.transpose(1, 2)?;
+            let k = layer.wk.forward(&h, self.quant_rows)?.reshape((b, t, c.n_kv_head, c.head_dim))?.transpose(1, 2)?;
+            let v = layer.wv.forward(&h, self.quant_rows)?.reshape((b, t, c.n_kv_head, c.head_dim))?.transpose(1, 2)?;
             let q = self.rope(&q.contiguous()?, &cos, &sin)?;
             let k = self.rope(&k.contiguous()?, &cos, &sin)?;
             let v = v.contiguous()?;
@@ -331,18 +344,18 @@ impl Decoder {
             };
             let y = att.matmul(&v.contiguous()?)?;
             let y = y.transpose(1, 2)?.reshape((b, t, c.hidden))?;
-            x = (x + layer.wo.forward(&y)?)?;
+            x = (x + layer.wo.forward(&y, self.quant_rows)?)?;
             let h = self.rms_norm(&x, &layer.ffn_norm)?;
-            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
-            let up = layer.w_up.forward(&h)?;
-            x = (x + layer.w_down.forward(&(gate * up)?)?)?;
+            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h, self.quant_rows)?)?;
+            let up = layer.w_up.forward(&h, self.quant_rows)?;
+            x = (x + layer.w_down.forward(&(gate * up)?, self.quant_rows)?)?;
         }
         self.rms_norm(&x, &self.norm)
     }
 
     /// Vocabulary logits (f32) for hidden states [.., hidden].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward(hidden, self.quant_rows)?.to_dtype(DType::F32)?)
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {

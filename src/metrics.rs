@@ -56,6 +56,16 @@ pub fn best(pred: &str, golds: &[String]) -> (f64, f64) {
     })
 }
 
+/// Whether the normalised answer contains a normalised gold answer (lenient accuracy for
+/// sentence-style answers).
+pub fn contains_any(pred: &str, golds: &[String]) -> bool {
+    let p = format!(" {} ", normalize(pred));
+    golds.iter().any(|g| {
+        let g = normalize(g);
+        !g.is_empty() && p.contains(&format!(" {g} "))
+    })
+}
+
 /// Whether an answer abstains ("unanswerable", "I don't know", ...).
 pub fn abstains(pred: &str) -> bool {
     let n = normalize(pred);
@@ -90,6 +100,8 @@ mod tests {
         let (em, f) = best("over 100", &["100".into(), "over 100".into()]);
         assert_eq!((em, f), (1.0, 1.0));
         assert!(abstains("I don't know."));
+        assert!(contains_any("The year is 1745.", &["1745".into()]));
+        assert!(!contains_any("In 17450 BC", &["1745".into()]));
         assert!(!abstains("1745"));
         assert_eq!(summary(&[3.0, 1.0, 2.0]), (2.0, 2.0, 3.0));
     }

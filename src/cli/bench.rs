@@ -51,8 +51,7 @@ pub fn run(g: &Global, args: BenchArgs) -> Result<ExitCode> {
     let device = g.device()?;
     let decoder = g.load_decoder(&device)?;
     let dense = if args.dense_decode {
-        let path = crate::models::resolve_decoder(g.decoder.as_deref(), &g.home(), g.quiet)?;
-        Some(crate::decoder::Decoder::load(&path, &device, crate::decoder::Ops::Fused, false)?)
+        Some(g.load_decoder_with(&device, crate::decoder::Ops::Fused, false)?)
     } else {
         None
     };

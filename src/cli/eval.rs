@@ -98,6 +98,7 @@ pub fn run(g: &Global, args: EvalArgs) -> Result<ExitCode> {
     };
     let pb = crate::progress::bar(g.quiet, qs.len() as u64, "questions");
     pb.set_message("eval");
+    let mut contains = vec![];
     let (mut ems, mut f1s, mut ttfts, mut tps, mut rms, mut positions) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut recall = vec![0usize; args.rag.top_k + 1];
@@ -115,6 +116,7 @@ pub fn run(g: &Global, args: EvalArgs) -> Result<ExitCode> {
             if q.answerable && !q.answers.is_empty() {
                 ems.push(em);
                 f1s.push(f1);
+                contains.push(metrics::contains_any(&gen.text, &q.answers) as u8 as f64);
             }
             if !q.answerable {
                 abst_total += 1;
@@ -169,6 +171,7 @@ pub fn run(g: &Global, args: EvalArgs) -> Result<ExitCode> {
         "expand": args.rag.expand,
         "exact_match": (!args.retrieval_only).then(|| mean(&ems)),
         "f1": (!args.retrieval_only).then(|| mean(&f1s)),
+        "answer_contains_gold": (!args.retrieval_only).then(|| mean(&contains)),
         "scored": ems.len(),
         "recall_at_1": recall_at(1),
         "recall_at_k": recall_at(args.rag.top_k),

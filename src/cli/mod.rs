@@ -49,6 +49,9 @@ pub struct Global {
     /// Encoder folder (config.json, tokenizer.json, model.safetensors) instead of all-MiniLM-L6-v2.
     #[arg(long, global = true, env = "REFRAG_ENCODER")]
     pub encoder: Option<PathBuf>,
+    /// Decoder compute dtype: auto (f32 on CPU, bf16 on CUDA), f32, bf16 or f16.
+    #[arg(long, global = true, env = "REFRAG_DTYPE", default_value = "auto")]
+    pub dtype: String,
     /// No progress bars or notes on stderr.
     #[arg(short, long, global = true, env = "REFRAG_QUIET")]
     pub quiet: bool,
@@ -63,8 +66,24 @@ impl Global {
     }
     /// Load the decoder (pulling the pinned model on first need).
     pub fn load_decoder(&self, device: &candle_core::Device) -> Result<crate::decoder::Decoder> {
+        self.load_decoder_with(device, crate::decoder::Ops::Fused, true)
+    }
+    pub fn load_decoder_with(
+        &self,
+        device: &candle_core::Device,
+        ops: crate::decoder::Ops,
+        keep_quant: bool,
+    ) -> Result<crate::decoder::Decoder> {
+        use candle_core::DType;
+        let dtype = match self.dtype.as_str() {
+            "auto" => None,
+            "f32" => Some(DType::F32),
+            "bf16" => Some(DType::BF16),
+            "f16" => Some(DType::F16),
+            d => anyhow::bail!("--dtype {d}: expected auto, f32, bf16 or f16"),
+        };
         let path = crate::models::resolve_decoder(self.decoder.as_deref(), &self.home(), self.quiet)?;
-        crate::decoder::Decoder::load(&path, device, crate::decoder::Ops::Fused, true)
+        crate::decoder::Decoder::load_as(&path, device, dtype, ops, keep_quant)
     }
     /// Load the encoder (pulling the pinned model on first need).
     pub fn load_encoder(&self, device: &candle_core::Device) -> Result<crate::encoder::Encoder> {

@@ -72,8 +72,7 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         bail!("--mixed {}: must be in [0, 1)", a.mixed);
     }
     let device = g.device()?;
-    let path = crate::models::resolve_decoder(g.decoder.as_deref(), &g.home(), g.quiet)?;
-    let decoder = crate::decoder::Decoder::load(&path, &device, crate::decoder::Ops::Differentiable, false)?;
+    let decoder = g.load_decoder_with(&device, crate::decoder::Ops::Differentiable, false)?;
     let encoder = g.load_encoder(&device)?;
     let pool = TextPool::load(&a.text, &decoder)?;
     let held = if a.heldout.is_empty() { None } else { Some(TextPool::load(&a.heldout, &decoder)?) };

@@ -111,7 +111,8 @@ fn index_reindex_ask_eval() {
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(s["questions"], 4);
     assert_eq!(s["bad_lines"], 1);
-    assert!(s["f1"].as_f64().unwrap() > 0.3, "{s}");
+    assert!(s["f1"].as_f64().unwrap() > 0.1, "{s}");
+    assert!(s["answer_contains_gold"].as_f64().unwrap() >= 0.25, "{s}");
     assert!(s["recall_at_1"].as_f64().unwrap() >= 0.75, "{s}");
     assert_eq!(std::fs::read_to_string(&out_file).unwrap().lines().count(), 4);
 }
