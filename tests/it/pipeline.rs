@@ -58,6 +58,11 @@ fn index_reindex_ask_eval() {
     let full_positions = v["decoder_positions"].as_u64().unwrap();
     assert!(v["retrieval_ms"].as_f64().unwrap() > 0.0);
 
+    // Hybrid search (vector + BM25 fused by rank) finds the passage naming the garden.
+    let (st, v, err) = ask(&db, "Where is the Tomb of the Unknown Soldier?", &["--mode", "full", "--search", "hybrid", "--top-k", "2", "--max-tokens", "4"]);
+    assert!(st.success(), "{err}");
+    assert_eq!(v["sources"][0]["doc_id"], "warsaw-2.txt", "{v}");
+
     // No trained projector: refrag mode says so instead of printing noise.
     let empty = dir.path().join("no-weights");
     std::fs::create_dir_all(&empty).unwrap();
@@ -115,6 +120,23 @@ fn index_reindex_ask_eval() {
     assert!(s["answer_contains_gold"].as_f64().unwrap() >= 0.25, "{s}");
     assert!(s["recall_at_1"].as_f64().unwrap() >= 0.75, "{s}");
     assert_eq!(std::fs::read_to_string(&out_file).unwrap().lines().count(), 4);
+}
+
+#[test]
+fn delete_removes_a_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    let first = index(&db, &[]);
+    let rows = first["rows_total"].as_u64().unwrap();
+    let out = refrag().args(["index", "--json", "--delete", "warsaw-3.txt", "--db"]).arg(&db).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["rows_total"].as_u64().unwrap() < rows, "{v}");
+    // indexing the folder again brings it back, and only it
+    let again = index(&db, &[]);
+    assert_eq!(again["added"], 1);
+    assert_eq!(again["unchanged"], 2);
+    assert_eq!(again["rows_total"].as_u64().unwrap(), rows);
 }
 
 #[test]
