@@ -3,6 +3,7 @@
 
 mod ask;
 mod bench;
+mod dataset;
 pub mod docs;
 #[cfg(feature = "store")]
 mod eval;
@@ -98,6 +99,8 @@ pub enum Cmd {
     Bench(bench::BenchArgs),
     /// Train REFRAG weights (projector) on text.
     Train(train::TrainArgs),
+    /// Convert SQuAD / NQ-open oracle files into refrag corpus and question JSONL.
+    Dataset(dataset::DatasetArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions(docs::CompletionsArgs),
     /// Write the man pages (generated from these definitions).
@@ -144,6 +147,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Bench(args) => bench::run(&cli.global, args),
         Cmd::Train(args) => train::run(&cli.global, args),
+        Cmd::Dataset(a) => dataset::run(&cli.global, a),
         Cmd::Completions(a) => docs::completions(a),
         Cmd::Man(a) => docs::man(a),
         Cmd::Top1(args) => top1::run(&cli.global, args),
