@@ -59,8 +59,11 @@ impl Engine {
     /// Retrieve passages for a question; returns hits, the question vector and milliseconds.
     pub fn retrieve(&self, question: &str, top_k: usize, kind: SearchKind) -> Result<(Vec<Hit>, Vec<f32>, f64)> {
         let t = Instant::now();
+        if top_k == 0 {
+            return Ok((vec![], vec![], 0.0));
+        }
         let qv = self.encoder.encode(&[question])?.squeeze(0)?.to_vec1::<f32>()?;
-        let hits = if top_k == 0 { vec![] } else { self.store.search(&qv, question, top_k, kind)? };
+        let hits = self.store.search(&qv, question, top_k, kind)?;
         Ok((hits, qv, t.elapsed().as_secs_f64() * 1e3))
     }
 

@@ -174,7 +174,7 @@ impl Store {
     }
 
     /// Check or record the index identity before writing.
-    pub fn prepare_write(&mut self, now: &IndexInfo) -> Result<()> {
+    pub fn prepare_write(&self, now: &IndexInfo) -> Result<()> {
         if let Some(i) = &self.info {
             return i.check(now, &self.uri);
         }
