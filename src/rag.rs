@@ -169,8 +169,8 @@ fn choose_expanded(hits: &[Hit], qvec: &[f32], dim: usize, opts: &AskOptions, n:
     let scores: Vec<f64> = match opts.policy {
         Policy::None => unreachable!(),
         Policy::Random => {
-            let mut s = opts.sampling.seed ^ 0x9e37_79b9_7f4a_7c15;
-            (0..n).map(|_| splitmix(&mut s) as f64).collect()
+            let mut rng = crate::train::Rng(opts.sampling.seed ^ 0x9e37_79b9_7f4a_7c15);
+            (0..n).map(|_| rng.unit()).collect()
         }
         Policy::Sim => hits
             .iter()
@@ -184,12 +184,4 @@ fn choose_expanded(hits: &[Hit], qvec: &[f32], dim: usize, opts: &AskOptions, n:
         out[i] = true;
     }
     out
-}
-
-fn splitmix(s: &mut u64) -> u64 {
-    *s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *s;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
