@@ -7,3 +7,4 @@ mod decoder;
 mod encoder;
 mod pipeline;
 mod tokenizer;
+mod train;
