@@ -3,7 +3,7 @@
 use crate::decoder::Decoder;
 use crate::prompt::DecoderInput;
 use anyhow::Result;
-use candle_core::{IndexOp, Tensor};
+use candle_core::IndexOp;
 use candle_transformers::generation::LogitsProcessor;
 use std::time::{Duration, Instant};
 
@@ -122,20 +122,4 @@ pub fn generate(
         decode_time: first_at.elapsed(),
         kv_cache_bytes: state.bytes(),
     })
-}
-
-/// Log-probabilities of `targets` given the input: teacher forcing over one forward pass.
-/// Returns the mean negative log-likelihood (nats per token).
-pub fn target_nll(decoder: &Decoder, input: &DecoderInput, targets: &[u32]) -> Result<f64> {
-    let tgt_emb = decoder.embed_tokens(targets)?.unsqueeze(0)?;
-    let embeds = Tensor::cat(&[&input.embeds, &tgt_emb], 1)?;
-    let mut state = decoder.new_state(embeds.dim(1)?);
-    let hidden = decoder.forward(&embeds, &mut state)?;
-    let n = targets.len();
-    // The logit at position p predicts the token at p + 1.
-    let h = hidden.narrow(1, input.positions - 1, n)?;
-    let logp = candle_nn::ops::log_softmax(&decoder.logits(&h)?.squeeze(0)?, 1)?;
-    let idx = Tensor::new(targets, &decoder.device)?.unsqueeze(1)?;
-    let picked = logp.gather(&idx, 1)?.sum_all()?.to_scalar::<f32>()?;
-    Ok(-(picked as f64) / n as f64)
 }

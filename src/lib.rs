@@ -16,7 +16,7 @@
 //! - [`gguf_tokenizer`]: the decoder's tokenizer rebuilt from GGUF metadata.
 //! - [`encoder`]: all-MiniLM-L6-v2 for retrieval vectors and chunk vectors.
 //! - [`prompt`]: the one place that builds decoder inputs (template, tokens, chunk embeddings).
-//! - [`generate`]: streaming generation and teacher-forced scoring.
+//! - [`generate`]: streaming generation.
 //! - [`corpus`]: documents from files and JSONL, passages, k-token chunks.
 //! - [`indexer`]: batches of documents into the store; [`store`]: the LanceDB layout.
 //! - [`projector`]: the chunk-vector → decoder-embedding MLP.

@@ -363,35 +363,28 @@ pub fn train(run: &TrainRun, cfg: &TrainConfig) -> Result<serde_json::Value> {
     let device = &dec.device;
     std::fs::create_dir_all(run.out).with_context(|| format!("{}: cannot create", run.out.display()))?;
     let ck_path = run.out.join("checkpoint.json");
-    let varmap = VarMap::new();
+    let mut varmap = VarMap::new();
     Projector::init(&varmap, device, run.encoder.dim, dec.cfg.hidden)?; // creates the variables
-    let mut opt;
-    let mut rng = Rng(cfg.seed);
-    let mut start_step = 0;
-    let mut tokens_seen = 0u64;
-    if run.resume && ck_path.exists() {
+    let (mut rng, mut start_step, mut tokens_seen) = (Rng(cfg.seed), 0, 0u64);
+    let resume = run.resume && ck_path.exists();
+    if resume {
         let ck: Checkpoint = serde_json::from_slice(&std::fs::read(&ck_path)?)
             .with_context(|| format!("{}: unreadable checkpoint", ck_path.display()))?;
         if ck.config.stage != cfg.stage || ck.config.k != cfg.k {
             bail!("{}: checkpoint is for another stage or k; use a new --out", ck_path.display());
         }
-        let mut vm = varmap;
-        vm.load(run.out.join("checkpoint.safetensors"))?;
-        opt = AdamW::new(&vm, cfg.weight_decay)?;
+        varmap.load(run.out.join("checkpoint.safetensors"))?;
+        (rng, start_step, tokens_seen) = (ck.rng, ck.step, ck.tokens_seen);
+    } else if let Some(init) = &run.init_from {
+        varmap
+            .load(init)
+            .with_context(|| format!("{}: cannot load the starting projector", init.display()))?;
+    }
+    let mut opt = AdamW::new(&varmap, cfg.weight_decay)?;
+    if resume {
         opt.load(&run.out.join("optimizer.safetensors"), device)?;
-        opt.step = ck.step;
-        start_step = ck.step;
-        rng = ck.rng;
-        tokens_seen = ck.tokens_seen;
-        return train_loop(run, cfg, vm, opt, rng, start_step, tokens_seen);
+        opt.step = start_step;
     }
-    if let Some(init) = &run.init_from {
-        let mut vm = varmap;
-        vm.load(init).with_context(|| format!("{}: cannot load the starting projector", init.display()))?;
-        opt = AdamW::new(&vm, cfg.weight_decay)?;
-        return train_loop(run, cfg, vm, opt, rng, start_step, tokens_seen);
-    }
-    opt = AdamW::new(&varmap, cfg.weight_decay)?;
     train_loop(run, cfg, varmap, opt, rng, start_step, tokens_seen)
 }
 

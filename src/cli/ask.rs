@@ -11,7 +11,7 @@ use crate::prompt::{self, Segment};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::{IsTerminal, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Sampling flags shared by ask, eval and chat.
@@ -169,18 +169,6 @@ pub fn read_question(arg: Option<&str>) -> Result<String> {
     Ok(q)
 }
 
-/// Read a UTF-8 text file, naming it in any error.
-pub fn read_text(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
-    String::from_utf8(bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: not UTF-8 text (invalid byte at offset {})",
-            path.display(),
-            e.utf8_error().valid_up_to()
-        )
-    })
-}
-
 pub fn run(g: &Global, args: AskArgs) -> Result<ExitCode> {
     let question = read_question(args.question.as_deref())?;
     let opts = args.sampling.options()?;
@@ -190,7 +178,7 @@ pub fn run(g: &Global, args: AskArgs) -> Result<ExitCode> {
     let contexts = args
         .context
         .iter()
-        .map(|p| read_text(p))
+        .map(|p| crate::corpus::read_text(p))
         .collect::<Result<Vec<_>>>()?;
     let device = g.device()?;
     let decoder = g.load_decoder(&device)?;

@@ -45,7 +45,7 @@ pub fn run(g: &Global, args: BenchArgs) -> Result<ExitCode> {
         bail!("--repeats, --contexts and --k must be positive");
     }
     let text = match &args.text {
-        Some(p) => super::ask::read_text(p)?,
+        Some(p) => crate::corpus::read_text(p)?,
         None => DEFAULT_TEXT.to_string(),
     };
     let device = g.device()?;

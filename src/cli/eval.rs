@@ -68,7 +68,7 @@ fn parse(line: &str, at: &str) -> Result<Question> {
 }
 
 pub fn run(g: &Global, args: EvalArgs) -> Result<ExitCode> {
-    let text = super::ask::read_text(&args.questions)?;
+    let text = crate::corpus::read_text(&args.questions)?;
     let name = args.questions.display().to_string();
     let mut bad = 0usize;
     let mut qs = Vec::new();

@@ -22,7 +22,7 @@ pub struct Top1Args {
 pub fn run(g: &Global, a: Top1Args) -> Result<ExitCode> {
     let device = g.device()?;
     let decoder = g.load_decoder(&device)?;
-    let text = super::ask::read_text(&a.text)?;
+    let text = crate::corpus::read_text(&a.text)?;
     let mut ids = crate::prompt::tokenize(&decoder, &text)?;
     ids.truncate(a.tokens);
     let emb = decoder.embed_tokens(&ids)?.unsqueeze(0)?;
