@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::kv_cache::KvCache;
+use std::collections::HashMap;
 use std::path::Path;
 use tokenizers::Tokenizer;
 
@@ -43,28 +44,51 @@ const QUANT_MAX_ROWS: usize = 8;
 /// Query rows per prefill block: bounds the attention matrix on long prompts.
 const PREFILL_BLOCK: usize = 2048;
 
+/// File name of trained decoder adapters inside a weights folder.
+pub const LORA_FILE: &str = "decoder_lora.safetensors";
+/// The matrices of each layer that take LoRA adapters.
+pub const LORA_TARGETS: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+
+/// A low-rank update `W + B·A` (Hu et al. 2021, arXiv 2106.09685), kept apart while training;
+/// `scale` is folded into B when saved.
+#[derive(Clone)]
+struct Lora {
+    /// [r, in], f32
+    a: Tensor,
+    /// [out, r], f32
+    b: Tensor,
+}
+
+#[derive(Clone)]
 struct Linear {
     dense: Tensor,
     quant: Option<QMatMul>,
+    lora: Option<Lora>,
 }
 
 impl Linear {
     fn load(qt: QTensor, device: &Device, dtype: DType, keep_quant: bool) -> Result<Self> {
         let dense = qt.dequantize(device)?.to_dtype(dtype)?;
         let quant = if keep_quant { Some(QMatMul::from_qtensor(qt)?) } else { None };
-        Ok(Self { dense, quant })
+        Ok(Self { dense, quant, lora: None })
     }
 
     fn forward(&self, x: &Tensor, quant_rows: usize) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
-        if let (Some(q), true) = (&self.quant, rows <= quant_rows) {
+        if let (Some(q), true, None) = (&self.quant, rows <= quant_rows, &self.lora) {
             let dt = x.dtype();
             return Ok(q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dt)?);
         }
         // Fold leading dims into rows: a broadcast weight would be copied once per batch row.
         let dims = x.dims().to_vec();
         let inner = dims[dims.len() - 1];
-        let y = x.reshape((rows, inner))?.matmul(&self.dense.t()?)?;
+        let x2 = x.reshape((rows, inner))?;
+        let mut y = x2.matmul(&self.dense.t()?)?;
+        if let Some(l) = &self.lora {
+            let u = x2.to_dtype(DType::F32)?.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
+            let dt = y.dtype();
+            y = (y + u.to_dtype(dt)?)?;
+        }
         let mut out = dims;
         let last = out.len() - 1;
         out[last] = self.dense.dim(0)?;
@@ -72,6 +96,7 @@ impl Linear {
     }
 }
 
+#[derive(Clone)]
 struct Layer {
     wq: Linear,
     wk: Linear,
@@ -110,6 +135,7 @@ impl KvState {
 }
 
 /// SmolLM2 (LLaMA) decoder reading embeddings.
+#[derive(Clone)]
 pub struct Decoder {
     pub cfg: DecoderConfig,
     pub tokenizer: Tokenizer,
@@ -136,6 +162,14 @@ fn md_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
         .get(key)
         .with_context(|| format!("GGUF metadata has no {key}"))?
         .to_u32()? as usize)
+}
+
+/// The embedding size of a GGUF decoder, read from its metadata only (no weights loaded).
+pub fn hidden_size(path: &Path) -> Result<usize> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("{}: cannot open the decoder", path.display()))?;
+    let ct = gguf_file::Content::read(&mut file)
+        .with_context(|| format!("{}: not a usable LLaMA GGUF (truncated or wrong file?)", path.display()))?;
+    md_u32(&ct, "llama.embedding_length")
 }
 
 impl Decoder {
@@ -213,6 +247,7 @@ impl Decoder {
             Err(_) => Linear {
                 dense: embed.clone(),
                 quant: if keep_quant { Some(QMatMul::from_qtensor(embed_q)?) } else { None },
+                lora: None,
             },
         };
         let mut layers = Vec::with_capacity(cfg.n_layer);
@@ -252,6 +287,72 @@ impl Decoder {
             tokenizer_id,
             quant_rows: QUANT_MAX_ROWS,
         })
+    }
+
+    fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        let rest = name.strip_prefix("blk.")?;
+        let (i, part) = rest.split_once('.')?;
+        let layer = self.layers.get_mut(i.parse::<usize>().ok()?)?;
+        Some(match part {
+            "attn_q" => &mut layer.wq,
+            "attn_k" => &mut layer.wk,
+            "attn_v" => &mut layer.wv,
+            "attn_output" => &mut layer.wo,
+            "ffn_gate" => &mut layer.w_gate,
+            "ffn_up" => &mut layer.w_up,
+            "ffn_down" => &mut layer.w_down,
+            _ => return None,
+        })
+    }
+
+    /// Every adaptable matrix: (name, out, in).
+    pub fn lora_shapes(&self) -> Vec<(String, usize, usize)> {
+        let mut v = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            for (n, lin) in LORA_TARGETS.iter().zip([&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]) {
+                let (o, inp) = lin.dense.dims2().unwrap_or((0, 0));
+                v.push((format!("blk.{i}.{n}"), o, inp));
+            }
+        }
+        v
+    }
+
+    /// Attach adapters (`{name}.lora_a` [r, in], `{name}.lora_b` [out, r]) kept apart from the
+    /// weights, so that gradients reach them (training).
+    pub fn attach_lora(&mut self, t: &HashMap<String, Tensor>) -> Result<()> {
+        for (name, o, i) in self.lora_shapes() {
+            let (Some(a), Some(b)) = (t.get(&format!("{name}.lora_a")), t.get(&format!("{name}.lora_b"))) else { continue };
+            if a.dim(1)? != i || b.dim(0)? != o || a.dim(0)? != b.dim(1)? {
+                bail!("adapter {name}: shapes {:?}/{:?} do not fit [{o}, {i}]", a.dims(), b.dims());
+            }
+            let lin = self.linear_mut(&name).context("adapter target")?;
+            lin.lora = Some(Lora { a: a.to_dtype(DType::F32)?, b: b.to_dtype(DType::F32)? });
+        }
+        Ok(())
+    }
+
+    /// Fold trained adapters from a file into the dense weights (W += B·A). The quantized
+    /// copies no longer match, so the adapted matrices decode densely.
+    pub fn merge_lora(&mut self, path: &Path) -> Result<()> {
+        let t = candle_core::safetensors::load(path, &self.device)
+            .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+        let mut n = 0;
+        for (name, o, i) in self.lora_shapes() {
+            let (Some(a), Some(b)) = (t.get(&format!("{name}.lora_a")), t.get(&format!("{name}.lora_b"))) else { continue };
+            let delta = b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)?;
+            if delta.dims() != [o, i] {
+                bail!("{}: adapter {name} has shape {:?}, the decoder [{o}, {i}] (trained for another decoder?)", path.display(), delta.dims());
+            }
+            let dtype = self.dtype;
+            let lin = self.linear_mut(&name).context("adapter target")?;
+            lin.dense = (lin.dense.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?;
+            lin.quant = None;
+            n += 1;
+        }
+        if n == 0 {
+            bail!("{}: no decoder adapters in it", path.display());
+        }
+        Ok(())
     }
 
     /// A fresh KV state able to hold `capacity` positions without reallocating.

@@ -40,9 +40,12 @@ pub struct IndexSummary {
     pub bytes_on_disk: u64,
 }
 
-pub fn index_info(encoder: &Encoder, tokenizer_id: &str, k: usize) -> IndexInfo {
+/// What an index built now records; `chunk_encoder` makes the chunk vectors (the retrieval
+/// encoder with trained tensors in place, when trained weights are in use).
+pub fn index_info(encoder: &Encoder, chunk_encoder: &Encoder, tokenizer_id: &str, k: usize) -> IndexInfo {
     IndexInfo {
         encoder: encoder.id.clone(),
+        chunk_encoder: chunk_encoder.id.clone(),
         tokenizer: tokenizer_id.to_string(),
         k,
         dim: encoder.dim,
@@ -57,10 +60,11 @@ pub fn index(
     tokenizer: &Tokenizer,
     tokenizer_id: &str,
     encoder: &Encoder,
+    chunk_encoder: &Encoder,
     opts: &IndexOptions,
 ) -> Result<IndexSummary> {
     let start = Instant::now();
-    let info = index_info(encoder, tokenizer_id, opts.k);
+    let info = index_info(encoder, chunk_encoder, tokenizer_id, opts.k);
     store.prepare_write(&info)?;
     let existing = store.doc_hashes()?;
     let fp = opts.fingerprint();
@@ -79,7 +83,7 @@ pub fn index(
     let pb = crate::progress::bar(opts.quiet, todo.len() as u64, "docs");
     pb.set_message("indexing");
     for batch in todo.chunks(opts.batch_docs.max(1)) {
-        let rows = encode_batch(batch, tokenizer, encoder, opts)?;
+        let rows = encode_batch(batch, tokenizer, encoder, chunk_encoder, opts)?;
         let replace: Vec<String> = batch
             .iter()
             .filter(|(d, _)| existing.contains_key(&d.id))
@@ -111,6 +115,7 @@ fn encode_batch(
     batch: &[(&Document, String)],
     tokenizer: &Tokenizer,
     encoder: &Encoder,
+    chunk_encoder: &Encoder,
     opts: &IndexOptions,
 ) -> Result<Vec<Passage>> {
     let mut rows = Vec::new();
@@ -153,7 +158,7 @@ fn encode_batch(
     let rt: Vec<&str> = retrieval_texts.iter().map(String::as_str).collect();
     let pv = encoder.encode(&rt)?.to_vec2::<f32>()?;
     let ct: Vec<&str> = chunk_texts.iter().map(String::as_str).collect();
-    let cv = encoder.encode(&ct)?.to_vec2::<f32>()?;
+    let cv = chunk_encoder.encode(&ct)?.to_vec2::<f32>()?;
     for (row, v) in rows.iter_mut().zip(pv) {
         row.vector = v;
     }

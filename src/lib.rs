@@ -39,6 +39,7 @@ pub mod indexer;
 pub mod metrics;
 pub mod models;
 pub mod options;
+pub mod perplexity;
 pub mod progress;
 pub mod projector;
 pub mod prompt;

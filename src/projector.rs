@@ -2,7 +2,7 @@
 //! encoder chunk vector `c_i` (384-d) into the decoder's token-embedding space (576-d):
 //! `e_i = W2 · gelu(W1 · c_i + b1) + b2`, hidden size = output size = decoder hidden size.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear, Linear, VarBuilder, VarMap};
 use std::path::{Path, PathBuf};
@@ -63,16 +63,55 @@ pub fn weights_dirs(explicit: Option<&Path>, home: &Path) -> Vec<PathBuf> {
     }
 }
 
-/// Find and load the projector, or explain that none is trained.
-pub fn find(dirs: &[PathBuf], device: &Device, in_dim: usize, out_dim: usize) -> Result<Projector> {
+/// Trained REFRAG weights: the projector, and the chunk-encoder tensors trained with it.
+pub struct Trained {
+    pub projector: Projector,
+    /// The chunk encoder: the retrieval encoder with the trained tensors in place (or the
+    /// retrieval encoder itself when only the projector was trained).
+    pub chunk_encoder: crate::encoder::Encoder,
+    pub dir: PathBuf,
+    /// Decoder adapters trained with the projector (fold them in with
+    /// [`crate::decoder::Decoder::merge_lora`] before reading chunk vectors).
+    pub decoder_lora: Option<PathBuf>,
+    /// The chunk size the weights were trained for (from card.json), when known.
+    pub k: Option<usize>,
+}
+
+/// Find and load trained weights from the first folder that has a projector.
+pub fn find(dirs: &[PathBuf], encoder: &crate::encoder::Encoder, out_dim: usize) -> Result<Option<Trained>> {
     for d in dirs {
         let p = d.join(FILE);
         if p.exists() {
-            return Projector::load(&p, device, in_dim, out_dim);
+            let projector = Projector::load(&p, &encoder.device, encoder.dim, out_dim)?;
+            let e = d.join(crate::encoder::OVERRIDES_FILE);
+            let chunk_encoder = if e.exists() { encoder.with_overrides(&e)? } else { encoder.clone() };
+            let k = std::fs::read(d.join("card.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["k"].as_u64())
+                .map(|k| k as usize);
+            let lora = d.join(crate::decoder::LORA_FILE);
+            let decoder_lora = lora.exists().then_some(lora);
+            return Ok(Some(Trained { projector, chunk_encoder, dir: d.clone(), decoder_lora, k }));
         }
     }
+    Ok(None)
+}
+
+/// The error for "REFRAG mode without trained weights".
+impl Trained {
+    /// The decoder REFRAG reads chunk vectors with: `base` with the adapters folded in.
+    pub fn adapt(&self, base: &mut crate::decoder::Decoder) -> Result<()> {
+        if let Some(p) = &self.decoder_lora {
+            base.merge_lora(p)?;
+        }
+        Ok(())
+    }
+}
+
+pub fn missing(dirs: &[PathBuf]) -> anyhow::Error {
     let looked = dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ");
-    bail!(
+    anyhow::anyhow!(
         "--mode refrag needs a trained projector ({FILE}) and none was found (looked in {looked}); \
          train one with `refrag train reconstruct`, point --weights at one, or use --mode full"
     )

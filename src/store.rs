@@ -38,7 +38,7 @@ pub use crate::options::SearchKind;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 const PASSAGES: &str = "passages";
 const META: &str = "refrag_meta";
 /// Rows above which an ANN index pays for itself (below, exact search is fast).
@@ -47,7 +47,10 @@ const ANN_MIN_ROWS: usize = 5000;
 /// What an index was built with.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct IndexInfo {
+    /// The retrieval encoder (passage and question vectors).
     pub encoder: String,
+    /// The chunk encoder (chunk vectors): the retrieval encoder, plus trained tensors if any.
+    pub chunk_encoder: String,
     pub tokenizer: String,
     pub k: usize,
     pub dim: usize,
@@ -58,6 +61,7 @@ impl IndexInfo {
     fn to_pairs(&self) -> Vec<(String, String)> {
         vec![
             ("encoder".into(), self.encoder.clone()),
+            ("chunk_encoder".into(), self.chunk_encoder.clone()),
             ("tokenizer".into(), self.tokenizer.clone()),
             ("k".into(), self.k.to_string()),
             ("dim".into(), self.dim.to_string()),
@@ -69,11 +73,26 @@ impl IndexInfo {
         let get = |k: &str| m.get(k).cloned().ok_or_else(|| anyhow!("index metadata lacks {k}"));
         Ok(Self {
             encoder: get("encoder")?,
+            // absent before schema v2: the schema check below reports that
+            chunk_encoder: get("chunk_encoder").unwrap_or_default(),
             tokenizer: get("tokenizer")?,
             k: get("k")?.parse()?,
             dim: get("dim")?.parse()?,
             schema_version: get("schema_version")?.parse()?,
         })
+    }
+
+    /// Error unless the chunk vectors come from the chunk encoder in use now (REFRAG mode, and
+    /// any write: one index never mixes chunk vectors of two encoders).
+    pub fn check_chunks(&self, now: &IndexInfo, db: &str) -> Result<()> {
+        if self.chunk_encoder != now.chunk_encoder {
+            bail!(
+                "{db}: chunk vectors were made by {} but the trained weights in use need {}; \
+                 re-index into a new --db with these weights, pass the --weights the index was built with, or use --mode full",
+                self.chunk_encoder, now.chunk_encoder
+            );
+        }
+        Ok(())
     }
 
     /// Error unless `other` (the models in use now) can read this index.
@@ -176,7 +195,8 @@ impl Store {
     /// Check or record the index identity before writing.
     pub fn prepare_write(&self, now: &IndexInfo) -> Result<()> {
         if let Some(i) = &self.info {
-            return i.check(now, &self.uri);
+            i.check(now, &self.uri)?;
+            return i.check_chunks(now, &self.uri);
         }
         Ok(())
     }

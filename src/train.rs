@@ -8,8 +8,10 @@
 //!   fraction P of the chunks is left as tokens (the paper's mixed-input phase).
 //!
 //! Curriculum (paper Table 8): L is drawn from stages 1, 2, 4, … chunks; as training advances
-//! the mixture moves geometrically from few to many chunks. In this version the encoder and the
-//! decoder stay frozen and only the projector trains (see the README's limits).
+//! the mixture moves geometrically from few to many chunks. The projector and the top
+//! `--encoder-layers` layers of the chunk encoder train; the decoder stays frozen (see the
+//! README's limits). The encoder layers ship as `encoder.safetensors` (f16), the projector as
+//! `projector.safetensors`; indexes built with them store the trained encoder's chunk vectors.
 //!
 //! Plumbing: AdamW with warm-up + cosine schedule, global-norm gradient clipping, a JSONL log,
 //! checkpoints (weights, optimizer moments, step, RNG) every N steps, `--resume`, fixed seed.
@@ -51,7 +53,18 @@ pub struct TrainConfig {
     pub clip: f64,
     pub seed: u64,
     pub checkpoint_every: usize,
+    /// Top layers of the chunk encoder that train (0 = projector only).
+    #[serde(default)]
+    pub encoder_layers: usize,
+    /// Rank of the LoRA adapters on every decoder matrix (0 = decoder frozen).
+    #[serde(default)]
+    pub decoder_lora: usize,
 }
+
+/// VarMap prefix of the chunk encoder's trainable tensors.
+const ENC_PREFIX: &str = "enc.";
+/// VarMap prefix of the decoder's adapters.
+const DEC_PREFIX: &str = "dec.";
 
 /// A small deterministic RNG (splitmix64) whose state is one number, so it checkpoints.
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -291,7 +304,7 @@ fn make_batch(pool: &TextPool, dec: &Decoder, cfg: &TrainConfig, l: usize, rng: 
 /// with respect to the projector.
 fn batch_loss(dec: &Decoder, enc: &Encoder, proj: &Projector, b: &Batch) -> Result<Tensor> {
     let refs: Vec<&str> = b.chunk_texts.iter().map(String::as_str).collect();
-    let c = enc.encode(&refs)?.to_device(&dec.device)?.detach();
+    let c = enc.encode(&refs)?.to_device(&dec.device)?;
     let e = proj.forward(&c)?.to_dtype(dec.dtype)?; // [B*L, H]
     let bsz = b.targets.len();
     let mut rows = Vec::with_capacity(bsz);
@@ -352,7 +365,7 @@ pub struct TrainRun<'a> {
     pub quiet: bool,
     /// Stop (after a checkpoint) once this much wall time has passed.
     pub max_seconds: Option<f64>,
-    /// Start from this projector (e.g. the reconstruction stage's) when not resuming.
+    /// Start from these weights (a folder: the reconstruction stage's output) when not resuming.
     pub init_from: Option<PathBuf>,
     pub data_note: String,
 }
@@ -364,21 +377,43 @@ pub fn train(run: &TrainRun, cfg: &TrainConfig) -> Result<serde_json::Value> {
     std::fs::create_dir_all(run.out).with_context(|| format!("{}: cannot create", run.out.display()))?;
     let ck_path = run.out.join("checkpoint.json");
     let mut varmap = VarMap::new();
+    if device.is_cuda() {
+        device.set_seed(cfg.seed)?; // the CPU generator cannot be seeded in candle 0.11
+    }
     Projector::init(&varmap, device, run.encoder.dim, dec.cfg.hidden)?; // creates the variables
+    if cfg.encoder_layers > run.encoder.layers {
+        bail!("--encoder-layers {}: the encoder has {} layers", cfg.encoder_layers, run.encoder.layers);
+    }
+    {
+        let mut vars = varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned varmap"))?;
+        for n in run.encoder.layer_tensor_names(run.encoder.layers - cfg.encoder_layers..) {
+            let t = run.encoder.tensor(&n)?.to_device(device)?;
+            vars.insert(format!("{ENC_PREFIX}{n}"), Var::from_tensor(&t)?);
+        }
+        let r = cfg.decoder_lora;
+        if r > 0 {
+            for (n, o, i) in dec.lora_shapes() {
+                let a = Var::randn(0f32, (1.0 / (i as f64).sqrt()) as f32, (r, i), device)?;
+                vars.insert(format!("{DEC_PREFIX}{n}.lora_a"), a);
+                vars.insert(format!("{DEC_PREFIX}{n}.lora_b"), Var::zeros((o, r), DType::F32, device)?);
+            }
+        }
+    }
     let (mut rng, mut start_step, mut tokens_seen) = (Rng(cfg.seed), 0, 0u64);
     let resume = run.resume && ck_path.exists();
     if resume {
         let ck: Checkpoint = serde_json::from_slice(&std::fs::read(&ck_path)?)
             .with_context(|| format!("{}: unreadable checkpoint", ck_path.display()))?;
-        if ck.config.stage != cfg.stage || ck.config.k != cfg.k {
-            bail!("{}: checkpoint is for another stage or k; use a new --out", ck_path.display());
+        if ck.config.stage != cfg.stage || ck.config.k != cfg.k || ck.config.encoder_layers != cfg.encoder_layers
+            || ck.config.decoder_lora != cfg.decoder_lora
+        {
+            bail!("{}: checkpoint is for another stage, k, --encoder-layers or --decoder-lora; use a new --out", ck_path.display());
         }
         varmap.load(run.out.join("checkpoint.safetensors"))?;
         (rng, start_step, tokens_seen) = (ck.rng, ck.step, ck.tokens_seen);
+        truncate_log(&run.out.join("train.jsonl"), start_step)?;
     } else if let Some(init) = &run.init_from {
-        varmap
-            .load(init)
-            .with_context(|| format!("{}: cannot load the starting projector", init.display()))?;
+        init_from_weights(&varmap, init)?;
     }
     let mut opt = AdamW::new(&varmap, cfg.weight_decay)?;
     if resume {
@@ -386,6 +421,109 @@ pub fn train(run: &TrainRun, cfg: &TrainConfig) -> Result<serde_json::Value> {
         opt.step = start_step;
     }
     train_loop(run, cfg, varmap, opt, rng, start_step, tokens_seen)
+}
+
+/// Drop log lines past the checkpoint's step (written before a crash), so that a resumed run
+/// logs every step once.
+fn truncate_log(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let keep: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, keep)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Set the variables from a weights folder (projector.safetensors, encoder.safetensors if the
+/// run trains encoder layers); encoder layers absent there keep the base model's values.
+fn init_from_weights(varmap: &VarMap, dir: &Path) -> Result<()> {
+    let vars = varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned varmap"))?;
+    let mut loaded = HashMap::new();
+    for (file, prefix) in [
+        (crate::projector::FILE, ""),
+        (crate::encoder::OVERRIDES_FILE, ENC_PREFIX),
+        (crate::decoder::LORA_FILE, DEC_PREFIX),
+    ] {
+        let p = dir.join(file);
+        if p.exists() {
+            for (n, t) in candle_core::safetensors::load(&p, &Device::Cpu)
+                .with_context(|| format!("{}: cannot load the starting weights", p.display()))?
+            {
+                loaded.insert(format!("{prefix}{n}"), t);
+            }
+        }
+    }
+    if !loaded.contains_key("fc1.weight") {
+        bail!("{}: no {} to start from", dir.display(), crate::projector::FILE);
+    }
+    for (n, v) in vars.iter() {
+        if let Some(t) = loaded.get(n) {
+            v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?)
+                .with_context(|| format!("{}: tensor {n} does not fit", dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The chunk encoder with the run's trainable variables in place of its top layers.
+fn trainable_encoder(varmap: &VarMap, base: &Encoder) -> Result<Encoder> {
+    let vars = varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned varmap"))?;
+    let replace: HashMap<String, Tensor> = vars
+        .iter()
+        .filter_map(|(n, v)| n.strip_prefix(ENC_PREFIX).map(|n| (n.to_string(), v.as_tensor().clone())))
+        .collect();
+    base.with_tensors(replace, "", crate::decoder::Ops::Differentiable)
+}
+
+/// The decoder with the run's adapters attached (itself when it has none).
+fn trainable_decoder(varmap: &VarMap, base: &Decoder) -> Result<Decoder> {
+    let vars = varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned varmap"))?;
+    let lora: HashMap<String, Tensor> = vars
+        .iter()
+        .filter_map(|(n, v)| n.strip_prefix(DEC_PREFIX).map(|n| (n.to_string(), v.as_tensor().clone())))
+        .collect();
+    let mut d = base.clone();
+    d.attach_lora(&lora)?;
+    Ok(d)
+}
+
+/// Write the shipped files: projector (f32), trained encoder tensors (f16), decoder adapters
+/// (f32).
+fn save_weights(varmap: &VarMap, out: &Path) -> Result<()> {
+    let vars = varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned varmap"))?;
+    let mut proj = HashMap::new();
+    let mut enc = HashMap::new();
+    let mut lora = HashMap::new();
+    for (n, v) in vars.iter() {
+        if let Some(e) = n.strip_prefix(ENC_PREFIX) {
+            enc.insert(e.to_string(), v.as_tensor().to_dtype(DType::F16)?);
+        } else if let Some(d) = n.strip_prefix(DEC_PREFIX) {
+            lora.insert(d.to_string(), v.as_tensor().clone());
+        } else {
+            proj.insert(n.clone(), v.as_tensor().clone());
+        }
+    }
+    candle_core::safetensors::save(&proj, out.join(crate::projector::FILE))?;
+    for (map, file) in [(enc, crate::encoder::OVERRIDES_FILE), (lora, crate::decoder::LORA_FILE)] {
+        let p = out.join(file);
+        if map.is_empty() {
+            if p.exists() {
+                std::fs::remove_file(&p)?;
+            }
+        } else {
+            candle_core::safetensors::save(&map, p)?;
+        }
+    }
+    Ok(())
 }
 
 fn projector_of(varmap: &VarMap, run: &TrainRun) -> Result<Projector> {
@@ -405,8 +543,9 @@ fn train_loop(
     start_step: usize,
     mut tokens_seen: u64,
 ) -> Result<serde_json::Value> {
-    let dec = run.decoder;
+    let dec = &trainable_decoder(&varmap, run.decoder)?;
     let proj = projector_of(&varmap, run)?;
+    let enc = trainable_encoder(&varmap, run.encoder)?;
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -430,7 +569,7 @@ fn train_loop(
         let l = curriculum_chunks(cfg.max_chunks, f, &mut rng);
         let batch = make_batch(run.train, dec, cfg, l, &mut rng)?;
         let ts = Instant::now();
-        let loss = batch_loss(dec, run.encoder, &proj, &batch)?;
+        let loss = batch_loss(dec, &enc, &proj, &batch)?;
         let grads = loss.backward()?;
         let lr = lr_at(cfg, step);
         let gnorm = opt.step(&grads, lr, cfg.clip)?;
@@ -469,14 +608,17 @@ fn train_loop(
             c.tokens_per_step = c.tokens_per_step.min(4096);
             c.mixed = 0.0;
             let b = make_batch(h, dec, &c, l, &mut r)?;
-            let loss = batch_loss(dec, run.encoder, &proj, &b)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-            let acc = if cfg.stage == Stage::Reconstruct { Some(batch_accuracy(dec, run.encoder, &proj, &b)?) } else { None };
+            let loss = batch_loss(dec, &enc, &proj, &b)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            let acc = if cfg.stage == Stage::Reconstruct { Some(batch_accuracy(dec, &enc, &proj, &b)?) } else { None };
             scores.insert(format!("chunks_{l}"), serde_json::json!({"nll": loss, "token_accuracy": acc}));
         }
     }
-    varmap.save(run.out.join(crate::projector::FILE))?;
+    save_weights(&varmap, run.out)?;
     let card = serde_json::json!({
-        "what": "REFRAG projector (chunk vector -> decoder embedding), decoder and encoder frozen",
+        "what": format!(
+            "REFRAG projector (chunk vector -> decoder embedding){}",
+            if cfg.encoder_layers > 0 { format!(" and the top {} chunk-encoder layers", cfg.encoder_layers) } else { String::new() }
+        ) + &if cfg.decoder_lora > 0 { format!(", with rank-{} LoRA adapters on the decoder", cfg.decoder_lora) } else { "; decoder frozen".into() },
         "stage": cfg.stage,
         "k": cfg.k,
         "config": cfg,
@@ -513,7 +655,7 @@ mod tests {
         let cfg = TrainConfig {
             stage: Stage::Reconstruct, k: 16, steps: 100, tokens_per_step: 1, max_chunks: 1,
             predict_tokens: 1, mixed: 0.0, lr: 1e-3, warmup: 0.04, weight_decay: 0.0, clip: 1.0,
-            seed: 1, checkpoint_every: 10,
+            seed: 1, checkpoint_every: 10, encoder_layers: 0, decoder_lora: 0,
         };
         assert!(lr_at(&cfg, 0) < lr_at(&cfg, 3));
         assert!((lr_at(&cfg, 4) - 1e-3).abs() < 1e-9);

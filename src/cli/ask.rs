@@ -63,7 +63,7 @@ pub struct RagArgs {
     #[arg(long, default_value_t = 3, env = "REFRAG_TOP_K")]
     pub top_k: usize,
     /// What the decoder reads: refrag (chunk vectors), full (passage tokens), none.
-    /// Default: refrag when trained weights are found, else full.
+    /// Default: full (refrag uses the trained weights: --weights, else the shipped ones).
     #[arg(long, value_enum, env = "REFRAG_MODE")]
     pub mode: Option<Mode>,
     /// Chunk size in tokens; must match the index (default: the index's).
@@ -78,9 +78,6 @@ pub struct RagArgs {
     /// Retrieval: vector, or hybrid (vector + BM25).
     #[arg(long, value_enum, default_value = "vector", env = "REFRAG_SEARCH")]
     pub search: SearchKind,
-    /// Folder with trained weights (projector.safetensors).
-    #[arg(long, env = "REFRAG_WEIGHTS")]
-    pub weights: Option<PathBuf>,
 }
 
 #[cfg(feature = "store")]
@@ -97,24 +94,26 @@ impl RagArgs {
         let Some(info) = store.info.clone() else {
             bail!("{}: no index here; build one with `refrag index PATH --db {}`", self.db, self.db);
         };
-        let now = crate::indexer::index_info(&encoder, &decoder.tokenizer_id, self.k.unwrap_or(info.k));
+        let trained = g.trained(&encoder, decoder.cfg.hidden)?;
+        // Full context unless asked: the shipped weights are not trained for answering yet
+        // (see weights/card.json), and full context is the answer quality users expect.
+        let mode = self.mode.unwrap_or(Mode::Full);
+        if mode == Mode::Refrag && trained.is_none() {
+            return Err(crate::projector::missing(&crate::projector::weights_dirs(None, &g.home())));
+        }
+        let chunk_encoder = trained.as_ref().map(|t| &t.chunk_encoder).unwrap_or(&encoder);
+        let now = crate::indexer::index_info(&encoder, chunk_encoder, &decoder.tokenizer_id, self.k.unwrap_or(info.k));
         info.check(&now, &self.db)?;
-        let dirs = crate::projector::weights_dirs(self.weights.as_deref(), &g.home());
-        let (projector, mode) = match self.mode {
-            Some(Mode::Refrag) => (
-                Some(crate::projector::find(&dirs, &device, encoder.dim, decoder.cfg.hidden)?),
-                Mode::Refrag,
-            ),
-            Some(m) => (None, m),
-            None => match crate::projector::find(&dirs, &device, encoder.dim, decoder.cfg.hidden) {
-                Ok(p) => (Some(p), Mode::Refrag),
-                Err(_) => {
-                    if !g.quiet {
-                        eprintln!("refrag: no trained projector found; answering in --mode full");
-                    }
-                    (None, Mode::Full)
-                }
-            },
+        if mode == Mode::Refrag {
+            info.check_chunks(&now, &self.db)?;
+        }
+        let mut decoder = decoder;
+        let projector = match (mode, trained) {
+            (Mode::Refrag, Some(t)) => {
+                t.adapt(&mut decoder)?;
+                Some(t.projector)
+            }
+            _ => None,
         };
         Ok((Engine { decoder, encoder, store, projector, k: info.k }, mode))
     }

@@ -32,9 +32,6 @@ pub struct BenchArgs {
     /// Text to draw the context from (default: a bundled public-domain text).
     #[arg(long)]
     pub text: Option<PathBuf>,
-    /// Folder with a trained projector (timing does not depend on its values).
-    #[arg(long, env = "REFRAG_WEIGHTS")]
-    pub weights: Option<PathBuf>,
     /// Print rows as JSON lines.
     #[arg(long)]
     pub json: bool,
@@ -55,16 +52,18 @@ pub fn run(g: &Global, args: BenchArgs) -> Result<ExitCode> {
     } else {
         None
     };
-    let encoder = if args.no_encoder { None } else { Some(g.load_encoder(&device)?) };
-    let in_dim = encoder.as_ref().map(|e| e.dim).unwrap_or(384);
-    let dirs = crate::projector::weights_dirs(args.weights.as_deref(), &g.home());
-    let projector = match crate::projector::find(&dirs, &device, in_dim, decoder.cfg.hidden) {
-        Ok(p) => p,
-        Err(_) => {
+    // Timing does not depend on the weights' values: untrained ones do when none are found.
+    let base = g.load_encoder(&device)?;
+    let in_dim = base.dim;
+    let (projector, chunk_encoder) = match g.trained(&base, decoder.cfg.hidden)? {
+        // Adapters are not folded in: timing does not depend on the weights' values.
+        Some(t) => (t.projector, t.chunk_encoder),
+        None => {
             let vm = candle_nn::VarMap::new();
-            crate::projector::Projector::init(&vm, &device, in_dim, decoder.cfg.hidden)?
+            (crate::projector::Projector::init(&vm, &device, in_dim, decoder.cfg.hidden)?, base)
         }
     };
+    let encoder = if args.no_encoder { None } else { Some(chunk_encoder) };
     let setup = crate::bench::BenchSetup {
         decoder: &decoder,
         dense_decoder: dense.as_ref(),

@@ -1,19 +1,23 @@
-//! `refrag eval`: batch questions from JSONL, with metrics.
+//! `refrag eval`: batch questions from JSONL, with metrics; `refrag eval perplexity`.
+#![cfg_attr(not(feature = "store"), allow(dead_code, unused_imports))]
 
 use super::ask::{mode_name, RagArgs, SamplingArgs};
 use super::Global;
 use crate::metrics;
-use anyhow::{anyhow, Context, Result};
-use clap::Args;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct EvalArgs {
+    #[command(subcommand)]
+    pub cmd: Option<EvalCmd>,
     /// Questions: one {"id","question","answers":[...],"gold_doc"?,"answerable"?} per line.
-    #[arg(long)]
-    pub questions: PathBuf,
+    #[arg(long, required = true)]
+    pub questions: Option<PathBuf>,
     /// Write one JSON line per question here.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -67,9 +71,130 @@ fn parse(line: &str, at: &str) -> Result<Question> {
     Ok(Question { id, question, answers, gold_docs, answerable })
 }
 
+#[derive(Subcommand, Debug)]
+pub enum EvalCmd {
+    /// Perplexity of the next --o tokens after --s context tokens: no context, full context,
+    /// the last s/k tokens, and REFRAG's s/k chunk vectors (paper Table 1).
+    Perplexity(PerplexityArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PerplexityArgs {
+    /// Text files to score (UTF-8; Gutenberg headers are stripped). Never training text.
+    #[arg(long, required = true, num_args = 1..)]
+    pub text: Vec<PathBuf>,
+    /// Context tokens.
+    #[arg(long, default_value_t = 2048)]
+    pub s: usize,
+    /// Predicted tokens.
+    #[arg(long, default_value_t = 512)]
+    pub o: usize,
+    /// Chunk sizes; REFRAG rows need trained weights for that k (the others print without).
+    #[arg(long, value_delimiter = ',', default_value = "16")]
+    pub k: Vec<usize>,
+    /// Windows per text, spread evenly over it.
+    #[arg(long, default_value_t = 16)]
+    pub windows: usize,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
 pub fn run(g: &Global, args: EvalArgs) -> Result<ExitCode> {
-    let text = crate::corpus::read_text(&args.questions)?;
-    let name = args.questions.display().to_string();
+    match args.cmd {
+        Some(EvalCmd::Perplexity(a)) => perplexity(g, a),
+        None => run_questions(g, args),
+    }
+}
+
+fn perplexity(g: &Global, a: PerplexityArgs) -> Result<ExitCode> {
+    use crate::perplexity::{score, PplOptions, PplScores};
+    if a.s == 0 || a.o < 2 || a.windows == 0 || a.k.iter().any(|&k| k == 0 || a.s % k != 0) {
+        bail!("need --s > 0, --o >= 2, --windows > 0 and every --k dividing --s");
+    }
+    let device = g.device()?;
+    let decoder = g.load_decoder_with(&device, crate::decoder::Ops::Fused, false)?;
+    if a.s + a.o > decoder.cfg.max_positions {
+        bail!("--s {} + --o {} exceed the decoder's {} positions", a.s, a.o, decoder.cfg.max_positions);
+    }
+    let encoder = g.load_encoder(&device)?;
+    let trained = g.trained(&encoder, decoder.cfg.hidden)?;
+    // REFRAG rows read with the adapted decoder (when adapters were trained); the baselines
+    // with the base decoder.
+    let adapted = match &trained {
+        Some(t) if t.decoder_lora.is_some() => {
+            let mut d = decoder.clone();
+            t.adapt(&mut d)?;
+            Some(d)
+        }
+        _ => None,
+    };
+    let texts = a
+        .text
+        .iter()
+        .map(|p| {
+            let t = crate::corpus::read_text(p)?;
+            let ids = crate::prompt::tokenize(&decoder, crate::train::strip_gutenberg(&t))?;
+            Ok((p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(), ids))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let pb = crate::progress::bar(g.quiet, (a.k.len() * texts.len() * a.windows) as u64, "windows");
+    let mut out = std::io::stdout().lock();
+    for &k in &a.k {
+        let compress = trained
+            .as_ref()
+            .filter(|t| t.k.is_none_or(|tk| tk == k))
+            .map(|t| (&t.chunk_encoder, &t.projector));
+        if compress.is_none() && !g.quiet {
+            eprintln!("refrag: no trained weights for k = {k}: REFRAG row left out");
+        }
+        let opts = PplOptions { s: a.s, o: a.o, k, windows: a.windows };
+        let mut rows = Vec::new();
+        for (name, ids) in &texts {
+            pb.set_message(format!("k={k} {name}"));
+            rows.push(score(&decoder, adapted.as_ref(), compress, name, ids, &opts, || pb.inc(1))?);
+        }
+        rows.push(PplScores::pooled(&rows));
+        for r in &rows {
+            if a.json {
+                let mut v = serde_json::to_value(r)?;
+                v["k"] = k.into();
+                v["s"] = a.s.into();
+                v["o"] = a.o.into();
+                v["weights"] = compress.and(trained.as_ref()).map(|t| t.dir.display().to_string()).into();
+                v["gap_closed_last"] = r.gap_closed(r.nll_last).into();
+                v["gap_closed_refrag"] = r.nll_refrag.map(|n| r.gap_closed(n)).into();
+                v["gap_closed_none_adapted"] = r.nll_none_adapted.map(|n| r.gap_closed(n)).into();
+                writeln!(out, "{v}")?;
+            }
+        }
+        if !a.json {
+            pb.suspend(|| -> Result<()> {
+                writeln!(out, "perplexity of {} tokens after {} context tokens, k = {k} ({} positions compressed)", a.o, a.s, a.s / k)?;
+                writeln!(out, "{:<28} {:>7} {:>9} {:>9} {:>9} {:>9} {:>11} {:>13}", "text", "windows", "none", "full", format!("last-{}", a.s / k), format!("refrag-{k}"), "gap closed", "none+adapter")?;
+                for r in &rows {
+                    let p = |x: Option<f64>| x.map(|n| format!("{:.2}", PplScores::ppl(n))).unwrap_or_else(|| "-".into());
+                    let gc = r.nll_refrag.map(|n| format!("{:.1}%", 100.0 * r.gap_closed(n))).unwrap_or_else(|| "-".into());
+                    writeln!(out, "{:<28} {:>7} {:>9.2} {:>9.2} {:>9.2} {:>9} {:>11} {:>13}", r.text, r.windows, PplScores::ppl(r.nll_none), PplScores::ppl(r.nll_full), PplScores::ppl(r.nll_last), p(r.nll_refrag), gc, p(r.nll_none_adapted))?;
+                }
+                Ok(())
+            })?;
+        }
+    }
+    pb.finish_and_clear();
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "store"))]
+fn run_questions(_: &Global, _: EvalArgs) -> Result<ExitCode> {
+    bail!("this refrag was built without the `store` feature: only `eval perplexity` works")
+}
+
+#[cfg(feature = "store")]
+fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
+    let questions = args.questions.clone().context("--questions FILE is required")?;
+    let text = crate::corpus::read_text(&questions)?;
+    let name = questions.display().to_string();
     let mut bad = 0usize;
     let mut qs = Vec::new();
     for (n, line) in text.lines().enumerate() {

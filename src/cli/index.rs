@@ -57,7 +57,10 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
     let (tokenizer, tokenizer_id) = crate::gguf_tokenizer::load(&gguf)?;
     let encoder = g.load_encoder(&device)?;
     let mut store = Store::open(&args.db)?;
-    let info = indexer::index_info(&encoder, &tokenizer_id, args.k);
+    // Chunk vectors come from the trained chunk encoder when trained weights are in use.
+    let trained = g.trained(&encoder, crate::decoder::hidden_size(&gguf)?)?;
+    let chunk_encoder = trained.map(|t| t.chunk_encoder).unwrap_or_else(|| encoder.clone());
+    let info = indexer::index_info(&encoder, &chunk_encoder, &tokenizer_id, args.k);
     store.prepare_write(&info)?;
     if !args.delete.is_empty() {
         let n = store.delete_docs(&args.delete)?;
@@ -72,7 +75,7 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
         batch_docs: args.batch_docs,
         quiet: g.quiet,
     };
-    let sum = indexer::index(&mut store, &docs, &tokenizer, &tokenizer_id, &encoder, &opts)?;
+    let sum = indexer::index(&mut store, &docs, &tokenizer, &tokenizer_id, &encoder, &chunk_encoder, &opts)?;
     if args.json {
         println!("{}", serde_json::to_string(&sum)?);
     } else {

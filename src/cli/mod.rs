@@ -5,7 +5,6 @@ mod ask;
 mod bench;
 mod dataset;
 pub mod docs;
-#[cfg(feature = "store")]
 mod eval;
 #[cfg(feature = "store")]
 mod index;
@@ -53,6 +52,10 @@ pub struct Global {
     /// Decoder compute dtype: auto (f32 on CPU, bf16 on CUDA), f32, bf16 or f16.
     #[arg(long, global = true, env = "REFRAG_DTYPE", default_value = "auto")]
     pub dtype: String,
+    /// Folder with trained REFRAG weights (projector.safetensors, encoder.safetensors).
+    /// Default: $REFRAG_HOME/weights, else the weights/ shipped with refrag.
+    #[arg(long, global = true, env = "REFRAG_WEIGHTS")]
+    pub weights: Option<PathBuf>,
     /// No progress bars or notes on stderr.
     #[arg(short, long, global = true, env = "REFRAG_QUIET")]
     pub quiet: bool,
@@ -86,6 +89,16 @@ impl Global {
         let path = crate::models::resolve_decoder(self.decoder.as_deref(), &self.home(), self.quiet)?;
         crate::decoder::Decoder::load_as(&path, device, dtype, ops, keep_quant)
     }
+    /// Trained weights from --weights or the default folders; None when there are none (an
+    /// explicit --weights folder without them is an error).
+    pub fn trained(&self, encoder: &crate::encoder::Encoder, hidden: usize) -> Result<Option<crate::projector::Trained>> {
+        let dirs = crate::projector::weights_dirs(self.weights.as_deref(), &self.home());
+        match crate::projector::find(&dirs, encoder, hidden)? {
+            Some(t) => Ok(Some(t)),
+            None if self.weights.is_some() => Err(crate::projector::missing(&dirs)),
+            None => Ok(None),
+        }
+    }
     /// Load the encoder (pulling the pinned model on first need).
     pub fn load_encoder(&self, device: &candle_core::Device) -> Result<crate::encoder::Encoder> {
         let dir = crate::models::resolve_encoder(self.encoder.as_deref(), &self.home(), self.quiet)?;
@@ -117,8 +130,8 @@ pub enum Cmd {
     Index(index::IndexArgs),
     /// Answer a question from the index (or from --context files).
     Ask(ask::AskArgs),
-    /// Answer a JSONL file of questions and score the answers.
-    #[cfg(feature = "store")]
+    /// Answer a JSONL file of questions and score the answers; `eval perplexity` scores
+    /// compressed reading of text.
     Eval(eval::EvalArgs),
 }
 
@@ -155,7 +168,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
         #[cfg(feature = "store")]
         Cmd::Index(args) => index::run(&cli.global, args),
         Cmd::Ask(args) => ask::run(&cli.global, args),
-        #[cfg(feature = "store")]
         Cmd::Eval(args) => eval::run(&cli.global, args),
     }
 }

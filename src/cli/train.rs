@@ -59,7 +59,15 @@ pub struct TrainArgs {
     /// Checkpoint and stop after this many seconds (resume later with --resume).
     #[arg(long)]
     pub max_seconds: Option<f64>,
-    /// Start from this projector (e.g. the reconstruction stage's output).
+    /// Top layers of the chunk encoder to train with the projector (0 = projector only).
+    /// Trained layers ship as encoder.safetensors (f16, ~3.5 MB per layer).
+    #[arg(long, default_value_t = 4)]
+    pub encoder_layers: usize,
+    /// Rank of LoRA adapters trained on every decoder matrix (0 = decoder frozen). They ship
+    /// as decoder_lora.safetensors and are folded into the decoder in --mode refrag.
+    #[arg(long, default_value_t = 0)]
+    pub decoder_lora: usize,
+    /// Start from these weights (a folder, e.g. the reconstruction stage's --out).
     #[arg(long)]
     pub init: Option<PathBuf>,
 }
@@ -94,6 +102,8 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         clip: a.clip,
         seed: a.seed,
         checkpoint_every: a.checkpoint_every,
+        encoder_layers: a.encoder_layers,
+        decoder_lora: a.decoder_lora,
     };
     let run = TrainRun {
         decoder: &decoder,

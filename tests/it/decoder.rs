@@ -1,4 +1,5 @@
 use crate::common::*;
+use refrag::decoder::{Decoder, Ops};
 use candle_core::{quantized::gguf_file, Device, IndexOp, Tensor, D};
 use candle_transformers::models::quantized_llama::ModelWeights;
 
@@ -107,4 +108,35 @@ fn embeds_segments_are_positions_like_tokens() {
     let diff = (as_tokens.embeds - as_embeds.embeds).unwrap().abs().unwrap().flatten_all().unwrap()
         .max(0).unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(diff, 0.0);
+}
+
+/// Adapters kept apart (training) and folded into the weights (inference) give the same
+/// logits, and they change them.
+#[test]
+fn lora_attached_equals_merged() {
+    use std::collections::HashMap;
+    let dev = candle_core::Device::Cpu;
+    let base = Decoder::load(&decoder_path(), &dev, Ops::Fused, false).unwrap();
+    let mut t = HashMap::new();
+    for (i, (name, o, inp)) in base.lora_shapes().into_iter().enumerate() {
+        if i % 5 != 0 {
+            continue; // some matrices only: untouched ones must stay untouched
+        }
+        t.insert(format!("{name}.lora_a"), Tensor::randn(0f32, 0.05, (4, inp), &dev).unwrap());
+        t.insert(format!("{name}.lora_b"), Tensor::randn(0f32, 0.05, (o, 4), &dev).unwrap());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("decoder_lora.safetensors");
+    candle_core::safetensors::save(&t, &file).unwrap();
+    let ids = alice_ids(24);
+    let x = base.embed_tokens(&ids).unwrap().unsqueeze(0).unwrap();
+    let logits = |d: &Decoder| d.logits(&d.forward_train(&x).unwrap()).unwrap().squeeze(0).unwrap();
+    let mut attached = base.clone();
+    attached.attach_lora(&t).unwrap();
+    let mut merged = base.clone();
+    merged.merge_lora(&file).unwrap();
+    let (a, m, b) = (logits(&attached), logits(&merged), logits(&base));
+    let diff = |p: &Tensor, q: &Tensor| (p - q).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff(&a, &m) < 1e-2, "attached vs merged {}", diff(&a, &m));
+    assert!(diff(&a, &b) > 0.1, "adapters changed nothing");
 }

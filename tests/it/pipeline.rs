@@ -70,15 +70,21 @@ fn index_reindex_ask_eval() {
     assert_eq!(st.code(), Some(2));
     assert!(err.contains("projector"), "{err}");
 
-    // With a projector (random weights: plumbing only), the decoder reads one position per
-    // chunk: far fewer positions than full mode, and expanding 25% of the chunks adds tokens.
+    // Weights whose chunk encoder differs from the one that made the index's chunk vectors
+    // (here: an untrained projector, i.e. the base encoder) are refused, not read as noise.
     let w = dir.path().join("weights");
     std::fs::create_dir_all(&w).unwrap();
     let vm = candle_nn::VarMap::new();
     refrag::projector::Projector::init(&vm, &candle_core::Device::Cpu, 384, 576).unwrap();
     vm.save(w.join("projector.safetensors")).unwrap();
-    let ws = w.to_str().unwrap();
-    let args = ["--mode", "refrag", "--top-k", "1", "--max-tokens", "4", "--weights", ws];
+    let (st, _, err) = ask(&db, "Who was Chopin?", &["--mode", "refrag", "--weights", w.to_str().unwrap()]);
+    assert_eq!(st.code(), Some(2), "{err}");
+    assert!(err.contains("chunk vectors were made by"), "{err}");
+
+    // With the shipped weights (the index was built with their chunk encoder), the decoder
+    // reads one position per chunk: far fewer positions than full mode, and expanding 25% of
+    // the chunks adds tokens.
+    let args = ["--mode", "refrag", "--top-k", "1", "--max-tokens", "4"];
     let (st, v, err) = ask(&db, "What year was Casimir Pulaski born in Warsaw?", &args);
     assert!(st.success(), "{err}");
     let chunks = v["chunks"].as_u64().unwrap();

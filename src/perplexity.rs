@@ -1,0 +1,176 @@
+//! `refrag eval perplexity`: how well the decoder predicts the next `o` tokens of a text given
+//! its previous `s` tokens, read four ways (paper Table 1):
+//!
+//! - `none`: no context (one `<|endoftext|>` position to start from);
+//! - `full`: the s context tokens;
+//! - `last-L`: only the last L = s/k context tokens, i.e. as many positions as REFRAG uses;
+//! - `refrag-k`: the s tokens compressed into s/k projected chunk vectors.
+//!
+//! The same o target tokens are scored in every reading. "Gap closed" is the share of the
+//! no-context -> full-context drop in log-perplexity that a reading recovers.
+
+use crate::decoder::Decoder;
+use crate::encoder::Encoder;
+use crate::projector::Projector;
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct PplOptions {
+    pub s: usize,
+    pub o: usize,
+    pub k: usize,
+    /// Windows scored per text (spread evenly over it).
+    pub windows: usize,
+}
+
+/// Mean negative log-likelihood per target token, per reading.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PplScores {
+    pub text: String,
+    pub windows: usize,
+    pub target_tokens: usize,
+    pub nll_none: f64,
+    pub nll_full: f64,
+    pub nll_last: f64,
+    /// None when no trained weights for this k were given.
+    pub nll_refrag: Option<f64>,
+    /// The adapted decoder (trained adapters folded in) with no context: how much of REFRAG's
+    /// gain is the adapters' own fit to the text rather than read from the chunk vectors.
+    pub nll_none_adapted: Option<f64>,
+}
+
+impl PplScores {
+    pub fn ppl(nll: f64) -> f64 {
+        nll.exp()
+    }
+    /// Share of the none -> full gap that a reading closes.
+    pub fn gap_closed(&self, nll: f64) -> f64 {
+        let gap = self.nll_none - self.nll_full;
+        if gap.abs() < 1e-12 {
+            return f64::NAN;
+        }
+        (self.nll_none - nll) / gap
+    }
+    /// Token-weighted mean of several texts' scores.
+    pub fn pooled(all: &[PplScores]) -> PplScores {
+        let n: usize = all.iter().map(|s| s.target_tokens).sum();
+        let w = |f: &dyn Fn(&PplScores) -> f64| all.iter().map(|s| f(s) * s.target_tokens as f64).sum::<f64>() / n.max(1) as f64;
+        PplScores {
+            text: "all".into(),
+            windows: all.iter().map(|s| s.windows).sum(),
+            target_tokens: n,
+            nll_none: w(&|s| s.nll_none),
+            nll_full: w(&|s| s.nll_full),
+            nll_last: w(&|s| s.nll_last),
+            nll_refrag: all.iter().all(|s| s.nll_refrag.is_some()).then(|| w(&|s| s.nll_refrag.unwrap_or(0.0))),
+            nll_none_adapted: all
+                .iter()
+                .all(|s| s.nll_none_adapted.is_some())
+                .then(|| w(&|s| s.nll_none_adapted.unwrap_or(0.0))),
+        }
+    }
+}
+
+/// Start offsets of `n` windows of `len` tokens spread evenly over `total` tokens.
+pub fn window_starts(total: usize, len: usize, n: usize) -> Vec<usize> {
+    if total < len || n == 0 {
+        return vec![];
+    }
+    let room = total - len;
+    let n = n.min(room / len + 1).max(1);
+    (0..n).map(|i| if n == 1 { 0 } else { i * room / (n - 1) }).collect()
+}
+
+/// Mean NLL of `targets` when the decoder reads `prefix` (embeddings, [p, hidden]) and then
+/// the targets themselves (teacher forced).
+fn nll_after(dec: &Decoder, prefix: &Tensor, targets: &[u32]) -> Result<f64> {
+    let p = prefix.dim(0)?;
+    if p == 0 {
+        bail!("empty prefix");
+    }
+    let tin = dec.embed_tokens(&targets[..targets.len() - 1])?;
+    let x = Tensor::cat(&[&prefix.to_dtype(dec.dtype)?, &tin], 0)?.unsqueeze(0)?;
+    let h = dec.forward_train(&x)?.squeeze(0)?.narrow(0, p - 1, targets.len())?;
+    let logits = dec.logits(&h)?;
+    let tgt = Tensor::new(targets, &dec.device)?;
+    Ok(candle_nn::loss::cross_entropy(&logits, &tgt)?.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64)
+}
+
+/// Score one text (already tokenised). `refrag_dec` reads the chunk vectors (the decoder with
+/// trained adapters folded in), `dec` everything else; None = `dec` for both.
+pub fn score(
+    dec: &Decoder,
+    refrag_dec: Option<&Decoder>,
+    compress: Option<(&Encoder, &Projector)>,
+    name: &str,
+    ids: &[u32],
+    opts: &PplOptions,
+    mut tick: impl FnMut(),
+) -> Result<PplScores> {
+    let (s, o, k) = (opts.s, opts.o, opts.k);
+    if s % k != 0 {
+        bail!("--s {s} is not a multiple of k = {k}");
+    }
+    let l = s / k;
+    let starts = window_starts(ids.len(), s + o, opts.windows);
+    if starts.is_empty() {
+        bail!("{name}: {} tokens, fewer than s + o = {}", ids.len(), s + o);
+    }
+    let mut sc = PplScores { text: name.to_string(), ..Default::default() };
+    let mut refrag = 0.0;
+    let mut none_adapted = 0.0;
+    for &st in &starts {
+        let ctx = &ids[st..st + s];
+        let tgt = &ids[st + s..st + s + o];
+        sc.nll_none += nll_after(dec, &dec.embed_tokens(&[0])?, tgt)?;
+        sc.nll_full += nll_after(dec, &dec.embed_tokens(ctx)?, tgt)?;
+        sc.nll_last += nll_after(dec, &dec.embed_tokens(&ctx[s - l..])?, tgt)?;
+        if let Some((enc, proj)) = compress {
+            let texts = ctx
+                .chunks(k)
+                .map(|c| dec.tokenizer.decode(c, false).map_err(|e| anyhow::anyhow!("decode: {e}")))
+                .collect::<Result<Vec<_>>>()?;
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let e = proj.forward(&enc.encode(&refs)?.to_device(&dec.device)?)?;
+            refrag += nll_after(refrag_dec.unwrap_or(dec), &e, tgt)?;
+        }
+        if let Some(ad) = refrag_dec {
+            none_adapted += nll_after(ad, &ad.embed_tokens(&[0])?, tgt)?;
+        }
+        sc.windows += 1;
+        sc.target_tokens += o;
+        tick();
+    }
+    let n = sc.windows as f64;
+    sc.nll_none /= n;
+    sc.nll_full /= n;
+    sc.nll_last /= n;
+    sc.nll_refrag = compress.map(|_| refrag / n);
+    sc.nll_none_adapted = refrag_dec.map(|_| none_adapted / n);
+    Ok(sc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_spread_and_fit() {
+        assert_eq!(window_starts(100, 10, 3), vec![0, 45, 90]);
+        assert_eq!(window_starts(10, 10, 5), vec![0]);
+        assert!(window_starts(9, 10, 5).is_empty());
+        for st in window_starts(1000, 300, 8) {
+            assert!(st + 300 <= 1000);
+        }
+        // never more windows than fit without overlap
+        assert_eq!(window_starts(25, 10, 8).len(), 2);
+    }
+
+    #[test]
+    fn gap_closed_is_a_share() {
+        let s = PplScores { nll_none: 4.0, nll_full: 3.0, nll_last: 3.5, ..Default::default() };
+        assert!((s.gap_closed(3.5) - 0.5).abs() < 1e-12);
+        assert!((s.gap_closed(3.0) - 1.0).abs() < 1e-12);
+    }
+}
