@@ -79,14 +79,17 @@ pub fn generate(
     let mut ids: Vec<u32> = Vec::new();
     let mut emitted = 0usize;
     let mut ttft = None;
+    let mut stopped = false;
     let mut first_at = start;
     while ids.len() < opts.max_tokens {
         let next = sampler.sample(&logits)?;
         if ttft.is_none() {
             ttft = Some(start.elapsed());
             first_at = Instant::now();
+            tracing::info!("first token after {:.1} ms ({} prompt positions)", start.elapsed().as_secs_f64() * 1e3, input.positions);
         }
         if stops.contains(&next) {
+            stopped = true;
             break;
         }
         ids.push(next);
@@ -116,7 +119,8 @@ pub fn generate(
     let ttft = ttft.unwrap_or_else(|| start.elapsed());
     Ok(Generation {
         text: text.trim().to_string(),
-        generated_tokens: ids.len() + 1,
+        // the end-of-turn token counts: it was generated too
+        generated_tokens: ids.len() + usize::from(stopped),
         prompt_positions: input.positions,
         ttft,
         decode_time: first_at.elapsed(),

@@ -95,6 +95,7 @@ pub fn index(
         sum.chunks += rows.iter().map(|r| r.chunks.len() / info.dim).sum::<usize>();
         store.delete_docs(&replace)?;
         store.add(&rows, &info)?;
+        tracing::debug!("committed {} documents, {} passages", batch.len(), rows.len());
         pb.inc(batch.len() as u64);
         pb.set_message(format!("{} passages", sum.passages));
     }

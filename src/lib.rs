@@ -27,6 +27,8 @@
 //! - [`cli`]: the `refrag` command line.
 
 pub mod bench;
+#[cfg(feature = "store")]
+pub mod chat;
 pub mod cli;
 pub mod corpus;
 pub mod decoder;

@@ -36,3 +36,9 @@ pub fn bar(quiet: bool, len: u64, unit: &str) -> ProgressBar {
     );
     pb
 }
+
+/// Whether stderr may carry colour escapes: a terminal, and NO_COLOR unset
+/// (<https://no-color.org>).
+pub fn color_ok() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}

@@ -38,19 +38,40 @@ pub struct DecoderInput {
 
 /// A chat in SmolLM2's ChatML template: system, user turn, then the assistant's prefix.
 pub fn chat(system: &str, user: Vec<Segment>) -> Vec<Segment> {
-    let mut segs = vec![Segment::Text(format!(
-        "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
-    ))];
+    conversation(system, Vec::new(), user)
+}
+
+/// A multi-turn chat: system, earlier (user, assistant) turns, the new user turn, then the
+/// assistant's prefix. Turn contents may be tokens or compressed chunk embeddings.
+pub fn conversation(system: &str, history: Vec<(Vec<Segment>, Vec<Segment>)>, user: Vec<Segment>) -> Vec<Segment> {
+    let mut segs = vec![Segment::Text(format!("<|im_start|>system\n{system}<|im_end|>\n"))];
+    for (u, a) in history {
+        segs.push(Segment::Text("<|im_start|>user\n".into()));
+        segs.extend(u);
+        segs.push(Segment::Text("<|im_end|>\n<|im_start|>assistant\n".into()));
+        segs.extend(a);
+        segs.push(Segment::Text("<|im_end|>\n".into()));
+    }
+    segs.push(Segment::Text("<|im_start|>user\n".into()));
     segs.extend(user);
     segs.push(Segment::Text("<|im_end|>\n<|im_start|>assistant\n".into()));
     segs
 }
 
-/// The RAG question: each passage's segments (tokens, chunk embeddings or a mix), then the
-/// question. With no passages, a plain question.
-pub fn rag(question: &str, passages: Vec<Vec<Segment>>) -> Vec<Segment> {
+/// The system prompt that goes with a user turn built by [`rag_user`].
+pub fn system_for(has_passages: bool) -> &'static str {
+    if has_passages {
+        RAG_SYSTEM
+    } else {
+        PLAIN_SYSTEM
+    }
+}
+
+/// The user turn of a RAG question: each passage's segments (tokens, chunk embeddings or a
+/// mix), then the question. With no passages, a plain question.
+pub fn rag_user(question: &str, passages: Vec<Vec<Segment>>) -> Vec<Segment> {
     if passages.is_empty() {
-        return chat(PLAIN_SYSTEM, vec![Segment::Text(format!("Question: {question}"))]);
+        return vec![Segment::Text(format!("Question: {question}"))];
     }
     let mut user = vec![Segment::Text("Read the text and answer the question.\n\nText:\n".into())];
     for p in passages {
@@ -58,7 +79,26 @@ pub fn rag(question: &str, passages: Vec<Vec<Segment>>) -> Vec<Segment> {
         user.push(Segment::Text("\n\n".into()));
     }
     user.push(Segment::Text(format!("Question: {question}")));
-    chat(RAG_SYSTEM, user)
+    user
+}
+
+/// The RAG question as a one-turn chat.
+pub fn rag(question: &str, passages: Vec<Vec<Segment>>) -> Vec<Segment> {
+    let system = system_for(!passages.is_empty());
+    chat(system, rag_user(question, passages))
+}
+
+/// Decoder positions the segments take.
+pub fn positions(decoder: &Decoder, segments: &[Segment]) -> Result<usize> {
+    let mut n = 0;
+    for s in segments {
+        n += match s {
+            Segment::Text(t) => tokenize(decoder, t)?.len(),
+            Segment::Tokens(t) => t.len(),
+            Segment::Embeds(e) => e.dim(0)?,
+        };
+    }
+    Ok(n)
 }
 
 /// Tokenize text with the decoder's tokenizer.

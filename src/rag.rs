@@ -33,6 +33,17 @@ pub struct Source {
     pub score: f32,
 }
 
+impl From<&Hit> for Source {
+    fn from(h: &Hit) -> Self {
+        Source {
+            passage_id: h.passage.passage_id.clone(),
+            doc_id: h.passage.doc_id.clone(),
+            title: h.passage.title.clone(),
+            score: h.score,
+        }
+    }
+}
+
 /// An answer with everything measured about it.
 #[derive(Debug, Clone)]
 pub struct Answer {
@@ -51,6 +62,9 @@ pub struct Engine {
     pub encoder: Encoder,
     pub store: Store,
     pub projector: Option<Projector>,
+    /// The chunk encoder that goes with the projector (compresses text read at question
+    /// time, e.g. earlier turns of a chat).
+    pub chunk_encoder: Option<Encoder>,
     /// Chunk size of the index.
     pub k: usize,
 }
@@ -64,6 +78,7 @@ impl Engine {
         }
         let qv = self.encoder.encode(&[question])?.squeeze(0)?.to_vec1::<f32>()?;
         let hits = self.store.search(&qv, question, top_k, kind)?;
+        tracing::debug!("retrieved {} passages ({kind:?}) in {:.1} ms", hits.len(), t.elapsed().as_secs_f64() * 1e3);
         Ok((hits, qv, t.elapsed().as_secs_f64() * 1e3))
     }
 
@@ -75,6 +90,14 @@ impl Engine {
         hits: &[Hit],
         opts: &AskOptions,
     ) -> Result<(DecoderInput, usize, usize)> {
+        let (passages, n_chunks, n_expanded) = self.passage_segments(qvec, hits, opts)?;
+        let input = prompt::assemble(&self.decoder, &prompt::rag(question, passages))?;
+        Ok((input, n_chunks, n_expanded))
+    }
+
+    /// What the decoder reads of each hit in this mode (tokens, or projected cached chunk
+    /// vectors with the policy's expanded chunks as tokens), and the chunk counts.
+    pub fn passage_segments(&self, qvec: &[f32], hits: &[Hit], opts: &AskOptions) -> Result<(Vec<Vec<Segment>>, usize, usize)> {
         let passages: Vec<Vec<Segment>>;
         let mut n_chunks = 0;
         let mut n_expanded = 0;
@@ -125,8 +148,16 @@ impl Engine {
                 passages = out;
             }
         }
-        let input = prompt::assemble(&self.decoder, &prompt::rag(question, passages))?;
-        Ok((input, n_chunks, n_expanded))
+        Ok((passages, n_chunks, n_expanded))
+    }
+
+    /// How a piece of text (an earlier turn) is read in this mode: compressed into projected
+    /// chunk vectors in refrag mode, as tokens otherwise.
+    pub fn read_text(&self, text: &str, mode: Mode) -> Result<Vec<Segment>> {
+        match (mode, &self.projector, &self.chunk_encoder) {
+            (Mode::Refrag, Some(p), Some(enc)) => Ok(vec![compress_text(&self.decoder, enc, p, self.k, text)?]),
+            _ => Ok(vec![Segment::Text(text.to_string())]),
+        }
     }
 
     /// Retrieve, build and decode, streaming text through `on_text`.
@@ -143,20 +174,27 @@ impl Engine {
         Ok(Answer {
             generation,
             context_tokens: hits.iter().map(|h| h.passage.tokens.len()).sum(),
-            sources: hits
-                .iter()
-                .map(|h| Source {
-                    passage_id: h.passage.passage_id.clone(),
-                    doc_id: h.passage.doc_id.clone(),
-                    title: h.passage.title.clone(),
-                    score: h.score,
-                })
-                .collect(),
+            sources: hits.iter().map(Source::from).collect(),
             retrieval_ms,
             chunks,
             expanded_chunks,
         })
     }
+}
+
+/// Text as projected chunk vectors: decoder tokens cut into k-token chunks, each chunk's text
+/// encoded and projected (one decoder position per chunk).
+pub fn compress_text(decoder: &Decoder, encoder: &Encoder, projector: &Projector, k: usize, text: &str) -> Result<Segment> {
+    let ids = prompt::tokenize(decoder, text)?;
+    let texts = crate::corpus::chunks(&ids, k)
+        .map(|c| decoder.tokenizer.decode(c, false).map_err(|e| anyhow::anyhow!("decode: {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    if texts.is_empty() {
+        return Ok(Segment::Tokens(vec![]));
+    }
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let c = encoder.encode(&refs)?.to_device(&decoder.device)?;
+    Ok(Segment::Embeds(projector.forward(&c)?))
 }
 
 /// Which of the hits' chunks (in order) are expanded back to tokens.

@@ -592,6 +592,7 @@ fn train_loop(
         let out_of_time = run.max_seconds.is_some_and(|m| t0.elapsed().as_secs_f64() > m);
         if step % cfg.checkpoint_every.max(1) == 0 || step == cfg.steps || out_of_time {
             save(step, rng, tokens_seen, &opt)?;
+            tracing::info!("checkpoint at step {step} (loss {lv:.3})");
         }
         if out_of_time && step < cfg.steps {
             pb.finish_and_clear();

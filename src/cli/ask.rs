@@ -108,14 +108,14 @@ impl RagArgs {
             info.check_chunks(&now, &self.db)?;
         }
         let mut decoder = decoder;
-        let projector = match (mode, trained) {
+        let (projector, chunk_encoder) = match (mode, trained) {
             (Mode::Refrag, Some(t)) => {
                 t.adapt(&mut decoder)?;
-                Some(t.projector)
+                (Some(t.projector), Some(t.chunk_encoder))
             }
-            _ => None,
+            _ => (None, None),
         };
-        Ok((Engine { decoder, encoder, store, projector, k: info.k }, mode))
+        Ok((Engine { decoder, encoder, store, projector, chunk_encoder, k: info.k }, mode))
     }
 
     pub fn options(&self, mode: Mode, sampling: SamplingOptions) -> AskOptions {
@@ -135,14 +135,21 @@ pub struct AskArgs {
     /// The question; `-` (or nothing, with a pipe on stdin) reads it from stdin.
     pub question: Option<String>,
     /// Answer from these text files (full text in the prompt) instead of the index.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "REFRAG_ASK_CONTEXT")]
     pub context: Vec<PathBuf>,
     #[command(flatten)]
     pub rag: RagArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// Interactive session (as `refrag chat`).
+    #[cfg(feature = "store")]
+    #[arg(short, long, env = "REFRAG_ASK_INTERACTIVE")]
+    pub interactive: bool,
+    #[cfg(feature = "store")]
+    #[command(flatten)]
+    pub session: super::chat::SessionArgs,
     /// Print one JSON object instead of streaming the answer.
-    #[arg(long)]
+    #[arg(long, env = "REFRAG_JSON")]
     pub json: bool,
 }
 
@@ -169,6 +176,13 @@ pub fn read_question(arg: Option<&str>) -> Result<String> {
 }
 
 pub fn run(g: &Global, args: AskArgs) -> Result<ExitCode> {
+    #[cfg(feature = "store")]
+    if args.interactive {
+        if args.question.is_some() || !args.context.is_empty() {
+            bail!("-i starts a session over the index: give no question or --context");
+        }
+        return super::chat::run_session(g, &args.rag, &args.sampling, &args.session);
+    }
     let question = read_question(args.question.as_deref())?;
     let opts = args.sampling.options()?;
     if args.context.is_empty() {
@@ -231,6 +245,9 @@ fn run_index(g: &Global, args: &AskArgs, question: &str, sampling: SamplingOptio
         writeln!(out, "{v}")?;
     } else {
         writeln!(out)?;
+        if ans.sources.is_empty() && opts.top_k > 0 && !g.quiet {
+            eprintln!("refrag: no passages found in {}", args.rag.db);
+        }
         if !ans.sources.is_empty() {
             writeln!(out, "\nsources:")?;
             for s in &ans.sources {
@@ -238,7 +255,9 @@ fn run_index(g: &Global, args: &AskArgs, question: &str, sampling: SamplingOptio
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    // 1 = no answer: nothing retrieved (where retrieval was asked for) or nothing generated.
+    let nothing = (ans.sources.is_empty() && opts.top_k > 0) || ans.generation.text.trim().is_empty();
+    Ok(if nothing { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
 pub fn mode_name(m: Mode) -> &'static str {

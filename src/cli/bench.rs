@@ -12,28 +12,28 @@ const DEFAULT_TEXT: &str = include_str!("../../fixtures/alice_ch1-3.txt");
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Context lengths in tokens (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "2048,4096,8192,16384")]
+    #[arg(long, value_delimiter = ',', default_value = "2048,4096,8192,16384", env = "REFRAG_BENCH_CONTEXTS")]
     pub contexts: Vec<usize>,
     /// Chunk sizes (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "8,16,32")]
+    #[arg(long, value_delimiter = ',', default_value = "8,16,32", env = "REFRAG_BENCH_K")]
     pub k: Vec<usize>,
     /// Timed repeats per variant (after one warm-up).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, env = "REFRAG_BENCH_REPEATS")]
     pub repeats: usize,
     /// Greedy steps after the first token, for the time per later token.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, env = "REFRAG_BENCH_DECODE_TOKENS")]
     pub decode_tokens: usize,
     /// Also time decoding with dense weights only (no quantized matrices).
-    #[arg(long)]
+    #[arg(long, env = "REFRAG_BENCH_DENSE_DECODE")]
     pub dense_decode: bool,
     /// Skip the "not cached" variant (encoder in the timed path).
-    #[arg(long)]
+    #[arg(long, env = "REFRAG_BENCH_NO_ENCODER")]
     pub no_encoder: bool,
     /// Text to draw the context from (default: a bundled public-domain text).
-    #[arg(long)]
+    #[arg(long, env = "REFRAG_BENCH_TEXT")]
     pub text: Option<PathBuf>,
     /// Print rows as JSON lines.
-    #[arg(long)]
+    #[arg(long, env = "REFRAG_JSON")]
     pub json: bool,
 }
 
@@ -81,14 +81,14 @@ pub fn run(g: &Global, args: BenchArgs) -> Result<ExitCode> {
         for r in &rows {
             let mut v = serde_json::to_value(r)?;
             v["device"] = dev.clone().into();
-            println!("{v}");
+            outln!("{v}");
         }
     } else {
-        println!("device: {dev}; median of {} runs after a warm-up", args.repeats);
-        println!("{:>8} {:<18} {:>9} {:>10} {:>10} {:>9} {:>10}", "context", "variant", "positions", "ttft_ms", "ttit_ms", "speedup", "kv_MiB");
+        outln!("device: {dev}; median of {} runs after a warm-up", args.repeats);
+        outln!("{:>8} {:<18} {:>9} {:>10} {:>10} {:>9} {:>10}", "context", "variant", "positions", "ttft_ms", "ttit_ms", "speedup", "kv_MiB");
         for r in &rows {
             let f = |x: Option<f64>, p: usize| x.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into());
-            println!(
+            outln!(
                 "{:>8} {:<18} {:>9} {:>10} {:>10} {:>9} {:>10}",
                 r.context_tokens,
                 r.variant,

@@ -24,9 +24,9 @@ pub struct DatasetArgs {
     pub kind: Kind,
     /// Input file (.json, .jsonl or .jsonl.gz).
     pub file: PathBuf,
-    #[arg(long)]
+    #[arg(long, env = "REFRAG_DATASET_CORPUS")]
     pub corpus: PathBuf,
-    #[arg(long)]
+    #[arg(long, env = "REFRAG_DATASET_QUESTIONS")]
     pub questions: PathBuf,
 }
 
@@ -91,6 +91,6 @@ pub fn run(_g: &Global, a: DatasetArgs) -> Result<ExitCode> {
     };
     write(&a.corpus, &docs)?;
     write(&a.questions, &qs)?;
-    println!("{} documents -> {}, {} questions -> {}", docs.len(), a.corpus.display(), qs.len(), a.questions.display());
+    outln!("{} documents -> {}, {} questions -> {}", docs.len(), a.corpus.display(), qs.len(), a.questions.display());
     Ok(ExitCode::SUCCESS)
 }

@@ -23,7 +23,9 @@ pub struct ManArgs {
 
 pub fn completions(a: CompletionsArgs) -> Result<ExitCode> {
     let mut cmd = Cli::command();
-    clap_complete::generate(a.shell, &mut cmd, "refrag", &mut std::io::stdout());
+    let mut buf = Vec::new();
+    clap_complete::generate(a.shell, &mut cmd, "refrag", &mut buf);
+    std::io::Write::write_all(&mut std::io::stdout(), &buf)?;
     Ok(ExitCode::SUCCESS)
 }
 

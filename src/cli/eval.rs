@@ -16,23 +16,23 @@ pub struct EvalArgs {
     #[command(subcommand)]
     pub cmd: Option<EvalCmd>,
     /// Questions: one {"id","question","answers":[...],"gold_doc"?,"answerable"?} per line.
-    #[arg(long, required = true)]
+    #[arg(long, required = true, env = "REFRAG_EVAL_QUESTIONS")]
     pub questions: Option<PathBuf>,
     /// Write one JSON line per question here.
-    #[arg(long)]
+    #[arg(long, env = "REFRAG_EVAL_OUT")]
     pub out: Option<PathBuf>,
     /// Score retrieval only (recall@k), without decoding.
-    #[arg(long)]
+    #[arg(long, env = "REFRAG_EVAL_RETRIEVAL_ONLY")]
     pub retrieval_only: bool,
     /// Evaluate only the first N questions.
-    #[arg(long)]
+    #[arg(long, env = "REFRAG_EVAL_LIMIT")]
     pub limit: Option<usize>,
     #[command(flatten)]
     pub rag: RagArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Print the summary as JSON.
-    #[arg(long)]
+    #[arg(long, env = "REFRAG_JSON")]
     pub json: bool,
 }
 
@@ -81,22 +81,22 @@ pub enum EvalCmd {
 #[derive(Args, Debug)]
 pub struct PerplexityArgs {
     /// Text files to score (UTF-8; Gutenberg headers are stripped). Never training text.
-    #[arg(long, required = true, num_args = 1..)]
+    #[arg(long, required = true, num_args = 1.., env = "REFRAG_PERPLEXITY_TEXT")]
     pub text: Vec<PathBuf>,
     /// Context tokens.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, env = "REFRAG_PERPLEXITY_S")]
     pub s: usize,
     /// Predicted tokens.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, env = "REFRAG_PERPLEXITY_O")]
     pub o: usize,
     /// Chunk sizes; REFRAG rows need trained weights for that k (the others print without).
-    #[arg(long, value_delimiter = ',', default_value = "16")]
+    #[arg(long, value_delimiter = ',', default_value = "16", env = "REFRAG_PERPLEXITY_K")]
     pub k: Vec<usize>,
     /// Windows per text, spread evenly over it.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, env = "REFRAG_PERPLEXITY_WINDOWS")]
     pub windows: usize,
     /// Print JSON lines instead of a table.
-    #[arg(long)]
+    #[arg(long, env = "REFRAG_JSON")]
     pub json: bool,
 }
 
@@ -307,11 +307,11 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
         "decoder_positions_mean": mean(&positions),
     });
     if args.json {
-        println!("{summary}");
+        outln!("{summary}");
     } else {
         for (k, v) in summary.as_object().into_iter().flatten() {
             if !v.is_null() {
-                println!("{k:<24} {}", match v.as_f64() {
+                outln!("{k:<24} {}", match v.as_f64() {
                     Some(x) if v.is_f64() => format!("{x:.4}"),
                     _ => v.to_string(),
                 });

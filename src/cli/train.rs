@@ -13,62 +13,62 @@ pub struct TrainArgs {
     #[arg(value_enum)]
     pub stage: Stage,
     /// Training text files (UTF-8). Never the text you report results on.
-    #[arg(long, required = true, num_args = 1..)]
+    #[arg(long, required = true, num_args = 1.., env = "REFRAG_TRAIN_TEXT")]
     pub text: Vec<PathBuf>,
     /// Held-out text files scored at the end (written to the card).
-    #[arg(long, num_args = 1..)]
+    #[arg(long, num_args = 1.., env = "REFRAG_TRAIN_HELDOUT")]
     pub heldout: Vec<PathBuf>,
     /// Output folder: checkpoints, train.jsonl, projector.safetensors, card.json.
-    #[arg(long, default_value = "weights")]
+    #[arg(long, default_value = "weights", env = "REFRAG_TRAIN_OUT")]
     pub out: PathBuf,
     /// Chunk size in tokens.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, env = "REFRAG_TRAIN_K")]
     pub k: usize,
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, env = "REFRAG_TRAIN_STEPS")]
     pub steps: usize,
     /// Target tokens per optimizer step.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, default_value_t = 8192, env = "REFRAG_TRAIN_TOKENS_PER_STEP")]
     pub tokens_per_step: usize,
     /// Chunks per sample at the end of the curriculum.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, env = "REFRAG_TRAIN_MAX_CHUNKS")]
     pub max_chunks: usize,
     /// cpt: tokens predicted after the compressed context.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, env = "REFRAG_TRAIN_PREDICT_TOKENS")]
     pub predict_tokens: usize,
     /// cpt: fraction of chunks left as tokens (mixed input).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, env = "REFRAG_TRAIN_MIXED")]
     pub mixed: f64,
     /// Peak learning rate (paper: 2e-4 reconstruction, 5e-5 CPT).
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, default_value_t = 2e-4, env = "REFRAG_TRAIN_LR")]
     pub lr: f64,
     /// Warm-up fraction of the steps.
-    #[arg(long, default_value_t = 0.04)]
+    #[arg(long, default_value_t = 0.04, env = "REFRAG_TRAIN_WARMUP")]
     pub warmup: f64,
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, env = "REFRAG_TRAIN_WEIGHT_DECAY")]
     pub weight_decay: f64,
     /// Global gradient-norm clip (0 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, env = "REFRAG_TRAIN_CLIP")]
     pub clip: f64,
-    #[arg(long, default_value_t = 17)]
+    #[arg(long, default_value_t = 17, env = "REFRAG_TRAIN_SEED")]
     pub seed: u64,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, env = "REFRAG_TRAIN_CHECKPOINT_EVERY")]
     pub checkpoint_every: usize,
     /// Continue from the checkpoint in --out.
-    #[arg(long)]
+    #[arg(long, env = "REFRAG_TRAIN_RESUME")]
     pub resume: bool,
     /// Checkpoint and stop after this many seconds (resume later with --resume).
-    #[arg(long)]
+    #[arg(long, env = "REFRAG_TRAIN_MAX_SECONDS")]
     pub max_seconds: Option<f64>,
     /// Top layers of the chunk encoder to train with the projector (0 = projector only).
     /// Trained layers ship as encoder.safetensors (f16, ~3.5 MB per layer).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, env = "REFRAG_TRAIN_ENCODER_LAYERS")]
     pub encoder_layers: usize,
     /// Rank of LoRA adapters trained on every decoder matrix (0 = decoder frozen). They ship
     /// as decoder_lora.safetensors and are folded into the decoder in --mode refrag.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, env = "REFRAG_TRAIN_DECODER_LORA")]
     pub decoder_lora: usize,
     /// Start from these weights (a folder, e.g. the reconstruction stage's --out).
-    #[arg(long)]
+    #[arg(long, env = "REFRAG_TRAIN_INIT")]
     pub init: Option<PathBuf>,
 }
 
@@ -118,6 +118,6 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         data_note: format!("train: {:?}; held out: {:?}", names(&a.text), names(&a.heldout)),
     };
     let card = train::train(&run, &cfg)?;
-    println!("{}", serde_json::to_string_pretty(&card)?);
+    outln!("{}", serde_json::to_string_pretty(&card)?);
     Ok(ExitCode::SUCCESS)
 }

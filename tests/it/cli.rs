@@ -90,3 +90,84 @@ fn question_from_stdin() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["answer"].as_str().unwrap().contains("1745"), "{v}");
 }
+
+/// Defaults come from the config file below environment variables and flags:
+/// flag > env > file > built-in default. A typo in the file is an error naming its line.
+#[test]
+fn config_file_precedence() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(&cfg, "# test\nmax-tokens = 2\ndevice = \"cpu\"\n").unwrap();
+    let run = |env: Option<&str>, flag: Option<&str>| -> u64 {
+        let mut c = refrag();
+        c.env("REFRAG_CONFIG", &cfg).env_remove("REFRAG_MAX_TOKENS");
+        if let Some(e) = env {
+            c.env("REFRAG_MAX_TOKENS", e);
+        }
+        c.args(["ask", "--json", "--context"]).arg(fixture("corpus/warsaw-1.txt"));
+        if let Some(f) = flag {
+            c.args(["--max-tokens", f]);
+        }
+        let out = c.arg("Describe Warsaw in detail.").output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["device"], "cpu", "{v}");
+        v["generated_tokens"].as_u64().unwrap()
+    };
+    assert_eq!(run(None, None), 2, "file");
+    assert_eq!(run(Some("3"), None), 3, "env over file");
+    assert_eq!(run(Some("3"), Some("1")), 1, "flag over env");
+
+    std::fs::write(&cfg, "device = \"cpu\"\nmax_tokenz = 2\n").unwrap();
+    let out = refrag().env("REFRAG_CONFIG", &cfg).args(["models", "list"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("config.toml:2: unknown setting `max_tokenz`"), "{err}");
+}
+
+/// `doctor` passes on a working setup (no index yet is a warning) and fails, exit 1, on a
+/// database path that is not an index; its JSON lines parse.
+#[test]
+fn doctor_reports_and_exits_by_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = refrag().args(["doctor", "--json", "--db"]).arg(dir.path().join("nothing")).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let checks: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let status = |what: &str| checks.iter().find(|c| c["what"] == what).map(|c| c["status"].as_str().unwrap().to_string());
+    assert_eq!(status("decoder").as_deref(), Some("ok"));
+    assert_eq!(status("encoder").as_deref(), Some("ok"));
+    assert_eq!(status("index").as_deref(), Some("warn"));
+    let file = dir.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let out = refrag().args(["doctor", "--db"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL index"));
+}
+
+/// Output to pipes and NO_COLOR: no escape codes, even with logging on; a reader that goes
+/// away early is not an error.
+#[test]
+fn plain_output_and_closed_pipes() {
+    let out = refrag()
+        .args(["-v", "ask", "--device", "cpu", "--max-tokens", "3", "--context"])
+        .arg(fixture("corpus/warsaw-1.txt"))
+        .arg("Where is Warsaw?")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!out.stdout.contains(&0x1b) && !out.stderr.contains(&0x1b), "escape codes in output");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("first token after"), "-v logs");
+
+    let mut child = refrag()
+        .args(["completions", "zsh"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}

@@ -2,6 +2,7 @@
 //! the CLI, the real binary. One test crate: each test binary links all of lancedb and candle.
 
 mod common;
+mod chat;
 mod cli;
 mod decoder;
 mod encoder;
