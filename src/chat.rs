@@ -7,12 +7,96 @@
 //! always tokens. When the window is full, the oldest turns go first, never the question.
 
 use crate::decoder::Decoder;
-use crate::generate::{generate, Generation};
+use crate::encoder::Encoder;
+use crate::generate::{generate, Generation, SamplingOptions};
+use crate::options::Mode;
+use crate::projector::Projector;
 use crate::prompt::{self, Segment};
-use crate::rag::{AskOptions, Engine, Mode, Source};
+#[cfg(feature = "store")]
+use crate::rag::{AskOptions, Engine, Source};
 use anyhow::{bail, Result};
 
+/// How text is read in a mode: compressed into projected chunk vectors (refrag), or tokens.
+pub struct Reader<'a> {
+    pub decoder: &'a Decoder,
+    /// Chunk encoder and projector (refrag mode).
+    pub compress: Option<(&'a Encoder, &'a Projector)>,
+    pub k: usize,
+}
+
+impl Reader<'_> {
+    pub fn read(&self, text: &str, mode: Mode) -> Result<Vec<Segment>> {
+        match (mode, self.compress) {
+            (Mode::Refrag, Some((enc, p))) => Ok(vec![compress_text(self.decoder, enc, p, self.k, text)?]),
+            (Mode::Refrag, None) => bail!("refrag mode needs trained weights"),
+            _ => Ok(vec![Segment::Text(text.to_string())]),
+        }
+    }
+}
+
+/// Text as projected chunk vectors: decoder tokens cut into k-token chunks, each chunk's text
+/// encoded and projected (one decoder position per chunk).
+pub fn compress_text(decoder: &Decoder, encoder: &Encoder, projector: &Projector, k: usize, text: &str) -> Result<Segment> {
+    let ids = prompt::tokenize(decoder, text)?;
+    let texts = crate::corpus::chunks(&ids, k)
+        .map(|c| decoder.tokenizer.decode(c, false).map_err(|e| anyhow::anyhow!("decode: {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    if texts.is_empty() {
+        return Ok(Segment::Tokens(vec![]));
+    }
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let c = encoder.encode(&refs)?.to_device(&decoder.device)?;
+    Ok(Segment::Embeds(projector.forward(&c)?))
+}
+
+/// One conversation turn to answer, with its passages given (e.g. MTRAG): earlier (user,
+/// agent) turns, passages, the question.
+pub struct GivenTurn {
+    pub history: Vec<(String, String)>,
+    pub passages: Vec<String>,
+    pub question: String,
+}
+
+/// What answering a given turn did.
+pub struct GivenReport {
+    pub generation: Generation,
+    pub history_kept: usize,
+    pub passages_kept: usize,
+}
+
+/// Answer a turn whose passages are given: history and passages read as the mode says, the
+/// question as tokens; within `window` positions the oldest turns go first, then the last
+/// passages.
+pub fn answer_given(reader: &Reader, mode: Mode, turn: &GivenTurn, window: usize, sampling: &SamplingOptions) -> Result<GivenReport> {
+    let mut history = Vec::new();
+    for (u, a) in &turn.history {
+        history.push((reader.read(u, mode)?, reader.read(a, mode)?));
+    }
+    let mut passages = Vec::new();
+    if mode != Mode::None {
+        for p in &turn.passages {
+            passages.push(reader.read(p.trim(), mode)?);
+        }
+    }
+    loop {
+        let system = prompt::system_for(!passages.is_empty() || !history.is_empty());
+        let user = prompt::rag_user(&turn.question, passages.clone());
+        match fit(reader.decoder, system, history.clone(), user, window) {
+            Ok((segs, kept)) => {
+                let input = prompt::assemble(reader.decoder, &segs)?;
+                let generation = generate(reader.decoder, &input, sampling, |_| Ok(()))?;
+                return Ok(GivenReport { generation, history_kept: kept, passages_kept: passages.len() });
+            }
+            Err(e) if passages.is_empty() => return Err(e),
+            Err(_) => {
+                passages.pop();
+            }
+        }
+    }
+}
+
 /// One finished turn, kept in the form the decoder reads it.
+#[cfg(feature = "store")]
 pub struct Turn {
     pub question: String,
     pub answer: String,
@@ -24,6 +108,7 @@ pub struct Turn {
 }
 
 /// What a turn did.
+#[cfg(feature = "store")]
 pub struct TurnReport {
     pub generation: Generation,
     pub sources: Vec<Source>,
@@ -33,12 +118,14 @@ pub struct TurnReport {
     pub history_turns: usize,
 }
 
+#[cfg(feature = "store")]
 pub struct Session {
     pub turns: Vec<Turn>,
     /// Most decoder positions a turn's input may take (answer tokens come on top).
     pub window: usize,
 }
 
+#[cfg(feature = "store")]
 impl Session {
     pub fn new(window: usize) -> Self {
         Self { turns: Vec::new(), window }
@@ -94,6 +181,7 @@ impl Session {
     }
 }
 
+#[cfg(feature = "store")]
 /// A turn's user content with its text parts compressed (its passages already are, in
 /// refrag mode).
 fn compress_segments(engine: &Engine, segs: &[Segment]) -> Result<Vec<Segment>> {

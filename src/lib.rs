@@ -27,7 +27,6 @@
 //! - [`cli`]: the `refrag` command line.
 
 pub mod bench;
-#[cfg(feature = "store")]
 pub mod chat;
 pub mod cli;
 pub mod corpus;

@@ -154,10 +154,13 @@ impl Engine {
     /// How a piece of text (an earlier turn) is read in this mode: compressed into projected
     /// chunk vectors in refrag mode, as tokens otherwise.
     pub fn read_text(&self, text: &str, mode: Mode) -> Result<Vec<Segment>> {
-        match (mode, &self.projector, &self.chunk_encoder) {
-            (Mode::Refrag, Some(p), Some(enc)) => Ok(vec![compress_text(&self.decoder, enc, p, self.k, text)?]),
-            _ => Ok(vec![Segment::Text(text.to_string())]),
-        }
+        let compress = match (&self.chunk_encoder, &self.projector) {
+            (Some(e), Some(p)) => Some((e, p)),
+            _ => None,
+        };
+        let reader = crate::chat::Reader { decoder: &self.decoder, compress, k: self.k };
+        let mode = if compress.is_none() && mode == Mode::Refrag { Mode::Full } else { mode };
+        reader.read(text, mode)
     }
 
     /// Retrieve, build and decode, streaming text through `on_text`.
@@ -180,21 +183,6 @@ impl Engine {
             expanded_chunks,
         })
     }
-}
-
-/// Text as projected chunk vectors: decoder tokens cut into k-token chunks, each chunk's text
-/// encoded and projected (one decoder position per chunk).
-pub fn compress_text(decoder: &Decoder, encoder: &Encoder, projector: &Projector, k: usize, text: &str) -> Result<Segment> {
-    let ids = prompt::tokenize(decoder, text)?;
-    let texts = crate::corpus::chunks(&ids, k)
-        .map(|c| decoder.tokenizer.decode(c, false).map_err(|e| anyhow::anyhow!("decode: {e}")))
-        .collect::<Result<Vec<_>>>()?;
-    if texts.is_empty() {
-        return Ok(Segment::Tokens(vec![]));
-    }
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let c = encoder.encode(&refs)?.to_device(&decoder.device)?;
-    Ok(Segment::Embeds(projector.forward(&c)?))
 }
 
 /// Which of the hits' chunks (in order) are expanded back to tokens.

@@ -16,8 +16,17 @@ pub struct EvalArgs {
     #[command(subcommand)]
     pub cmd: Option<EvalCmd>,
     /// Questions: one {"id","question","answers":[...],"gold_doc"?,"answerable"?} per line.
-    #[arg(long, required = true, env = "REFRAG_EVAL_QUESTIONS")]
+    #[arg(long, required_unless_present = "conversations", env = "REFRAG_EVAL_QUESTIONS")]
     pub questions: Option<PathBuf>,
+    /// Multi-turn tasks (MTRAG format: "input" turns ending with the user's question,
+    /// "contexts", "targets", "answerability"): the last turn is answered from the given
+    /// passages and the earlier turns; no index is needed.
+    #[arg(long, conflicts_with = "questions", env = "REFRAG_EVAL_CONVERSATIONS")]
+    pub conversations: Option<PathBuf>,
+    /// With --conversations: most decoder positions per answer (default: the decoder's
+    /// window); the oldest turns, then the last passages, are left out beyond it.
+    #[arg(long, env = "REFRAG_EVAL_WINDOW")]
+    pub window: Option<usize>,
     /// Write one JSON line per question here.
     #[arg(long, env = "REFRAG_EVAL_OUT")]
     pub out: Option<PathBuf>,
@@ -103,7 +112,10 @@ pub struct PerplexityArgs {
 pub fn run(g: &Global, args: EvalArgs) -> Result<ExitCode> {
     match args.cmd {
         Some(EvalCmd::Perplexity(a)) => perplexity(g, a),
-        None => run_questions(g, args),
+        None => match args.conversations.clone() {
+            Some(c) => run_conversations(g, &args, &c),
+            None => run_questions(g, args),
+        },
     }
 }
 
@@ -193,22 +205,7 @@ fn run_questions(_: &Global, _: EvalArgs) -> Result<ExitCode> {
 #[cfg(feature = "store")]
 fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
     let questions = args.questions.clone().context("--questions FILE is required")?;
-    let text = crate::corpus::read_text(&questions)?;
-    let name = questions.display().to_string();
-    let mut bad = 0usize;
-    let mut qs = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match parse(line, &format!("{name}:{}", n + 1)) {
-            Ok(q) => qs.push(q),
-            Err(e) => {
-                bad += 1;
-                eprintln!("refrag: {e:#} (skipped)");
-            }
-        }
-    }
+    let (mut qs, bad) = read_jsonl(&questions, parse)?;
     if let Some(l) = args.limit {
         qs.truncate(l);
     }
@@ -306,17 +303,160 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
         "retrieval_ms_mean": mean(&rms),
         "decoder_positions_mean": mean(&positions),
     });
-    if args.json {
+    print_summary(&summary, args.json)?;
+    Ok(if bad > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
+}
+
+/// A metrics summary on stdout: one JSON object, or one `key value` line per metric.
+fn print_summary(summary: &serde_json::Value, json: bool) -> Result<()> {
+    if json {
         outln!("{summary}");
     } else {
         for (k, v) in summary.as_object().into_iter().flatten() {
             if !v.is_null() {
-                outln!("{k:<24} {}", match v.as_f64() {
+                outln!("{k:<26} {}", match v.as_f64() {
                     Some(x) if v.is_f64() => format!("{x:.4}"),
                     _ => v.to_string(),
                 });
             }
         }
     }
+    Ok(())
+}
+
+/// Bad lines are reported (file:line) and skipped; returns the good ones and the bad count.
+fn read_jsonl<T>(path: &std::path::Path, parse: impl Fn(&str, &str) -> Result<T>) -> Result<(Vec<T>, usize)> {
+    let text = crate::corpus::read_text(path)?;
+    let name = path.display().to_string();
+    let (mut good, mut bad) = (Vec::new(), 0);
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match parse(line, &format!("{name}:{}", n + 1)) {
+            Ok(q) => good.push(q),
+            Err(e) => {
+                bad += 1;
+                eprintln!("refrag: {e:#} (skipped)");
+            }
+        }
+    }
+    Ok((good, bad))
+}
+
+/// One MTRAG-style task: the conversation so far (ending with the user's question), the
+/// passages, the reference answer and whether it is answerable.
+struct ConvTask {
+    id: String,
+    turn: crate::chat::GivenTurn,
+    targets: Vec<String>,
+    unanswerable: bool,
+}
+
+fn parse_conversation(line: &str, at: &str) -> Result<ConvTask> {
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| anyhow!("{at}: malformed JSON: {e}"))?;
+    let turns = v["input"].as_array().ok_or_else(|| anyhow!("{at}: missing \"input\" (the conversation)"))?;
+    let mut history = Vec::new();
+    let mut pending: Option<String> = None;
+    for t in turns {
+        let text = t["text"].as_str().unwrap_or_default().to_string();
+        match t["speaker"].as_str() {
+            Some("user") => {
+                if let Some(u) = pending.replace(text) {
+                    history.push((u, String::new()));
+                }
+            }
+            Some("agent") => history.push((pending.take().unwrap_or_default(), text)),
+            other => bail!("{at}: speaker {other:?}, expected user or agent"),
+        }
+    }
+    let question = pending.filter(|q| !q.trim().is_empty()).ok_or_else(|| anyhow!("{at}: the conversation does not end with a user turn"))?;
+    let texts = |x: &serde_json::Value| -> Vec<String> {
+        x.as_array().into_iter().flatten().filter_map(|c| c["text"].as_str().map(String::from)).collect()
+    };
+    let id = v["task_id"].as_str().or(v["id"].as_str()).unwrap_or(at).to_string();
+    let unanswerable = v["answerability"].to_string().contains("UNANSWERABLE");
+    Ok(ConvTask {
+        id,
+        turn: crate::chat::GivenTurn { history, passages: texts(&v["contexts"]), question },
+        targets: texts(&v["targets"]),
+        unanswerable,
+    })
+}
+
+/// `eval --conversations`: the last user turn of each conversation, answered with its given
+/// passages and the earlier turns (compressed in refrag mode, truncated to --window in full).
+fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Result<ExitCode> {
+    use crate::options::Mode;
+    let (mut tasks, bad) = read_jsonl(path, parse_conversation)?;
+    if let Some(l) = args.limit {
+        tasks.truncate(l);
+    }
+    let sampling = args.sampling.options()?;
+    let mode = args.rag.mode.unwrap_or(Mode::Full);
+    let device = g.device()?;
+    let mut decoder = g.load_decoder(&device)?;
+    let encoder = g.load_encoder(&device)?;
+    let trained = g.trained(&encoder, decoder.cfg.hidden)?;
+    let compress = match (mode, &trained) {
+        (Mode::Refrag, None) => return Err(crate::projector::missing(&crate::projector::weights_dirs(None, &g.home()))),
+        (Mode::Refrag, Some(t)) => {
+            t.adapt(&mut decoder)?;
+            Some((&t.chunk_encoder, &t.projector))
+        }
+        _ => None,
+    };
+    let k = args.rag.k.or(trained.as_ref().and_then(|t| t.k)).unwrap_or(16);
+    let reader = crate::chat::Reader { decoder: &decoder, compress, k };
+    let window = args.window.unwrap_or(decoder.cfg.max_positions).min(decoder.cfg.max_positions).saturating_sub(sampling.max_tokens);
+    let mut out = match &args.out {
+        Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?)),
+        None => None,
+    };
+    let pb = crate::progress::bar(g.quiet, tasks.len() as u64, "conversations");
+    let (mut f1s, mut ttfts, mut positions, mut hist_kept, mut hist_total, mut psg_kept, mut psg_total) = (vec![], vec![], vec![], 0, 0, 0, 0);
+    let (mut unans, mut unans_right, mut false_abst) = (0usize, 0usize, 0usize);
+    for t in &tasks {
+        let r = crate::chat::answer_given(&reader, mode, &t.turn, window, &sampling)?;
+        let answer = &r.generation.text;
+        let f1 = t.targets.iter().map(|g| metrics::f1(answer, g)).fold(0.0, f64::max);
+        let abstained = metrics::abstains(answer);
+        if t.unanswerable {
+            unans += 1;
+            unans_right += usize::from(abstained);
+        } else {
+            f1s.push(f1);
+            false_abst += usize::from(abstained);
+        }
+        ttfts.push(r.generation.ttft_ms());
+        positions.push(r.generation.prompt_positions as f64);
+        hist_kept += r.history_kept;
+        hist_total += t.turn.history.len();
+        psg_kept += r.passages_kept;
+        psg_total += if mode == Mode::None { 0 } else { t.turn.passages.len() };
+        if let Some(o) = out.as_mut() {
+            writeln!(o, "{}", serde_json::json!({"id": t.id, "answer": answer, "f1": f1, "unanswerable": t.unanswerable,
+                "abstained": abstained, "ttft_ms": r.generation.ttft_ms(), "decoder_positions": r.generation.prompt_positions,
+                "history_turns_kept": r.history_kept, "history_turns": t.turn.history.len(), "passages_kept": r.passages_kept}))?;
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    if let Some(mut o) = out {
+        o.flush()?;
+    }
+    let mean = |v: &[f64]| if v.is_empty() { 0.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
+    let (ttft_mean, ttft_median, ttft_p95) = metrics::summary(&ttfts);
+    let share = |a: usize, b: usize| (b > 0).then(|| a as f64 / b as f64);
+    let summary = serde_json::json!({
+        "conversations": tasks.len(), "bad_lines": bad, "mode": mode_name(mode), "window": window,
+        "f1_answerable": mean(&f1s), "answerable": f1s.len(),
+        "abstention_unanswerable": share(unans_right, unans), "unanswerable": unans,
+        "false_abstention": share(false_abst, f1s.len()),
+        "history_turns_kept": share(hist_kept, hist_total), "passages_kept": share(psg_kept, psg_total),
+        "ttft_ms_mean": ttft_mean, "ttft_ms_median": ttft_median, "ttft_ms_p95": ttft_p95,
+        "decoder_positions_mean": mean(&positions),
+    });
+    print_summary(&summary, args.json)?;
     Ok(if bad > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
 }

@@ -152,3 +152,34 @@ fn asking_without_an_index_is_a_clear_error() {
     assert_eq!(st.code(), Some(2));
     assert!(err.contains("no index here"), "{err}");
 }
+
+/// `eval --conversations` on MTRAG tasks: every reading scores every task; REFRAG reads the
+/// history and passages in far fewer positions; a malformed line is reported and skipped.
+#[test]
+fn eval_conversations_full_and_refrag() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("conv.jsonl");
+    let mut text = std::fs::read_to_string(fixture("mtrag_tiny.jsonl")).unwrap();
+    text.push_str("{\"input\": []}\n");
+    std::fs::write(&file, text).unwrap();
+    let run = |mode: &str| -> (Option<i32>, serde_json::Value, String) {
+        let out = refrag()
+            .args(["eval", "--device", "cpu", "--json", "--max-tokens", "6", "--mode", mode, "--conversations"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        (out.status.code(), serde_json::from_slice(&out.stdout).unwrap_or_default(), err)
+    };
+    let (code, full, err) = run("full");
+    assert_eq!(code, Some(2), "the bad line makes the run exit 2: {err}");
+    assert!(err.contains("conv.jsonl:4"), "{err}");
+    assert_eq!(full["conversations"], 3, "{full}");
+    assert_eq!(full["answerable"], 2);
+    assert_eq!(full["unanswerable"], 1);
+    assert!(full["f1_answerable"].as_f64().unwrap() >= 0.0);
+    let (_, refrag, err) = run("refrag");
+    assert_eq!(refrag["conversations"], 3, "{refrag} {err}");
+    let pos = |v: &serde_json::Value| v["decoder_positions_mean"].as_f64().unwrap();
+    assert!(pos(&refrag) * 3.0 < pos(&full), "refrag {} vs full {}", pos(&refrag), pos(&full));
+}
