@@ -21,7 +21,9 @@
 //! - [`indexer`]: batches of documents into the store; [`store`]: the LanceDB layout.
 //! - [`projector`]: the chunk-vector → decoder-embedding MLP.
 //! - [`rag`]: retrieve, choose chunks to expand, assemble, decode (ask/eval/bench).
-//! - [`train`]: the REFRAG training stages (reconstruction, CPT) for the projector.
+//! - [`train`]: the REFRAG training stages (reconstruction, CPT): projector, top chunk-encoder
+//!   layers, decoder LoRA adapters; [`perplexity`]: `eval perplexity`.
+//! - [`chat`]: multi-turn sessions with compressed history; MTRAG-style conversation eval.
 //! - [`metrics`]: EM / F1 and summaries.
 //! - [`bench`]: latency of full context against REFRAG.
 //! - [`cli`]: the `refrag` command line.

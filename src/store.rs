@@ -210,6 +210,16 @@ impl Store {
 
     /// doc_id -> doc_hash for every stored document.
     pub fn doc_hashes(&self) -> Result<HashMap<String, String>> {
+        Ok(self.doc_summary()?.into_iter().map(|(id, (hash, _))| (id, hash)).collect())
+    }
+
+    /// doc_id -> number of stored passages (all of a document's passages are committed together).
+    pub fn doc_passage_counts(&self) -> Result<HashMap<String, usize>> {
+        Ok(self.doc_summary()?.into_iter().map(|(id, (_, n))| (id, n)).collect())
+    }
+
+    /// doc_id -> (doc_hash, passages).
+    fn doc_summary(&self) -> Result<HashMap<String, (String, usize)>> {
         let Some(t) = &self.table else { return Ok(HashMap::new()) };
         self.rt.block_on(async {
             let batches: Vec<RecordBatch> = t
@@ -219,12 +229,13 @@ impl Store {
                 .await?
                 .try_collect()
                 .await?;
-            let mut m = HashMap::new();
+            let mut m: HashMap<String, (String, usize)> = HashMap::new();
             for b in &batches {
                 let ids = str_col(b, "doc_id")?;
                 let hs = str_col(b, "doc_hash")?;
                 for i in 0..b.num_rows() {
-                    m.insert(ids.value(i).to_string(), hs.value(i).to_string());
+                    let e = m.entry(ids.value(i).to_string()).or_insert_with(|| (hs.value(i).to_string(), 0));
+                    e.1 += 1;
                 }
             }
             Ok(m)

@@ -28,6 +28,9 @@ pub struct DatasetArgs {
     pub corpus: PathBuf,
     #[arg(long, env = "REFRAG_DATASET_QUESTIONS")]
     pub questions: PathBuf,
+    /// Print the summary as JSON.
+    #[arg(long, env = "REFRAG_JSON")]
+    pub json: bool,
 }
 
 fn read_all(p: &PathBuf) -> Result<String> {
@@ -91,6 +94,10 @@ pub fn run(_g: &Global, a: DatasetArgs) -> Result<ExitCode> {
     };
     write(&a.corpus, &docs)?;
     write(&a.questions, &qs)?;
-    outln!("{} documents -> {}, {} questions -> {}", docs.len(), a.corpus.display(), qs.len(), a.questions.display());
+    if a.json {
+        outln!("{}", serde_json::json!({"documents": docs.len(), "corpus": a.corpus, "questions": qs.len(), "questions_file": a.questions}));
+    } else {
+        outln!("{} documents -> {}, {} questions -> {}", docs.len(), a.corpus.display(), qs.len(), a.questions.display());
+    }
     Ok(ExitCode::SUCCESS)
 }

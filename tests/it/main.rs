@@ -4,6 +4,7 @@
 mod common;
 mod chat;
 mod cli;
+mod crash;
 mod decoder;
 mod encoder;
 mod pipeline;
