@@ -41,6 +41,8 @@ use std::sync::Arc;
 pub const SCHEMA_VERSION: u32 = 2;
 const PASSAGES: &str = "passages";
 const META: &str = "refrag_meta";
+/// Lock file of the process that writes a local index.
+const LOCK_FILE: &str = ".refrag-write.lock";
 /// Rows above which an ANN index pays for itself (below, exact search is fast).
 const ANN_MIN_ROWS: usize = 5000;
 
@@ -143,6 +145,7 @@ pub struct Store {
     table: Option<Table>,
     pub uri: String,
     pub info: Option<IndexInfo>,
+
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -150,6 +153,47 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .worker_threads(2)
         .enable_all()
         .build()?)
+}
+
+/// Become the only writer of a local index: an exclusive lock on `.refrag-write.lock` in its
+/// folder, held while the returned file lives (the OS releases it if the process dies). Take it
+/// before opening the store. Refuses a folder that holds files but no LanceDB tables (not an
+/// index: nothing in it is touched). Object stores take no lock (None).
+pub fn lock_for_writing(uri: &str) -> Result<Option<std::fs::File>> {
+    if uri.contains("://") {
+        return Ok(None);
+    }
+    let dir = std::path::Path::new(uri);
+    if dir.exists() && !dir.is_dir() {
+        bail!("{uri}: not a directory (a refrag index is a LanceDB folder)");
+    }
+    if dir.is_dir() {
+        let names: Vec<String> = std::fs::read_dir(dir)
+            .with_context(|| format!("{uri}: cannot read the folder"))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n != LOCK_FILE)
+            .collect();
+        if !names.is_empty() && !names.iter().any(|n| n.ends_with(".lance")) {
+            bail!("{uri}: holds {} and no LanceDB tables; give an empty or new folder to --db", names[0]);
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("{uri}: cannot create the index folder"))?;
+    let path = dir.join(LOCK_FILE);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("{}: cannot write here (read-only?)", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(Some(f)),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "{uri}: another `refrag index` is writing to this index; wait for it to finish (lock {})",
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => Err(anyhow!("{}: cannot lock: {e}", path.display())),
+    }
 }
 
 impl Store {
@@ -160,8 +204,14 @@ impl Store {
         if !uri.contains("://") && path.exists() && !path.is_dir() {
             bail!("{uri}: not a directory (a refrag index is a LanceDB folder)");
         }
+        // Local paths go to LanceDB absolute: a bare relative name is not always read as a path.
+        let target = if uri.contains("://") {
+            uri.to_string()
+        } else {
+            std::path::absolute(path).map(|p| p.to_string_lossy().to_string()).unwrap_or_else(|_| uri.to_string())
+        };
         let (db, table, info) = rt.block_on(async {
-            let db = lancedb::connect(uri)
+            let db = lancedb::connect(&target)
                 .execute()
                 .await
                 .with_context(|| format!("{uri}: cannot open as a LanceDB database"))?;

@@ -90,6 +90,9 @@ impl RagArgs {
         let device = g.device()?;
         let decoder = g.load_decoder(&device)?;
         let encoder = g.load_encoder(&device)?;
+        if !self.db.contains("://") && !std::path::Path::new(&self.db).exists() {
+            bail!("{}: no index here; build one with `refrag index PATH --db {}`", self.db, self.db);
+        }
         let store = Store::open(&self.db)?;
         let Some(info) = store.info.clone() else {
             bail!("{}: no index here; build one with `refrag index PATH --db {}`", self.db, self.db);

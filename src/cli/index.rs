@@ -56,6 +56,7 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
     let gguf = crate::models::resolve_decoder(g.decoder.as_deref(), &g.home(), g.quiet)?;
     let (tokenizer, tokenizer_id) = crate::gguf_tokenizer::load(&gguf)?;
     let encoder = g.load_encoder(&device)?;
+    let _lock = crate::store::lock_for_writing(&args.db)?;
     let mut store = Store::open(&args.db)?;
     // Chunk vectors come from the trained chunk encoder when trained weights are in use.
     let trained = g.trained(&encoder, crate::decoder::hidden_size(&gguf)?)?;

@@ -8,5 +8,6 @@ mod crash;
 mod decoder;
 mod encoder;
 mod pipeline;
+mod robust;
 mod tokenizer;
 mod train;
