@@ -107,19 +107,7 @@ pub fn load(files: &[InputFile], warnings: &mut Vec<String>) -> Result<Vec<Docum
     let mut seen: HashMap<String, String> = HashMap::new();
     for InputFile { path: f, id: file_id } in files {
         let bytes = std::fs::read(f).with_context(|| format!("{}", f.display()))?;
-        if bytes.contains(&0) {
-            bail!("{}: binary file (contains NUL bytes), not text", f.display());
-        }
-        let text = utf8(f, bytes)?;
-        let is_jsonl = f.extension().and_then(|x| x.to_str()).is_some_and(|x| x.eq_ignore_ascii_case("jsonl"));
-        let new = if is_jsonl {
-            parse_jsonl(f, &text)?
-        } else {
-            // A text file's name is its id, not a title (titles help retrieval; names do not).
-            let source = f.display().to_string();
-            vec![Document { id: file_id.clone(), title: String::new(), text, meta: "{}".into(), source }]
-        };
-        for d in new {
+        for d in documents_from_bytes(f, file_id, bytes)? {
             if d.text.trim().is_empty() {
                 warnings.push(format!("{}: empty document skipped", d.source));
                 continue;
@@ -131,6 +119,24 @@ pub fn load(files: &[InputFile], warnings: &mut Vec<String>) -> Result<Vec<Docum
         }
     }
     Ok(docs)
+}
+
+/// The documents of one file's bytes: a .jsonl file holds one per line, any other file is one
+/// document whose id is `file_id`. Errors name the file (and line). Nothing here touches the
+/// file system: paths inside documents are data.
+pub fn documents_from_bytes(f: &Path, file_id: &str, bytes: Vec<u8>) -> Result<Vec<Document>> {
+    if bytes.contains(&0) {
+        bail!("{}: binary file (contains NUL bytes), not text", f.display());
+    }
+    let text = utf8(f, bytes)?;
+    let is_jsonl = f.extension().and_then(|x| x.to_str()).is_some_and(|x| x.eq_ignore_ascii_case("jsonl"));
+    Ok(if is_jsonl {
+        parse_jsonl(f, &text)?
+    } else {
+        // A text file's name is its id, not a title (titles help retrieval; names do not).
+        let source = f.display().to_string();
+        vec![Document { id: file_id.to_string(), title: String::new(), text, meta: "{}".into(), source }]
+    })
 }
 
 fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<Document>> {

@@ -45,6 +45,7 @@ fn index_survives_sigkill_at_random_points() {
 
     let mut rng = refrag::train::Rng(7);
     let mut killed = 0;
+    let (mut committed_docs_seen, mut reruns) = (0usize, 0usize);
     for round in 0..20 {
         let db = dir.path().join(format!("db{round}"));
         let mut child = index_cmd(&db, &docs).spawn().unwrap();
@@ -57,7 +58,9 @@ fn index_survives_sigkill_at_random_points() {
         child.wait().unwrap();
         if db.exists() {
             // Whatever was committed is whole documents.
-            for (doc, n) in counts(&db) {
+            let c = counts(&db);
+            committed_docs_seen += c.len();
+            for (doc, n) in c {
                 assert_eq!(Some(&n), expected.get(&doc), "round {round}: {doc} has {n} passages after a kill at {at:?}");
             }
         }
@@ -76,7 +79,13 @@ fn index_survives_sigkill_at_random_points() {
             assert!(out.status.success(), "round {round}: {}", String::from_utf8_lossy(&out.stderr));
             assert_eq!(counts(&db), expected, "round {round}");
             assert_eq!(Store::open(db.to_str().unwrap()).unwrap().rows().unwrap(), total);
+            reruns += 1;
         }
     }
     assert!(killed >= 15, "only {killed} of 20 runs were killed mid-way");
+    eprintln!(
+        "crash test: {killed}/20 runs killed; {committed_docs_seen} whole documents found after kills, 0 partial; \
+         {reruns} re-runs each ended with exactly {total} rows in {} documents (0 lost, 0 duplicated)",
+        expected.len()
+    );
 }
