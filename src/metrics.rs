@@ -75,6 +75,15 @@ pub fn abstains(pred: &str) -> bool {
             .any(|p| n.contains(p))
 }
 
+/// Arithmetic mean (0 for no values).
+pub fn mean(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        0.0
+    } else {
+        xs.iter().sum::<f64>() / xs.len() as f64
+    }
+}
+
 /// Mean, median and 95th percentile.
 pub fn summary(xs: &[f64]) -> (f64, f64, f64) {
     if xs.is_empty() {

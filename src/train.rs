@@ -474,25 +474,25 @@ fn init_from_weights(varmap: &VarMap, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The run's variables under `prefix`, by their name without it (tensors share the variables'
+/// storage, so gradients reach them).
+fn vars_with_prefix(varmap: &VarMap, prefix: &str) -> Result<HashMap<String, Tensor>> {
+    let vars = varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned varmap"))?;
+    Ok(vars
+        .iter()
+        .filter_map(|(n, v)| n.strip_prefix(prefix).map(|n| (n.to_string(), v.as_tensor().clone())))
+        .collect())
+}
+
 /// The chunk encoder with the run's trainable variables in place of its top layers.
 fn trainable_encoder(varmap: &VarMap, base: &Encoder) -> Result<Encoder> {
-    let vars = varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned varmap"))?;
-    let replace: HashMap<String, Tensor> = vars
-        .iter()
-        .filter_map(|(n, v)| n.strip_prefix(ENC_PREFIX).map(|n| (n.to_string(), v.as_tensor().clone())))
-        .collect();
-    base.with_tensors(replace, "", crate::decoder::Ops::Differentiable)
+    base.with_tensors(vars_with_prefix(varmap, ENC_PREFIX)?, "", crate::decoder::Ops::Differentiable)
 }
 
 /// The decoder with the run's adapters attached (itself when it has none).
 fn trainable_decoder(varmap: &VarMap, base: &Decoder) -> Result<Decoder> {
-    let vars = varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned varmap"))?;
-    let lora: HashMap<String, Tensor> = vars
-        .iter()
-        .filter_map(|(n, v)| n.strip_prefix(DEC_PREFIX).map(|n| (n.to_string(), v.as_tensor().clone())))
-        .collect();
     let mut d = base.clone();
-    d.attach_lora(&lora)?;
+    d.attach_lora(&vars_with_prefix(varmap, DEC_PREFIX)?)?;
     Ok(d)
 }
 

@@ -212,12 +212,7 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
     let sampling = args.sampling.options()?;
     let (engine, mode) = args.rag.engine(g)?;
     let opts = args.rag.options(mode, sampling);
-    let mut out = match &args.out {
-        Some(p) => Some(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?,
-        )),
-        None => None,
-    };
+    let mut out = out_file(&args.out)?;
     let pb = crate::progress::bar(g.quiet, qs.len() as u64, "questions");
     pb.set_message("eval");
     let mut contains = vec![];
@@ -282,7 +277,7 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
     if let Some(mut o) = out {
         o.flush()?;
     }
-    let mean = |v: &[f64]| if v.is_empty() { 0.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
+    let mean = metrics::mean;
     let (ttft_mean, ttft_median, ttft_p95) = metrics::summary(&ttfts);
     let recall_at = |k: usize| (with_gold > 0).then(|| recall[k.min(args.rag.top_k)] as f64 / with_gold as f64);
     let summary = serde_json::json!({
@@ -305,6 +300,13 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
     });
     print_summary(&summary, args.json)?;
     Ok(if bad > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
+}
+
+/// The per-item JSONL output file of --out, if any.
+fn out_file(path: &Option<PathBuf>) -> Result<Option<std::io::BufWriter<std::fs::File>>> {
+    path.as_ref()
+        .map(|p| Ok(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?)))
+        .transpose()
 }
 
 /// A metrics summary on stdout: one JSON object, or one `key value` line per metric.
@@ -409,10 +411,7 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
     let k = args.rag.k.or(trained.as_ref().and_then(|t| t.k)).unwrap_or(16);
     let reader = crate::chat::Reader { decoder: &decoder, compress, k };
     let window = args.window.unwrap_or(decoder.cfg.max_positions).min(decoder.cfg.max_positions).saturating_sub(sampling.max_tokens);
-    let mut out = match &args.out {
-        Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?)),
-        None => None,
-    };
+    let mut out = out_file(&args.out)?;
     let pb = crate::progress::bar(g.quiet, tasks.len() as u64, "conversations");
     let (mut f1s, mut ttfts, mut positions, mut hist_kept, mut hist_total, mut psg_kept, mut psg_total) = (vec![], vec![], vec![], 0, 0, 0, 0);
     let (mut unans, mut unans_right, mut false_abst) = (0usize, 0usize, 0usize);
@@ -445,7 +444,7 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
     if let Some(mut o) = out {
         o.flush()?;
     }
-    let mean = |v: &[f64]| if v.is_empty() { 0.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
+    let mean = metrics::mean;
     let (ttft_mean, ttft_median, ttft_p95) = metrics::summary(&ttfts);
     let share = |a: usize, b: usize| (b > 0).then(|| a as f64 / b as f64);
     let summary = serde_json::json!({
