@@ -29,6 +29,15 @@ pub struct Row {
     pub kv_cache_bytes: Option<usize>,
     /// TTFT of full context divided by this row's TTFT (same L).
     pub speedup: Option<f64>,
+    /// Sequences decoded together.
+    pub batch: usize,
+    /// Generated tokens per second over prefill + decoding, all sequences of the batch.
+    pub throughput_tok_s: Option<f64>,
+    /// Full context's throughput divided into this row's (same L).
+    pub throughput_speedup: Option<f64>,
+    /// Peak resident memory of the process during the variant's run (CPU; the peak is reset
+    /// before each run). None on CUDA (pooled allocator) and for a peer.
+    pub peak_mem_mib: Option<f64>,
 }
 
 pub struct BenchSetup<'a> {
@@ -42,6 +51,82 @@ pub struct BenchSetup<'a> {
     pub text: &'a str,
     pub repeats: usize,
     pub decode_tokens: usize,
+    /// Sequences per run (batch > 1 for throughput).
+    pub batch: usize,
+    /// An outside engine timed on the same full-context prompt (see `Peer`).
+    pub peer: Option<&'a std::cell::RefCell<Peer>>,
+}
+
+/// An outside engine (e.g. llama.cpp through scripts/llama_cpp_peer.py) run as a child
+/// process: it gets the full-context prompt's token ids as one JSON line and answers with its
+/// own prefill time, so pipe costs are not counted.
+pub struct Peer {
+    pub name: String,
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Peer {
+    /// Start `command` through `sh -c` and wait for its `{"ready": true, "name": ...}` line.
+    pub fn start(command: &str) -> Result<Self> {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", command])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("--peer {command:?}: cannot start: {e}"))?;
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        let v: serde_json::Value = serde_json::from_str(line.trim())
+            .map_err(|_| anyhow::anyhow!("--peer {command:?}: did not start (no ready line; see its stderr above)"))?;
+        let name = v["name"].as_str().unwrap_or("peer").to_string();
+        Ok(Self { name, child, out })
+    }
+
+    /// The peer's prefill time in ms for `tokens`.
+    fn prefill_ms(&mut self, tokens: &[u32]) -> Result<f64> {
+        use std::io::{BufRead, Write};
+        let stdin = self.child.stdin.as_mut().expect("piped stdin");
+        writeln!(stdin, "{}", serde_json::json!({ "tokens": tokens }))?;
+        stdin.flush()?;
+        let mut line = String::new();
+        if self.out.read_line(&mut line)? == 0 {
+            anyhow::bail!("peer {} exited", self.name);
+        }
+        let v: serde_json::Value = serde_json::from_str(line.trim())?;
+        v["prefill_ms"].as_f64().ok_or_else(|| anyhow::anyhow!("peer {}: no prefill_ms in {line}", self.name))
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// Reset the process's peak resident set (Linux), so the next reading is this run's peak.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Peak resident set since the last reset, MiB (Linux; None elsewhere).
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// One timed run.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    ttft: f64,
+    ttit: f64,
+    kv: usize,
+    total_s: f64,
+    mem: Option<f64>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -49,26 +134,32 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// Time one prefill + `decode` greedy steps; returns (ttft ms, ms per later token, kv bytes).
-fn time_decode(d: &Decoder, segs: &[Segment], decode: usize, pre: impl Fn() -> Result<Vec<Segment>>) -> Result<(f64, f64, usize)> {
+/// Time one prefill of `batch` copies of the input + `decode` greedy steps.
+fn time_decode(d: &Decoder, segs: &[Segment], decode: usize, batch: usize, pre: impl Fn() -> Result<Vec<Segment>>) -> Result<Sample> {
+    reset_peak_rss();
     let t0 = Instant::now();
     let extra = pre()?;
     let mut all = extra;
     all.extend_from_slice(segs);
     let input = prompt::assemble(d, &all)?;
+    let embeds = if batch > 1 { input.embeds.repeat((batch, 1, 1))? } else { input.embeds.clone() };
     let mut st = d.new_state(input.positions + decode + 1);
-    let h = d.forward(&input.embeds, &mut st)?;
+    let h = d.forward(&embeds, &mut st)?;
     let logits = d.logits(&h.i((.., input.positions - 1..input.positions, ..))?)?;
-    let mut next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+    // one host copy per step for the whole batch
+    let mut next = logits.squeeze(1)?.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
     let ttft = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
     for _ in 0..decode {
-        let e = d.embed_tokens(&[next])?.unsqueeze(0)?;
+        let e = d.embed_tokens(&next)?.unsqueeze(1)?;
         let h = d.forward(&e, &mut st)?;
-        next = d.logits(&h)?.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        next = d.logits(&h)?.squeeze(1)?.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
     }
     let ttit = if decode > 0 { t1.elapsed().as_secs_f64() * 1e3 / decode as f64 } else { 0.0 };
-    Ok((ttft, ttit, st.bytes()))
+    let total_s = t0.elapsed().as_secs_f64();
+    // CUDA memory comes from a pool that keeps what earlier runs freed: no per-run peak there
+    let mem = if d.device.is_cpu() { peak_rss_mib() } else { None };
+    Ok(Sample { ttft, ttit, kv: st.bytes(), total_s, mem })
 }
 
 /// Run the benchmark over context lengths and chunk sizes.
@@ -93,7 +184,7 @@ pub fn run(s: &BenchSetup, contexts: &[usize], ks: &[usize], mut progress: impl 
             positions: usize,
             segs: Option<Vec<Segment>>,
             chunk_texts: Vec<String>,
-            samples: Vec<(f64, f64, usize)>,
+            samples: Vec<Sample>,
             dense: bool,
         }
         let mut vars = vec![Variant {
@@ -158,25 +249,41 @@ pub fn run(s: &BenchSetup, contexts: &[usize], ks: &[usize], mut progress: impl 
                 });
             }
         }
+        if let Some(peer) = s.peer {
+            let name = peer.borrow().name.clone();
+            vars.insert(1, Variant {
+                name,
+                k: 1,
+                positions: vars[0].positions,
+                segs: vars[0].segs.clone(),
+                chunk_texts: vec![],
+                samples: vec![],
+                dense: false,
+            });
+        }
+        let full_prompt: Vec<u32> = ctx.iter().chain(&question).copied().collect();
         for rep in 0..=s.repeats {
-            for v in vars.iter_mut() {
+            for (vi, v) in vars.iter_mut().enumerate() {
                 let Some(segs) = &v.segs else { continue };
                 progress(&format!("L={len} {} rep {rep}/{}", v.name, s.repeats));
-                let sample = if v.dense {
-                    time_decode(s.dense_decoder.expect("dense decoder"), segs, s.decode_tokens, || Ok(vec![]))?
+                let sample = if vi == 1 && s.peer.is_some() {
+                    let ms = s.peer.expect("peer").borrow_mut().prefill_ms(&full_prompt)?;
+                    Sample { ttft: ms, ttit: f64::NAN, kv: 0, total_s: f64::NAN, mem: None }
+                } else if v.dense {
+                    time_decode(s.dense_decoder.expect("dense decoder"), segs, s.decode_tokens, s.batch, || Ok(vec![]))?
                 } else if v.name == "full" {
-                    time_decode(d, segs, s.decode_tokens, || Ok(vec![]))?
+                    time_decode(d, segs, s.decode_tokens, s.batch, || Ok(vec![]))?
                 } else if v.chunk_texts.is_empty() {
                     // cached vectors: projection is inside the timed path
                     let Segment::Embeds(c) = &segs[0] else { unreachable!() };
                     let c = c.clone();
-                    time_decode(d, &segs[1..], s.decode_tokens, || {
+                    time_decode(d, &segs[1..], s.decode_tokens, s.batch, || {
                         Ok(vec![Segment::Embeds(s.projector.forward(&c)?)])
                     })?
                 } else {
                     let enc = s.encoder.expect("encoder");
                     let texts = &v.chunk_texts;
-                    time_decode(d, segs, s.decode_tokens, || {
+                    time_decode(d, segs, s.decode_tokens, s.batch, || {
                         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
                         Ok(vec![Segment::Embeds(s.projector.forward(&enc.encode(&refs)?)?)])
                     })?
@@ -186,34 +293,49 @@ pub fn run(s: &BenchSetup, contexts: &[usize], ks: &[usize], mut progress: impl 
                 }
             }
         }
-        let mut full_ttft = None;
+        let context_tokens = len + question.len() + s.decode_tokens;
+        let generated = (s.batch * (s.decode_tokens + 1)) as f64;
+        let mut full: Option<(f64, f64)> = None;
         for mut v in vars {
-            let row = if v.samples.is_empty() {
-                Row {
-                    context_tokens: len + question.len() + s.decode_tokens, variant: v.name, k: v.k, positions: v.positions,
-                    ttft_ms_median: None, ttft_ms_min: None, ttft_ms_max: None,
-                    ttit_ms_median: None, kv_cache_bytes: None, speedup: None,
-                }
-            } else {
-                let mut t: Vec<f64> = v.samples.iter().map(|x| x.0).collect();
-                let mut i: Vec<f64> = v.samples.iter().map(|x| x.1).collect();
-                let med = median(&mut t);
-                if v.name == "full" {
-                    full_ttft = Some(med);
-                }
-                Row {
-                    context_tokens: len + question.len() + s.decode_tokens,
-                    variant: std::mem::take(&mut v.name),
-                    k: v.k,
-                    positions: v.positions,
-                    ttft_ms_median: Some(med),
-                    ttft_ms_min: t.first().copied(),
-                    ttft_ms_max: t.last().copied(),
-                    ttit_ms_median: Some(median(&mut i)),
-                    kv_cache_bytes: Some(v.samples[0].2),
-                    speedup: full_ttft.map(|f| f / med),
-                }
+            let mut row = Row {
+                context_tokens,
+                variant: std::mem::take(&mut v.name),
+                k: v.k,
+                positions: v.positions,
+                ttft_ms_median: None,
+                ttft_ms_min: None,
+                ttft_ms_max: None,
+                ttit_ms_median: None,
+                kv_cache_bytes: None,
+                speedup: None,
+                batch: s.batch,
+                throughput_tok_s: None,
+                throughput_speedup: None,
+                peak_mem_mib: None,
             };
+            if !v.samples.is_empty() {
+                let mut t: Vec<f64> = v.samples.iter().map(|x| x.ttft).collect();
+                let mut i: Vec<f64> = v.samples.iter().map(|x| x.ttit).collect();
+                let mut tp: Vec<f64> = v.samples.iter().map(|x| generated / x.total_s).collect();
+                let med = median(&mut t);
+                let thr = median(&mut tp);
+                let is_peer = v.samples[0].ttit.is_nan();
+                if row.variant == "full" {
+                    full = Some((med, thr));
+                }
+                row.ttft_ms_median = Some(med);
+                row.ttft_ms_min = t.first().copied();
+                row.ttft_ms_max = t.last().copied();
+                row.speedup = full.map(|f| f.0 / med);
+                if !is_peer {
+                    row.ttit_ms_median = Some(median(&mut i));
+                    row.kv_cache_bytes = Some(v.samples[0].kv);
+                    row.throughput_tok_s = Some(thr);
+                    row.throughput_speedup = full.map(|f| thr / f.1);
+                    let mut m: Vec<f64> = v.samples.iter().filter_map(|x| x.mem).collect();
+                    row.peak_mem_mib = (!m.is_empty()).then(|| median(&mut m));
+                }
+            }
             rows.push(row);
         }
     }

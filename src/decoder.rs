@@ -77,7 +77,7 @@ impl Linear {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
         if let (Some(q), true, None) = (&self.quant, rows <= quant_rows, &self.lora) {
             let dt = x.dtype();
-            return Ok(q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dt)?);
+            return Ok(q.forward(&x.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(dt)?);
         }
         // Fold leading dims into rows: a broadcast weight would be copied once per batch row.
         let dims = x.dims().to_vec();
@@ -389,7 +389,8 @@ impl Decoder {
         let mut start = 0;
         while start < len {
             let n = PREFILL_BLOCK.min(len - start);
-            outs.push(self.forward_block(&embeds.narrow(1, start, n)?, state)?);
+            // a block of a batch > 1 is strided; the fused kernels need contiguous input
+            outs.push(self.forward_block(&embeds.narrow(1, start, n)?.contiguous()?, state)?);
             start += n;
         }
         Ok(Tensor::cat(&outs, 1)?)

@@ -37,12 +37,15 @@ pub mod device;
 pub mod encoder;
 pub mod generate;
 pub mod gguf_tokenizer;
+pub mod hub;
 #[cfg(feature = "store")]
 pub mod indexer;
 pub mod metrics;
 pub mod models;
 pub mod options;
 pub mod perplexity;
+pub mod plot;
+pub mod policy;
 pub mod progress;
 pub mod projector;
 pub mod prompt;

@@ -243,7 +243,7 @@ fn find_wheel(dir: &Path, spec: &ModelSpec) -> Result<PathBuf> {
 /// The decoder GGUF: an explicit path, else the cached pinned model (pulled on first need).
 pub fn resolve_decoder(decoder: Option<&Path>, home: &Path, quiet: bool) -> Result<PathBuf> {
     match decoder {
-        Some(p) => local_path(p, "decoder", false),
+        Some(p) => local_path(p, "decoder", false, quiet),
         None => {
             ensure(&DECODER, home, quiet)?;
             Ok(DECODER.dir(home).join(DECODER.files[0].name))
@@ -254,7 +254,7 @@ pub fn resolve_decoder(decoder: Option<&Path>, home: &Path, quiet: bool) -> Resu
 /// The encoder folder: an explicit path, else the cached pinned model (pulled on first need).
 pub fn resolve_encoder(encoder: Option<&Path>, home: &Path, quiet: bool) -> Result<PathBuf> {
     match encoder {
-        Some(p) => local_path(p, "encoder", true),
+        Some(p) => local_path(p, "encoder", true, quiet),
         None => {
             ensure(&ENCODER, home, quiet)?;
             Ok(ENCODER.dir(home))
@@ -272,7 +272,8 @@ fn ensure(spec: &ModelSpec, home: &Path, quiet: bool) -> Result<()> {
     pull(spec, home, None, quiet)
 }
 
-fn local_path(p: &Path, role: &str, dir: bool) -> Result<PathBuf> {
+/// A local file/folder, else a Hugging Face model id (see `hub`).
+fn local_path(p: &Path, role: &str, dir: bool, quiet: bool) -> Result<PathBuf> {
     if p.exists() {
         if dir != p.is_dir() {
             bail!(
@@ -284,10 +285,8 @@ fn local_path(p: &Path, role: &str, dir: bool) -> Result<PathBuf> {
         return Ok(p.to_path_buf());
     }
     let s = p.to_string_lossy();
-    if s.split('/').count() == 2 && !s.starts_with('.') {
-        bail!(
-            "{s}: no such {role} file; Hugging Face ids need network access and a build with the `hub` feature"
-        );
+    if let Some(id) = crate::hub::parse(&s) {
+        return crate::hub::fetch(&id, role, quiet);
     }
     bail!("{s}: no such {role} {}", if dir { "folder" } else { "file" })
 }

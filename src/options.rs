@@ -22,6 +22,17 @@ pub enum Policy {
     Random,
     /// Chunks whose encoder vector is closest to the question's.
     Sim,
+    /// Chunks the decoder finds hardest (highest perplexity of their own tokens; costs a
+    /// full-context pass over the passages).
+    #[value(name = "ppl-desc")]
+    #[serde(rename = "ppl-desc")]
+    PplDesc,
+    /// Chunks the decoder finds easiest (lowest perplexity first).
+    #[value(name = "ppl-asc")]
+    #[serde(rename = "ppl-asc")]
+    PplAsc,
+    /// The trained policy (`refrag train policy`, policy.safetensors in the weights folder).
+    Rl,
 }
 
 /// How to search.

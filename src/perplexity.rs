@@ -22,6 +22,12 @@ pub struct PplOptions {
     pub k: usize,
     /// Windows scored per text (spread evenly over it).
     pub windows: usize,
+    /// REFRAG readings with this fraction of chunks expanded back to tokens, one per policy.
+    pub expand: f64,
+    pub policies: Vec<crate::options::Policy>,
+    /// Tokens of the target's start encoded as the query of a conditioned RL policy (a
+    /// stand-in for a question; the decoder never sees them before it scores them).
+    pub query_tokens: usize,
 }
 
 /// Mean negative log-likelihood per target token, per reading.
@@ -38,6 +44,8 @@ pub struct PplScores {
     /// The adapted decoder (trained adapters folded in) with no context: how much of REFRAG's
     /// gain is the adapters' own fit to the text rather than read from the chunk vectors.
     pub nll_none_adapted: Option<f64>,
+    /// REFRAG with `expand` of the chunks expanded, per policy name.
+    pub nll_expanded: std::collections::BTreeMap<String, f64>,
 }
 
 impl PplScores {
@@ -68,6 +76,16 @@ impl PplScores {
                 .iter()
                 .all(|s| s.nll_none_adapted.is_some())
                 .then(|| w(&|s| s.nll_none_adapted.unwrap_or(0.0))),
+            nll_expanded: all
+                .first()
+                .map(|f| f.nll_expanded.keys().filter(|k| all.iter().all(|s| s.nll_expanded.contains_key(*k))).cloned().collect::<Vec<_>>())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|k| {
+                    let v = w(&|s| s.nll_expanded[&k]);
+                    (k, v)
+                })
+                .collect(),
         }
     }
 }
@@ -84,7 +102,7 @@ pub fn window_starts(total: usize, len: usize, n: usize) -> Vec<usize> {
 
 /// Mean NLL of `targets` when the decoder reads `prefix` (embeddings, [p, hidden]) and then
 /// the targets themselves (teacher forced).
-fn nll_after(dec: &Decoder, prefix: &Tensor, targets: &[u32]) -> Result<f64> {
+pub fn nll_after(dec: &Decoder, prefix: &Tensor, targets: &[u32]) -> Result<f64> {
     let p = prefix.dim(0)?;
     if p == 0 {
         bail!("empty prefix");
@@ -99,10 +117,12 @@ fn nll_after(dec: &Decoder, prefix: &Tensor, targets: &[u32]) -> Result<f64> {
 
 /// Score one text (already tokenised). `refrag_dec` reads the chunk vectors (the decoder with
 /// trained adapters folded in), `dec` everything else; None = `dec` for both.
+#[allow(clippy::too_many_arguments)]
 pub fn score(
     dec: &Decoder,
     refrag_dec: Option<&Decoder>,
     compress: Option<(&Encoder, &Projector)>,
+    policy: Option<(&crate::policy::PolicyNet, &Encoder)>,
     name: &str,
     ids: &[u32],
     opts: &PplOptions,
@@ -132,8 +152,45 @@ pub fn score(
                 .map(|c| dec.tokenizer.decode(c, false).map_err(|e| anyhow::anyhow!("decode: {e}")))
                 .collect::<Result<Vec<_>>>()?;
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let e = proj.forward(&enc.encode(&refs)?.to_device(&dec.device)?)?;
-            refrag += nll_after(refrag_dec.unwrap_or(dec), &e, tgt)?;
+            let vecs = enc.encode(&refs)?.to_device(&dec.device)?;
+            let e = proj.forward(&vecs)?;
+            let rd = refrag_dec.unwrap_or(dec);
+            refrag += nll_after(rd, &e, tgt)?;
+            let n = texts.len();
+            let want = ((opts.expand * n as f64).round() as usize).min(n);
+            let mut chunk_nll = None;
+            for (pi, &p) in opts.policies.iter().enumerate() {
+                use crate::options::Policy;
+                let scores: Vec<f64> = match p {
+                    Policy::None => vec![0.0; n],
+                    Policy::Random => {
+                        let mut rng = crate::train::Rng(0x5eed ^ (st as u64) << 8 ^ pi as u64);
+                        (0..n).map(|_| rng.unit()).collect()
+                    }
+                    Policy::PplDesc | Policy::PplAsc => {
+                        if chunk_nll.is_none() {
+                            chunk_nll = Some(crate::policy::chunk_nll(dec, ctx, k)?);
+                        }
+                        let sign = if p == Policy::PplDesc { 1.0 } else { -1.0 };
+                        chunk_nll.as_ref().map(|v| v.iter().map(|x| sign * x).collect()).unwrap_or_default()
+                    }
+                    Policy::Sim => bail!("--policy sim needs a question; perplexity readings take random, ppl-desc, ppl-asc, rl"),
+                    Policy::Rl => {
+                        let Some((net, qenc)) = policy else { bail!("--policy rl needs a trained policy in the weights folder") };
+                        let q = if net.cfg.condition {
+                            let qt = dec.tokenizer.decode(&tgt[..opts.query_tokens.min(o)], false).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
+                            Some(qenc.encode(&[qt.as_str()])?.to_device(&dec.device)?.squeeze(0)?)
+                        } else {
+                            None
+                        };
+                        net.logits(&vecs, q.as_ref())?.to_vec1::<f32>()?.iter().map(|&x| x as f64).collect()
+                    }
+                };
+                let mask = if p == Policy::None { vec![false; n] } else { crate::policy::top_mask(&scores, want) };
+                let prefix = crate::policy::mixed_prefix(rd, ctx, k, &e, &mask)?;
+                let key = format!("{}@{}", serde_json::to_value(p)?.as_str().unwrap_or("?"), opts.expand);
+                *sc.nll_expanded.entry(key).or_insert(0.0) += nll_after(rd, &prefix, tgt)?;
+            }
         }
         if let Some(ad) = refrag_dec {
             none_adapted += nll_after(ad, &ad.embed_tokens(&[0])?, tgt)?;
@@ -148,6 +205,9 @@ pub fn score(
     sc.nll_last /= n;
     sc.nll_refrag = compress.map(|_| refrag / n);
     sc.nll_none_adapted = refrag_dec.map(|_| none_adapted / n);
+    for v in sc.nll_expanded.values_mut() {
+        *v /= n;
+    }
     Ok(sc)
 }
 

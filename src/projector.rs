@@ -75,6 +75,8 @@ pub struct Trained {
     pub decoder_lora: Option<PathBuf>,
     /// The chunk size the weights were trained for (from card.json), when known.
     pub k: Option<usize>,
+    /// The trained expansion policy (`refrag train policy`), when the folder has one.
+    pub policy: Option<std::sync::Arc<crate::policy::PolicyNet>>,
 }
 
 /// Find and load trained weights from the first folder that has a projector.
@@ -92,7 +94,12 @@ pub fn find(dirs: &[PathBuf], encoder: &crate::encoder::Encoder, out_dim: usize)
                 .map(|k| k as usize);
             let lora = d.join(crate::decoder::LORA_FILE);
             let decoder_lora = lora.exists().then_some(lora);
-            return Ok(Some(Trained { projector, chunk_encoder, dir: d.clone(), decoder_lora, k }));
+            let policy = if d.join(crate::policy::POLICY_FILE).exists() {
+                Some(std::sync::Arc::new(crate::policy::PolicyNet::load(d, &encoder.device)?))
+            } else {
+                None
+            };
+            return Ok(Some(Trained { projector, chunk_encoder, dir: d.clone(), decoder_lora, k, policy }));
         }
     }
     Ok(None)

@@ -67,6 +67,8 @@ pub struct Engine {
     pub chunk_encoder: Option<Encoder>,
     /// Chunk size of the index.
     pub k: usize,
+    /// The trained expansion policy, when the weights have one.
+    pub policy: Option<std::sync::Arc<crate::policy::PolicyNet>>,
 }
 
 impl Engine {
@@ -113,7 +115,7 @@ impl Engine {
                 let dim = self.encoder.dim;
                 let all: Vec<f32> = hits.iter().flat_map(|h| h.passage.chunks.iter().copied()).collect();
                 n_chunks = all.len() / dim;
-                let expand = choose_expanded(hits, qvec, dim, opts, n_chunks);
+                let expand = self.choose_expanded(hits, qvec, dim, opts, n_chunks)?;
                 n_expanded = expand.iter().filter(|&&e| e).count();
                 let projected = if n_chunks > 0 {
                     let c = Tensor::from_vec(all, (n_chunks, dim), &self.decoder.device)?;
@@ -151,6 +153,49 @@ impl Engine {
         Ok((passages, n_chunks, n_expanded))
     }
 
+    /// Which of the hits' chunks (in order) are expanded back to tokens.
+    fn choose_expanded(&self, hits: &[Hit], qvec: &[f32], dim: usize, opts: &AskOptions, n: usize) -> Result<Vec<bool>> {
+        let want = ((opts.expand.clamp(0.0, 1.0) * n as f64).round() as usize).min(n);
+        if want == 0 || opts.policy == Policy::None {
+            return Ok(vec![false; n]);
+        }
+        let scores: Vec<f64> = match opts.policy {
+            Policy::None => unreachable!(),
+            Policy::Random => {
+                let mut rng = crate::train::Rng(opts.sampling.seed ^ 0x9e37_79b9_7f4a_7c15);
+                (0..n).map(|_| rng.unit()).collect()
+            }
+            Policy::Sim => hits
+                .iter()
+                .flat_map(|h| h.passage.chunks.chunks(dim))
+                .map(|c| c.iter().zip(qvec).map(|(a, b)| (a * b) as f64).sum())
+                .collect(),
+            Policy::PplDesc | Policy::PplAsc => {
+                let sign = if opts.policy == Policy::PplDesc { 1.0 } else { -1.0 };
+                let mut v = Vec::with_capacity(n);
+                for h in hits {
+                    let t = &h.passage.tokens;
+                    if t.len() < 2 {
+                        v.extend(std::iter::repeat_n(0.0, t.len().div_ceil(self.k)));
+                        continue;
+                    }
+                    v.extend(crate::policy::chunk_nll(&self.decoder, t, self.k)?.into_iter().map(|x| sign * x));
+                }
+                v
+            }
+            Policy::Rl => {
+                let Some(net) = &self.policy else {
+                    bail!("--policy rl needs a trained policy ({} in the weights folder; `refrag train policy`)", crate::policy::POLICY_FILE);
+                };
+                let all: Vec<f32> = hits.iter().flat_map(|h| h.passage.chunks.iter().copied()).collect();
+                let c = Tensor::from_vec(all, (n, dim), &self.decoder.device)?;
+                let q = Tensor::new(qvec, &self.decoder.device)?;
+                return net.choose(&c, Some(&q), want);
+            }
+        };
+        Ok(crate::policy::top_mask(&scores, want))
+    }
+
     /// How a piece of text (an earlier turn) is read in this mode: compressed into projected
     /// chunk vectors in refrag mode, as tokens otherwise.
     pub fn read_text(&self, text: &str, mode: Mode) -> Result<Vec<Segment>> {
@@ -185,29 +230,3 @@ impl Engine {
     }
 }
 
-/// Which of the hits' chunks (in order) are expanded back to tokens.
-fn choose_expanded(hits: &[Hit], qvec: &[f32], dim: usize, opts: &AskOptions, n: usize) -> Vec<bool> {
-    let want = ((opts.expand.clamp(0.0, 1.0) * n as f64).round() as usize).min(n);
-    let mut out = vec![false; n];
-    if want == 0 || opts.policy == Policy::None {
-        return out;
-    }
-    let scores: Vec<f64> = match opts.policy {
-        Policy::None => unreachable!(),
-        Policy::Random => {
-            let mut rng = crate::train::Rng(opts.sampling.seed ^ 0x9e37_79b9_7f4a_7c15);
-            (0..n).map(|_| rng.unit()).collect()
-        }
-        Policy::Sim => hits
-            .iter()
-            .flat_map(|h| h.passage.chunks.chunks(dim))
-            .map(|c| c.iter().zip(qvec).map(|(a, b)| (a * b) as f64).sum())
-            .collect(),
-    };
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    for &i in order.iter().take(want) {
-        out[i] = true;
-    }
-    out
-}

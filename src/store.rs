@@ -87,7 +87,7 @@ impl IndexInfo {
     /// Error unless the chunk vectors come from the chunk encoder in use now (REFRAG mode, and
     /// any write: one index never mixes chunk vectors of two encoders).
     pub fn check_chunks(&self, now: &IndexInfo, db: &str) -> Result<()> {
-        if self.chunk_encoder != now.chunk_encoder {
+        if weights_of(&self.chunk_encoder) != weights_of(&now.chunk_encoder) {
             bail!(
                 "{db}: chunk vectors were made by {} but the trained weights in use need {}; \
                  re-index into a new --db with these weights, pass the --weights the index was built with, or use --mode full",
@@ -102,7 +102,7 @@ impl IndexInfo {
         if self.schema_version != now.schema_version {
             bail!("{db}: index schema v{} but this refrag reads v{}; re-index into a new --db", self.schema_version, now.schema_version);
         }
-        if self.encoder != now.encoder {
+        if weights_of(&self.encoder) != weights_of(&now.encoder) {
             bail!("{db}: index built with encoder {} but {} is loaded; use the same --encoder or re-index into a new --db", self.encoder, now.encoder);
         }
         if self.tokenizer != now.tokenizer {
@@ -113,6 +113,12 @@ impl IndexInfo {
         }
         Ok(())
     }
+}
+
+/// An encoder identity without its folder name (`NAME@DIGEST[+trained@DIGEST]`): the same
+/// weights fetched into another folder (a Hugging Face snapshot, a copy) are the same encoder.
+fn weights_of(id: &str) -> &str {
+    id.split_once('@').map_or(id, |(_, w)| w)
 }
 
 /// One passage as stored.

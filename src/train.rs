@@ -32,6 +32,8 @@ use std::time::Instant;
 pub enum Stage {
     Reconstruct,
     Cpt,
+    /// The selective-expansion policy (see `policy`); trains on top of existing weights.
+    Policy,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -266,7 +268,7 @@ fn make_batch(pool: &TextPool, dec: &Decoder, cfg: &TrainConfig, l: usize, rng: 
     let s = l * cfg.k;
     let o = match cfg.stage {
         Stage::Reconstruct => s,
-        Stage::Cpt => cfg.predict_tokens,
+        Stage::Cpt | Stage::Policy => cfg.predict_tokens,
     };
     let per = (s + o).max(1);
     let bsz = (cfg.tokens_per_step / per).max(1);
@@ -281,7 +283,7 @@ fn make_batch(pool: &TextPool, dec: &Decoder, cfg: &TrainConfig, l: usize, rng: 
                 let w = pool.window(s, rng).to_vec();
                 (w.clone(), w)
             }
-            Stage::Cpt => {
+            Stage::Cpt | Stage::Policy => {
                 let w = pool.window(s + o, rng);
                 (w[..s].to_vec(), w[s..].to_vec())
             }

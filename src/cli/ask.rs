@@ -111,14 +111,17 @@ impl RagArgs {
             info.check_chunks(&now, &self.db)?;
         }
         let mut decoder = decoder;
-        let (projector, chunk_encoder) = match (mode, trained) {
+        let (projector, chunk_encoder, policy) = match (mode, trained) {
             (Mode::Refrag, Some(t)) => {
                 t.adapt(&mut decoder)?;
-                (Some(t.projector), Some(t.chunk_encoder))
+                (Some(t.projector), Some(t.chunk_encoder), t.policy)
             }
-            _ => (None, None),
+            _ => (None, None, None),
         };
-        Ok((Engine { decoder, encoder, store, projector, chunk_encoder, k: info.k }, mode))
+        if mode == Mode::Refrag && self.policy == Policy::Rl && self.expand > 0.0 && policy.is_none() {
+            bail!("--policy rl needs a trained policy ({} in the weights folder; `refrag train policy`)", crate::policy::POLICY_FILE);
+        }
+        Ok((Engine { decoder, encoder, store, projector, chunk_encoder, k: info.k, policy }, mode))
     }
 
     pub fn options(&self, mode: Mode, sampling: SamplingOptions) -> AskOptions {

@@ -32,14 +32,24 @@ pub struct BenchArgs {
     /// Text to draw the context from (default: a bundled public-domain text).
     #[arg(long, env = "REFRAG_BENCH_TEXT")]
     pub text: Option<PathBuf>,
+    /// Sequences decoded together (throughput at batch > 1).
+    #[arg(long, default_value_t = 1, env = "REFRAG_BENCH_BATCH")]
+    pub batch: usize,
+    /// An outside engine timed on the same full-context prompt, e.g.
+    /// "python3 scripts/llama_cpp_peer.py MODEL.gguf" (llama.cpp through llama-cpp-python).
+    #[arg(long, env = "REFRAG_BENCH_PEER")]
+    pub peer: Option<String>,
+    /// Write a PNG plot of the accelerations (TTFT and throughput vs context length per k).
+    #[arg(long, value_name = "FILE.png", env = "REFRAG_BENCH_PLOT")]
+    pub plot: Option<PathBuf>,
     /// Print rows as JSON lines.
     #[arg(long, env = "REFRAG_JSON")]
     pub json: bool,
 }
 
 pub fn run(g: &Global, args: BenchArgs) -> Result<ExitCode> {
-    if args.repeats == 0 || args.contexts.is_empty() || args.k.iter().any(|&k| k == 0) {
-        bail!("--repeats, --contexts and --k must be positive");
+    if args.repeats == 0 || args.batch == 0 || args.contexts.is_empty() || args.k.iter().any(|&k| k == 0) {
+        bail!("--repeats, --batch, --contexts and --k must be positive");
     }
     let text = match &args.text {
         Some(p) => crate::corpus::read_text(p)?,
@@ -64,6 +74,10 @@ pub fn run(g: &Global, args: BenchArgs) -> Result<ExitCode> {
         }
     };
     let encoder = if args.no_encoder { None } else { Some(chunk_encoder) };
+    let peer = match &args.peer {
+        Some(cmd) => Some(std::cell::RefCell::new(crate::bench::Peer::start(cmd)?)),
+        None => None,
+    };
     let setup = crate::bench::BenchSetup {
         decoder: &decoder,
         dense_decoder: dense.as_ref(),
@@ -72,11 +86,19 @@ pub fn run(g: &Global, args: BenchArgs) -> Result<ExitCode> {
         text: &text,
         repeats: args.repeats,
         decode_tokens: args.decode_tokens,
+        batch: args.batch,
+        peer: peer.as_ref(),
     };
     let pb = crate::progress::spinner(g.quiet, "bench".into());
     let rows = crate::bench::run(&setup, &args.contexts, &args.k, |m| pb.set_message(m.to_string()))?;
     pb.finish_and_clear();
     let dev = crate::device::name(&device);
+    if let Some(p) = &args.plot {
+        crate::plot::speedups(&rows, &dev, p)?;
+        if !g.quiet {
+            eprintln!("plot written to {}", p.display());
+        }
+    }
     if args.json {
         for r in &rows {
             let mut v = serde_json::to_value(r)?;
@@ -84,19 +106,25 @@ pub fn run(g: &Global, args: BenchArgs) -> Result<ExitCode> {
             outln!("{v}");
         }
     } else {
-        outln!("device: {dev}; median of {} runs after a warm-up", args.repeats);
-        outln!("{:>8} {:<18} {:>9} {:>10} {:>10} {:>9} {:>10}", "context", "variant", "positions", "ttft_ms", "ttit_ms", "speedup", "kv_MiB");
+        outln!("device: {dev}; batch {}; median of {} runs after a warm-up", args.batch, args.repeats);
+        outln!(
+            "{:>8} {:<30} {:>9} {:>10} {:>10} {:>9} {:>10} {:>9} {:>10} {:>9}",
+            "context", "variant", "positions", "ttft_ms", "ttit_ms", "speedup", "tok/s", "tput_x", "kv_MiB", "mem_MiB"
+        );
         for r in &rows {
             let f = |x: Option<f64>, p: usize| x.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into());
             outln!(
-                "{:>8} {:<18} {:>9} {:>10} {:>10} {:>9} {:>10}",
+                "{:>8} {:<30} {:>9} {:>10} {:>10} {:>9} {:>10} {:>9} {:>10} {:>9}",
                 r.context_tokens,
                 r.variant,
                 r.positions,
                 r.ttft_ms_median.map(|v| format!("{v:.1}")).unwrap_or_else(|| "over window".into()),
                 f(r.ttit_ms_median, 2),
                 f(r.speedup, 2),
+                f(r.throughput_tok_s, 1),
+                f(r.throughput_speedup, 2),
                 f(r.kv_cache_bytes.map(|b| b as f64 / (1 << 20) as f64), 1),
+                f(r.peak_mem_mib, 0),
             );
         }
     }

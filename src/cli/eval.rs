@@ -104,6 +104,15 @@ pub struct PerplexityArgs {
     /// Windows per text, spread evenly over it.
     #[arg(long, default_value_t = 16, env = "REFRAG_PERPLEXITY_WINDOWS")]
     pub windows: usize,
+    /// Fraction of chunks expanded back to tokens in the policy readings.
+    #[arg(long, default_value_t = 0.1, env = "REFRAG_PERPLEXITY_EXPAND")]
+    pub expand: f64,
+    /// Expansion policies read at --expand (random, ppl-desc, ppl-asc, rl; none = no readings).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "random", env = "REFRAG_PERPLEXITY_POLICY")]
+    pub policy: Vec<crate::options::Policy>,
+    /// Target tokens a conditioned RL policy reads as its query (a stand-in for a question).
+    #[arg(long, default_value_t = 32, env = "REFRAG_PERPLEXITY_QUERY_TOKENS")]
+    pub query_tokens: usize,
     /// Print JSON lines instead of a table.
     #[arg(long, env = "REFRAG_JSON")]
     pub json: bool,
@@ -124,6 +133,10 @@ fn perplexity(g: &Global, a: PerplexityArgs) -> Result<ExitCode> {
     if a.s == 0 || a.o < 2 || a.windows == 0 || a.k.iter().any(|&k| k == 0 || a.s % k != 0) {
         bail!("need --s > 0, --o >= 2, --windows > 0 and every --k dividing --s");
     }
+    if !(0.0..=1.0).contains(&a.expand) {
+        bail!("--expand {}: must be between 0 and 1", a.expand);
+    }
+    let policies: Vec<crate::options::Policy> = a.policy.iter().copied().filter(|&p| p != crate::options::Policy::None).collect();
     let device = g.device()?;
     let decoder = g.load_decoder_with(&device, crate::decoder::Ops::Fused, false)?;
     if a.s + a.o > decoder.cfg.max_positions {
@@ -160,11 +173,15 @@ fn perplexity(g: &Global, a: PerplexityArgs) -> Result<ExitCode> {
         if compress.is_none() && !g.quiet {
             eprintln!("refrag: no trained weights for k = {k}: REFRAG row left out");
         }
-        let opts = PplOptions { s: a.s, o: a.o, k, windows: a.windows };
+        let opts = PplOptions { s: a.s, o: a.o, k, windows: a.windows, expand: a.expand, policies: policies.clone(), query_tokens: a.query_tokens };
+        let policy = compress.and(trained.as_ref()).and_then(|t| t.policy.as_deref()).map(|p| (p, &encoder));
+        if policies.contains(&crate::options::Policy::Rl) && compress.is_some() && policy.is_none() {
+            bail!("--policy rl needs a trained policy ({} in the weights folder; `refrag train policy`)", crate::policy::POLICY_FILE);
+        }
         let mut rows = Vec::new();
         for (name, ids) in &texts {
             pb.set_message(format!("k={k} {name}"));
-            rows.push(score(&decoder, adapted.as_ref(), compress, name, ids, &opts, || pb.inc(1))?);
+            rows.push(score(&decoder, adapted.as_ref(), compress, policy, name, ids, &opts, || pb.inc(1))?);
         }
         rows.push(PplScores::pooled(&rows));
         for r in &rows {
@@ -188,6 +205,12 @@ fn perplexity(g: &Global, a: PerplexityArgs) -> Result<ExitCode> {
                     let p = |x: Option<f64>| x.map(|n| format!("{:.2}", PplScores::ppl(n))).unwrap_or_else(|| "-".into());
                     let gc = r.nll_refrag.map(|n| format!("{:.1}%", 100.0 * r.gap_closed(n))).unwrap_or_else(|| "-".into());
                     writeln!(out, "{:<28} {:>7} {:>9.2} {:>9.2} {:>9.2} {:>9} {:>11} {:>13}", r.text, r.windows, PplScores::ppl(r.nll_none), PplScores::ppl(r.nll_full), PplScores::ppl(r.nll_last), p(r.nll_refrag), gc, p(r.nll_none_adapted))?;
+                }
+                if let Some(pooled) = rows.last().filter(|r| !r.nll_expanded.is_empty()) {
+                    writeln!(out, "REFRAG-{k} with {:.0}% of chunks expanded (pooled): policy, perplexity, gap closed", 100.0 * a.expand)?;
+                    for (name, &n) in &pooled.nll_expanded {
+                        writeln!(out, "  {name:<16} {:>9.2} {:>10.1}%", PplScores::ppl(n), 100.0 * pooled.gap_closed(n))?;
+                    }
                 }
                 Ok(())
             })?;

@@ -1,4 +1,4 @@
-//! `refrag train reconstruct|cpt`.
+//! `refrag train reconstruct|cpt|policy`.
 
 use super::Global;
 use crate::train::{self, Stage, TextPool, TrainConfig, TrainRun};
@@ -9,7 +9,8 @@ use std::process::ExitCode;
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Stage: reconstruct (chunk vectors -> the same tokens) or cpt (-> the next tokens).
+    /// Stage: reconstruct (chunk vectors -> the same tokens), cpt (-> the next tokens) or
+    /// policy (which chunks to expand; needs trained weights, see --weights).
     #[arg(value_enum)]
     pub stage: Stage,
     /// Training text files (UTF-8). Never the text you report results on.
@@ -70,11 +71,77 @@ pub struct TrainArgs {
     /// Start from these weights (a folder, e.g. the reconstruction stage's --out).
     #[arg(long, env = "REFRAG_TRAIN_INIT")]
     pub init: Option<PathBuf>,
+    /// policy: context tokens per sample (compressed, s/k chunks).
+    #[arg(long, default_value_t = 1024, env = "REFRAG_TRAIN_S")]
+    pub s: usize,
+    /// policy: fraction of chunks expanded.
+    #[arg(long, default_value_t = 0.25, env = "REFRAG_TRAIN_EXPAND")]
+    pub expand: f64,
+    /// policy: selections sampled per context (GRPO group).
+    #[arg(long, default_value_t = 8, env = "REFRAG_TRAIN_GROUP")]
+    pub group: usize,
+    /// policy: PPO epochs per group.
+    #[arg(long, default_value_t = 2, env = "REFRAG_TRAIN_EPOCHS")]
+    pub epochs: usize,
+    /// policy: learning rate.
+    #[arg(long, default_value_t = 1e-3, env = "REFRAG_TRAIN_POLICY_LR")]
+    pub policy_lr: f64,
+    /// policy: also read a query vector (the question at ask time; in training, the first
+    /// --query-tokens of the text to predict).
+    #[arg(long, env = "REFRAG_TRAIN_CONDITION")]
+    pub condition: bool,
+    #[arg(long, default_value_t = 32, env = "REFRAG_TRAIN_QUERY_TOKENS")]
+    pub query_tokens: usize,
+}
+
+fn train_policy(g: &Global, a: &TrainArgs) -> Result<ExitCode> {
+    if !(0.0..=1.0).contains(&a.expand) || a.s == 0 || a.s % a.k != 0 {
+        bail!("--expand must be in [0, 1] and --s a positive multiple of --k");
+    }
+    let device = g.device()?;
+    let mut decoder = g.load_decoder_with(&device, crate::decoder::Ops::Differentiable, false)?;
+    let encoder = g.load_encoder(&device)?;
+    let Some(trained) = g.trained(&encoder, decoder.cfg.hidden)? else {
+        return Err(crate::projector::missing(&crate::projector::weights_dirs(g.weights.as_deref(), &g.home())));
+    };
+    trained.adapt(&mut decoder)?;
+    let pool = TextPool::load(&a.text, &decoder)?;
+    let names: Vec<String> = a.text.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()).collect();
+    let run = crate::policy::PolicyTrain {
+        decoder: &decoder,
+        chunk_encoder: &trained.chunk_encoder,
+        query_encoder: &encoder,
+        projector: &trained.projector,
+        k: a.k,
+        pool: &pool,
+        out: &a.out,
+        quiet: g.quiet,
+        data_note: format!("train: {names:?}; weights: {}", trained.dir.display()),
+    };
+    let net = crate::policy::PolicyConfig { in_dim: encoder.dim, width: 128, heads: 4, layers: 2, condition: a.condition };
+    let cfg = crate::policy::PolicyTrainConfig {
+        steps: a.steps,
+        s: a.s,
+        o: a.predict_tokens,
+        expand: a.expand,
+        group: a.group,
+        epochs: a.epochs,
+        clip_eps: 0.2,
+        lr: a.policy_lr,
+        seed: a.seed,
+        query_tokens: a.query_tokens,
+    };
+    let card = crate::policy::train(&run, net, &cfg)?;
+    outln!("{}", serde_json::to_string_pretty(&card)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     if a.k == 0 || a.max_chunks == 0 || a.steps == 0 {
         bail!("--k, --max-chunks and --steps must be positive");
+    }
+    if a.stage == Stage::Policy {
+        return train_policy(g, &a);
     }
     if !(0.0..1.0).contains(&a.mixed) {
         bail!("--mixed {}: must be in [0, 1)", a.mixed);

@@ -5,7 +5,7 @@ use crate::common::*;
 use refrag::store::Store;
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 fn counts(db: &Path) -> HashMap<String, usize> {
     let s = Store::open(db.to_str().unwrap()).expect("the index opens after a kill");

@@ -15,9 +15,11 @@ fn argmax_rows(logits: &Tensor) -> Vec<u32> {
 }
 
 /// The embeddings-input forward predicts the same next token as candle-transformers'
-/// quantized_llama on real text. Measured: 96.0% (dense f32 prefill) and 94.7% (quantized
-/// matmuls) over 300 positions of Alice; the misses are near-ties of a 135M model. The issue's
-/// target is 99%: not reached yet, see the issue notes.
+/// quantized_llama on real text. Same arithmetic (one token at a time through the KV cache,
+/// Q4_1 matmuls, as the reference runs): 300/300 positions of Alice agree. Other arithmetic
+/// differs only numerically: dense f32 prefill agreed on 96.0%, quantized matmuls over all
+/// rows at once (candle takes another kernel path for many rows) 94.7%; the misses are
+/// near-ties of a 135M model.
 #[test]
 fn embeddings_forward_agrees_with_quantized_llama() {
     let n = 300;
@@ -43,8 +45,24 @@ fn embeddings_forward_agrees_with_quantized_llama() {
     let mut quant = refrag::decoder::Decoder::load(&path, &Device::Cpu, refrag::decoder::Ops::Fused, true).unwrap();
     quant.quant_rows = usize::MAX;
     let q = rate(&top1(&quant));
+    let stepwise = {
+        let mut st = quant.new_state(n);
+        let got: Vec<u32> = ids
+            .iter()
+            .map(|&id| {
+                let e = quant.embed_tokens(&[id]).unwrap().unsqueeze(0).unwrap();
+                let h = quant.forward(&e, &mut st).unwrap();
+                quant.logits(&h).unwrap().flatten_all().unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap()
+            })
+            .collect();
+        rate(&got)
+    };
     let dense = rate(&top1(decoder()));
-    eprintln!("top-1 agreement with quantized_llama over {n} positions: quantized matmuls {q:.4}, dense f32 prefill {dense:.4}");
+    eprintln!(
+        "top-1 agreement with quantized_llama over {n} positions: same arithmetic {stepwise:.4}, \
+         quantized matmuls over all rows {q:.4}, dense f32 prefill {dense:.4}"
+    );
+    assert!(stepwise >= 0.99, "same-arithmetic agreement {stepwise}");
     assert!(q >= 0.93, "quantized path agreement {q}");
     assert!(dense >= 0.95, "dense path agreement {dense}");
 }

@@ -7,6 +7,7 @@ mod cli;
 mod crash;
 mod decoder;
 mod encoder;
+mod hub;
 mod pipeline;
 mod robust;
 mod tokenizer;

@@ -1,0 +1,418 @@
+//! Selective expansion: which compressed chunks go back to tokens (REFRAG paper, section 2.1
+//! and appendix A.1).
+//!
+//! The learned policy is a small two-layer transformer over the chunk vectors that gives one
+//! logit per chunk; chunks are picked one after another without replacement (pointer-network
+//! masking). It trains with a GRPO-style group baseline and PPO clipping, the reward being the
+//! negative log-perplexity of the tokens that follow the context (`refrag train policy`).
+//! Beyond the paper, it may also read a query vector (the question at ask time) next to every
+//! chunk (`--condition`), so that it can expand what the question is about.
+//!
+//! Heuristics behind the same interface: random, question similarity, and the decoder's own
+//! per-chunk perplexity, highest first (`ppl-desc`) or lowest first (`ppl-asc`).
+
+use crate::decoder::Decoder;
+use crate::encoder::Encoder;
+use crate::projector::Projector;
+use crate::train::{AdamW, Rng, TextPool};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{layer_norm, linear, LayerNorm, Linear, Module, VarBuilder, VarMap};
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+/// File names inside a weights folder.
+pub const POLICY_FILE: &str = "policy.safetensors";
+pub const POLICY_CARD: &str = "policy.json";
+
+/// Sinusoidal features of a chunk's relative place in the context.
+const POS_DIMS: usize = 8;
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PolicyConfig {
+    /// Chunk-vector size (the encoder's).
+    pub in_dim: usize,
+    pub width: usize,
+    pub heads: usize,
+    pub layers: usize,
+    /// Reads a query vector beside every chunk.
+    pub condition: bool,
+}
+
+struct Block {
+    ln1: LayerNorm,
+    qkv: Linear,
+    out: Linear,
+    ln2: LayerNorm,
+    ff1: Linear,
+    ff2: Linear,
+}
+
+/// The learned expansion policy.
+pub struct PolicyNet {
+    pub cfg: PolicyConfig,
+    inp: Linear,
+    blocks: Vec<Block>,
+    ln: LayerNorm,
+    head: Linear,
+}
+
+impl PolicyNet {
+    pub fn new(cfg: PolicyConfig, vb: VarBuilder) -> Result<Self> {
+        let w = cfg.width;
+        let feat = cfg.in_dim * if cfg.condition { 2 } else { 1 } + POS_DIMS;
+        let mut blocks = Vec::new();
+        for i in 0..cfg.layers {
+            let vb = vb.pp(format!("block{i}"));
+            blocks.push(Block {
+                ln1: layer_norm(w, 1e-5, vb.pp("ln1"))?,
+                qkv: linear(w, 3 * w, vb.pp("qkv"))?,
+                out: linear(w, w, vb.pp("out"))?,
+                ln2: layer_norm(w, 1e-5, vb.pp("ln2"))?,
+                ff1: linear(w, 4 * w, vb.pp("ff1"))?,
+                ff2: linear(4 * w, w, vb.pp("ff2"))?,
+            });
+        }
+        Ok(Self {
+            inp: linear(feat, w, vb.pp("inp"))?,
+            blocks,
+            ln: layer_norm(w, 1e-5, vb.pp("ln"))?,
+            head: linear(w, 1, vb.pp("head"))?,
+            cfg,
+        })
+    }
+
+    /// Load trained weights (`policy.safetensors` + `policy.json`) from a folder.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let card: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.join(POLICY_CARD)).with_context(|| format!("{}: no policy card", dir.join(POLICY_CARD).display()))?,
+        )
+        .with_context(|| format!("{}: not JSON", dir.join(POLICY_CARD).display()))?;
+        let cfg: PolicyConfig = serde_json::from_value(card["config"].clone()).context("policy card: no config")?;
+        let path = dir.join(POLICY_FILE);
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, device) }
+            .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+        Self::new(cfg, vb).with_context(|| format!("{}: not a policy for this config", path.display()))
+    }
+
+    /// One logit per chunk. `chunks`: [n, in_dim] (encoder vectors, before projection);
+    /// `query`: [in_dim] when the policy is conditioned.
+    pub fn logits(&self, chunks: &Tensor, query: Option<&Tensor>) -> Result<Tensor> {
+        let (n, _) = chunks.dims2()?;
+        let device = chunks.device();
+        let chunks = chunks.to_dtype(DType::F32)?;
+        let mut parts = vec![chunks.clone()];
+        if self.cfg.condition {
+            let q = match query {
+                Some(q) => q.to_dtype(DType::F32)?.reshape((1, self.cfg.in_dim))?,
+                None => Tensor::zeros((1, self.cfg.in_dim), DType::F32, device)?,
+            };
+            parts.push(q.broadcast_as((n, self.cfg.in_dim))?.contiguous()?);
+        }
+        let pos: Vec<f32> = (0..n)
+            .flat_map(|i| {
+                let r = (i as f32 + 0.5) / n as f32;
+                (0..POS_DIMS / 2).flat_map(move |j| {
+                    let f = std::f32::consts::PI * (1 << j) as f32 * r;
+                    [f.sin(), f.cos()]
+                })
+            })
+            .collect();
+        parts.push(Tensor::from_vec(pos, (n, POS_DIMS), device)?);
+        let mut x = self.inp.forward(&Tensor::cat(&parts, 1)?)?; // [n, w]
+        let (w, h) = (self.cfg.width, self.cfg.heads);
+        let hd = w / h;
+        for b in &self.blocks {
+            let y = b.ln1.forward(&x)?;
+            let qkv = b.qkv.forward(&y)?.reshape((n, 3, h, hd))?.permute((1, 2, 0, 3))?; // [3, h, n, hd]
+            let (q, k, v) = (qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
+            let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+            let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+            let y = att.matmul(&v)?.transpose(0, 1)?.reshape((n, w))?;
+            x = (x + b.out.forward(&y)?)?;
+            let y = b.ff2.forward(&b.ff1.forward(&b.ln2.forward(&x)?)?.gelu()?)?;
+            x = (x + y)?;
+        }
+        Ok(self.head.forward(&self.ln.forward(&x)?)?.squeeze(1)?)
+    }
+
+    /// The `want` chunks a greedy pointer decoding picks (with fixed logits: the top `want`).
+    pub fn choose(&self, chunks: &Tensor, query: Option<&Tensor>, want: usize) -> Result<Vec<bool>> {
+        let l = self.logits(chunks, query)?.to_vec1::<f32>()?;
+        Ok(top_mask(&l.iter().map(|&x| x as f64).collect::<Vec<_>>(), want))
+    }
+}
+
+/// Mark the `want` highest scores.
+pub fn top_mask(scores: &[f64], want: usize) -> Vec<bool> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let mut out = vec![false; scores.len()];
+    for &i in order.iter().take(want) {
+        out[i] = true;
+    }
+    out
+}
+
+/// Sample `want` chunks in sequence without replacement from softmax(logits) over the chunks
+/// not yet picked.
+fn sample_sequence(logits: &[f64], want: usize, rng: &mut Rng) -> Vec<usize> {
+    let mut taken = vec![false; logits.len()];
+    let mut seq = Vec::with_capacity(want);
+    for _ in 0..want.min(logits.len()) {
+        let m = logits.iter().zip(&taken).filter(|(_, &t)| !t).map(|(&l, _)| l).fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = logits.iter().zip(&taken).map(|(&l, &t)| if t { 0.0 } else { (l - m).exp() }).collect();
+        let mut u = rng.unit() * w.iter().sum::<f64>();
+        let mut pick = w.iter().rposition(|&x| x > 0.0).unwrap_or(0);
+        for (i, &x) in w.iter().enumerate() {
+            if x > 0.0 && u < x {
+                pick = i;
+                break;
+            }
+            u -= x;
+        }
+        taken[pick] = true;
+        seq.push(pick);
+    }
+    seq
+}
+
+/// log π(sequence): Σ_t logit[a_t] - logsumexp(logits over the chunks not yet picked).
+fn sequence_logprob(logits: &Tensor, seq: &[usize]) -> Result<Tensor> {
+    let n = logits.dim(0)?;
+    let t = seq.len();
+    let mut mask = vec![0f32; t * n];
+    for (step, _) in seq.iter().enumerate() {
+        for &prev in &seq[..step] {
+            mask[step * n + prev] = f32::NEG_INFINITY;
+        }
+    }
+    let mask = Tensor::from_vec(mask, (t, n), logits.device())?;
+    let masked = logits.unsqueeze(0)?.broadcast_add(&mask)?;
+    let max = masked.max_keepdim(1)?.detach();
+    let lse = (masked.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + max)?.squeeze(1)?;
+    let idx = Tensor::new(seq.iter().map(|&i| i as u32).collect::<Vec<_>>(), logits.device())?;
+    let picked = logits.index_select(&idx, 0)?;
+    Ok((picked - lse)?.sum_all()?)
+}
+
+/// The decoder input for a context whose chunks are each either a projected vector or, when
+/// expanded, its k tokens: [positions, hidden].
+pub fn mixed_prefix(dec: &Decoder, ctx: &[u32], k: usize, projected: &Tensor, expanded: &[bool]) -> Result<Tensor> {
+    let mut parts = Vec::new();
+    for (i, c) in ctx.chunks(k).enumerate() {
+        if expanded[i] {
+            parts.push(dec.embed_tokens(c)?);
+        } else {
+            parts.push(projected.narrow(0, i, 1)?.to_dtype(dec.dtype)?);
+        }
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// Mean NLL of each chunk's own tokens when the decoder reads the whole context as tokens
+/// (the perplexity heuristics' score; it costs a full-context pass).
+pub fn chunk_nll(dec: &Decoder, ctx: &[u32], k: usize) -> Result<Vec<f64>> {
+    let x = dec.embed_tokens(ctx)?.unsqueeze(0)?;
+    let h = dec.forward_train(&x)?.squeeze(0)?;
+    let logits = dec.logits(&h.narrow(0, 0, ctx.len() - 1)?)?;
+    let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let tgt = Tensor::new(&ctx[1..], &dec.device)?.unsqueeze(1)?;
+    let nll: Vec<f32> = lsm.gather(&tgt, 1)?.squeeze(1)?.neg()?.to_vec1()?;
+    // token j (j >= 1) is predicted at row j - 1; chunk 0's first token has no prediction
+    Ok(ctx
+        .chunks(k)
+        .enumerate()
+        .map(|(i, c)| {
+            let from = (i * k).max(1);
+            let to = i * k + c.len();
+            let v = &nll[from - 1..to - 1];
+            v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64
+        })
+        .collect())
+}
+
+pub struct PolicyTrain<'a> {
+    /// The decoder that reads compressed input (adapters folded in).
+    pub decoder: &'a Decoder,
+    pub chunk_encoder: &'a Encoder,
+    /// The retrieval encoder: makes the query vector as `ask` does for a question.
+    pub query_encoder: &'a Encoder,
+    pub projector: &'a Projector,
+    pub k: usize,
+    pub pool: &'a TextPool,
+    pub out: &'a Path,
+    pub quiet: bool,
+    pub data_note: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PolicyTrainConfig {
+    pub steps: usize,
+    /// Context tokens compressed per sample and tokens predicted after them.
+    pub s: usize,
+    pub o: usize,
+    /// Fraction of chunks expanded.
+    pub expand: f64,
+    /// Selections sampled per context (the group).
+    pub group: usize,
+    /// Policy-gradient epochs over each group (PPO).
+    pub epochs: usize,
+    pub clip_eps: f64,
+    pub lr: f64,
+    pub seed: u64,
+    /// Tokens of the target's start that stand in for a question (conditioned policy).
+    pub query_tokens: usize,
+}
+
+/// Train the policy (GRPO group baseline + PPO clipping); writes policy.safetensors/json.
+pub fn train(run: &PolicyTrain, net_cfg: PolicyConfig, cfg: &PolicyTrainConfig) -> Result<serde_json::Value> {
+    let dec = run.decoder;
+    let device = &dec.device;
+    if cfg.s % run.k != 0 || cfg.group < 2 {
+        bail!("--s must be a multiple of k and --group at least 2");
+    }
+    std::fs::create_dir_all(run.out).with_context(|| format!("{}: cannot create", run.out.display()))?;
+    let varmap = VarMap::new();
+    let net = PolicyNet::new(net_cfg.clone(), VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    let mut opt = AdamW::new(&varmap, 0.0)?;
+    let mut rng = Rng(cfg.seed);
+    let mut log = std::fs::File::create(run.out.join("policy_train.jsonl"))?;
+    let pb = crate::progress::bar(run.quiet, cfg.steps as u64, "steps");
+    let n = cfg.s / run.k;
+    let want = ((cfg.expand * n as f64).round() as usize).clamp(1, n);
+    let t0 = Instant::now();
+    let recent = std::cell::RefCell::new(Vec::<f64>::new());
+    // weights first, then the card that describes them (a stopped run leaves a usable pair)
+    let save = |steps: usize| -> Result<serde_json::Value> {
+        varmap.save(run.out.join(POLICY_FILE))?;
+        let r = recent.borrow();
+        let card = serde_json::json!({
+            "what": "REFRAG selective-expansion policy (2-layer transformer over chunk vectors; GRPO + PPO clip; reward = -log-perplexity of the next tokens)",
+            "config": net_cfg,
+            "train": cfg,
+            "steps_done": steps,
+            "k": run.k,
+            "chunk_encoder": run.chunk_encoder.id,
+            "query_encoder": run.query_encoder.id,
+            "decoder_tokenizer": dec.tokenizer_id,
+            "data": run.data_note,
+            "greedy_minus_group_mean_reward_last50": r.iter().sum::<f64>() / r.len().max(1) as f64,
+            "seconds": t0.elapsed().as_secs_f64(),
+        });
+        let tmp = run.out.join(format!("{POLICY_CARD}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&card)?)?;
+        std::fs::rename(&tmp, run.out.join(POLICY_CARD))?;
+        Ok(card)
+    };
+    for step in 0..cfg.steps {
+        let w = run.pool.window(cfg.s + cfg.o, &mut rng);
+        let (ctx, tgt) = (&w[..cfg.s], &w[cfg.s..]);
+        let texts = ctx
+            .chunks(run.k)
+            .map(|c| dec.tokenizer.decode(c, false).map_err(|e| anyhow::anyhow!("decode: {e}")))
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let vecs = run.chunk_encoder.encode(&refs)?.to_device(device)?;
+        let projected = run.projector.forward(&vecs)?;
+        let query = if net_cfg.condition {
+            let q = dec.tokenizer.decode(&tgt[..cfg.query_tokens.min(tgt.len())], false).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
+            Some(run.query_encoder.encode(&[q.as_str()])?.to_device(device)?.squeeze(0)?)
+        } else {
+            None
+        };
+        let logits = net.logits(&vecs, query.as_ref())?;
+        let lv: Vec<f64> = logits.to_vec1::<f32>()?.iter().map(|&x| x as f64).collect();
+        let mut seqs = Vec::new();
+        let mut rewards = Vec::new();
+        for _ in 0..cfg.group {
+            let seq = sample_sequence(&lv, want, &mut rng);
+            let mut mask = vec![false; n];
+            for &i in &seq {
+                mask[i] = true;
+            }
+            let prefix = mixed_prefix(dec, ctx, run.k, &projected, &mask)?;
+            rewards.push(-crate::perplexity::nll_after(dec, &prefix, tgt)?);
+            seqs.push(seq);
+        }
+        let mean = rewards.iter().sum::<f64>() / rewards.len() as f64;
+        let sd = (rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / rewards.len() as f64).sqrt();
+        let adv: Vec<f64> = rewards.iter().map(|r| (r - mean) / (sd + 1e-4)).collect();
+        let old: Vec<f64> = seqs
+            .iter()
+            .map(|s| Ok(sequence_logprob(&logits, s)?.to_scalar::<f32>()? as f64))
+            .collect::<Result<_>>()?;
+        for _ in 0..cfg.epochs {
+            let logits = net.logits(&vecs, query.as_ref())?;
+            let mut terms = Vec::new();
+            for ((s, &a), &o) in seqs.iter().zip(&adv).zip(&old) {
+                let ratio = (sequence_logprob(&logits, s)? - o)?.exp()?;
+                let clipped = ratio.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)?;
+                terms.push((ratio * a)?.minimum(&(clipped * a)?)?);
+            }
+            let loss = (Tensor::stack(&terms, 0)?.mean_all()? * -1.0)?;
+            let grads = loss.backward()?;
+            opt.step(&grads, cfg.lr, 1.0)?;
+        }
+        // the policy's own greedy pick against the group's mean (a random-like baseline)
+        let greedy = top_mask(&lv, want);
+        let g = -crate::perplexity::nll_after(dec, &mixed_prefix(dec, ctx, run.k, &projected, &greedy)?, tgt)?;
+        let gain = {
+            let mut r = recent.borrow_mut();
+            r.push(g - mean);
+            if r.len() > 50 {
+                r.remove(0);
+            }
+            r.iter().sum::<f64>() / r.len() as f64
+        };
+        writeln!(log, "{}", serde_json::json!({"step": step + 1, "reward_mean": mean, "reward_sd": sd, "greedy_minus_mean": g - mean}))?;
+        pb.set_position(step as u64 + 1);
+        pb.set_message(format!("greedy - sampled nll {:.4} (last 50)", -gain));
+        if (step + 1) % 50 == 0 {
+            save(step + 1)?;
+        }
+    }
+    pb.finish_and_clear();
+    save(cfg.steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequences_never_repeat_and_logprob_is_a_probability() {
+        let mut rng = Rng(3);
+        let l = vec![0.5, -1.0, 2.0, 0.0, 1.0];
+        for _ in 0..50 {
+            let s = sample_sequence(&l, 3, &mut rng);
+            let mut u = s.clone();
+            u.sort();
+            u.dedup();
+            assert_eq!(u.len(), 3);
+        }
+        // all orderings of 2 picks out of 3 sum to probability 1
+        let t = Tensor::new(&[0.3f32, -0.7, 1.1], &Device::Cpu).unwrap();
+        let mut total = 0.0;
+        for a in 0..3 {
+            for b in 0..3 {
+                if a != b {
+                    total += sequence_logprob(&t, &[a, b]).unwrap().to_scalar::<f32>().unwrap().exp();
+                }
+            }
+        }
+        assert!((total - 1.0).abs() < 1e-5, "{total}");
+    }
+
+    #[test]
+    fn net_gives_one_logit_per_chunk() {
+        let vm = VarMap::new();
+        let cfg = PolicyConfig { in_dim: 6, width: 16, heads: 4, layers: 2, condition: true };
+        let net = PolicyNet::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (5, 6), &Device::Cpu).unwrap();
+        let q = Tensor::randn(0f32, 1.0, 6, &Device::Cpu).unwrap();
+        assert_eq!(net.logits(&x, Some(&q)).unwrap().dims(), &[5]);
+        assert_eq!(net.choose(&x, Some(&q), 2).unwrap().iter().filter(|&&b| b).count(), 2);
+    }
+}
