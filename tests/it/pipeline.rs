@@ -99,6 +99,15 @@ fn index_reindex_ask_eval() {
     let expanded = v["expanded_chunks"].as_u64().unwrap();
     assert_eq!(expanded, ((chunks as f64) * 0.25).round() as u64);
     assert!(v["decoder_positions"].as_u64().unwrap() > compressed_positions + expanded * 8);
+    // Every policy behind the same interface expands the same share; the shipped RL policy
+    // reads the cached chunk vectors and the question vector.
+    for policy in ["rl", "ppl-desc", "ppl-asc", "random"] {
+        let mut a = args.to_vec();
+        a.extend(["--expand", "0.25", "--policy", policy]);
+        let (st, v, err) = ask(&db, "What year was Casimir Pulaski born in Warsaw?", &a);
+        assert!(st.success(), "{policy}: {err}");
+        assert_eq!(v["expanded_chunks"].as_u64().unwrap(), expanded, "{policy}");
+    }
 
     // eval: metrics over the fixture questions, plus a malformed line reported and skipped.
     let qs = dir.path().join("q.jsonl");

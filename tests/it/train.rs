@@ -67,18 +67,24 @@ fn a_few_training_steps_lower_the_loss() {
     }
 }
 
-/// `eval perplexity` with the shipped weights: context helps the real decoder, and every
-/// reading is scored on the same tokens.
-#[test]
-fn perplexity_table_has_every_reading() {
+/// `eval perplexity --json` over two windows of Alice (s = 128, o = 32, k = 16): its rows.
+fn perplexity_rows(extra: &[&std::ffi::OsStr]) -> Vec<serde_json::Value> {
     let o = refrag()
-        .args(["eval", "perplexity", "--device", "cpu", "-q", "--json", "--s", "128", "--o", "32", "--k", "16", "--windows", "2", "--text"])
+        .args(["eval", "perplexity", "--device", "cpu", "-q", "--json", "--s", "128", "--o", "32", "--k", "16", "--windows", "2"])
+        .args(extra)
+        .arg("--text")
         .arg(fixture("alice_ch1-3.txt"))
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let rows: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// `eval perplexity` with the shipped weights: context helps the real decoder, and every
+/// reading is scored on the same tokens.
+#[test]
+fn perplexity_table_has_every_reading() {
+    let rows = perplexity_rows(&[]);
     assert_eq!(rows.len(), 2, "one text and the pooled row");
     let r = &rows[1];
     assert_eq!(r["text"], "all");
@@ -88,4 +94,40 @@ fn perplexity_table_has_every_reading() {
     for key in ["nll_last", "nll_refrag", "nll_none_adapted", "gap_closed_refrag"] {
         assert!(r[key].as_f64().unwrap().is_finite(), "{key}: {r}");
     }
+}
+
+/// `train policy` on CPU (a few GRPO steps on top of the shipped weights) writes a policy and
+/// its card; `eval perplexity` then reads it beside the heuristics, every reading on the same
+/// tokens, and expanding chunks back to tokens helps on average.
+#[test]
+fn policy_trains_and_is_read_beside_the_heuristics() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path().join("w");
+    std::fs::create_dir_all(&w).unwrap();
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
+    for f in ["projector.safetensors", "encoder.safetensors", "decoder_lora.safetensors", "card.json"] {
+        std::fs::copy(shipped.join(f), w.join(f)).unwrap();
+    }
+    let o = refrag()
+        .args(["train", "policy", "--device", "cpu", "-q", "--steps", "3", "--s", "128", "--predict-tokens", "16", "--group", "3", "--condition", "--text"])
+        .arg(fixture("alice_ch1-3.txt"))
+        .arg("--weights")
+        .arg(&w)
+        .arg("--out")
+        .arg(&w)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let card: serde_json::Value = serde_json::from_slice(&std::fs::read(w.join("policy.json")).unwrap()).unwrap();
+    assert_eq!(card["steps_done"], 3);
+    assert_eq!(std::fs::read_to_string(w.join("policy_train.jsonl")).unwrap().lines().count(), 3);
+    let extra = ["--expand", "0.5", "--policy", "random,ppl-desc,ppl-asc,rl", "--weights"].map(std::ffi::OsStr::new);
+    let mut args: Vec<&std::ffi::OsStr> = extra.to_vec();
+    args.push(w.as_os_str());
+    let rows = perplexity_rows(&args);
+    let r = &rows[rows.len() - 1];
+    let e = r["nll_expanded"].as_object().unwrap();
+    assert_eq!(e.len(), 4, "{r}");
+    let mean = e.values().map(|v| v.as_f64().unwrap()).sum::<f64>() / 4.0;
+    assert!(mean < r["nll_refrag"].as_f64().unwrap(), "half the chunks as tokens should help: {r}");
 }
