@@ -115,13 +115,13 @@ impl Engine {
                 let dim = self.encoder.dim;
                 let all: Vec<f32> = hits.iter().flat_map(|h| h.passage.chunks.iter().copied()).collect();
                 n_chunks = all.len() / dim;
-                let expand = self.choose_expanded(hits, qvec, dim, opts, n_chunks)?;
+                // the cached chunk vectors, read once: the policy and the projector share them
+                let vectors = if n_chunks > 0 { Some(Tensor::from_vec(all, (n_chunks, dim), &self.decoder.device)?) } else { None };
+                let expand = self.choose_expanded(hits, qvec, dim, vectors.as_ref(), opts, n_chunks)?;
                 n_expanded = expand.iter().filter(|&&e| e).count();
-                let projected = if n_chunks > 0 {
-                    let c = Tensor::from_vec(all, (n_chunks, dim), &self.decoder.device)?;
-                    Some(proj.forward(&c)?)
-                } else {
-                    None
+                let projected = match &vectors {
+                    Some(c) => Some(proj.forward(c)?),
+                    None => None,
                 };
                 let mut idx = 0;
                 let mut out = Vec::new();
@@ -154,7 +154,15 @@ impl Engine {
     }
 
     /// Which of the hits' chunks (in order) are expanded back to tokens.
-    fn choose_expanded(&self, hits: &[Hit], qvec: &[f32], dim: usize, opts: &AskOptions, n: usize) -> Result<Vec<bool>> {
+    fn choose_expanded(
+        &self,
+        hits: &[Hit],
+        qvec: &[f32],
+        dim: usize,
+        vectors: Option<&Tensor>,
+        opts: &AskOptions,
+        n: usize,
+    ) -> Result<Vec<bool>> {
         let want = ((opts.expand.clamp(0.0, 1.0) * n as f64).round() as usize).min(n);
         if want == 0 || opts.policy == Policy::None {
             return Ok(vec![false; n]);
@@ -187,10 +195,9 @@ impl Engine {
                 let Some(net) = &self.policy else {
                     bail!("--policy rl needs a trained policy ({} in the weights folder; `refrag train policy`)", crate::policy::POLICY_FILE);
                 };
-                let all: Vec<f32> = hits.iter().flat_map(|h| h.passage.chunks.iter().copied()).collect();
-                let c = Tensor::from_vec(all, (n, dim), &self.decoder.device)?;
+                let Some(c) = vectors else { return Ok(vec![false; n]) };
                 let q = Tensor::new(qvec, &self.decoder.device)?;
-                return net.choose(&c, Some(&q), want);
+                return net.choose(c, Some(&q), want);
             }
         };
         Ok(crate::policy::top_mask(&scores, want))
