@@ -186,6 +186,8 @@ pub fn run(s: &BenchSetup, contexts: &[usize], ks: &[usize], mut progress: impl 
             chunk_texts: Vec<String>,
             samples: Vec<Sample>,
             dense: bool,
+            /// Timed by the outside peer (prefill only).
+            peer: bool,
         }
         let mut vars = vec![Variant {
             name: "full".into(),
@@ -196,6 +198,7 @@ pub fn run(s: &BenchSetup, contexts: &[usize], ks: &[usize], mut progress: impl 
             chunk_texts: vec![],
             samples: vec![],
             dense: false,
+            peer: false,
         }];
         if s.dense_decoder.is_some() {
             vars.push(Variant {
@@ -206,6 +209,7 @@ pub fn run(s: &BenchSetup, contexts: &[usize], ks: &[usize], mut progress: impl 
                 chunk_texts: vec![],
                 samples: vec![],
                 dense: true,
+                peer: false,
             });
         }
         for &k in ks {
@@ -236,6 +240,7 @@ pub fn run(s: &BenchSetup, contexts: &[usize], ks: &[usize], mut progress: impl 
                 chunk_texts: vec![],
                 samples: vec![],
                 dense: false,
+                peer: false,
             });
             if s.encoder.is_some() {
                 vars.push(Variant {
@@ -246,6 +251,7 @@ pub fn run(s: &BenchSetup, contexts: &[usize], ks: &[usize], mut progress: impl 
                     chunk_texts: texts,
                     samples: vec![],
                     dense: false,
+                    peer: false,
                 });
             }
         }
@@ -259,14 +265,15 @@ pub fn run(s: &BenchSetup, contexts: &[usize], ks: &[usize], mut progress: impl 
                 chunk_texts: vec![],
                 samples: vec![],
                 dense: false,
+                peer: true,
             });
         }
         let full_prompt: Vec<u32> = ctx.iter().chain(&question).copied().collect();
         for rep in 0..=s.repeats {
-            for (vi, v) in vars.iter_mut().enumerate() {
+            for v in vars.iter_mut() {
                 let Some(segs) = &v.segs else { continue };
                 progress(&format!("L={len} {} rep {rep}/{}", v.name, s.repeats));
-                let sample = if vi == 1 && s.peer.is_some() {
+                let sample = if v.peer {
                     let ms = s.peer.expect("peer").borrow_mut().prefill_ms(&full_prompt)?;
                     Sample { ttft: ms, ttit: f64::NAN, kv: 0, total_s: f64::NAN, mem: None }
                 } else if v.dense {
@@ -319,7 +326,6 @@ pub fn run(s: &BenchSetup, contexts: &[usize], ks: &[usize], mut progress: impl 
                 let mut tp: Vec<f64> = v.samples.iter().map(|x| generated / x.total_s).collect();
                 let med = median(&mut t);
                 let thr = median(&mut tp);
-                let is_peer = v.samples[0].ttit.is_nan();
                 if row.variant == "full" {
                     full = Some((med, thr));
                 }
@@ -327,7 +333,7 @@ pub fn run(s: &BenchSetup, contexts: &[usize], ks: &[usize], mut progress: impl 
                 row.ttft_ms_min = t.first().copied();
                 row.ttft_ms_max = t.last().copied();
                 row.speedup = full.map(|f| f.0 / med);
-                if !is_peer {
+                if !v.peer {
                     row.ttit_ms_median = Some(median(&mut i));
                     row.kv_cache_bytes = Some(v.samples[0].kv);
                     row.throughput_tok_s = Some(thr);
