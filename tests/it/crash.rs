@@ -49,7 +49,7 @@ fn index_survives_sigkill_at_random_points() {
     for round in 0..20 {
         let db = dir.path().join(format!("db{round}"));
         let mut child = index_cmd(&db, &docs).spawn().unwrap();
-        let at = full_run.mul_f64(0.15 + 0.85 * rng.unit());
+        let at = full_run.mul_f64(0.1 + 0.6 * rng.unit()); // the reference run may have been slowed by a loaded machine
         std::thread::sleep(at);
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL
