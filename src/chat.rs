@@ -14,7 +14,7 @@ use crate::projector::Projector;
 use crate::prompt::{self, Segment};
 #[cfg(feature = "store")]
 use crate::rag::{AskOptions, Engine, Source};
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 
 /// How text is read in a mode: compressed into projected chunk vectors (refrag), or tokens.
 pub struct Reader<'a> {
@@ -22,6 +22,8 @@ pub struct Reader<'a> {
     /// Chunk encoder and projector (refrag mode).
     pub compress: Option<(&'a Encoder, &'a Projector)>,
     pub k: usize,
+    /// Selective expansion of given passages' chunks (refrag mode), with the question encoder.
+    pub select: Option<(crate::policy::Selection<'a>, &'a Encoder)>,
 }
 
 impl Reader<'_> {
@@ -62,20 +64,59 @@ pub struct GivenReport {
     pub generation: Generation,
     pub history_kept: usize,
     pub passages_kept: usize,
+    /// Chunks read as tokens by the expansion policy.
+    pub chunks_expanded: usize,
 }
 
 /// Answer a turn whose passages are given: history and passages read as the mode says, the
 /// question as tokens; within `window` positions the oldest turns go first, then the last
 /// passages.
 pub fn answer_given(reader: &Reader, mode: Mode, turn: &GivenTurn, window: usize, sampling: &SamplingOptions) -> Result<GivenReport> {
+    answer_given_streaming(reader, mode, turn, window, sampling, |_| Ok(()))
+}
+
+/// [`answer_given`], handing each generated piece of text to `on_piece` as it comes.
+pub fn answer_given_streaming(
+    reader: &Reader,
+    mode: Mode,
+    turn: &GivenTurn,
+    window: usize,
+    sampling: &SamplingOptions,
+    mut on_piece: impl FnMut(&str) -> Result<()>,
+) -> Result<GivenReport> {
     let mut history = Vec::new();
     for (u, a) in &turn.history {
         history.push((reader.read(u, mode)?, reader.read(a, mode)?));
     }
     let mut passages = Vec::new();
-    if mode != Mode::None {
-        for p in &turn.passages {
-            passages.push(reader.read(p.trim(), mode)?);
+    let mut expanded = 0;
+    match (mode, reader.compress, &reader.select) {
+        (Mode::None, _, _) => {}
+        (Mode::Refrag, Some((enc, proj)), Some((sel, qenc))) if sel.expand > 0.0 => {
+            // Chunk vectors of all passages at once, the policy's choice, then the mix.
+            let dec = reader.decoder;
+            let tokens = turn.passages.iter().map(|p| prompt::tokenize(dec, p.trim())).collect::<Result<Vec<_>>>()?;
+            let refs: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
+            let texts = refs
+                .iter()
+                .flat_map(|t| crate::corpus::chunks(t, reader.k))
+                .map(|c| dec.tokenizer.decode(c, false).map_err(|e| anyhow!("decode: {e}")))
+                .collect::<Result<Vec<_>>>()?;
+            let vectors = if texts.is_empty() {
+                None
+            } else {
+                Some(enc.encode(&texts.iter().map(String::as_str).collect::<Vec<_>>())?.to_device(&dec.device)?)
+            };
+            let qvec = qenc.encode(&[turn.question.as_str()])?.to_vec2::<f32>()?.remove(0);
+            let expand = sel.choose(dec, reader.k, &refs, vectors.as_ref(), &qvec)?;
+            expanded = expand.iter().filter(|&&e| e).count();
+            let projected = vectors.as_ref().map(|v| proj.forward(v)).transpose()?;
+            passages = crate::policy::mixed_segments(&refs, reader.k, &expand, projected.as_ref())?;
+        }
+        _ => {
+            for p in &turn.passages {
+                passages.push(reader.read(p.trim(), mode)?);
+            }
         }
     }
     loop {
@@ -84,8 +125,8 @@ pub fn answer_given(reader: &Reader, mode: Mode, turn: &GivenTurn, window: usize
         match fit(reader.decoder, system, history.clone(), user, window) {
             Ok((segs, kept)) => {
                 let input = prompt::assemble(reader.decoder, &segs)?;
-                let generation = generate(reader.decoder, &input, sampling, |_| Ok(()))?;
-                return Ok(GivenReport { generation, history_kept: kept, passages_kept: passages.len() });
+                let generation = generate(reader.decoder, &input, sampling, &mut on_piece)?;
+                return Ok(GivenReport { generation, history_kept: kept, passages_kept: passages.len(), chunks_expanded: expanded });
             }
             Err(e) if passages.is_empty() => return Err(e),
             Err(_) => {
@@ -221,4 +262,44 @@ pub fn fit(
     }
     let kept = history.len();
     Ok((prompt::conversation(system, history, user), kept))
+}
+
+/// One MTRAG-style task (`eval --conversations`, `train sft --qa`, `dataset --tasks`): the conversation so far (ending with the user's question), the
+/// passages, the reference answer and whether it is answerable.
+pub struct GivenTask {
+    pub id: String,
+    pub turn: GivenTurn,
+    pub targets: Vec<String>,
+    pub unanswerable: bool,
+}
+
+pub fn parse_task(line: &str, at: &str) -> Result<GivenTask> {
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| anyhow!("{at}: malformed JSON: {e}"))?;
+    let turns = v["input"].as_array().ok_or_else(|| anyhow!("{at}: missing \"input\" (the conversation)"))?;
+    let mut history = Vec::new();
+    let mut pending: Option<String> = None;
+    for t in turns {
+        let text = t["text"].as_str().unwrap_or_default().to_string();
+        match t["speaker"].as_str() {
+            Some("user") => {
+                if let Some(u) = pending.replace(text) {
+                    history.push((u, String::new()));
+                }
+            }
+            Some("agent") => history.push((pending.take().unwrap_or_default(), text)),
+            other => bail!("{at}: speaker {other:?}, expected user or agent"),
+        }
+    }
+    let question = pending.filter(|q| !q.trim().is_empty()).ok_or_else(|| anyhow!("{at}: the conversation does not end with a user turn"))?;
+    let texts = |x: &serde_json::Value| -> Vec<String> {
+        x.as_array().into_iter().flatten().filter_map(|c| c["text"].as_str().map(String::from)).collect()
+    };
+    let id = v["task_id"].as_str().or(v["id"].as_str()).unwrap_or(at).to_string();
+    let unanswerable = v["answerability"].to_string().contains("UNANSWERABLE");
+    Ok(GivenTask {
+        id,
+        turn: GivenTurn { history, passages: texts(&v["contexts"]), question },
+        targets: texts(&v["targets"]),
+        unanswerable,
+    })
 }

@@ -32,6 +32,15 @@ impl Document {
         }
         crate::models::hex(&h.finalize()[..16])
     }
+
+    /// The shard (0..n) this document belongs to: a stable hash of its id, so every worker of
+    /// `refrag index --shard I/N` over the same corpus takes a disjoint part, and a document
+    /// stays in its shard whatever else changes.
+    pub fn shard(&self, n: usize) -> usize {
+        use sha2::{Digest, Sha256};
+        let d = Sha256::digest(self.id.as_bytes());
+        (u64::from_le_bytes(d[..8].try_into().unwrap()) % n.max(1) as u64) as usize
+    }
 }
 
 const TEXT_EXT: [&str; 3] = ["txt", "md", "markdown"];

@@ -17,6 +17,11 @@ pub struct IndexOptions {
     /// Documents per commit.
     pub batch_docs: usize,
     pub quiet: bool,
+    /// `Some((i, n))`: index only shard i of n (a worker beside others; appends only, no
+    /// compaction or search indexes: `--finalize` builds them once every shard is in).
+    pub shard: Option<(usize, usize)>,
+    /// With --shard: how long workers other than shard 0 wait for it to create the tables.
+    pub shard_wait: std::time::Duration,
 }
 
 impl IndexOptions {
@@ -29,7 +34,10 @@ impl IndexOptions {
 /// What an index run did.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct IndexSummary {
+    /// Documents this run was given (its shard's, with --shard).
     pub documents: usize,
+    /// Documents left to the other shards.
+    pub other_shards: usize,
     pub added: usize,
     pub replaced: usize,
     pub unchanged: usize,
@@ -66,11 +74,18 @@ pub fn index(
     let start = Instant::now();
     let info = index_info(encoder, chunk_encoder, tokenizer_id, opts.k);
     store.prepare_write(&info)?;
+    if let Some((i, _)) = opts.shard {
+        store.ensure_tables(&info, i == 0, opts.shard_wait)?;
+    }
     let existing = store.doc_hashes()?;
     let fp = opts.fingerprint();
-    let mut sum = IndexSummary { documents: docs.len(), ..Default::default() };
-    let todo: Vec<(&Document, String)> = docs
-        .iter()
+    let mine: Vec<&Document> = match opts.shard {
+        Some((i, n)) => docs.iter().filter(|d| d.shard(n) == i).collect(),
+        None => docs.iter().collect(),
+    };
+    let mut sum = IndexSummary { documents: mine.len(), other_shards: docs.len() - mine.len(), ..Default::default() };
+    let todo: Vec<(&Document, String)> = mine
+        .into_iter()
         .map(|d| (d, d.hash(&fp)))
         .filter(|(d, h)| {
             let same = existing.get(&d.id) == Some(h);
@@ -100,7 +115,7 @@ pub fn index(
         pb.set_message(format!("{} passages", sum.passages));
     }
     pb.finish_and_clear();
-    if sum.added + sum.replaced > 0 {
+    if sum.added + sum.replaced > 0 && opts.shard.is_none() {
         let sp = crate::progress::spinner(opts.quiet, "compacting and building search indexes".into());
         store.finish()?;
         sp.finish_and_clear();

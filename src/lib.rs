@@ -51,6 +51,7 @@ pub mod projector;
 pub mod prompt;
 #[cfg(feature = "store")]
 pub mod rag;
+pub mod sft;
 #[cfg(feature = "store")]
 pub mod store;
 pub mod train;

@@ -144,6 +144,94 @@ impl PolicyNet {
     }
 }
 
+/// How chunks are chosen for expansion: the policy, the share expanded, the trained network
+/// (for `rl`) and a seed (for `random`).
+#[derive(Clone, Copy)]
+pub struct Selection<'a> {
+    pub policy: crate::options::Policy,
+    pub expand: f64,
+    pub net: Option<&'a PolicyNet>,
+    pub seed: u64,
+}
+
+impl Selection<'_> {
+    /// Which chunks (in order over all passages; k-token chunks of each passage's tokens) go
+    /// back to tokens. `vectors`: the chunks' raw encoder vectors [n, dim]; `qvec`: the
+    /// question's retrieval vector.
+    pub fn choose(&self, decoder: &Decoder, k: usize, passages: &[&[u32]], vectors: Option<&Tensor>, qvec: &[f32]) -> Result<Vec<bool>> {
+        use crate::options::Policy;
+        let n: usize = passages.iter().map(|p| p.len().div_ceil(k)).sum();
+        let want = ((self.expand.clamp(0.0, 1.0) * n as f64).round() as usize).min(n);
+        if want == 0 || self.policy == Policy::None {
+            return Ok(vec![false; n]);
+        }
+        let scores: Vec<f64> = match self.policy {
+            Policy::None => unreachable!(),
+            Policy::Random => {
+                let mut rng = Rng(self.seed ^ 0x9e37_79b9_7f4a_7c15);
+                (0..n).map(|_| rng.unit()).collect()
+            }
+            Policy::Sim => {
+                let Some(c) = vectors else { return Ok(vec![false; n]) };
+                let q = Tensor::new(qvec, c.device())?.to_dtype(c.dtype())?.unsqueeze(1)?;
+                c.matmul(&q)?.squeeze(1)?.to_dtype(DType::F64)?.to_vec1()?
+            }
+            Policy::PplDesc | Policy::PplAsc => {
+                let sign = if self.policy == Policy::PplDesc { 1.0 } else { -1.0 };
+                let mut v = Vec::with_capacity(n);
+                for t in passages {
+                    if t.len() < 2 {
+                        v.extend(std::iter::repeat_n(0.0, t.len().div_ceil(k)));
+                        continue;
+                    }
+                    v.extend(chunk_nll(decoder, t, k)?.into_iter().map(|x| sign * x));
+                }
+                v
+            }
+            Policy::Rl => {
+                let Some(net) = self.net else {
+                    bail!("--policy rl needs a trained policy ({POLICY_FILE} in the weights folder; `refrag train policy`)");
+                };
+                let Some(c) = vectors else { return Ok(vec![false; n]) };
+                let q = Tensor::new(qvec, &decoder.device)?;
+                return net.choose(c, Some(&q), want);
+            }
+        };
+        Ok(top_mask(&scores, want))
+    }
+}
+
+/// Each passage as runs of projected chunks (`projected` [n, hidden], rows in chunk order) with
+/// the expanded chunks as tokens.
+pub fn mixed_segments(passages: &[&[u32]], k: usize, expand: &[bool], projected: Option<&Tensor>) -> Result<Vec<Vec<crate::prompt::Segment>>> {
+    use crate::prompt::Segment;
+    let mut idx = 0;
+    let mut out = Vec::new();
+    for tokens in passages {
+        let mut segs = Vec::new();
+        let mut run_start: Option<usize> = None;
+        for c in crate::corpus::chunks(tokens, k) {
+            if expand.get(idx).copied().unwrap_or(false) {
+                if let (Some(s), Some(p)) = (run_start.take(), projected) {
+                    segs.push(Segment::Embeds(p.narrow(0, s, idx - s)?));
+                }
+                segs.push(Segment::Tokens(c.to_vec()));
+            } else if run_start.is_none() {
+                run_start = Some(idx);
+            }
+            idx += 1;
+        }
+        if let (Some(s), Some(p)) = (run_start, projected) {
+            segs.push(Segment::Embeds(p.narrow(0, s, idx - s)?));
+        }
+        out.push(segs);
+    }
+    if idx != expand.len() {
+        bail!("{} chunk vectors for {idx} chunks (an index built with another k?)", expand.len());
+    }
+    Ok(out)
+}
+
 /// Mark the `want` highest scores.
 pub fn top_mask(scores: &[f64], want: usize) -> Vec<bool> {
     let mut order: Vec<usize> = (0..scores.len()).collect();

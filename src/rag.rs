@@ -117,90 +117,22 @@ impl Engine {
                 n_chunks = all.len() / dim;
                 // the cached chunk vectors, read once: the policy and the projector share them
                 let vectors = if n_chunks > 0 { Some(Tensor::from_vec(all, (n_chunks, dim), &self.decoder.device)?) } else { None };
-                let expand = self.choose_expanded(hits, qvec, dim, vectors.as_ref(), opts, n_chunks)?;
+                let tokens: Vec<&[u32]> = hits.iter().map(|h| h.passage.tokens.as_slice()).collect();
+                let sel = crate::policy::Selection { policy: opts.policy, expand: opts.expand, net: self.policy.as_deref(), seed: opts.sampling.seed };
+                let expand = sel.choose(&self.decoder, self.k, &tokens, vectors.as_ref(), qvec)?;
+                if expand.len() != n_chunks {
+                    bail!("index inconsistency: {n_chunks} chunk vectors for {} chunks (was it built with k = {}?)", expand.len(), self.k);
+                }
                 n_expanded = expand.iter().filter(|&&e| e).count();
                 let projected = match &vectors {
                     Some(c) => Some(proj.forward(c)?),
                     None => None,
                 };
-                let mut idx = 0;
-                let mut out = Vec::new();
-                for h in hits {
-                    let mut segs = Vec::new();
-                    let mut run_start: Option<usize> = None;
-                    for c in crate::corpus::chunks(&h.passage.tokens, self.k) {
-                        if expand[idx] {
-                            if let (Some(s), Some(p)) = (run_start.take(), &projected) {
-                                segs.push(Segment::Embeds(p.narrow(0, s, idx - s)?));
-                            }
-                            segs.push(Segment::Tokens(c.to_vec()));
-                        } else if run_start.is_none() {
-                            run_start = Some(idx);
-                        }
-                        idx += 1;
-                    }
-                    if let (Some(s), Some(p)) = (run_start, &projected) {
-                        segs.push(Segment::Embeds(p.narrow(0, s, idx - s)?));
-                    }
-                    out.push(segs);
-                }
-                if idx != n_chunks {
-                    bail!("index inconsistency: {n_chunks} chunk vectors for {idx} chunks (was it built with k = {}?)", self.k);
-                }
+                let out = crate::policy::mixed_segments(&tokens, self.k, &expand, projected.as_ref())?;
                 passages = out;
             }
         }
         Ok((passages, n_chunks, n_expanded))
-    }
-
-    /// Which of the hits' chunks (in order) are expanded back to tokens.
-    fn choose_expanded(
-        &self,
-        hits: &[Hit],
-        qvec: &[f32],
-        dim: usize,
-        vectors: Option<&Tensor>,
-        opts: &AskOptions,
-        n: usize,
-    ) -> Result<Vec<bool>> {
-        let want = ((opts.expand.clamp(0.0, 1.0) * n as f64).round() as usize).min(n);
-        if want == 0 || opts.policy == Policy::None {
-            return Ok(vec![false; n]);
-        }
-        let scores: Vec<f64> = match opts.policy {
-            Policy::None => unreachable!(),
-            Policy::Random => {
-                let mut rng = crate::train::Rng(opts.sampling.seed ^ 0x9e37_79b9_7f4a_7c15);
-                (0..n).map(|_| rng.unit()).collect()
-            }
-            Policy::Sim => hits
-                .iter()
-                .flat_map(|h| h.passage.chunks.chunks(dim))
-                .map(|c| c.iter().zip(qvec).map(|(a, b)| (a * b) as f64).sum())
-                .collect(),
-            Policy::PplDesc | Policy::PplAsc => {
-                let sign = if opts.policy == Policy::PplDesc { 1.0 } else { -1.0 };
-                let mut v = Vec::with_capacity(n);
-                for h in hits {
-                    let t = &h.passage.tokens;
-                    if t.len() < 2 {
-                        v.extend(std::iter::repeat_n(0.0, t.len().div_ceil(self.k)));
-                        continue;
-                    }
-                    v.extend(crate::policy::chunk_nll(&self.decoder, t, self.k)?.into_iter().map(|x| sign * x));
-                }
-                v
-            }
-            Policy::Rl => {
-                let Some(net) = &self.policy else {
-                    bail!("--policy rl needs a trained policy ({} in the weights folder; `refrag train policy`)", crate::policy::POLICY_FILE);
-                };
-                let Some(c) = vectors else { return Ok(vec![false; n]) };
-                let q = Tensor::new(qvec, &self.decoder.device)?;
-                return net.choose(c, Some(&q), want);
-            }
-        };
-        Ok(crate::policy::top_mask(&scores, want))
     }
 
     /// How a piece of text (an earlier turn) is read in this mode: compressed into projected
@@ -210,7 +142,7 @@ impl Engine {
             (Some(e), Some(p)) => Some((e, p)),
             _ => None,
         };
-        let reader = crate::chat::Reader { decoder: &self.decoder, compress, k: self.k };
+        let reader = crate::chat::Reader { decoder: &self.decoder, compress, k: self.k, select: None };
         let mode = if compress.is_none() && mode == Mode::Refrag { Mode::Full } else { mode };
         reader.read(text, mode)
     }

@@ -45,6 +45,9 @@ const META: &str = "refrag_meta";
 const LOCK_FILE: &str = ".refrag-write.lock";
 /// Rows above which an ANN index pays for itself (below, exact search is fast).
 const ANN_MIN_ROWS: usize = 5000;
+/// Rows above which the vector index is IVF_PQ (~32 bytes a vector in memory: 24 PQ codes and
+/// a row id) rather than IVF_HNSW_SQ (~550 bytes a vector with its graph): see docs/scale.md.
+const PQ_MIN_ROWS: usize = 10_000_000;
 
 /// What an index was built with.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -161,15 +164,34 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Become the only writer of a local index: an exclusive lock on `.refrag-write.lock` in its
-/// folder, held while the returned file lives (the OS releases it if the process dies). Take it
-/// before opening the store. Refuses a folder that holds files but no LanceDB tables (not an
-/// index: nothing in it is touched). Object stores take no lock (None).
-pub fn lock_for_writing(uri: &str) -> Result<Option<std::fs::File>> {
-    if uri.contains("://") {
+/// Options for object stores (`--storage-option KEY=VALUE`: endpoint, region, credentials...);
+/// the standard environment variables (AWS_*, GOOGLE_*, AZURE_*) are read as well.
+pub type StorageOptions = Vec<(String, String)>;
+
+/// Whether `uri` names an object store (s3://, gs://, az://, ...) rather than a local folder.
+pub fn is_remote(uri: &str) -> bool {
+    uri.contains("://") && !uri.starts_with("file://")
+}
+
+/// How a writer shares a local index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteLock {
+    /// The only writer (plain indexing, --delete, --finalize).
+    Exclusive,
+    /// One of several shard workers appending side by side (`--shard I/N`).
+    Shared,
+}
+
+/// Take the write lock of a local index: a lock on `.refrag-write.lock` in its folder, held
+/// while the returned file lives (the OS releases it if the process dies). Take it before
+/// opening the store. Shard workers share it; a plain writer needs it alone. Refuses a folder
+/// that holds files but no LanceDB tables (not an index: nothing in it is touched). Object
+/// stores take no lock (None): their commits are conditional puts, safe for concurrent writers.
+pub fn lock_for_writing(uri: &str, mode: WriteLock) -> Result<Option<std::fs::File>> {
+    if is_remote(uri) {
         return Ok(None);
     }
-    let dir = std::path::Path::new(uri);
+    let dir = std::path::Path::new(uri.strip_prefix("file://").unwrap_or(uri));
     if dir.exists() && !dir.is_dir() {
         bail!("{uri}: not a directory (a refrag index is a LanceDB folder)");
     }
@@ -192,10 +214,18 @@ pub fn lock_for_writing(uri: &str) -> Result<Option<std::fs::File>> {
         .write(true)
         .open(&path)
         .with_context(|| format!("{}: cannot write here (read-only?)", path.display()))?;
-    match f.try_lock() {
+    let r = match mode {
+        WriteLock::Exclusive => f.try_lock(),
+        WriteLock::Shared => f.try_lock_shared(),
+    };
+    match r {
         Ok(()) => Ok(Some(f)),
+        Err(std::fs::TryLockError::WouldBlock) if mode == WriteLock::Shared => bail!(
+            "{uri}: a plain `refrag index` (or --finalize) is writing to this index; shard workers wait for it to finish (lock {})",
+            path.display()
+        ),
         Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "{uri}: another `refrag index` is writing to this index; wait for it to finish (lock {})",
+            "{uri}: another `refrag index` (or shard workers) is writing to this index; wait for it to finish (lock {})",
             path.display()
         ),
         Err(std::fs::TryLockError::Error(e)) => Err(anyhow!("{}: cannot lock: {e}", path.display())),
@@ -205,19 +235,26 @@ pub fn lock_for_writing(uri: &str) -> Result<Option<std::fs::File>> {
 impl Store {
     /// Open a database (creating nothing). `info` is None when no index exists there yet.
     pub fn open(uri: &str) -> Result<Self> {
+        Self::open_with(uri, &[])
+    }
+
+    /// [`Store::open`] with object-store options.
+    pub fn open_with(uri: &str, options: &[(String, String)]) -> Result<Self> {
         let rt = runtime()?;
-        let path = std::path::Path::new(uri);
-        if !uri.contains("://") && path.exists() && !path.is_dir() {
+        let local = uri.strip_prefix("file://").unwrap_or(uri);
+        let path = std::path::Path::new(local);
+        if !is_remote(uri) && path.exists() && !path.is_dir() {
             bail!("{uri}: not a directory (a refrag index is a LanceDB folder)");
         }
         // Local paths go to LanceDB absolute: a bare relative name is not always read as a path.
-        let target = if uri.contains("://") {
+        let target = if is_remote(uri) {
             uri.to_string()
         } else {
-            std::path::absolute(path).map(|p| p.to_string_lossy().to_string()).unwrap_or_else(|_| uri.to_string())
+            std::path::absolute(path).map(|p| p.to_string_lossy().to_string()).unwrap_or_else(|_| local.to_string())
         };
         let (db, table, info) = rt.block_on(async {
             let db = lancedb::connect(&target)
+                .storage_options(options.iter().map(|(k, v)| (k.clone(), v.clone())))
                 .execute()
                 .await
                 .with_context(|| format!("{uri}: cannot open as a LanceDB database"))?;
@@ -237,7 +274,7 @@ impl Store {
 
     /// Open for reading: an index must exist and match `now`.
     pub fn open_existing(uri: &str, now: &IndexInfo) -> Result<Self> {
-        if !uri.contains("://") && !std::path::Path::new(uri).exists() {
+        if !is_remote(uri) && !std::path::Path::new(uri.strip_prefix("file://").unwrap_or(uri)).exists() {
             bail!("{uri}: no index here; build one with `refrag index PATH --db {uri}`");
         }
         let s = Self::open(uri)?;
@@ -325,6 +362,54 @@ impl Store {
         Ok(())
     }
 
+    /// Make sure both tables exist before shard workers append. Creating a LanceDB table is
+    /// not safe to race (a losing create can commit as an overwrite of the winner's table), so
+    /// exactly one worker creates them (`create`: shard 0), the passages table empty; the
+    /// others wait up to `wait` for them to appear. Then the recorded identity is checked
+    /// against `info`. After this every writer only appends.
+    pub fn ensure_tables(&mut self, info: &IndexInfo, create: bool, wait: std::time::Duration) -> Result<()> {
+        if self.table.is_some() {
+            return Ok(());
+        }
+        let (meta, table) = if create {
+            let schema = to_batch(&[], info.dim)?.schema();
+            self.rt.block_on(async {
+                let meta = create_meta(&self.db, info, lancedb::database::CreateTableMode::Overwrite).await?;
+                let table = self.db.create_empty_table(PASSAGES, schema).execute().await?;
+                Ok::<_, anyhow::Error>((meta, table))
+            })
+            .with_context(|| format!("{}: cannot create the index tables", self.uri))?
+        } else {
+            let start = std::time::Instant::now();
+            loop {
+                let found = self.rt.block_on(async {
+                    let names = self.db.table_names().execute().await?;
+                    if !names.iter().any(|n| n == PASSAGES) {
+                        return Ok::<_, anyhow::Error>(None);
+                    }
+                    Ok(Some((self.db.open_table(META).execute().await?, self.db.open_table(PASSAGES).execute().await?)))
+                })?;
+                if let Some(t) = found {
+                    break t;
+                }
+                if start.elapsed() > wait {
+                    bail!(
+                        "{}: no index tables after {} s; shard 0 creates them: start the worker with --shard 0/N too",
+                        self.uri,
+                        wait.as_secs()
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        };
+        let stored = self.rt.block_on(read_meta(&meta)).with_context(|| format!("{}: unreadable index metadata", self.uri))?;
+        stored.check(info, &self.uri)?;
+        stored.check_chunks(info, &self.uri)?;
+        self.table = Some(table);
+        self.info = Some(stored);
+        Ok(())
+    }
+
     /// Remove every passage of these documents (one commit).
     pub fn delete_docs(&self, ids: &[String]) -> Result<u64> {
         let Some(t) = &self.table else { return Ok(0) };
@@ -351,7 +436,8 @@ impl Store {
             t.create_index(&["text"], Index::FTS(FtsIndexBuilder::default())).replace(true).execute().await
                 .context("building the full-text index")?;
             if rows >= ANN_MIN_ROWS {
-                t.create_index(&["vector"], Index::IvfHnswSq(Default::default()))
+                let index = if rows >= PQ_MIN_ROWS { Index::IvfPq(Default::default()) } else { Index::IvfHnswSq(Default::default()) };
+                t.create_index(&["vector"], index)
                     .replace(true)
                     .execute()
                     .await
@@ -387,9 +473,14 @@ impl Store {
         })
     }
 
-    /// Bytes on disk under a local database folder.
+    /// Bytes the index takes: the folder's files for a local index; for an object store, the
+    /// data and index files the table manifests record.
     pub fn disk_bytes(&self) -> u64 {
-        dir_size(std::path::Path::new(&self.uri))
+        if !is_remote(&self.uri) {
+            return dir_size(std::path::Path::new(self.uri.strip_prefix("file://").unwrap_or(&self.uri)));
+        }
+        let Some(t) = &self.table else { return 0 };
+        self.rt.block_on(t.stats()).map(|s| s.total_bytes as u64).unwrap_or(0)
     }
 }
 
@@ -413,6 +504,11 @@ fn sql_str(s: &str) -> String {
 }
 
 async fn write_meta(db: &Connection, info: &IndexInfo) -> Result<()> {
+    create_meta(db, info, lancedb::database::CreateTableMode::Overwrite).await?;
+    Ok(())
+}
+
+async fn create_meta(db: &Connection, info: &IndexInfo, mode: lancedb::database::CreateTableMode) -> Result<Table> {
     let pairs = info.to_pairs();
     let keys = StringArray::from_iter_values(pairs.iter().map(|p| p.0.as_str()));
     let vals = StringArray::from_iter_values(pairs.iter().map(|p| p.1.as_str()));
@@ -421,11 +517,7 @@ async fn write_meta(db: &Connection, info: &IndexInfo) -> Result<()> {
         Field::new("value", DataType::Utf8, false),
     ]));
     let batch = RecordBatch::try_new(schema, vec![Arc::new(keys), Arc::new(vals)])?;
-    db.create_table(META, batch)
-        .mode(lancedb::database::CreateTableMode::Overwrite)
-        .execute()
-        .await?;
-    Ok(())
+    Ok(db.create_table(META, batch).mode(mode).execute().await?)
 }
 
 async fn read_meta(t: &Table) -> Result<IndexInfo> {

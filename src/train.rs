@@ -34,6 +34,9 @@ pub enum Stage {
     Cpt,
     /// The selective-expansion policy (see `policy`); trains on top of existing weights.
     Policy,
+    /// Answering from compressed passages: supervised answers + distillation from full-context
+    /// reading (see `sft`).
+    Sft,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -61,6 +64,12 @@ pub struct TrainConfig {
     /// Rank of the LoRA adapters on every decoder matrix (0 = decoder frozen).
     #[serde(default)]
     pub decoder_lora: usize,
+    /// sft: weight of the distillation term (KL to full-context reading).
+    #[serde(default)]
+    pub distill: f64,
+    /// sft: tasks per optimizer step.
+    #[serde(default)]
+    pub batch: usize,
 }
 
 /// VarMap prefix of the chunk encoder's trainable tensors.
@@ -144,6 +153,11 @@ impl TextPool {
             bail!("no training text (give --text FILE… with at least 64 tokens each)");
         }
         Ok(Self { docs })
+    }
+
+    /// No text (stages that read tasks instead).
+    pub fn empty() -> Self {
+        Self { docs: Vec::new() }
     }
 
     pub fn tokens(&self) -> usize {
@@ -268,7 +282,7 @@ fn make_batch(pool: &TextPool, dec: &Decoder, cfg: &TrainConfig, l: usize, rng: 
     let s = l * cfg.k;
     let o = match cfg.stage {
         Stage::Reconstruct => s,
-        Stage::Cpt | Stage::Policy => cfg.predict_tokens,
+        Stage::Cpt | Stage::Policy | Stage::Sft => cfg.predict_tokens,
     };
     let per = (s + o).max(1);
     let bsz = (cfg.tokens_per_step / per).max(1);
@@ -283,7 +297,7 @@ fn make_batch(pool: &TextPool, dec: &Decoder, cfg: &TrainConfig, l: usize, rng: 
                 let w = pool.window(s, rng).to_vec();
                 (w.clone(), w)
             }
-            Stage::Cpt | Stage::Policy => {
+            Stage::Cpt | Stage::Policy | Stage::Sft => {
                 let w = pool.window(s + o, rng);
                 (w[..s].to_vec(), w[s..].to_vec())
             }
@@ -370,6 +384,9 @@ pub struct TrainRun<'a> {
     /// Start from these weights (a folder: the reconstruction stage's output) when not resuming.
     pub init_from: Option<PathBuf>,
     pub data_note: String,
+    /// sft: training and held-out tasks.
+    pub qa: Option<&'a crate::sft::QaPool>,
+    pub qa_heldout: Option<&'a crate::sft::QaPool>,
 }
 
 /// Train, checkpointing into `out`; writes `projector.safetensors` and `card.json` at the end.
@@ -379,9 +396,6 @@ pub fn train(run: &TrainRun, cfg: &TrainConfig) -> Result<serde_json::Value> {
     std::fs::create_dir_all(run.out).with_context(|| format!("{}: cannot create", run.out.display()))?;
     let ck_path = run.out.join("checkpoint.json");
     let mut varmap = VarMap::new();
-    if device.is_cuda() {
-        device.set_seed(cfg.seed)?; // the CPU generator cannot be seeded in candle 0.11
-    }
     Projector::init(&varmap, device, run.encoder.dim, dec.cfg.hidden)?; // creates the variables
     if cfg.encoder_layers > run.encoder.layers {
         bail!("--encoder-layers {}: the encoder has {} layers", cfg.encoder_layers, run.encoder.layers);
@@ -401,6 +415,7 @@ pub fn train(run: &TrainRun, cfg: &TrainConfig) -> Result<serde_json::Value> {
             }
         }
     }
+    seeded_init(&varmap, cfg.seed)?;
     let (mut rng, mut start_step, mut tokens_seen) = (Rng(cfg.seed), 0, 0u64);
     let resume = run.resume && ck_path.exists();
     if resume {
@@ -423,6 +438,28 @@ pub fn train(run: &TrainRun, cfg: &TrainConfig) -> Result<serde_json::Value> {
         opt.step = start_step;
     }
     train_loop(run, cfg, varmap, opt, rng, start_step, tokens_seen)
+}
+
+/// Draw the randomly initialised tensors (projector `fc*`, LoRA `lora_a`) from `seed`, in name
+/// order, on every device: candle 0.11 cannot seed its CPU generator, and a run must be
+/// repeatable. Weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's Linear default), biases 0.
+fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
+    let vars = varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned varmap"))?;
+    let mut names: Vec<&String> = vars.keys().filter(|n| n.starts_with("fc") || n.ends_with(".lora_a")).collect();
+    names.sort();
+    let mut rng = Rng(seed ^ 0x5eed_1217);
+    for n in names {
+        let v = &vars[n];
+        let dims = v.dims().to_vec();
+        let vals: Vec<f32> = if n.ends_with(".bias") {
+            vec![0.0; v.elem_count()]
+        } else {
+            let bound = 1.0 / (*dims.last().unwrap_or(&1) as f64).sqrt();
+            (0..v.elem_count()).map(|_| ((rng.unit() * 2.0 - 1.0) * bound) as f32).collect()
+        };
+        v.set(&Tensor::from_vec(vals, dims, v.device())?.to_dtype(v.dtype())?)?;
+    }
+    Ok(())
 }
 
 /// Drop log lines past the checkpoint's step (written before a crash), so that a resumed run
@@ -568,10 +605,18 @@ fn train_loop(
     };
     while step < cfg.steps {
         let f = step as f64 / cfg.steps as f64;
-        let l = curriculum_chunks(cfg.max_chunks, f, &mut rng);
-        let batch = make_batch(run.train, dec, cfg, l, &mut rng)?;
         let ts = Instant::now();
-        let loss = batch_loss(dec, &enc, &proj, &batch)?;
+        let (loss, ntok, l, bsz, parts) = if let (Stage::Sft, Some(qa)) = (cfg.stage, run.qa) {
+            let batch = qa.sample(cfg.batch.max(1), &mut rng);
+            let teacher = (cfg.distill > 0.0).then_some(run.decoder);
+            let sl = crate::sft::loss(dec, teacher, &enc, &proj, cfg.k, &batch, cfg.distill, cfg.mixed, &mut rng)?;
+            (sl.total, sl.answer_tokens, 0, batch.len(), Some((sl.ce, sl.kl)))
+        } else {
+            let l = curriculum_chunks(cfg.max_chunks, f, &mut rng);
+            let batch = make_batch(run.train, dec, cfg, l, &mut rng)?;
+            let ntok: usize = batch.targets.iter().map(Vec::len).sum();
+            (batch_loss(dec, &enc, &proj, &batch)?, ntok, l, batch.targets.len(), None)
+        };
         let grads = loss.backward()?;
         let lr = lr_at(cfg, step);
         let gnorm = opt.step(&grads, lr, cfg.clip)?;
@@ -579,16 +624,16 @@ fn train_loop(
         if !lv.is_finite() {
             bail!("loss became {lv} at step {step}; lower --lr");
         }
-        let ntok: usize = batch.targets.iter().map(Vec::len).sum();
         tokens_seen += ntok as u64;
         step += 1;
         let tps = ntok as f64 / ts.elapsed().as_secs_f64();
-        writeln!(
-            log,
-            "{}",
-            serde_json::json!({"step": step, "loss": lv, "lr": lr, "grad_norm": gnorm, "chunks": l,
-                "batch": batch.targets.len(), "tokens_per_s": tps, "tokens_seen": tokens_seen})
-        )?;
+        let mut rec = serde_json::json!({"step": step, "loss": lv, "lr": lr, "grad_norm": gnorm, "chunks": l,
+            "batch": bsz, "tokens_per_s": tps, "tokens_seen": tokens_seen});
+        if let Some((ce, kl)) = parts {
+            rec["ce"] = ce.into();
+            rec["kl"] = kl.into();
+        }
+        writeln!(log, "{rec}")?;
         pb.set_position(step as u64);
         pb.set_message(format!("loss {lv:.3} L={l}"));
         let out_of_time = run.max_seconds.is_some_and(|m| t0.elapsed().as_secs_f64() > m);
@@ -604,7 +649,9 @@ fn train_loop(
     pb.finish_and_clear();
     // Held-out scores at the largest L, for the card.
     let mut scores = serde_json::Map::new();
-    if let Some(h) = run.heldout {
+    if let (Stage::Sft, Some(h)) = (cfg.stage, run.qa_heldout) {
+        scores.insert("qa".into(), crate::sft::heldout_nll(dec, run.decoder, &enc, &proj, cfg.k, h, 200)?);
+    } else if let Some(h) = run.heldout {
         let mut r = Rng(cfg.seed ^ 0xabcdef);
         for l in stages(cfg.max_chunks) {
             let mut c = cfg.clone();
@@ -658,7 +705,7 @@ mod tests {
         let cfg = TrainConfig {
             stage: Stage::Reconstruct, k: 16, steps: 100, tokens_per_step: 1, max_chunks: 1,
             predict_tokens: 1, mixed: 0.0, lr: 1e-3, warmup: 0.04, weight_decay: 0.0, clip: 1.0,
-            seed: 1, checkpoint_every: 10, encoder_layers: 0, decoder_lora: 0,
+            seed: 1, checkpoint_every: 10, encoder_layers: 0, decoder_lora: 0, distill: 0.0, batch: 0,
         };
         assert!(lr_at(&cfg, 0) < lr_at(&cfg, 3));
         assert!((lr_at(&cfg, 4) - 1e-3).abs() < 1e-9);

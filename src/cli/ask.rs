@@ -1,13 +1,12 @@
 //! `refrag ask`: answer one question.
 
 use super::Global;
-use crate::generate::{generate, Generation, SamplingOptions};
+use crate::generate::{Generation, SamplingOptions};
 use crate::options::{Mode, Policy, SearchKind};
 #[cfg(feature = "store")]
 use crate::rag::{AskOptions, Engine};
 #[cfg(feature = "store")]
 use crate::store::Store;
-use crate::prompt::{self, Segment};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::{IsTerminal, Read, Write};
@@ -90,10 +89,10 @@ impl RagArgs {
         let device = g.device()?;
         let decoder = g.load_decoder(&device)?;
         let encoder = g.load_encoder(&device)?;
-        if !self.db.contains("://") && !std::path::Path::new(&self.db).exists() {
+        if !crate::store::is_remote(&self.db) && !std::path::Path::new(&self.db).exists() {
             bail!("{}: no index here; build one with `refrag index PATH --db {}`", self.db, self.db);
         }
-        let store = Store::open(&self.db)?;
+        let store = Store::open_with(&self.db, &g.storage_options()?)?;
         let Some(info) = store.info.clone() else {
             bail!("{}: no index here; build one with `refrag index PATH --db {}`", self.db, self.db);
         };
@@ -140,7 +139,8 @@ impl RagArgs {
 pub struct AskArgs {
     /// The question; `-` (or nothing, with a pipe on stdin) reads it from stdin.
     pub question: Option<String>,
-    /// Answer from these text files (full text in the prompt) instead of the index.
+    /// Answer from these text files instead of the index (read as --mode says: tokens, or
+    /// compressed chunks with --expand/--policy in refrag mode).
     #[arg(long, value_name = "FILE", env = "REFRAG_ASK_CONTEXT")]
     pub context: Vec<PathBuf>,
     #[command(flatten)]
@@ -199,24 +199,55 @@ pub fn run(g: &Global, args: AskArgs) -> Result<ExitCode> {
         .iter()
         .map(|p| crate::corpus::read_text(p))
         .collect::<Result<Vec<_>>>()?;
+    if !(0.0..=1.0).contains(&args.rag.expand) {
+        bail!("--expand {}: must be between 0 and 1", args.rag.expand);
+    }
+    // The files are read as the mode says: tokens (full), projected chunks (refrag, with the
+    // policy's expanded chunks as tokens), or not at all (none).
+    let mode = args.rag.mode.unwrap_or(Mode::Full);
     let device = g.device()?;
-    let decoder = g.load_decoder(&device)?;
-    let passages: Vec<Vec<Segment>> = contexts
-        .iter()
-        .map(|t| vec![Segment::Text(t.trim().to_string())])
-        .collect();
-    let input = prompt::assemble(&decoder, &prompt::rag(&question, passages))?;
+    let mut decoder = g.load_decoder(&device)?;
+    let encoder = if mode == Mode::Refrag { Some(g.load_encoder(&device)?) } else { None };
+    let trained = match &encoder {
+        Some(e) => match g.trained(e, decoder.cfg.hidden)? {
+            Some(t) => Some(t),
+            None => return Err(crate::projector::missing(&crate::projector::weights_dirs(g.weights.as_deref(), &g.home()))),
+        },
+        None => None,
+    };
+    if let Some(t) = &trained {
+        t.adapt(&mut decoder)?;
+    }
+    let compress = trained.as_ref().map(|t| (&t.chunk_encoder, &t.projector));
+    let select = encoder.as_ref().map(|e| {
+        let sel = crate::policy::Selection {
+            policy: args.rag.policy,
+            expand: args.rag.expand,
+            net: trained.as_ref().and_then(|t| t.policy.as_deref()),
+            seed: opts.seed,
+        };
+        (sel, e)
+    });
+    let k = args.rag.k.or(trained.as_ref().and_then(|t| t.k)).unwrap_or(16);
+    let reader = crate::chat::Reader { decoder: &decoder, compress, k, select };
+    let turn = crate::chat::GivenTurn { history: vec![], passages: contexts, question: question.clone() };
+    let window = decoder.cfg.max_positions.saturating_sub(opts.max_tokens);
     let stream = !args.json;
     let mut out = std::io::stdout().lock();
-    let gen = generate(&decoder, &input, &opts, |piece| {
+    let r = crate::chat::answer_given_streaming(&reader, mode, &turn, window, &opts, |piece| {
         if stream {
             out.write_all(piece.as_bytes())?;
             out.flush()?;
         }
         Ok(())
     })?;
+    if r.passages_kept < turn.passages.len() && !g.quiet {
+        eprintln!("refrag: note: {} of {} --context files fit the window; the rest were left out", r.passages_kept, turn.passages.len());
+    }
     if args.json {
-        writeln!(out, "{}", answer_json(&gen, "full", &device))?;
+        let mut v = answer_json(&r.generation, mode_name(mode), &device);
+        v["expanded_chunks"] = r.chunks_expanded.into();
+        writeln!(out, "{v}")?;
     } else {
         writeln!(out)?;
     }

@@ -108,11 +108,11 @@ pub fn run(g: &Global, a: DoctorArgs) -> Result<ExitCode> {
         add(Status::Fail, "models", "cannot load the decoder tokenizer or the encoder (see above)".into());
     }
 
-    let local_missing = !a.db.contains("://") && !std::path::Path::new(&a.db).exists();
+    let local_missing = !crate::store::is_remote(&a.db) && !std::path::Path::new(&a.db).exists();
     if local_missing {
         add(Status::Warn, "index", format!("{}: no index yet (build one with `refrag index PATH --db {}`)", a.db, a.db));
     } else {
-        match Store::open(&a.db) {
+        match g.storage_options().and_then(|o| Store::open_with(&a.db, &o)) {
             Err(e) => add(Status::Fail, "index", format!("{e:#}")),
             Ok(store) => match (&store.info, &loaded) {
                 (None, _) => add(Status::Fail, "index", format!("{}: exists but holds no refrag index", a.db)),

@@ -369,51 +369,11 @@ fn read_jsonl<T>(path: &std::path::Path, parse: impl Fn(&str, &str) -> Result<T>
     Ok((good, bad))
 }
 
-/// One MTRAG-style task: the conversation so far (ending with the user's question), the
-/// passages, the reference answer and whether it is answerable.
-struct ConvTask {
-    id: String,
-    turn: crate::chat::GivenTurn,
-    targets: Vec<String>,
-    unanswerable: bool,
-}
-
-fn parse_conversation(line: &str, at: &str) -> Result<ConvTask> {
-    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| anyhow!("{at}: malformed JSON: {e}"))?;
-    let turns = v["input"].as_array().ok_or_else(|| anyhow!("{at}: missing \"input\" (the conversation)"))?;
-    let mut history = Vec::new();
-    let mut pending: Option<String> = None;
-    for t in turns {
-        let text = t["text"].as_str().unwrap_or_default().to_string();
-        match t["speaker"].as_str() {
-            Some("user") => {
-                if let Some(u) = pending.replace(text) {
-                    history.push((u, String::new()));
-                }
-            }
-            Some("agent") => history.push((pending.take().unwrap_or_default(), text)),
-            other => bail!("{at}: speaker {other:?}, expected user or agent"),
-        }
-    }
-    let question = pending.filter(|q| !q.trim().is_empty()).ok_or_else(|| anyhow!("{at}: the conversation does not end with a user turn"))?;
-    let texts = |x: &serde_json::Value| -> Vec<String> {
-        x.as_array().into_iter().flatten().filter_map(|c| c["text"].as_str().map(String::from)).collect()
-    };
-    let id = v["task_id"].as_str().or(v["id"].as_str()).unwrap_or(at).to_string();
-    let unanswerable = v["answerability"].to_string().contains("UNANSWERABLE");
-    Ok(ConvTask {
-        id,
-        turn: crate::chat::GivenTurn { history, passages: texts(&v["contexts"]), question },
-        targets: texts(&v["targets"]),
-        unanswerable,
-    })
-}
-
 /// `eval --conversations`: the last user turn of each conversation, answered with its given
 /// passages and the earlier turns (compressed in refrag mode, truncated to --window in full).
 fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Result<ExitCode> {
     use crate::options::Mode;
-    let (mut tasks, bad) = read_jsonl(path, parse_conversation)?;
+    let (mut tasks, bad) = read_jsonl(path, crate::chat::parse_task)?;
     if let Some(l) = args.limit {
         tasks.truncate(l);
     }
@@ -432,22 +392,38 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
         _ => None,
     };
     let k = args.rag.k.or(trained.as_ref().and_then(|t| t.k)).unwrap_or(16);
-    let reader = crate::chat::Reader { decoder: &decoder, compress, k };
+    if !(0.0..=1.0).contains(&args.rag.expand) {
+        bail!("--expand {}: must be between 0 and 1", args.rag.expand);
+    }
+    let select = Some((
+        crate::policy::Selection {
+            policy: args.rag.policy,
+            expand: args.rag.expand,
+            net: trained.as_ref().and_then(|t| t.policy.as_deref()),
+            seed: sampling.seed,
+        },
+        &encoder,
+    ));
+    let reader = crate::chat::Reader { decoder: &decoder, compress, k, select };
     let window = args.window.unwrap_or(decoder.cfg.max_positions).min(decoder.cfg.max_positions).saturating_sub(sampling.max_tokens);
     let mut out = out_file(&args.out)?;
     let pb = crate::progress::bar(g.quiet, tasks.len() as u64, "conversations");
     let (mut f1s, mut ttfts, mut positions, mut hist_kept, mut hist_total, mut psg_kept, mut psg_total) = (vec![], vec![], vec![], 0, 0, 0, 0);
     let (mut unans, mut unans_right, mut false_abst) = (0usize, 0usize, 0usize);
+    let (mut ems, mut containss, mut expanded) = (vec![], vec![], 0usize);
     for t in &tasks {
         let r = crate::chat::answer_given(&reader, mode, &t.turn, window, &sampling)?;
         let answer = &r.generation.text;
-        let f1 = t.targets.iter().map(|g| metrics::f1(answer, g)).fold(0.0, f64::max);
+        let (em, f1) = metrics::best(answer, &t.targets);
+        let contains = metrics::contains_any(answer, &t.targets);
         let abstained = metrics::abstains(answer);
         if t.unanswerable {
             unans += 1;
             unans_right += usize::from(abstained);
         } else {
             f1s.push(f1);
+            ems.push(em);
+            containss.push(f64::from(u8::from(contains)));
             false_abst += usize::from(abstained);
         }
         ttfts.push(r.generation.ttft_ms());
@@ -455,9 +431,10 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
         hist_kept += r.history_kept;
         hist_total += t.turn.history.len();
         psg_kept += r.passages_kept;
+        expanded += r.chunks_expanded;
         psg_total += if mode == Mode::None { 0 } else { t.turn.passages.len() };
         if let Some(o) = out.as_mut() {
-            writeln!(o, "{}", serde_json::json!({"id": t.id, "answer": answer, "f1": f1, "unanswerable": t.unanswerable,
+            writeln!(o, "{}", serde_json::json!({"id": t.id, "answer": answer, "f1": f1, "em": em, "contains_gold": contains, "unanswerable": t.unanswerable,
                 "abstained": abstained, "ttft_ms": r.generation.ttft_ms(), "decoder_positions": r.generation.prompt_positions,
                 "history_turns_kept": r.history_kept, "history_turns": t.turn.history.len(), "passages_kept": r.passages_kept}))?;
         }
@@ -472,12 +449,14 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
     let share = |a: usize, b: usize| (b > 0).then(|| a as f64 / b as f64);
     let summary = serde_json::json!({
         "conversations": tasks.len(), "bad_lines": bad, "mode": mode_name(mode), "window": window,
-        "f1_answerable": mean(&f1s), "answerable": f1s.len(),
+        "f1_answerable": mean(&f1s), "em_answerable": mean(&ems), "contains_gold_answerable": mean(&containss),
+        "answerable": f1s.len(),
         "abstention_unanswerable": share(unans_right, unans), "unanswerable": unans,
         "false_abstention": share(false_abst, f1s.len()),
         "history_turns_kept": share(hist_kept, hist_total), "passages_kept": share(psg_kept, psg_total),
         "ttft_ms_mean": ttft_mean, "ttft_ms_median": ttft_median, "ttft_ms_p95": ttft_p95,
         "decoder_positions_mean": mean(&positions),
+        "expand": args.rag.expand, "policy": args.rag.policy, "chunks_expanded": expanded,
     });
     print_summary(&summary, args.json)?;
     Ok(if bad > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })

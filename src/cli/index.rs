@@ -2,7 +2,7 @@
 
 use super::Global;
 use crate::indexer::{self, IndexOptions};
-use crate::store::Store;
+use crate::store::{Store, WriteLock};
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -11,7 +11,7 @@ use std::process::ExitCode;
 #[derive(Args, Debug)]
 pub struct IndexArgs {
     /// Files and folders: .txt/.md (one document each) and .jsonl ({"id","title","text"} per line).
-    #[arg(required_unless_present = "delete")]
+    #[arg(required_unless_present_any = ["delete", "finalize"])]
     pub paths: Vec<PathBuf>,
     /// Index database (a folder, or an object-store URI).
     #[arg(long, env = "REFRAG_DB", default_value = "index")]
@@ -29,14 +29,41 @@ pub struct IndexArgs {
     #[arg(long, default_value_t = 64, env = "REFRAG_INDEX_BATCH_DOCS")]
     pub batch_docs: usize,
     /// Remove these document ids (repeatable).
-    #[arg(long, value_name = "ID", env = "REFRAG_INDEX_DELETE")]
+    #[arg(long, value_name = "ID", env = "REFRAG_INDEX_DELETE", conflicts_with = "shard")]
     pub delete: Vec<String>,
+    /// Index only part I of N of the inputs (0-based; a stable hash of each document id), beside
+    /// N-1 other workers writing to the same --db. Workers only append; run `--finalize` once
+    /// all are done.
+    #[arg(long, value_name = "I/N", value_parser = parse_shard, env = "REFRAG_INDEX_SHARD")]
+    pub shard: Option<(usize, usize)>,
+    /// With --shard on a new index: seconds the other workers wait for shard 0 to create
+    /// the tables.
+    #[arg(long, default_value_t = 600, env = "REFRAG_INDEX_SHARD_WAIT")]
+    pub shard_wait: u64,
+    /// Compact the index and build its vector and full-text indexes (after shard workers;
+    /// a plain `refrag index` does this itself).
+    #[arg(long, conflicts_with = "shard")]
+    pub finalize: bool,
     /// Print the summary as JSON.
     #[arg(long, env = "REFRAG_JSON")]
     pub json: bool,
 }
 
+fn parse_shard(s: &str) -> std::result::Result<(usize, usize), String> {
+    let bad = || format!("{s}: expected I/N with 0 <= I < N, e.g. 0/4");
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (i, n): (usize, usize) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+    if n == 0 || i >= n {
+        return Err(bad());
+    }
+    Ok((i, n))
+}
+
 pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
+    g.storage_options()?;
+    if args.finalize && args.paths.is_empty() && args.delete.is_empty() {
+        return finalize(g, &args);
+    }
     if args.k == 0 || args.k > 256 {
         bail!("--k {}: must be between 1 and 256", args.k);
     }
@@ -56,8 +83,9 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
     let gguf = crate::models::resolve_decoder(g.decoder.as_deref(), &g.home(), g.quiet)?;
     let (tokenizer, tokenizer_id) = crate::gguf_tokenizer::load(&gguf)?;
     let encoder = g.load_encoder(&device)?;
-    let _lock = crate::store::lock_for_writing(&args.db)?;
-    let mut store = Store::open(&args.db)?;
+    let lock = if args.shard.is_some() { WriteLock::Shared } else { WriteLock::Exclusive };
+    let _lock = crate::store::lock_for_writing(&args.db, lock)?;
+    let mut store = Store::open_with(&args.db, &g.storage_options()?)?;
     // Chunk vectors come from the trained chunk encoder when trained weights are in use.
     let trained = g.trained(&encoder, crate::decoder::hidden_size(&gguf)?)?;
     let chunk_encoder = trained.map(|t| t.chunk_encoder).unwrap_or_else(|| encoder.clone());
@@ -75,11 +103,22 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
         max_words: args.max_words,
         batch_docs: args.batch_docs,
         quiet: g.quiet,
+        shard: args.shard,
+        shard_wait: std::time::Duration::from_secs(args.shard_wait),
     };
     let sum = indexer::index(&mut store, &docs, &tokenizer, &tokenizer_id, &encoder, &chunk_encoder, &opts)?;
     if args.json {
         outln!("{}", serde_json::to_string(&sum)?);
     } else {
+        if let Some((i, n)) = args.shard {
+            outln!(
+                "shard {i}/{n}: {} of {} documents (the others belong to other shards); \
+                 run `refrag index --finalize --db {}` once every shard is done",
+                sum.documents,
+                sum.documents + sum.other_shards,
+                args.db
+            );
+        }
         outln!(
             "{} documents ({} added, {} replaced, {} unchanged), {} passages, {} chunks in {:.1} s; \
              index: {} passages, {:.1} MiB on disk",
@@ -93,6 +132,28 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
             sum.rows_total,
             sum.bytes_on_disk as f64 / (1 << 20) as f64
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `refrag index --finalize`: compact and build the search indexes of an existing index.
+fn finalize(g: &Global, args: &IndexArgs) -> Result<ExitCode> {
+    let start = std::time::Instant::now();
+    let _lock = crate::store::lock_for_writing(&args.db, WriteLock::Exclusive)?;
+    let store = Store::open_with(&args.db, &g.storage_options()?)?;
+    if store.info.is_none() {
+        bail!("{}: no refrag index to finalize; build one with `refrag index PATH --db {}`", args.db, args.db);
+    }
+    let sp = crate::progress::spinner(g.quiet, "compacting and building search indexes".into());
+    store.finish()?;
+    sp.finish_and_clear();
+    let rows = store.rows()?;
+    let bytes = store.disk_bytes();
+    let seconds = start.elapsed().as_secs_f64();
+    if args.json {
+        outln!("{}", serde_json::json!({"finalized": true, "rows_total": rows, "bytes_on_disk": bytes, "seconds": seconds}));
+    } else {
+        outln!("finalized: {rows} passages, {:.1} MiB, in {seconds:.1} s", bytes as f64 / (1 << 20) as f64);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -70,6 +70,11 @@ pub struct Global {
     /// Default: $REFRAG_HOME/weights, else the weights/ shipped with refrag.
     #[arg(long, global = true, env = "REFRAG_WEIGHTS")]
     pub weights: Option<PathBuf>,
+    /// Object-store option for --db s3://, gs://, az:// (repeatable KEY=VALUE, e.g.
+    /// aws_endpoint=http://127.0.0.1:9000, aws_region=eu-west-1, allow_http=true); credentials
+    /// also come from the standard environment variables (AWS_ACCESS_KEY_ID, ...).
+    #[arg(long = "storage-option", value_name = "KEY=VALUE", global = true, env = "REFRAG_STORAGE_OPTIONS", value_delimiter = ',')]
+    pub storage_options: Vec<String>,
     /// No progress bars or notes on stderr.
     #[arg(short, long, global = true, env = "REFRAG_QUIET")]
     pub quiet: bool,
@@ -121,6 +126,16 @@ impl Global {
             None if self.weights.is_some() => Err(crate::projector::missing(&dirs)),
             None => Ok(None),
         }
+    }
+    /// --storage-option pairs, checked.
+    pub fn storage_options(&self) -> Result<Vec<(String, String)>> {
+        self.storage_options
+            .iter()
+            .map(|kv| match kv.split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+                _ => anyhow::bail!("--storage-option {kv}: expected KEY=VALUE"),
+            })
+            .collect()
     }
     /// Load the encoder (pulling the pinned model on first need).
     pub fn load_encoder(&self, device: &candle_core::Device) -> Result<crate::encoder::Encoder> {

@@ -1,4 +1,4 @@
-//! `refrag train reconstruct|cpt|policy`.
+//! `refrag train reconstruct|cpt|sft|policy`.
 
 use super::Global;
 use crate::train::{self, Stage, TextPool, TrainConfig, TrainRun};
@@ -9,13 +9,27 @@ use std::process::ExitCode;
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Stage: reconstruct (chunk vectors -> the same tokens), cpt (-> the next tokens) or
-    /// policy (which chunks to expand; needs trained weights, see --weights).
+    /// Stage: reconstruct (chunk vectors -> the same tokens), cpt (-> the next tokens), sft
+    /// (answers from compressed passages; --qa) or policy (which chunks to expand; needs
+    /// trained weights, see --weights).
     #[arg(value_enum)]
     pub stage: Stage,
     /// Training text files (UTF-8). Never the text you report results on.
-    #[arg(long, required = true, num_args = 1.., env = "REFRAG_TRAIN_TEXT")]
+    #[arg(long, required_unless_present = "qa", num_args = 1.., env = "REFRAG_TRAIN_TEXT")]
     pub text: Vec<PathBuf>,
+    /// sft: training tasks (`eval --conversations` format, e.g. from `refrag dataset squad
+    /// --split train --tasks`). Never the questions you report results on.
+    #[arg(long, num_args = 1.., env = "REFRAG_TRAIN_QA")]
+    pub qa: Vec<PathBuf>,
+    /// sft: held-out tasks scored at the end (answer NLL, written to the card).
+    #[arg(long, num_args = 1.., env = "REFRAG_TRAIN_HELDOUT_QA")]
+    pub heldout_qa: Vec<PathBuf>,
+    /// sft: weight of distillation from full-context reading (0 = answers only).
+    #[arg(long, default_value_t = 1.0, env = "REFRAG_TRAIN_DISTILL")]
+    pub distill: f64,
+    /// sft: tasks per optimizer step.
+    #[arg(long, default_value_t = 16, env = "REFRAG_TRAIN_BATCH")]
+    pub batch: usize,
     /// Held-out text files scored at the end (written to the card).
     #[arg(long, num_args = 1.., env = "REFRAG_TRAIN_HELDOUT")]
     pub heldout: Vec<PathBuf>,
@@ -149,10 +163,22 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     let device = g.device()?;
     let decoder = g.load_decoder_with(&device, crate::decoder::Ops::Differentiable, false)?;
     let encoder = g.load_encoder(&device)?;
-    let pool = TextPool::load(&a.text, &decoder)?;
+    if a.stage == Stage::Sft && a.qa.is_empty() {
+        bail!("train sft needs --qa FILE (tasks: `refrag dataset squad FILE --split train --tasks OUT.jsonl`)");
+    }
+    let pool = if a.text.is_empty() { TextPool::empty() } else { TextPool::load(&a.text, &decoder)? };
     let held = if a.heldout.is_empty() { None } else { Some(TextPool::load(&a.heldout, &decoder)?) };
+    let qa = if a.stage == Stage::Sft { Some(crate::sft::QaPool::load(&a.qa, &decoder)?) } else { None };
+    let qa_held = if a.stage == Stage::Sft && !a.heldout_qa.is_empty() {
+        Some(crate::sft::QaPool::load(&a.heldout_qa, &decoder)?)
+    } else {
+        None
+    };
     if !g.quiet {
-        eprintln!("training text: {} tokens in {} files", pool.tokens(), a.text.len());
+        match &qa {
+            Some(q) => eprintln!("training tasks: {} in {} files", q.examples.len(), a.qa.len()),
+            None => eprintln!("training text: {} tokens in {} files", pool.tokens(), a.text.len()),
+        }
     }
     let names = |v: &[PathBuf]| v.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()).collect::<Vec<_>>();
     let cfg = TrainConfig {
@@ -171,6 +197,8 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         checkpoint_every: a.checkpoint_every,
         encoder_layers: a.encoder_layers,
         decoder_lora: a.decoder_lora,
+        distill: a.distill,
+        batch: a.batch,
     };
     let run = TrainRun {
         decoder: &decoder,
@@ -182,7 +210,13 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         quiet: g.quiet,
         max_seconds: a.max_seconds,
         init_from: a.init.clone(),
-        data_note: format!("train: {:?}; held out: {:?}", names(&a.text), names(&a.heldout)),
+        data_note: if a.stage == Stage::Sft {
+            format!("train tasks: {:?}; held-out tasks: {:?}", names(&a.qa), names(&a.heldout_qa))
+        } else {
+            format!("train: {:?}; held out: {:?}", names(&a.text), names(&a.heldout))
+        },
+        qa: qa.as_ref(),
+        qa_heldout: qa_held.as_ref(),
     };
     let card = train::train(&run, &cfg)?;
     outln!("{}", serde_json::to_string_pretty(&card)?);

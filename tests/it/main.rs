@@ -10,5 +10,6 @@ mod encoder;
 mod hub;
 mod pipeline;
 mod robust;
+mod s3;
 mod tokenizer;
 mod train;

@@ -1,0 +1,199 @@
+//! `refrag train sft`: teach the REFRAG reader to answer from compressed passages (the paper's
+//! RAG fine-tuning), with two signals on the same answer positions:
+//!
+//! - supervised: cross-entropy of the reference answer (then `<|im_end|>`), read after the
+//!   question and its passages as projected chunk vectors, exactly as `ask`/`eval` build the
+//!   input ([`crate::prompt::rag`]);
+//! - distillation: KL(teacher ‖ student), where the teacher is the same base decoder reading the
+//!   passages as tokens (full context, no adapters: the product's `--mode full`). The student
+//!   learns to read chunk vectors the way the decoder reads the text.
+//!
+//! With `--mixed P` a fraction P of the chunks is read as tokens (expanded), so answers hold
+//! up when the policy expands some chunks. Tasks come in the `eval --conversations` format
+//! (`refrag dataset squad|nq-oracle --tasks`), one turn each.
+
+use crate::decoder::Decoder;
+use crate::encoder::Encoder;
+use crate::projector::Projector;
+use crate::prompt::{self, Segment};
+use crate::train::Rng;
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Tensor, D};
+use std::path::PathBuf;
+
+/// Most passage tokens read per task (longer passages are cut).
+const MAX_PASSAGE_TOKENS: usize = 512;
+
+/// One question with its passages (decoder tokens) and reference answer tokens.
+pub struct QaExample {
+    pub question: String,
+    pub passages: Vec<Vec<u32>>,
+    /// Answer tokens, ending with `<|im_end|>`.
+    pub answer: Vec<u32>,
+}
+
+/// Answerable one-turn tasks with their first reference answer.
+pub struct QaPool {
+    pub examples: Vec<QaExample>,
+}
+
+impl QaPool {
+    pub fn load(files: &[PathBuf], dec: &Decoder) -> Result<Self> {
+        let mut examples = Vec::new();
+        for f in files {
+            let text = crate::corpus::read_text(f)?;
+            for (n, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let at = format!("{}:{}", f.display(), n + 1);
+                let t = crate::chat::parse_task(line, &at)?;
+                let Some(answer) = t.targets.iter().find(|a| !a.trim().is_empty()) else { continue };
+                if t.unanswerable || t.turn.passages.is_empty() {
+                    continue;
+                }
+                let mut passages = Vec::new();
+                for p in &t.turn.passages {
+                    let mut ids = prompt::tokenize(dec, p.trim()).with_context(|| at.clone())?;
+                    ids.truncate(MAX_PASSAGE_TOKENS);
+                    passages.push(ids);
+                }
+                let answer = prompt::tokenize(dec, &format!("{}<|im_end|>", answer.trim())).with_context(|| at.clone())?;
+                examples.push(QaExample { question: t.turn.question.clone(), passages, answer });
+            }
+        }
+        if examples.is_empty() {
+            bail!("{files:?}: no answerable tasks with passages (make them with `refrag dataset ... --tasks`)");
+        }
+        Ok(Self { examples })
+    }
+
+    /// `n` examples drawn with replacement.
+    pub fn sample(&self, n: usize, rng: &mut Rng) -> Vec<&QaExample> {
+        (0..n).map(|_| &self.examples[rng.below(self.examples.len())]).collect()
+    }
+}
+
+/// Loss terms of a batch, each a mean over answer tokens.
+pub struct SftLoss {
+    /// ce + distill * kl: what is optimised.
+    pub total: Tensor,
+    pub ce: f64,
+    pub kl: f64,
+    pub answer_tokens: usize,
+}
+
+/// The batch loss. `student` carries the adapters; `teacher` is the base decoder (None: no
+/// distillation term). `mixed`: probability that a chunk is read as tokens.
+#[allow(clippy::too_many_arguments)]
+pub fn loss(
+    student: &Decoder,
+    teacher: Option<&Decoder>,
+    enc: &Encoder,
+    proj: &Projector,
+    k: usize,
+    batch: &[&QaExample],
+    distill: f64,
+    mixed: f64,
+    rng: &mut Rng,
+) -> Result<SftLoss> {
+    // Which chunks stay tokens, and all compressed chunk texts of the batch, in order.
+    let mut plans: Vec<Vec<Vec<(bool, &[u32])>>> = Vec::new();
+    let mut texts = Vec::new();
+    for ex in batch {
+        let mut per = Vec::new();
+        for p in &ex.passages {
+            let mut chunks = Vec::new();
+            for c in crate::corpus::chunks(p, k) {
+                let expand = mixed > 0.0 && rng.unit() < mixed;
+                if !expand {
+                    texts.push(student.tokenizer.decode(c, false).map_err(|e| anyhow!("decode: {e}"))?);
+                }
+                chunks.push((expand, c));
+            }
+            per.push(chunks);
+        }
+        plans.push(per);
+    }
+    let projected = if texts.is_empty() {
+        None
+    } else {
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        Some(proj.forward(&enc.encode(&refs)?.to_device(&student.device)?)?)
+    };
+    let mut row = 0;
+    let (mut terms, mut ce_sum, mut kl_sum, mut ntok) = (Vec::new(), 0f64, 0f64, 0usize);
+    for (ex, plan) in batch.iter().zip(&plans) {
+        // Student: passages as runs of projected chunks and expanded tokens.
+        let mut passages = Vec::new();
+        for chunks in plan {
+            let mut segs: Vec<Segment> = Vec::new();
+            for (expand, c) in chunks {
+                if *expand {
+                    segs.push(Segment::Tokens(c.to_vec()));
+                } else {
+                    let e = projected.as_ref().expect("compressed chunks were encoded").narrow(0, row, 1)?;
+                    row += 1;
+                    segs.push(Segment::Embeds(e));
+                }
+            }
+            passages.push(segs);
+        }
+        let s_logits = answer_logits(student, &prompt::rag(&ex.question, passages), &ex.answer)?;
+        let n = ex.answer.len();
+        let tgt = Tensor::from_vec(ex.answer.clone(), n, &student.device)?;
+        let ce = candle_nn::loss::cross_entropy(&s_logits, &tgt)?;
+        let mut term = ce.clone();
+        ce_sum += ce.to_scalar::<f32>()? as f64 * n as f64;
+        if let (Some(t), true) = (teacher, distill > 0.0) {
+            let full: Vec<Vec<Segment>> = ex.passages.iter().map(|p| vec![Segment::Tokens(p.clone())]).collect();
+            let t_logits = answer_logits(t, &prompt::rag(&ex.question, full), &ex.answer)?.detach();
+            let lt = candle_nn::ops::log_softmax(&t_logits, D::Minus1)?;
+            let ls = candle_nn::ops::log_softmax(&s_logits, D::Minus1)?;
+            let kl = (lt.exp()? * (lt - ls)?)?.sum(D::Minus1)?.mean_all()?;
+            kl_sum += kl.to_scalar::<f32>()? as f64 * n as f64;
+            term = (term + (kl * distill)?)?;
+        }
+        // Weighted by answer length: the batch mean is per answer token.
+        terms.push((term * n as f64)?);
+        ntok += n;
+    }
+    let total = (Tensor::stack(&terms, 0)?.sum_all()? / ntok.max(1) as f64)?;
+    Ok(SftLoss { total, ce: ce_sum / ntok.max(1) as f64, kl: kl_sum / ntok.max(1) as f64, answer_tokens: ntok })
+}
+
+/// F32 logits [answer_len, vocab] of the answer tokens, teacher-forced after the prompt.
+fn answer_logits(dec: &Decoder, segments: &[Segment], answer: &[u32]) -> Result<Tensor> {
+    let input = prompt::assemble(dec, segments)?;
+    let p = input.positions;
+    let n = answer.len();
+    let x = if n > 1 {
+        Tensor::cat(&[&input.embeds, &dec.embed_tokens(&answer[..n - 1])?.unsqueeze(0)?], 1)?
+    } else {
+        input.embeds
+    };
+    let h = dec.forward_train(&x)?.narrow(1, p - 1, n)?.squeeze(0)?;
+    Ok(dec.logits(&h)?.to_dtype(DType::F32)?)
+}
+
+/// Held-out answer NLL (nats/token, no expansion) read compressed by the student and, for
+/// reference, as full tokens by the teacher; over the first `n` tasks.
+pub fn heldout_nll(student: &Decoder, teacher: &Decoder, enc: &Encoder, proj: &Projector, k: usize, pool: &QaPool, n: usize) -> Result<serde_json::Value> {
+    let mut rng = Rng(0);
+    let (mut s_sum, mut t_sum, mut tok) = (0f64, 0f64, 0usize);
+    for ex in pool.examples.iter().take(n) {
+        let l = loss(student, None, enc, proj, k, &[ex], 0.0, 0.0, &mut rng)?;
+        let full: Vec<Vec<Segment>> = ex.passages.iter().map(|p| vec![Segment::Tokens(p.clone())]).collect();
+        let t_logits = answer_logits(teacher, &prompt::rag(&ex.question, full), &ex.answer)?;
+        let tgt = Tensor::from_vec(ex.answer.clone(), ex.answer.len(), &teacher.device)?;
+        let t_ce = candle_nn::loss::cross_entropy(&t_logits, &tgt)?.to_scalar::<f32>()? as f64;
+        s_sum += l.ce * l.answer_tokens as f64;
+        t_sum += t_ce * ex.answer.len() as f64;
+        tok += l.answer_tokens;
+    }
+    Ok(serde_json::json!({
+        "tasks": pool.examples.len().min(n),
+        "answer_nll_refrag": s_sum / tok.max(1) as f64,
+        "answer_nll_full_base": t_sum / tok.max(1) as f64,
+    }))
+}
