@@ -225,7 +225,7 @@ pub fn lock_for_writing(uri: &str, mode: WriteLock) -> Result<Option<std::fs::Fi
             path.display()
         ),
         Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "{uri}: another `refrag index` (or shard workers) is writing to this index; wait for it to finish (lock {})",
+            "{uri}: another `refrag index` is writing to this index (or shard workers are); wait for it to finish (lock {})",
             path.display()
         ),
         Err(std::fs::TryLockError::Error(e)) => Err(anyhow!("{}: cannot lock: {e}", path.display())),

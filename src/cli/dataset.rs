@@ -129,6 +129,10 @@ pub fn run(_g: &Global, a: DatasetArgs) -> Result<ExitCode> {
             }
         }
     }
+    if docs.is_empty() && a.split != Split::All {
+        let part = if a.split == Split::Train { "train" } else { "test" };
+        bail!("{name}: no documents in the {part} part (--test-share {})", a.test_share);
+    }
     if docs.is_empty() {
         bail!("{name}: no documents found");
     }

@@ -171,3 +171,88 @@ fn plain_output_and_closed_pipes() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(0), "{err}");
 }
+
+/// `dataset --tasks`: each question with its gold passage among `--distractors` others, in the
+/// `eval --conversations` format; `--split train|test` partition whole articles.
+#[test]
+fn dataset_tasks_and_splits() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = dir.path().join("tasks.jsonl");
+    let out = refrag()
+        .args(["dataset", "squad", "--distractors", "1", "--tasks"])
+        .arg(&tasks)
+        .arg(fixture("squad_tiny.json"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(&tasks).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 15);
+    let corpus = std::fs::read_to_string(fixture("squad_corpus.jsonl")).unwrap();
+    let questions: Vec<serde_json::Value> = std::fs::read_to_string(fixture("squad_questions.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (r, q) in rows.iter().zip(&questions) {
+        assert_eq!(r["input"][0]["text"], q["question"]);
+        let ctx = r["contexts"].as_array().unwrap();
+        assert_eq!(ctx.len(), 2, "{r}");
+        assert_ne!(ctx[0]["text"], ctx[1]["text"]);
+        // the gold paragraph is one of the two: it holds every reference answer
+        let targets: Vec<&str> = r["targets"].as_array().unwrap().iter().map(|t| t["text"].as_str().unwrap()).collect();
+        assert!(!targets.is_empty(), "{r}");
+        assert!(ctx.iter().any(|c| targets.iter().all(|a| c["text"].as_str().unwrap().contains(a))), "{r}");
+        assert!(ctx.iter().all(|c| corpus.contains(&serde_json::to_string(&c["text"]).unwrap())));
+    }
+    // One article: with every share it lands wholly on one side (an empty side is an error).
+    let count = |split: &str, share: &str| -> usize {
+        let p = dir.path().join(format!("{split}{share}.jsonl"));
+        let out = refrag()
+            .args(["dataset", "squad", "--split", split, "--test-share", share, "--questions"])
+            .arg(&p)
+            .arg(fixture("squad_tiny.json"))
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("no documents in the {split} part")));
+            return 0;
+        }
+        std::fs::read_to_string(&p).unwrap().lines().count()
+    };
+    for share in ["0", "0.5", "1"] {
+        assert_eq!(count("train", share) + count("test", share), 15, "share {share}");
+    }
+    assert_eq!(count("test", "0"), 0);
+    assert_eq!(count("train", "1"), 0);
+}
+
+/// `ask --context` reads the files as --mode says: compressed chunks in refrag mode (fewer
+/// decoder positions), with the policy's share of chunks expanded back to tokens.
+#[test]
+fn ask_context_in_refrag_mode_compresses_and_expands() {
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let out = refrag()
+            .args(["ask", "--device", "cpu", "--json", "--max-tokens", "8", "--context"])
+            .arg(fixture("corpus/warsaw-2.txt"))
+            .args(extra)
+            .arg("Who was Chopin?")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let full = run(&[]);
+    let compressed = run(&["--mode", "refrag"]);
+    let expanded = run(&["--mode", "refrag", "--expand", "0.5", "--policy", "sim"]);
+    assert_eq!(full["mode"], "full");
+    assert_eq!(compressed["mode"], "refrag");
+    let pos = |v: &serde_json::Value| v["decoder_positions"].as_u64().unwrap();
+    // warsaw-2 is ~380 tokens: 24 chunks read as 24 positions instead of ~380
+    assert!(pos(&compressed) * 3 < pos(&full), "{compressed} vs {full}");
+    assert_eq!(compressed["expanded_chunks"], 0);
+    let n = expanded["expanded_chunks"].as_u64().unwrap();
+    assert!(n >= 10, "{expanded}");
+    // each expanded chunk takes up to k = 16 positions instead of 1
+    assert!(pos(&expanded) > pos(&compressed) + n * 8, "{expanded} vs {compressed}");
+}
