@@ -1,4 +1,4 @@
-//! `refrag dataset squad|nq-oracle FILE --corpus OUT.jsonl --questions OUT.jsonl`: turn the
+//! `refrag dataset squad|nq-oracle|hotpot|mtrag FILE --corpus OUT.jsonl --questions OUT.jsonl`: turn the
 //! public benchmark files into refrag's corpus and question formats (gold passage ids kept), so
 //! anyone can reproduce the figures.
 
@@ -16,6 +16,13 @@ pub enum Kind {
     Squad,
     /// NQ-open oracle JSONL(.gz): one document per gold passage ("nq-{line}").
     NqOracle,
+    /// HotpotQA: the official JSON (context [title, sentences], supporting facts: gold
+    /// titles) or the dev300 form ({"id","question","answers","document"} with paragraphs
+    /// "Title. text" joined by blank lines); one document per paragraph title.
+    Hotpot,
+    /// MTRAG generation tasks (JSONL): the pooled reference passages as the corpus, the last
+    /// user turn as the question (gold: its passages), the tasks themselves for --tasks.
+    Mtrag,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -90,7 +97,10 @@ pub fn run(_g: &Global, a: DatasetArgs) -> Result<ExitCode> {
     let name = a.file.display().to_string();
     let mut docs = Vec::new();
     let mut qs = Vec::new();
+    // Datasets that come as tasks already (MTRAG) keep them as they are.
+    let mut given_tasks: Option<Vec<Value>> = None;
     match a.kind {
+        Kind::Hotpot | Kind::Mtrag => {}
         Kind::Squad => {
             let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{name}: not SQuAD JSON: {e}"))?;
             let arts = v["data"].as_array().ok_or_else(|| anyhow!("{name}: no \"data\" array"))?;
@@ -129,6 +139,12 @@ pub fn run(_g: &Global, a: DatasetArgs) -> Result<ExitCode> {
             }
         }
     }
+    if let Kind::Hotpot | Kind::Mtrag = a.kind {
+        let (d, q, t) = if matches!(a.kind, Kind::Hotpot) { hotpot(&text, &name, &a)? } else { mtrag(&text, &name, &a)? };
+        docs = d;
+        qs = q;
+        given_tasks = t;
+    }
     if docs.is_empty() && a.split != Split::All {
         let part = if a.split == Split::Train { "train" } else { "test" };
         bail!("{name}: no documents in the {part} part (--test-share {})", a.test_share);
@@ -142,7 +158,7 @@ pub fn run(_g: &Global, a: DatasetArgs) -> Result<ExitCode> {
         w.flush()?;
         Ok(())
     };
-    let tasks = a.tasks.as_ref().map(|_| tasks_of(&docs, &qs, a.distractors));
+    let tasks = a.tasks.as_ref().map(|_| given_tasks.take().unwrap_or_else(|| tasks_of(&docs, &qs, a.distractors)));
     for (p, rows) in [(&a.corpus, &docs), (&a.questions, &qs)] {
         if let Some(p) = p {
             write(p, rows)?;
@@ -160,6 +176,92 @@ pub fn run(_g: &Global, a: DatasetArgs) -> Result<ExitCode> {
             a.tasks.as_ref().map(|p| format!(", tasks -> {}", p.display())).unwrap_or_default());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+type Imported = (Vec<Value>, Vec<Value>, Option<Vec<Value>>);
+
+/// HotpotQA in either form: documents by paragraph title (first occurrence kept), questions
+/// with their answers and, where the file has supporting facts, the gold titles. Tasks hold
+/// each question's own paragraphs (gold and distractors, in the file's order).
+fn hotpot(text: &str, name: &str, a: &DatasetArgs) -> Result<Imported> {
+    let v: Value = serde_json::from_str(text).map_err(|e| anyhow!("{name}: not HotpotQA JSON: {e}"))?;
+    let rows = v.as_array().ok_or_else(|| anyhow!("{name}: expected a JSON array of questions"))?;
+    let mut seen = std::collections::HashSet::new();
+    let (mut docs, mut qs, mut tasks) = (Vec::new(), Vec::new(), Vec::new());
+    for (n, r) in rows.iter().enumerate() {
+        let question = r["question"].as_str().ok_or_else(|| anyhow!("{name}: record {n} has no \"question\""))?;
+        let id = r["_id"].as_str().map(String::from).unwrap_or_else(|| format!("hotpot-{}", r["id"].as_i64().unwrap_or(n as i64)));
+        if !in_split(&id, a.split, a.test_share) {
+            continue;
+        }
+        // (title, text) paragraphs of this question
+        let paras: Vec<(String, String)> = if let Some(ctx) = r["context"].as_array() {
+            ctx.iter()
+                .filter_map(|c| {
+                    let title = c[0].as_str()?.to_string();
+                    let sents: Vec<&str> = c[1].as_array()?.iter().filter_map(|x| x.as_str()).collect();
+                    Some((title, sents.concat().trim().to_string()))
+                })
+                .collect()
+        } else if let Some(doc) = r["document"].as_str() {
+            doc.split("\n\n")
+                .filter(|p| !p.trim().is_empty())
+                .map(|p| match p.split_once(". ") {
+                    Some((t, rest)) => (t.trim().to_string(), rest.trim().to_string()),
+                    None => (String::new(), p.trim().to_string()),
+                })
+                .collect()
+        } else {
+            bail!("{name}: record {n} has neither \"context\" nor \"document\"");
+        };
+        for (t, body) in &paras {
+            if seen.insert(t.clone()) {
+                docs.push(json!({"id": t, "title": t, "text": body}));
+            }
+        }
+        let answers: Vec<Value> = match (&r["answers"], &r["answer"]) {
+            (Value::Array(xs), _) => xs.clone(),
+            (_, Value::String(x)) => vec![json!(x)],
+            _ => vec![],
+        };
+        let mut gold: Vec<&str> = r["supporting_facts"].as_array().into_iter().flatten().filter_map(|f| f[0].as_str()).collect();
+        gold.dedup();
+        qs.push(json!({"id": id, "question": question, "answers": answers, "gold_docs": gold}));
+        let contexts: Vec<Value> = paras.iter().map(|(t, b)| json!({"document_id": t, "text": format!("{t}. {b}")})).collect();
+        let targets: Vec<Value> = answers.iter().map(|x| json!({"text": x})).collect();
+        tasks.push(json!({"task_id": id, "input": [{"speaker": "user", "text": question}], "contexts": contexts,
+                          "targets": targets, "answerability": "ANSWERABLE"}));
+    }
+    Ok((docs, qs, Some(tasks)))
+}
+
+/// MTRAG generation tasks: passages pooled by document id, the last user turn as a question.
+fn mtrag(text: &str, name: &str, a: &DatasetArgs) -> Result<Imported> {
+    let mut seen = std::collections::HashSet::new();
+    let (mut docs, mut qs, mut tasks) = (Vec::new(), Vec::new(), Vec::new());
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = format!("{name}:{}", n + 1);
+        let v: Value = serde_json::from_str(line).map_err(|e| anyhow!("{at}: malformed JSON: {e}"))?;
+        let task = crate::chat::parse_task(line, &at)?;
+        if !in_split(&task.id, a.split, a.test_share) {
+            continue;
+        }
+        let mut gold = Vec::new();
+        for c in v["contexts"].as_array().into_iter().flatten() {
+            let Some(id) = c["document_id"].as_str() else { continue };
+            gold.push(id.to_string());
+            if seen.insert(id.to_string()) {
+                docs.push(json!({"id": id, "title": c["title"].as_str().unwrap_or(""), "text": c["text"].as_str().unwrap_or("").trim()}));
+            }
+        }
+        qs.push(json!({"id": task.id, "question": task.turn.question, "answers": task.targets, "gold_docs": gold,
+                       "answerable": !task.unanswerable}));
+        tasks.push(v);
+    }
+    Ok((docs, qs, Some(tasks)))
 }
 
 /// One-turn tasks (`eval --conversations`, `train sft --qa`): the question, its gold passage and

@@ -152,7 +152,8 @@ pub enum Cmd {
     Bench(bench::BenchArgs),
     /// Train REFRAG weights (projector, chunk-encoder layers, decoder adapters) on text.
     Train(train::TrainArgs),
-    /// Convert SQuAD / NQ-open oracle files into refrag corpus and question JSONL.
+    /// Convert SQuAD / NQ-open oracle / HotpotQA / MTRAG files into refrag corpus, question
+    /// and task JSONL.
     Dataset(dataset::DatasetArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions(docs::CompletionsArgs),

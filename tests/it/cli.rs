@@ -256,3 +256,54 @@ fn ask_context_in_refrag_mode_compresses_and_expands() {
     // each expanded chunk takes up to k = 16 positions instead of 1
     assert!(pos(&expanded) > pos(&compressed) + n * 8, "{expanded} vs {compressed}");
 }
+
+/// HotpotQA and MTRAG importers: corpus, questions with gold ids, tasks.
+#[test]
+fn dataset_hotpot_and_mtrag() {
+    let dir = tempfile::tempdir().unwrap();
+    let read = |p: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let (c, q, t) = (dir.path().join("c.jsonl"), dir.path().join("q.jsonl"), dir.path().join("t.jsonl"));
+    for (kind, file) in [("hotpot", "hotpotqa_tiny.json"), ("mtrag", "mtrag_tiny.jsonl")] {
+        let out = refrag()
+            .args(["dataset", kind, "--corpus"])
+            .arg(&c)
+            .arg("--questions")
+            .arg(&q)
+            .arg("--tasks")
+            .arg(&t)
+            .arg(fixture(file))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{kind}: {}", String::from_utf8_lossy(&out.stderr));
+        let (docs, qs, tasks) = (read(&c), read(&q), read(&t));
+        let ids: std::collections::HashSet<&str> = docs.iter().map(|d| d["id"].as_str().unwrap()).collect();
+        assert_eq!(ids.len(), docs.len(), "{kind}: document ids are unique");
+        assert!(docs.iter().all(|d| !d["text"].as_str().unwrap().trim().is_empty()), "{kind}");
+        match kind {
+            "hotpot" => {
+                assert_eq!(docs.len(), 50); // 5 questions x 10 distinct paragraphs
+                assert_eq!(qs.len(), 5);
+                assert_eq!(qs[0]["answers"][0], "a spirit");
+                assert_eq!(qs[0]["gold_docs"], serde_json::json!(["Alû", "Lilu (mythology)"]));
+                assert_eq!(tasks[0]["contexts"].as_array().unwrap().len(), 10);
+            }
+            _ => {
+                assert_eq!(qs.len(), 3);
+                assert_eq!(tasks.len(), 3);
+                // answerable turns have their reference passages as gold; the unanswerable one none
+                for x in &qs {
+                    assert_eq!(x["answerable"].as_bool().unwrap(), !x["gold_docs"].as_array().unwrap().is_empty(), "{x}");
+                }
+                assert_eq!(qs.iter().filter(|x| x["answerable"] == false).count(), 1);
+                assert_eq!(qs[0]["question"].as_str().unwrap(), tasks[0]["input"].as_array().unwrap().last().unwrap()["text"]);
+            }
+        }
+        for x in &qs {
+            for g in x["gold_docs"].as_array().unwrap() {
+                assert!(ids.contains(g.as_str().unwrap()), "{kind}: gold {g} in the corpus");
+            }
+        }
+    }
+}
