@@ -40,9 +40,7 @@ impl Reader<'_> {
 /// encoded and projected (one decoder position per chunk).
 pub fn compress_text(decoder: &Decoder, encoder: &Encoder, projector: &Projector, k: usize, text: &str) -> Result<Segment> {
     let ids = prompt::tokenize(decoder, text)?;
-    let texts = crate::corpus::chunks(&ids, k)
-        .map(|c| decoder.tokenizer.decode(c, false).map_err(|e| anyhow::anyhow!("decode: {e}")))
-        .collect::<Result<Vec<_>>>()?;
+    let texts = crate::corpus::chunk_texts(&decoder.tokenizer, &ids, k)?;
     if texts.is_empty() {
         return Ok(Segment::Tokens(vec![]));
     }
@@ -97,11 +95,10 @@ pub fn answer_given_streaming(
             let dec = reader.decoder;
             let tokens = turn.passages.iter().map(|p| prompt::tokenize(dec, p.trim())).collect::<Result<Vec<_>>>()?;
             let refs: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
-            let texts = refs
-                .iter()
-                .flat_map(|t| crate::corpus::chunks(t, reader.k))
-                .map(|c| dec.tokenizer.decode(c, false).map_err(|e| anyhow!("decode: {e}")))
-                .collect::<Result<Vec<_>>>()?;
+            let mut texts = Vec::new();
+            for t in &refs {
+                texts.extend(crate::corpus::chunk_texts(&dec.tokenizer, t, reader.k)?);
+            }
             let vectors = if texts.is_empty() {
                 None
             } else {

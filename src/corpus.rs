@@ -242,3 +242,8 @@ fn split_long(para: &str, max_words: usize) -> Vec<String> {
 pub fn chunks(ids: &[u32], k: usize) -> std::slice::Chunks<'_, u32> {
     ids.chunks(k.max(1))
 }
+
+/// The text of each k-token chunk (what the chunk encoder reads).
+pub fn chunk_texts(tokenizer: &tokenizers::Tokenizer, ids: &[u32], k: usize) -> Result<Vec<String>> {
+    chunks(ids, k).map(|c| tokenizer.decode(c, false).map_err(|e| anyhow!("decode: {e}"))).collect()
+}

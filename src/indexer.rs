@@ -148,8 +148,8 @@ fn encode_batch(
                 .map_err(|e| anyhow!("{}: tokenizer: {e}", doc.source))?
                 .get_ids()
                 .to_vec();
-            for c in corpus::chunks(&ids, opts.k) {
-                chunk_texts.push(tokenizer.decode(c, false).map_err(|e| anyhow!("decode: {e}"))?);
+            for t in corpus::chunk_texts(tokenizer, &ids, opts.k)? {
+                chunk_texts.push(t);
                 chunk_owner.push(rows.len());
             }
             retrieval_texts.push(if doc.title.is_empty() {
