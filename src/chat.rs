@@ -9,7 +9,7 @@
 use crate::decoder::Decoder;
 use crate::encoder::Encoder;
 use crate::generate::{generate, Generation, SamplingOptions};
-use crate::options::Mode;
+use crate::options::{Mode, Policy};
 use crate::projector::Projector;
 use crate::prompt::{self, Segment};
 #[cfg(feature = "store")]
@@ -104,7 +104,11 @@ pub fn answer_given_streaming(
             } else {
                 Some(enc.encode(&texts.iter().map(String::as_str).collect::<Vec<_>>())?.to_device(&dec.device)?)
             };
-            let qvec = qenc.encode(&[turn.question.as_str()])?.to_vec2::<f32>()?.remove(0);
+            // Only the policies that read the question pay for its vector.
+            let qvec = match sel.policy {
+                Policy::Sim | Policy::Rl => qenc.encode(&[turn.question.as_str()])?.to_vec2::<f32>()?.remove(0),
+                _ => Vec::new(),
+            };
             let expand = sel.choose(dec, reader.k, &refs, vectors.as_ref(), &qvec)?;
             expanded = expand.iter().filter(|&&e| e).count();
             let projected = vectors.as_ref().map(|v| proj.forward(v)).transpose()?;

@@ -146,8 +146,7 @@ pub fn loss(
         let mut term = ce.clone();
         ce_sum += ce.to_scalar::<f32>()? as f64 * n as f64;
         if let (Some(t), true) = (teacher, distill > 0.0) {
-            let full: Vec<Vec<Segment>> = ex.passages.iter().map(|p| vec![Segment::Tokens(p.clone())]).collect();
-            let t_logits = answer_logits(t, &prompt::rag(&ex.question, full), &ex.answer)?.detach();
+            let t_logits = full_context_logits(t, ex)?.detach();
             let lt = candle_nn::ops::log_softmax(&t_logits, D::Minus1)?;
             let ls = candle_nn::ops::log_softmax(&s_logits, D::Minus1)?;
             let kl = (lt.exp()? * (lt - ls)?)?.sum(D::Minus1)?.mean_all()?;
@@ -176,6 +175,12 @@ fn answer_logits(dec: &Decoder, segments: &[Segment], answer: &[u32]) -> Result<
     Ok(dec.logits(&h)?.to_dtype(DType::F32)?)
 }
 
+/// The answer's logits with the passages read as tokens (the teacher's reading).
+fn full_context_logits(dec: &Decoder, ex: &QaExample) -> Result<Tensor> {
+    let full: Vec<Vec<Segment>> = ex.passages.iter().map(|p| vec![Segment::Tokens(p.clone())]).collect();
+    answer_logits(dec, &prompt::rag(&ex.question, full), &ex.answer)
+}
+
 /// Held-out answer NLL (nats/token, no expansion) read compressed by the student and, for
 /// reference, as full tokens by the teacher; over the first `n` tasks.
 pub fn heldout_nll(student: &Decoder, teacher: &Decoder, enc: &Encoder, proj: &Projector, k: usize, pool: &QaPool, n: usize) -> Result<serde_json::Value> {
@@ -183,8 +188,7 @@ pub fn heldout_nll(student: &Decoder, teacher: &Decoder, enc: &Encoder, proj: &P
     let (mut s_sum, mut t_sum, mut tok) = (0f64, 0f64, 0usize);
     for ex in pool.examples.iter().take(n) {
         let l = loss(student, None, enc, proj, k, &[ex], 0.0, 0.0, &mut rng)?;
-        let full: Vec<Vec<Segment>> = ex.passages.iter().map(|p| vec![Segment::Tokens(p.clone())]).collect();
-        let t_logits = answer_logits(teacher, &prompt::rag(&ex.question, full), &ex.answer)?;
+        let t_logits = full_context_logits(teacher, ex)?;
         let tgt = Tensor::from_vec(ex.answer.clone(), ex.answer.len(), &teacher.device)?;
         let t_ce = candle_nn::loss::cross_entropy(&t_logits, &tgt)?.to_scalar::<f32>()? as f64;
         s_sum += l.ce * l.answer_tokens as f64;
