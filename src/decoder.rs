@@ -17,6 +17,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use tokenizers::Tokenizer;
 
+/// `<|endoftext|>`: the position every text reading starts from (see [`Decoder::behind_start`]).
+pub const TEXT_START: u32 = 0;
+
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DecoderConfig {
@@ -369,6 +372,25 @@ impl Decoder {
     pub fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
         let ids = Tensor::new(ids, &self.device)?;
         Ok(self.embed.index_select(&ids, 0)?)
+    }
+
+    /// A prefix of no positions (for [`Decoder::behind_start`]: the no-context reading).
+    pub fn no_prefix(&self) -> Result<Tensor> {
+        Ok(Tensor::zeros((0, self.cfg.hidden), self.dtype, &self.device)?)
+    }
+
+    /// `prefix` ([p, hidden]) behind one `<|endoftext|>` start position ([1 + p, hidden], the
+    /// decoder's dtype). Text readings (training, perplexity) start this way: the decoder treats
+    /// its first position as an attention sink and reads almost nothing from it, so a chunk
+    /// vector placed first is lost. Measured on a 4-sentence probe (same settings, 80 steps on
+    /// CPU): with the start position the projector reconstructs its 16-token chunks at 80%
+    /// token accuracy, without it at 32%.
+    pub fn behind_start(&self, prefix: &Tensor) -> Result<Tensor> {
+        let start = self.embed_tokens(&[TEXT_START])?;
+        if prefix.dim(0)? == 0 {
+            return Ok(start);
+        }
+        Ok(Tensor::cat(&[&start, &prefix.to_dtype(self.dtype)?], 0)?)
     }
 
     /// Run `embeds` ([batch, len, hidden]) through the decoder, appending to `state`.

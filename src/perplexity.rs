@@ -1,7 +1,7 @@
 //! `refrag eval perplexity`: how well the decoder predicts the next `o` tokens of a text given
 //! its previous `s` tokens, read four ways (paper Table 1):
 //!
-//! - `none`: no context (one `<|endoftext|>` position to start from);
+//! - `none`: no context (only the `<|endoftext|>` position every reading starts from);
 //! - `full`: the s context tokens;
 //! - `last-L`: only the last L = s/k context tokens, i.e. as many positions as REFRAG uses;
 //! - `refrag-k`: the s tokens compressed into s/k projected chunk vectors.
@@ -44,6 +44,12 @@ pub struct PplScores {
     /// The adapted decoder (trained adapters folded in) with no context: how much of REFRAG's
     /// gain is the adapters' own fit to the text rather than read from the chunk vectors.
     pub nll_none_adapted: Option<f64>,
+    /// The adapted decoder reading the full context tokens (the fine-tuned full-context baseline).
+    pub nll_full_adapted: Option<f64>,
+    /// REFRAG reading the chunk vectors of another window of the same text (the next one): what
+    /// chunk vectors give without this context's content. REFRAG minus this is what the
+    /// vectors carry of the context itself.
+    pub nll_refrag_other: Option<f64>,
     /// REFRAG with `expand` of the chunks expanded, per policy name.
     pub nll_expanded: std::collections::BTreeMap<String, f64>,
 }
@@ -59,6 +65,12 @@ impl PplScores {
             return f64::NAN;
         }
         (self.nll_none - nll) / gap
+    }
+    /// Share of the adapted decoder's own none -> full gap that REFRAG closes (adapters'
+    /// fit to the text counted on both ends).
+    pub fn gap_closed_adapted(&self) -> Option<f64> {
+        let (n, f, r) = (self.nll_none_adapted?, self.nll_full_adapted?, self.nll_refrag?);
+        ((n - f).abs() > 1e-12).then(|| (n - r) / (n - f))
     }
     /// Token-weighted mean of several texts' scores.
     pub fn pooled(all: &[PplScores]) -> PplScores {
@@ -76,6 +88,14 @@ impl PplScores {
                 .iter()
                 .all(|s| s.nll_none_adapted.is_some())
                 .then(|| w(&|s| s.nll_none_adapted.unwrap_or(0.0))),
+            nll_full_adapted: all
+                .iter()
+                .all(|s| s.nll_full_adapted.is_some())
+                .then(|| w(&|s| s.nll_full_adapted.unwrap_or(0.0))),
+            nll_refrag_other: all
+                .iter()
+                .all(|s| s.nll_refrag_other.is_some())
+                .then(|| w(&|s| s.nll_refrag_other.unwrap_or(0.0))),
             nll_expanded: all
                 .first()
                 .map(|f| f.nll_expanded.keys().filter(|k| all.iter().all(|s| s.nll_expanded.contains_key(*k))).cloned().collect::<Vec<_>>())
@@ -100,15 +120,13 @@ pub fn window_starts(total: usize, len: usize, n: usize) -> Vec<usize> {
     (0..n).map(|i| if n == 1 { 0 } else { i * room / (n - 1) }).collect()
 }
 
-/// Mean NLL of `targets` when the decoder reads `prefix` (embeddings, [p, hidden]) and then
-/// the targets themselves (teacher forced).
+/// Mean NLL of `targets` when the decoder reads the start position, `prefix` (embeddings,
+/// [p, hidden]; may be empty) and then the targets themselves (teacher forced).
 pub fn nll_after(dec: &Decoder, prefix: &Tensor, targets: &[u32]) -> Result<f64> {
+    let prefix = dec.behind_start(prefix)?;
     let p = prefix.dim(0)?;
-    if p == 0 {
-        bail!("empty prefix");
-    }
     let tin = dec.embed_tokens(&targets[..targets.len() - 1])?;
-    let x = Tensor::cat(&[&prefix.to_dtype(dec.dtype)?, &tin], 0)?.unsqueeze(0)?;
+    let x = Tensor::cat(&[&prefix, &tin], 0)?.unsqueeze(0)?;
     let h = dec.forward_train(&x)?.squeeze(0)?.narrow(0, p - 1, targets.len())?;
     let logits = dec.logits(&h)?;
     let tgt = Tensor::new(targets, &dec.device)?;
@@ -138,24 +156,33 @@ pub fn score(
         bail!("{name}: {} tokens, fewer than s + o = {}", ids.len(), s + o);
     }
     let mut sc = PplScores { text: name.to_string(), ..Default::default() };
-    let mut refrag = 0.0;
-    let mut none_adapted = 0.0;
-    for &st in &starts {
+    let (mut refrag, mut refrag_other) = (0.0, 0.0);
+    let (mut none_adapted, mut full_adapted) = (0.0, 0.0);
+    let chunk_texts = |ctx: &[u32]| {
+        ctx.chunks(k)
+            .map(|c| dec.tokenizer.decode(c, false).map_err(|e| anyhow::anyhow!("decode: {e}")))
+            .collect::<Result<Vec<_>>>()
+    };
+    for (wi, &st) in starts.iter().enumerate() {
         let ctx = &ids[st..st + s];
         let tgt = &ids[st + s..st + s + o];
-        sc.nll_none += nll_after(dec, &dec.embed_tokens(&[0])?, tgt)?;
+        sc.nll_none += nll_after(dec, &dec.no_prefix()?, tgt)?;
         sc.nll_full += nll_after(dec, &dec.embed_tokens(ctx)?, tgt)?;
         sc.nll_last += nll_after(dec, &dec.embed_tokens(&ctx[s - l..])?, tgt)?;
         if let Some((enc, proj)) = compress {
-            let texts = ctx
-                .chunks(k)
-                .map(|c| dec.tokenizer.decode(c, false).map_err(|e| anyhow::anyhow!("decode: {e}")))
-                .collect::<Result<Vec<_>>>()?;
+            let texts = chunk_texts(ctx)?;
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
             let vecs = enc.encode(&refs)?.to_device(&dec.device)?;
             let e = proj.forward(&vecs)?;
             let rd = refrag_dec.unwrap_or(dec);
             refrag += nll_after(rd, &e, tgt)?;
+            if starts.len() > 1 {
+                let ost = starts[(wi + 1) % starts.len()];
+                let other = chunk_texts(&ids[ost..ost + s])?;
+                let orefs: Vec<&str> = other.iter().map(String::as_str).collect();
+                let oe = proj.forward(&enc.encode(&orefs)?.to_device(&dec.device)?)?;
+                refrag_other += nll_after(rd, &oe, tgt)?;
+            }
             let n = texts.len();
             let want = ((opts.expand * n as f64).round() as usize).min(n);
             let mut chunk_nll = None;
@@ -193,7 +220,8 @@ pub fn score(
             }
         }
         if let Some(ad) = refrag_dec {
-            none_adapted += nll_after(ad, &ad.embed_tokens(&[0])?, tgt)?;
+            none_adapted += nll_after(ad, &ad.no_prefix()?, tgt)?;
+            full_adapted += nll_after(ad, &ad.embed_tokens(ctx)?, tgt)?;
         }
         sc.windows += 1;
         sc.target_tokens += o;
@@ -204,7 +232,9 @@ pub fn score(
     sc.nll_full /= n;
     sc.nll_last /= n;
     sc.nll_refrag = compress.map(|_| refrag / n);
+    sc.nll_refrag_other = compress.filter(|_| starts.len() > 1).map(|_| refrag_other / n);
     sc.nll_none_adapted = refrag_dec.map(|_| none_adapted / n);
+    sc.nll_full_adapted = refrag_dec.map(|_| full_adapted / n);
     for v in sc.nll_expanded.values_mut() {
         *v /= n;
     }

@@ -335,7 +335,7 @@ fn batch_loss(dec: &Decoder, enc: &Encoder, proj: &Projector, b: &Batch) -> Resu
             }
         }
         let t = &b.targets[i];
-        let ctx = Tensor::cat(&parts, 0)?;
+        let ctx = dec.behind_start(&Tensor::cat(&parts, 0)?)?;
         prefix_len = ctx.dim(0)?;
         let tin = dec.embed_tokens(&t[..t.len() - 1])?;
         rows.push(Tensor::cat(&[&ctx, &tin], 0)?);
@@ -360,10 +360,11 @@ fn batch_accuracy(dec: &Decoder, enc: &Encoder, proj: &Projector, b: &Batch) -> 
     let mut right = 0usize;
     let mut total = 0usize;
     for (i, t) in b.targets.iter().enumerate() {
-        let ctx = e.narrow(0, i * b.l, b.l)?;
+        let ctx = dec.behind_start(&e.narrow(0, i * b.l, b.l)?)?;
+        let pl = ctx.dim(0)?;
         let tin = dec.embed_tokens(&t[..t.len() - 1])?;
         let x = Tensor::cat(&[&ctx, &tin], 0)?.unsqueeze(0)?;
-        let h = dec.forward_train(&x)?.narrow(1, b.l - 1, t.len())?.squeeze(0)?;
+        let h = dec.forward_train(&x)?.narrow(1, pl - 1, t.len())?.squeeze(0)?;
         let pred = dec.logits(&h)?.argmax(1)?.to_vec1::<u32>()?;
         right += pred.iter().zip(t).filter(|(a, b)| a == b).count();
         total += t.len();

@@ -194,6 +194,8 @@ fn perplexity(g: &Global, a: PerplexityArgs) -> Result<ExitCode> {
                 v["gap_closed_last"] = r.gap_closed(r.nll_last).into();
                 v["gap_closed_refrag"] = r.nll_refrag.map(|n| r.gap_closed(n)).into();
                 v["gap_closed_none_adapted"] = r.nll_none_adapted.map(|n| r.gap_closed(n)).into();
+                v["gap_closed_refrag_other"] = r.nll_refrag_other.map(|n| r.gap_closed(n)).into();
+                v["gap_closed_adapted"] = r.gap_closed_adapted().into();
                 writeln!(out, "{v}")?;
             }
         }
@@ -205,6 +207,12 @@ fn perplexity(g: &Global, a: PerplexityArgs) -> Result<ExitCode> {
                     let p = |x: Option<f64>| x.map(|n| format!("{:.2}", PplScores::ppl(n))).unwrap_or_else(|| "-".into());
                     let gc = r.nll_refrag.map(|n| format!("{:.1}%", 100.0 * r.gap_closed(n))).unwrap_or_else(|| "-".into());
                     writeln!(out, "{:<28} {:>7} {:>9.2} {:>9.2} {:>9.2} {:>9} {:>11} {:>13}", r.text, r.windows, PplScores::ppl(r.nll_none), PplScores::ppl(r.nll_full), PplScores::ppl(r.nll_last), p(r.nll_refrag), gc, p(r.nll_none_adapted))?;
+                }
+                if let Some(r) = rows.last().filter(|r| r.nll_refrag_other.is_some() || r.nll_full_adapted.is_some()) {
+                    let p = |x: Option<f64>| x.map(|n| format!("{:.2}", PplScores::ppl(n))).unwrap_or_else(|| "-".into());
+                    let pct = |x: Option<f64>| x.map(|g| format!("{:.1}%", 100.0 * g)).unwrap_or_else(|| "-".into());
+                    writeln!(out, "controls (pooled): refrag-{k} reading another window's chunks {}; adapted decoder none {} / full {}; gap closed within the adapted decoder {}",
+                        p(r.nll_refrag_other), p(r.nll_none_adapted), p(r.nll_full_adapted), pct(r.gap_closed_adapted()))?;
                 }
                 if let Some(pooled) = rows.last().filter(|r| !r.nll_expanded.is_empty()) {
                     writeln!(out, "REFRAG-{k} with {:.0}% of chunks expanded (pooled): policy, perplexity, gap closed", 100.0 * a.expand)?;

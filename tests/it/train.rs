@@ -91,9 +91,13 @@ fn perplexity_table_has_every_reading() {
     assert_eq!(r["target_tokens"], 64);
     let (none, full) = (r["nll_none"].as_f64().unwrap(), r["nll_full"].as_f64().unwrap());
     assert!(full < none, "context must help: none {none}, full {full}");
-    for key in ["nll_last", "nll_refrag", "nll_none_adapted", "gap_closed_refrag"] {
+    for key in ["nll_last", "nll_refrag", "nll_none_adapted", "gap_closed_refrag", "nll_refrag_other", "nll_full_adapted", "gap_closed_adapted"] {
         assert!(r[key].as_f64().unwrap().is_finite(), "{key}: {r}");
     }
+    // the controls are other readings, not copies of REFRAG's or the base decoder's
+    let (na, fa) = (r["nll_none_adapted"].as_f64().unwrap(), r["nll_full_adapted"].as_f64().unwrap());
+    assert!(fa < na, "context must help the adapted decoder too: none {na}, full {fa}");
+    assert_ne!(r["nll_refrag_other"], r["nll_refrag"], "{r}");
 }
 
 /// `train policy` on CPU (a few GRPO steps on top of the shipped weights) writes a policy and
