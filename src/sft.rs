@@ -122,7 +122,7 @@ pub fn loss(
         Some(proj.forward(&enc.encode(&refs)?.to_device(&student.device)?)?)
     };
     let mut row = 0;
-    let (mut terms, mut ce_sum, mut kl_sum, mut ntok) = (Vec::new(), 0f64, 0f64, 0usize);
+    let mut student_prompts = Vec::with_capacity(batch.len());
     for (ex, plan) in batch.iter().zip(&plans) {
         // Student: passages as runs of projected chunks and expanded tokens.
         let mut passages = Vec::new();
@@ -139,16 +139,27 @@ pub fn loss(
             }
             passages.push(segs);
         }
-        let s_logits = answer_logits(student, &prompt::rag(&ex.question, passages), &ex.answer)?;
+        student_prompts.push((prompt::rag(&ex.question, passages), ex.answer.as_slice()));
+    }
+    // One batched forward for the students, one for the teachers.
+    let s_logits = answer_logits(student, &student_prompts)?;
+    let t_logits = match (teacher, distill > 0.0) {
+        (Some(t), true) => {
+            let prompts: Vec<_> = batch.iter().map(|ex| (full_context_prompt(ex), ex.answer.as_slice())).collect();
+            Some(answer_logits(t, &prompts)?)
+        }
+        _ => None,
+    };
+    let (mut terms, mut ce_sum, mut kl_sum, mut ntok) = (Vec::new(), 0f64, 0f64, 0usize);
+    for (i, ex) in batch.iter().enumerate() {
         let n = ex.answer.len();
         let tgt = Tensor::from_vec(ex.answer.clone(), n, &student.device)?;
-        let ce = candle_nn::loss::cross_entropy(&s_logits, &tgt)?;
+        let ce = candle_nn::loss::cross_entropy(&s_logits[i], &tgt)?;
         let mut term = ce.clone();
         ce_sum += ce.to_scalar::<f32>()? as f64 * n as f64;
-        if let (Some(t), true) = (teacher, distill > 0.0) {
-            let t_logits = full_context_logits(t, ex)?.detach();
-            let lt = candle_nn::ops::log_softmax(&t_logits, D::Minus1)?;
-            let ls = candle_nn::ops::log_softmax(&s_logits, D::Minus1)?;
+        if let Some(tl) = &t_logits {
+            let lt = candle_nn::ops::log_softmax(&tl[i].detach(), D::Minus1)?;
+            let ls = candle_nn::ops::log_softmax(&s_logits[i], D::Minus1)?;
             let kl = (lt.exp()? * (lt - ls)?)?.sum(D::Minus1)?.mean_all()?;
             kl_sum += kl.to_scalar::<f32>()? as f64 * n as f64;
             term = (term + (kl * distill)?)?;
@@ -161,24 +172,43 @@ pub fn loss(
     Ok(SftLoss { total, ce: ce_sum / ntok.max(1) as f64, kl: kl_sum / ntok.max(1) as f64, answer_tokens: ntok })
 }
 
-/// F32 logits [answer_len, vocab] of the answer tokens, teacher-forced after the prompt.
-fn answer_logits(dec: &Decoder, segments: &[Segment], answer: &[u32]) -> Result<Tensor> {
-    let input = prompt::assemble(dec, segments)?;
-    let p = input.positions;
-    let n = answer.len();
-    let x = if n > 1 {
-        Tensor::cat(&[&input.embeds, &dec.embed_tokens(&answer[..n - 1])?.unsqueeze(0)?], 1)?
-    } else {
-        input.embeds
-    };
-    let h = dec.forward_train(&x)?.narrow(1, p - 1, n)?.squeeze(0)?;
-    Ok(dec.logits(&h)?.to_dtype(DType::F32)?)
+/// F32 logits [answer_len, vocab] of each prompt's answer tokens, teacher-forced after the
+/// prompt, for all prompts in one forward pass: rows are right-padded to one length, which the
+/// causal mask keeps from reaching any real position.
+pub fn answer_logits(dec: &Decoder, items: &[(Vec<Segment>, &[u32])]) -> Result<Vec<Tensor>> {
+    let mut rows = Vec::with_capacity(items.len());
+    let mut spans = Vec::with_capacity(items.len());
+    for (segments, answer) in items {
+        let input = prompt::assemble(dec, segments)?;
+        let n = answer.len();
+        let x = if n > 1 {
+            Tensor::cat(&[&input.embeds.squeeze(0)?, &dec.embed_tokens(&answer[..n - 1])?], 0)?
+        } else {
+            input.embeds.squeeze(0)?
+        };
+        spans.push((input.positions - 1, n));
+        rows.push(x);
+    }
+    let len = rows.iter().map(|r| r.dim(0)).collect::<candle_core::Result<Vec<_>>>()?.into_iter().max().unwrap_or(0);
+    let padded = rows
+        .iter()
+        .map(|r| {
+            let pad = len - r.dim(0)?;
+            Ok(if pad == 0 { r.clone() } else { r.pad_with_zeros(0, 0, pad)? })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let h = dec.forward_train(&Tensor::stack(&padded, 0)?)?;
+    spans
+        .iter()
+        .enumerate()
+        .map(|(i, &(from, n))| Ok(dec.logits(&h.get(i)?.narrow(0, from, n)?)?.to_dtype(DType::F32)?))
+        .collect()
 }
 
-/// The answer's logits with the passages read as tokens (the teacher's reading).
-fn full_context_logits(dec: &Decoder, ex: &QaExample) -> Result<Tensor> {
+/// The teacher's prompt: the passages read as tokens.
+pub fn full_context_prompt(ex: &QaExample) -> Vec<Segment> {
     let full: Vec<Vec<Segment>> = ex.passages.iter().map(|p| vec![Segment::Tokens(p.clone())]).collect();
-    answer_logits(dec, &prompt::rag(&ex.question, full), &ex.answer)
+    prompt::rag(&ex.question, full)
 }
 
 /// Held-out answer NLL (nats/token, no expansion) read compressed by the student and, for
@@ -188,7 +218,7 @@ pub fn heldout_nll(student: &Decoder, teacher: &Decoder, enc: &Encoder, proj: &P
     let (mut s_sum, mut t_sum, mut tok) = (0f64, 0f64, 0usize);
     for ex in pool.examples.iter().take(n) {
         let l = loss(student, None, enc, proj, k, &[ex], 0.0, 0.0, &mut rng)?;
-        let t_logits = full_context_logits(teacher, ex)?;
+        let t_logits = answer_logits(teacher, &[(full_context_prompt(ex), ex.answer.as_slice())])?.remove(0);
         let tgt = Tensor::from_vec(ex.answer.clone(), ex.answer.len(), &teacher.device)?;
         let t_ce = candle_nn::loss::cross_entropy(&t_logits, &tgt)?.to_scalar::<f32>()? as f64;
         s_sum += l.ce * l.answer_tokens as f64;

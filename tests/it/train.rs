@@ -176,3 +176,28 @@ fn sft_steps_lower_the_answer_loss() {
         assert!(dir.path().join("b").join(f).exists(), "{f}");
     }
 }
+
+/// SFT reads a batch in one forward pass with rows right-padded to one length: every row's
+/// answer logits equal those of the row read alone (padding never reaches a real position).
+#[test]
+fn batched_answer_logits_equal_one_at_a_time() {
+    use refrag::prompt::Segment;
+    let dec = decoder();
+    let ids = |t: &str| refrag::prompt::tokenize(dec, t).unwrap();
+    let p1 = vec![vec![Segment::Tokens(ids("Marie Curie was born in Warsaw in 1867 and moved to Paris."))]];
+    let p2 = vec![vec![Segment::Tokens(ids("The Nile flows north."))], vec![Segment::Tokens(ids("It ends in the Mediterranean Sea near Alexandria, a city founded by Alexander."))]];
+    let (a1, a2) = (ids("Warsaw<|im_end|>"), ids("the Mediterranean Sea<|im_end|>"));
+    let items = vec![
+        (refrag::prompt::rag("Where was Marie Curie born?", p1), a1.as_slice()),
+        (refrag::prompt::rag("Where does the Nile end?", p2), a2.as_slice()),
+    ];
+    let batched = refrag::sft::answer_logits(dec, &items).unwrap();
+    assert_eq!(batched.len(), 2);
+    for (i, item) in items.iter().enumerate() {
+        let alone = refrag::sft::answer_logits(dec, std::slice::from_ref(item)).unwrap().remove(0);
+        assert_eq!(alone.dims(), batched[i].dims());
+        assert_eq!(alone.dims()[0], item.1.len());
+        let diff = (&alone - &batched[i]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-3, "row {i}: max |batched - alone| = {diff}");
+    }
+}
