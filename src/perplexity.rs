@@ -13,7 +13,7 @@ use crate::decoder::Decoder;
 use crate::encoder::Encoder;
 use crate::projector::Projector;
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, D};
 
 #[derive(Debug, Clone)]
 pub struct PplOptions {
@@ -52,6 +52,11 @@ pub struct PplScores {
     pub nll_refrag_other: Option<f64>,
     /// REFRAG with `expand` of the chunks expanded, per policy name.
     pub nll_expanded: std::collections::BTreeMap<String, f64>,
+    /// Reconstruction: greedy (teacher-forced) token accuracy of the window's first L chunks'
+    /// own tokens read back from their L chunk vectors (`chunks_L`), and from the first L
+    /// vectors of another window (`chunks_L_other`: what the decoder guesses from the text
+    /// so far alone). The difference is the content the vectors carry.
+    pub recon_accuracy: std::collections::BTreeMap<String, f64>,
 }
 
 impl PplScores {
@@ -96,18 +101,24 @@ impl PplScores {
                 .iter()
                 .all(|s| s.nll_refrag_other.is_some())
                 .then(|| w(&|s| s.nll_refrag_other.unwrap_or(0.0))),
-            nll_expanded: all
-                .first()
-                .map(|f| f.nll_expanded.keys().filter(|k| all.iter().all(|s| s.nll_expanded.contains_key(*k))).cloned().collect::<Vec<_>>())
-                .unwrap_or_default()
-                .into_iter()
-                .map(|k| {
-                    let v = w(&|s| s.nll_expanded[&k]);
-                    (k, v)
-                })
-                .collect(),
+            nll_expanded: pooled_map(all, |s| &s.nll_expanded, &w),
+            recon_accuracy: pooled_map(all, |s| &s.recon_accuracy, &w),
         }
     }
+}
+
+/// The keys every text has, each pooled with `w`.
+fn pooled_map(
+    all: &[PplScores],
+    map: impl Fn(&PplScores) -> &std::collections::BTreeMap<String, f64>,
+    w: &dyn Fn(&dyn Fn(&PplScores) -> f64) -> f64,
+) -> std::collections::BTreeMap<String, f64> {
+    let Some(first) = all.first() else { return Default::default() };
+    map(first)
+        .keys()
+        .filter(|k| all.iter().all(|s| map(s).contains_key(*k)))
+        .map(|k| (k.clone(), w(&|s| map(s)[k])))
+        .collect()
 }
 
 /// Start offsets of `n` windows of `len` tokens spread evenly over `total` tokens.
@@ -120,18 +131,32 @@ pub fn window_starts(total: usize, len: usize, n: usize) -> Vec<usize> {
     (0..n).map(|i| if n == 1 { 0 } else { i * room / (n - 1) }).collect()
 }
 
-/// Mean NLL of `targets` when the decoder reads the start position, `prefix` (embeddings,
-/// [p, hidden]; may be empty) and then the targets themselves (teacher forced).
-pub fn nll_after(dec: &Decoder, prefix: &Tensor, targets: &[u32]) -> Result<f64> {
+/// Logits [targets, vocab] of `targets` when the decoder reads the start position, `prefix`
+/// (embeddings, [p, hidden]; may be empty) and then the targets themselves (teacher forced).
+fn target_logits(dec: &Decoder, prefix: &Tensor, targets: &[u32]) -> Result<Tensor> {
     let prefix = dec.behind_start(prefix)?;
     let p = prefix.dim(0)?;
     let tin = dec.embed_tokens(&targets[..targets.len() - 1])?;
     let x = Tensor::cat(&[&prefix, &tin], 0)?.unsqueeze(0)?;
     let h = dec.forward_train(&x)?.squeeze(0)?.narrow(0, p - 1, targets.len())?;
-    let logits = dec.logits(&h)?;
+    dec.logits(&h)
+}
+
+/// Mean NLL of `targets` after `prefix` (see [`target_logits`]).
+pub fn nll_after(dec: &Decoder, prefix: &Tensor, targets: &[u32]) -> Result<f64> {
+    let logits = target_logits(dec, prefix, targets)?;
     let tgt = Tensor::new(targets, &dec.device)?;
     Ok(candle_nn::loss::cross_entropy(&logits, &tgt)?.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64)
 }
+
+/// Share of `targets` that are the decoder's top-1 prediction after `prefix` (teacher forced).
+pub fn accuracy_after(dec: &Decoder, prefix: &Tensor, targets: &[u32]) -> Result<f64> {
+    let pred = target_logits(dec, prefix, targets)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    Ok(pred.iter().zip(targets).filter(|(a, b)| a == b).count() as f64 / targets.len().max(1) as f64)
+}
+
+/// Chunk counts whose reconstruction `eval perplexity` reports (those that fit in s / k).
+pub const RECON_CHUNKS: [usize; 2] = [1, 16];
 
 /// Score one text (already tokenised). `refrag_dec` reads the chunk vectors (the decoder with
 /// trained adapters folded in), `dec` everything else; None = `dec` for both.
@@ -182,6 +207,12 @@ pub fn score(
                 let orefs: Vec<&str> = other.iter().map(String::as_str).collect();
                 let oe = proj.forward(&enc.encode(&orefs)?.to_device(&dec.device)?)?;
                 refrag_other += nll_after(rd, &oe, tgt)?;
+                for n in RECON_CHUNKS.into_iter().filter(|&n| n <= l) {
+                    let own = accuracy_after(rd, &e.narrow(0, 0, n)?, &ctx[..n * k])?;
+                    let other = accuracy_after(rd, &oe.narrow(0, 0, n)?, &ctx[..n * k])?;
+                    *sc.recon_accuracy.entry(format!("chunks_{n}")).or_insert(0.0) += own;
+                    *sc.recon_accuracy.entry(format!("chunks_{n}_other")).or_insert(0.0) += other;
+                }
             }
             let n = texts.len();
             let want = ((opts.expand * n as f64).round() as usize).min(n);
@@ -235,7 +266,7 @@ pub fn score(
     sc.nll_refrag_other = compress.filter(|_| starts.len() > 1).map(|_| refrag_other / n);
     sc.nll_none_adapted = refrag_dec.map(|_| none_adapted / n);
     sc.nll_full_adapted = refrag_dec.map(|_| full_adapted / n);
-    for v in sc.nll_expanded.values_mut() {
+    for v in sc.nll_expanded.values_mut().chain(sc.recon_accuracy.values_mut()) {
         *v /= n;
     }
     Ok(sc)

@@ -214,6 +214,17 @@ fn perplexity(g: &Global, a: PerplexityArgs) -> Result<ExitCode> {
                     writeln!(out, "controls (pooled): refrag-{k} reading another window's chunks {}; adapted decoder none {} / full {}; gap closed within the adapted decoder {}",
                         p(r.nll_refrag_other), p(r.nll_none_adapted), p(r.nll_full_adapted), pct(r.gap_closed_adapted()))?;
                 }
+                if let Some(r) = rows.last().filter(|r| !r.recon_accuracy.is_empty()) {
+                    let parts: Vec<String> = crate::perplexity::RECON_CHUNKS
+                        .iter()
+                        .filter_map(|n| {
+                            let own = r.recon_accuracy.get(&format!("chunks_{n}"))?;
+                            let other = r.recon_accuracy.get(&format!("chunks_{n}_other"))?;
+                            Some(format!("{n} chunk(s) {:.1}% (another window's vectors {:.1}%)", 100.0 * own, 100.0 * other))
+                        })
+                        .collect();
+                    writeln!(out, "reconstruction token accuracy (pooled): {}", parts.join("; "))?;
+                }
                 if let Some(pooled) = rows.last().filter(|r| !r.nll_expanded.is_empty()) {
                     writeln!(out, "REFRAG-{k} with {:.0}% of chunks expanded (pooled): policy, perplexity, gap closed", 100.0 * a.expand)?;
                     for (name, &n) in &pooled.nll_expanded {

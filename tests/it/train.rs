@@ -98,6 +98,11 @@ fn perplexity_table_has_every_reading() {
     let (na, fa) = (r["nll_none_adapted"].as_f64().unwrap(), r["nll_full_adapted"].as_f64().unwrap());
     assert!(fa < na, "context must help the adapted decoder too: none {na}, full {fa}");
     assert_ne!(r["nll_refrag_other"], r["nll_refrag"], "{r}");
+    // reconstruction of the first chunk from its own vector and from another window's
+    for key in ["chunks_1", "chunks_1_other"] {
+        let a = r["recon_accuracy"][key].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&a), "{key}: {r}");
+    }
 }
 
 /// `train policy` on CPU (a few GRPO steps on top of the shipped weights) writes a policy and
