@@ -70,6 +70,11 @@ pub struct TrainConfig {
     /// sft: tasks per optimizer step.
     #[serde(default)]
     pub batch: usize,
+    /// cpt: weight of an auxiliary reconstruction loss (the window's first chunks read back
+    /// from their vectors, up to 16 chunks, on its own batch each step), so that continual
+    /// pre-training keeps the vectors' content instead of only their style. 0 = off.
+    #[serde(default)]
+    pub recon_weight: f64,
 }
 
 /// VarMap prefix of the chunk encoder's trainable tensors.
@@ -566,6 +571,10 @@ fn save_weights(varmap: &VarMap, out: &Path) -> Result<()> {
     Ok(())
 }
 
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64)
+}
+
 fn projector_of(varmap: &VarMap, run: &TrainRun) -> Result<Projector> {
     Projector::new(
         candle_nn::VarBuilder::from_varmap(varmap, DType::F32, &run.decoder.device),
@@ -611,17 +620,27 @@ fn train_loop(
             let batch = qa.sample(cfg.batch.max(1), &mut rng);
             let teacher = (cfg.distill > 0.0).then_some(run.decoder);
             let sl = crate::sft::loss(dec, teacher, &enc, &proj, cfg.k, &batch, cfg.distill, cfg.mixed, &mut rng)?;
-            (sl.total, sl.answer_tokens, 0, batch.len(), Some((sl.ce, sl.kl)))
+            (sl.total, sl.answer_tokens, 0, batch.len(), Some(("ce", sl.ce, "kl", sl.kl)))
         } else {
             let l = curriculum_chunks(cfg.max_chunks, f, &mut rng);
             let batch = make_batch(run.train, dec, cfg, l, &mut rng)?;
             let ntok: usize = batch.targets.iter().map(Vec::len).sum();
-            (batch_loss(dec, &enc, &proj, &batch)?, ntok, l, batch.targets.len(), None)
+            let main = batch_loss(dec, &enc, &proj, &batch)?;
+            if cfg.stage == Stage::Cpt && cfg.recon_weight > 0.0 {
+                let rc = TrainConfig { stage: Stage::Reconstruct, mixed: 0.0, ..cfg.clone() };
+                let rl = curriculum_chunks(cfg.max_chunks.min(16), f, &mut rng);
+                let rb = make_batch(run.train, dec, &rc, rl, &mut rng)?;
+                let recon = batch_loss(dec, &enc, &proj, &rb)?;
+                let (mv, rv) = (scalar(&main)?, scalar(&recon)?);
+                ((main + (recon * cfg.recon_weight)?)?, ntok, l, batch.targets.len(), Some(("cpt", mv, "recon", rv)))
+            } else {
+                (main, ntok, l, batch.targets.len(), None)
+            }
         };
         let grads = loss.backward()?;
         let lr = lr_at(cfg, step);
         let gnorm = opt.step(&grads, lr, cfg.clip)?;
-        let lv = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+        let lv = scalar(&loss)?;
         if !lv.is_finite() {
             bail!("loss became {lv} at step {step}; lower --lr");
         }
@@ -630,9 +649,9 @@ fn train_loop(
         let tps = ntok as f64 / ts.elapsed().as_secs_f64();
         let mut rec = serde_json::json!({"step": step, "loss": lv, "lr": lr, "grad_norm": gnorm, "chunks": l,
             "batch": bsz, "tokens_per_s": tps, "tokens_seen": tokens_seen});
-        if let Some((ce, kl)) = parts {
-            rec["ce"] = ce.into();
-            rec["kl"] = kl.into();
+        if let Some((a, av, b, bv)) = parts {
+            rec[a] = av.into();
+            rec[b] = bv.into();
         }
         writeln!(log, "{rec}")?;
         pb.set_position(step as u64);
@@ -707,6 +726,7 @@ mod tests {
             stage: Stage::Reconstruct, k: 16, steps: 100, tokens_per_step: 1, max_chunks: 1,
             predict_tokens: 1, mixed: 0.0, lr: 1e-3, warmup: 0.04, weight_decay: 0.0, clip: 1.0,
             seed: 1, checkpoint_every: 10, encoder_layers: 0, decoder_lora: 0, distill: 0.0, batch: 0,
+            recon_weight: 0.0,
         };
         assert!(lr_at(&cfg, 0) < lr_at(&cfg, 3));
         assert!((lr_at(&cfg, 4) - 1e-3).abs() < 1e-9);

@@ -50,6 +50,10 @@ pub struct TrainArgs {
     /// cpt: tokens predicted after the compressed context.
     #[arg(long, default_value_t = 128, env = "REFRAG_TRAIN_PREDICT_TOKENS")]
     pub predict_tokens: usize,
+    /// cpt: weight of an auxiliary reconstruction loss each step (keeps the chunk vectors'
+    /// content while the decoder learns to continue text; 0 = off).
+    #[arg(long, default_value_t = 0.0, env = "REFRAG_TRAIN_RECON_WEIGHT")]
+    pub recon_weight: f64,
     /// cpt: fraction of chunks left as tokens (mixed input).
     #[arg(long, default_value_t = 0.0, env = "REFRAG_TRAIN_MIXED")]
     pub mixed: f64,
@@ -157,6 +161,12 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     if a.stage == Stage::Policy {
         return train_policy(g, &a);
     }
+    if !(a.recon_weight.is_finite() && a.recon_weight >= 0.0) {
+        bail!("--recon-weight {}: must be 0 or more", a.recon_weight);
+    }
+    if a.recon_weight > 0.0 && a.stage != Stage::Cpt {
+        bail!("--recon-weight is for `refrag train cpt`");
+    }
     if !(0.0..1.0).contains(&a.mixed) {
         bail!("--mixed {}: must be in [0, 1)", a.mixed);
     }
@@ -199,6 +209,7 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         decoder_lora: a.decoder_lora,
         distill: a.distill,
         batch: a.batch,
+        recon_weight: a.recon_weight,
     };
     let run = TrainRun {
         decoder: &decoder,

@@ -206,3 +206,29 @@ fn batched_answer_logits_equal_one_at_a_time() {
         assert!(diff < 1e-3, "row {i}: max |batched - alone| = {diff}");
     }
 }
+
+/// `train cpt --recon-weight W` optimises the continuation loss plus W times a reconstruction
+/// loss on its own batch, and logs both terms.
+#[test]
+fn cpt_adds_a_weighted_reconstruction_term() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = refrag()
+        .args(["train", "cpt", "--device", "cpu", "-q", "--tokens-per-step", "160", "--max-chunks", "2", "--predict-tokens", "16"])
+        .args(["--encoder-layers", "1", "--decoder-lora", "2", "--warmup", "0", "--steps", "2", "--recon-weight", "0.5", "--text"])
+        .arg(fixture("alice_ch1-3.txt"))
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let log = std::fs::read_to_string(dir.path().join("train.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 2);
+    for line in log.lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (loss, cpt, recon) = (r["loss"].as_f64().unwrap(), r["cpt"].as_f64().unwrap(), r["recon"].as_f64().unwrap());
+        assert!(recon > 0.0 && cpt > 0.0, "{r}");
+        assert!((loss - (cpt + 0.5 * recon)).abs() < 1e-3, "{r}");
+    }
+    let card: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("card.json")).unwrap()).unwrap();
+    assert_eq!(card["config"]["recon_weight"], 0.5);
+}
