@@ -183,10 +183,20 @@ pub fn score(
     let mut sc = PplScores { text: name.to_string(), ..Default::default() };
     let (mut refrag, mut refrag_other) = (0.0, 0.0);
     let (mut none_adapted, mut full_adapted) = (0.0, 0.0);
-    let chunk_texts = |ctx: &[u32]| {
-        ctx.chunks(k)
-            .map(|c| dec.tokenizer.decode(c, false).map_err(|e| anyhow::anyhow!("decode: {e}")))
-            .collect::<Result<Vec<_>>>()
+    // Each window's chunk vectors and their projections, encoded once: a window reads its own,
+    // and the next window's as the other-window control.
+    let compressed = match compress {
+        Some((enc, proj)) => starts
+            .iter()
+            .map(|&st| {
+                let texts = crate::corpus::chunk_texts(&dec.tokenizer, &ids[st..st + s], k)?;
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                let vecs = enc.encode(&refs)?.to_device(&dec.device)?;
+                let e = proj.forward(&vecs)?;
+                Ok((vecs, e))
+            })
+            .collect::<Result<Vec<_>>>()?,
+        None => vec![],
     };
     for (wi, &st) in starts.iter().enumerate() {
         let ctx = &ids[st..st + s];
@@ -194,19 +204,12 @@ pub fn score(
         sc.nll_none += nll_after(dec, &dec.no_prefix()?, tgt)?;
         sc.nll_full += nll_after(dec, &dec.embed_tokens(ctx)?, tgt)?;
         sc.nll_last += nll_after(dec, &dec.embed_tokens(&ctx[s - l..])?, tgt)?;
-        if let Some((enc, proj)) = compress {
-            let texts = chunk_texts(ctx)?;
-            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let vecs = enc.encode(&refs)?.to_device(&dec.device)?;
-            let e = proj.forward(&vecs)?;
+        if let Some((vecs, e)) = compressed.get(wi) {
             let rd = refrag_dec.unwrap_or(dec);
-            refrag += nll_after(rd, &e, tgt)?;
+            refrag += nll_after(rd, e, tgt)?;
             if starts.len() > 1 {
-                let ost = starts[(wi + 1) % starts.len()];
-                let other = chunk_texts(&ids[ost..ost + s])?;
-                let orefs: Vec<&str> = other.iter().map(String::as_str).collect();
-                let oe = proj.forward(&enc.encode(&orefs)?.to_device(&dec.device)?)?;
-                refrag_other += nll_after(rd, &oe, tgt)?;
+                let (_, oe) = &compressed[(wi + 1) % starts.len()];
+                refrag_other += nll_after(rd, oe, tgt)?;
                 for n in RECON_CHUNKS.into_iter().filter(|&n| n <= l) {
                     let own = accuracy_after(rd, &e.narrow(0, 0, n)?, &ctx[..n * k])?;
                     let other = accuracy_after(rd, &oe.narrow(0, 0, n)?, &ctx[..n * k])?;
@@ -214,7 +217,7 @@ pub fn score(
                     *sc.recon_accuracy.entry(format!("chunks_{n}_other")).or_insert(0.0) += other;
                 }
             }
-            let n = texts.len();
+            let n = l;
             let want = ((opts.expand * n as f64).round() as usize).min(n);
             let mut chunk_nll = None;
             for (pi, &p) in opts.policies.iter().enumerate() {
