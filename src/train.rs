@@ -361,20 +361,13 @@ fn batch_loss(dec: &Decoder, enc: &Encoder, proj: &Projector, b: &Batch) -> Resu
 fn batch_accuracy(dec: &Decoder, enc: &Encoder, proj: &Projector, b: &Batch) -> Result<f64> {
     let refs: Vec<&str> = b.chunk_texts.iter().map(String::as_str).collect();
     let c = enc.encode(&refs)?.to_device(&dec.device)?;
-    let e = proj.forward(&c)?.to_dtype(dec.dtype)?;
-    let mut right = 0usize;
-    let mut total = 0usize;
+    let e = proj.forward(&c)?;
+    let (mut right, mut total) = (0.0, 0usize);
     for (i, t) in b.targets.iter().enumerate() {
-        let ctx = dec.behind_start(&e.narrow(0, i * b.l, b.l)?)?;
-        let pl = ctx.dim(0)?;
-        let tin = dec.embed_tokens(&t[..t.len() - 1])?;
-        let x = Tensor::cat(&[&ctx, &tin], 0)?.unsqueeze(0)?;
-        let h = dec.forward_train(&x)?.narrow(1, pl - 1, t.len())?.squeeze(0)?;
-        let pred = dec.logits(&h)?.argmax(1)?.to_vec1::<u32>()?;
-        right += pred.iter().zip(t).filter(|(a, b)| a == b).count();
+        right += crate::perplexity::accuracy_after(dec, &e.narrow(0, i * b.l, b.l)?, t)? * t.len() as f64;
         total += t.len();
     }
-    Ok(right as f64 / total.max(1) as f64)
+    Ok(right / total.max(1) as f64)
 }
 
 pub struct TrainRun<'a> {

@@ -203,13 +203,12 @@ fn perplexity(g: &Global, a: PerplexityArgs) -> Result<ExitCode> {
             pb.suspend(|| -> Result<()> {
                 writeln!(out, "perplexity of {} tokens after {} context tokens, k = {k} ({} positions compressed)", a.o, a.s, a.s / k)?;
                 writeln!(out, "{:<28} {:>7} {:>9} {:>9} {:>9} {:>9} {:>11} {:>13}", "text", "windows", "none", "full", format!("last-{}", a.s / k), format!("refrag-{k}"), "gap closed", "none+adapter")?;
+                let p = |x: Option<f64>| x.map(|n| format!("{:.2}", PplScores::ppl(n))).unwrap_or_else(|| "-".into());
                 for r in &rows {
-                    let p = |x: Option<f64>| x.map(|n| format!("{:.2}", PplScores::ppl(n))).unwrap_or_else(|| "-".into());
                     let gc = r.nll_refrag.map(|n| format!("{:.1}%", 100.0 * r.gap_closed(n))).unwrap_or_else(|| "-".into());
                     writeln!(out, "{:<28} {:>7} {:>9.2} {:>9.2} {:>9.2} {:>9} {:>11} {:>13}", r.text, r.windows, PplScores::ppl(r.nll_none), PplScores::ppl(r.nll_full), PplScores::ppl(r.nll_last), p(r.nll_refrag), gc, p(r.nll_none_adapted))?;
                 }
                 if let Some(r) = rows.last().filter(|r| r.nll_refrag_other.is_some() || r.nll_full_adapted.is_some()) {
-                    let p = |x: Option<f64>| x.map(|n| format!("{:.2}", PplScores::ppl(n))).unwrap_or_else(|| "-".into());
                     let pct = |x: Option<f64>| x.map(|g| format!("{:.1}%", 100.0 * g)).unwrap_or_else(|| "-".into());
                     writeln!(out, "controls (pooled): refrag-{k} reading another window's chunks {}; adapted decoder none {} / full {}; gap closed within the adapted decoder {}",
                         p(r.nll_refrag_other), p(r.nll_none_adapted), p(r.nll_full_adapted), pct(r.gap_closed_adapted()))?;
