@@ -217,13 +217,14 @@ impl AdamW {
 
     /// One update with global-norm clipping; returns the gradient norm before clipping.
     pub fn step(&mut self, grads: &candle_core::backprop::GradStore, lr: f64, clip: f64) -> Result<f64> {
-        let mut sq = 0f64;
+        // one device sync for the norm, not one per variable
+        let mut sums = Vec::new();
         for (_, var) in &self.vars {
             if let Some(g) = grads.get(var.as_tensor()) {
-                sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+                sums.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?);
             }
         }
-        let norm = sq.sqrt();
+        let norm = if sums.is_empty() { 0.0 } else { Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64 };
         let scale = if clip > 0.0 && norm > clip { clip / norm } else { 1.0 };
         self.step += 1;
         let t = self.step as i32;
@@ -273,12 +274,15 @@ struct Checkpoint {
     tokens_seen: u64,
 }
 
-/// One training sample's parts: chunk token runs to compress and target tokens.
+/// One batch's parts: chunk texts to compress, the context tokens of chunks left as tokens, and
+/// target tokens. Every row has the same layout (one keep pattern per batch).
 struct Batch {
     /// [B * L] chunk texts
     chunk_texts: Vec<String>,
-    /// per sample, per chunk: Some(tokens) when the chunk stays uncompressed (mixed input)
-    keep_tokens: Vec<Vec<Option<Vec<u32>>>>,
+    /// per chunk slot: true when the slot stays uncompressed in every row (mixed input)
+    keep: Vec<bool>,
+    /// per row: the s context tokens (read for kept slots)
+    contexts: Vec<Vec<u32>>,
     targets: Vec<Vec<u32>>,
     l: usize,
 }
@@ -291,11 +295,11 @@ fn make_batch(pool: &TextPool, dec: &Decoder, cfg: &TrainConfig, l: usize, rng: 
     };
     let per = (s + o).max(1);
     let bsz = (cfg.tokens_per_step / per).max(1);
-    let mut b = Batch { chunk_texts: vec![], keep_tokens: vec![], targets: vec![], l };
     // Which chunk slots stay as tokens: one pattern per batch, so all rows have one length.
     let keep: Vec<bool> = (0..l)
         .map(|_| cfg.stage == Stage::Cpt && cfg.mixed > 0.0 && rng.unit() < cfg.mixed)
         .collect();
+    let mut b = Batch { chunk_texts: vec![], keep, contexts: vec![], targets: vec![], l };
     for _ in 0..bsz {
         let (ctx, tgt): (Vec<u32>, Vec<u32>) = match cfg.stage {
             Stage::Reconstruct => {
@@ -310,50 +314,49 @@ fn make_batch(pool: &TextPool, dec: &Decoder, cfg: &TrainConfig, l: usize, rng: 
         if ctx.len() < s {
             bail!("training text too short for {l} chunks of {} tokens", cfg.k);
         }
-        let mut keeps = Vec::new();
-        for (j, c) in ctx.chunks(cfg.k).enumerate() {
+        for c in ctx.chunks(cfg.k) {
             b.chunk_texts.push(dec.tokenizer.decode(c, false).map_err(|e| anyhow::anyhow!("decode: {e}"))?);
-            keeps.push(keep[j].then(|| c.to_vec()));
         }
-        b.keep_tokens.push(keeps);
+        b.contexts.push(ctx);
         b.targets.push(tgt);
     }
     Ok(b)
 }
 
 /// Mean cross-entropy (nats/token) of the targets given the compressed chunks; differentiable
-/// with respect to the projector.
+/// with respect to the projector. The whole batch is assembled slot by slot ([B, .., H] pieces),
+/// so the number of tensor ops does not grow with the batch.
 fn batch_loss(dec: &Decoder, enc: &Encoder, proj: &Projector, b: &Batch) -> Result<Tensor> {
     let refs: Vec<&str> = b.chunk_texts.iter().map(String::as_str).collect();
     let c = enc.encode(&refs)?.to_device(&dec.device)?;
-    let e = proj.forward(&c)?.to_dtype(dec.dtype)?; // [B*L, H]
-    let bsz = b.targets.len();
-    let mut rows = Vec::with_capacity(bsz);
-    let mut tgt_ids = Vec::new();
-    let mut prefix_len = 0;
-    for i in 0..bsz {
-        let mut parts = Vec::new();
-        for (j, keep) in b.keep_tokens[i].iter().enumerate() {
-            match keep {
-                Some(ids) => parts.push(dec.embed_tokens(ids)?),
-                None => parts.push(e.narrow(0, i * b.l + j, 1)?),
-            }
+    let (n, hid) = (b.targets.len(), dec.cfg.hidden);
+    let e = proj.forward(&c)?.to_dtype(dec.dtype)?.reshape((n, b.l, hid))?;
+    // rows of token ids -> [n, len, H]
+    let embed_rows = |rows: Vec<&[u32]>| -> Result<Tensor> {
+        let len = rows[0].len();
+        Ok(dec.embed_tokens(&rows.concat())?.reshape((n, len, hid))?)
+    };
+    let start = dec.behind_start(&dec.no_prefix()?)?.unsqueeze(0)?.broadcast_as((n, 1, hid))?.contiguous()?;
+    let mut parts = vec![start];
+    let mut j = 0;
+    while j < b.l {
+        let run = b.keep[j..].iter().take_while(|&&k| k == b.keep[j]).count();
+        if b.keep[j] {
+            let k = b.contexts[0].len() / b.l;
+            parts.push(embed_rows(b.contexts.iter().map(|c| &c[j * k..(j + run) * k]).collect())?);
+        } else {
+            parts.push(e.narrow(1, j, run)?);
         }
-        let t = &b.targets[i];
-        let ctx = dec.behind_start(&Tensor::cat(&parts, 0)?)?;
-        prefix_len = ctx.dim(0)?;
-        let tin = dec.embed_tokens(&t[..t.len() - 1])?;
-        rows.push(Tensor::cat(&[&ctx, &tin], 0)?);
-        tgt_ids.extend_from_slice(t);
+        j += run;
     }
-    let x = Tensor::stack(&rows, 0)?;
-    let n = rows.len();
-    let plen = prefix_len;
+    let plen: usize = parts.iter().map(|p| p.dim(1)).sum::<candle_core::Result<usize>>()?;
     let tlen = b.targets[0].len();
+    parts.push(embed_rows(b.targets.iter().map(|t| &t[..tlen - 1]).collect())?);
+    let x = Tensor::cat(&parts, 1)?;
     let h = dec.forward_train(&x)?;
-    let h = h.narrow(1, plen - 1, tlen)?.reshape((n * tlen, dec.cfg.hidden))?;
+    let h = h.narrow(1, plen - 1, tlen)?.reshape((n * tlen, hid))?;
     let logits = dec.logits(&h)?;
-    let tgt = Tensor::from_vec(tgt_ids, n * tlen, &dec.device)?;
+    let tgt = Tensor::from_vec(b.targets.concat(), n * tlen, &dec.device)?;
     Ok(candle_nn::loss::cross_entropy(&logits, &tgt)?)
 }
 
