@@ -18,8 +18,11 @@ use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 /// Longest input the encoder reads, in its own word pieces.
 pub const MAX_TOKENS: usize = 256;
-/// Texts per forward pass.
-const BATCH: usize = 64;
+/// Texts per forward pass: at most this many characters (longest text x rows; texts go in
+/// order of length, so 64 passages of ~1000 characters or ~900 chunk texts of 16 tokens) ...
+const BATCH_CHARS: usize = 65_536;
+/// ... and at most this many rows.
+const BATCH_ROWS: usize = 1024;
 /// File name of trained encoder tensors inside a weights folder.
 pub const OVERRIDES_FILE: &str = "encoder.safetensors";
 
@@ -200,16 +203,28 @@ impl Encoder {
         }
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| texts[i].len());
-        let mut out: Vec<Option<Tensor>> = vec![None; texts.len()];
-        for batch in order.chunks(BATCH) {
-            let items: Vec<&str> = batch.iter().map(|&i| texts[i]).collect();
-            let v = self.encode_batch(&items)?;
-            for (row, &i) in batch.iter().enumerate() {
-                out[i] = Some(v.get(row)?);
+        let mut batches: Vec<&[usize]> = Vec::new();
+        let mut from = 0;
+        for (at, &i) in order.iter().enumerate() {
+            let rows = at + 1 - from;
+            if rows > BATCH_ROWS || (rows > 1 && rows * texts[i].len().max(1) > BATCH_CHARS) {
+                batches.push(&order[from..at]);
+                from = at;
             }
         }
-        let rows: Vec<Tensor> = out.into_iter().flatten().collect();
-        Ok(Tensor::stack(&rows, 0)?)
+        batches.push(&order[from..]);
+        let parts = batches
+            .into_iter()
+            .map(|batch| self.encode_batch(&batch.iter().map(|&i| texts[i]).collect::<Vec<_>>()))
+            .collect::<Result<Vec<_>>>()?;
+        // back to the input order with one gather (differentiable in one op, where a row-by-row
+        // stack costs one op per text forward and backward)
+        let mut at = vec![0u32; texts.len()];
+        for (pos, &i) in order.iter().enumerate() {
+            at[i] = pos as u32;
+        }
+        let at = Tensor::from_vec(at, texts.len(), &self.device)?;
+        Ok(Tensor::cat(&parts, 0)?.index_select(&at, 0)?)
     }
 
     fn encode_batch(&self, texts: &[&str]) -> Result<Tensor> {
