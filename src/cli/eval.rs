@@ -43,6 +43,11 @@ pub struct EvalArgs {
     /// Print the summary as JSON.
     #[arg(long, env = "REFRAG_JSON")]
     pub json: bool,
+    /// With --conversations and --mode full or none: read with the trained weights' decoder
+    /// adapters folded in (the paper's LLaMA-FT baseline: the fine-tuned decoder reading the
+    /// passages' tokens).
+    #[arg(long, requires = "conversations", env = "REFRAG_EVAL_ADAPTED")]
+    pub adapted: bool,
 }
 
 struct Question {
@@ -384,6 +389,9 @@ fn read_jsonl<T>(path: &std::path::Path, parse: impl Fn(&str, &str) -> Result<T>
             }
         }
     }
+    if good.is_empty() {
+        bail!("{name}: no usable lines (empty, or every line malformed)");
+    }
     Ok((good, bad))
 }
 
@@ -406,6 +414,13 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
         (Mode::Refrag, Some(t)) => {
             t.adapt(&mut decoder)?;
             Some((&t.chunk_encoder, &t.projector))
+        }
+        (_, Some(t)) if args.adapted && t.decoder_lora.is_some() => {
+            t.adapt(&mut decoder)?;
+            None
+        }
+        (_, _) if args.adapted => {
+            bail!("--adapted: no trained decoder adapters ({}) found; point --weights at a folder that has them", crate::decoder::LORA_FILE)
         }
         _ => None,
     };
@@ -466,7 +481,7 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
     let (ttft_mean, ttft_median, ttft_p95) = metrics::summary(&ttfts);
     let share = |a: usize, b: usize| (b > 0).then(|| a as f64 / b as f64);
     let summary = serde_json::json!({
-        "conversations": tasks.len(), "bad_lines": bad, "mode": mode_name(mode), "window": window,
+        "conversations": tasks.len(), "bad_lines": bad, "mode": mode_name(mode), "adapted": args.adapted, "window": window,
         "f1_answerable": mean(&f1s), "em_answerable": mean(&ems), "contains_gold_answerable": mean(&containss),
         "answerable": f1s.len(),
         "abstention_unanswerable": share(unans_right, unans), "unanswerable": unans,

@@ -192,3 +192,49 @@ fn eval_conversations_full_and_refrag() {
     let pos = |v: &serde_json::Value| v["decoder_positions_mean"].as_f64().unwrap();
     assert!(pos(&refrag) * 3.0 < pos(&full), "refrag {} vs full {}", pos(&refrag), pos(&full));
 }
+
+/// `eval --conversations --mode full --adapted`: the trained decoder adapters read the full
+/// passages (the LLaMA-FT baseline); without adapters in --weights it is a one-line error.
+#[test]
+fn eval_conversations_adapted_full_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |weights: &std::path::Path| {
+        let out = refrag()
+            .args(["eval", "--device", "cpu", "--json", "--max-tokens", "4", "--limit", "1", "--mode", "full", "--adapted"])
+            .arg("--weights")
+            .arg(weights)
+            .arg("--conversations")
+            .arg(fixture("mtrag_tiny.jsonl"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        (out.status.code(), serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default(), err)
+    };
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
+    let (code, v, err) = run(&shipped);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(v["adapted"], true, "{v}");
+    assert_eq!(v["conversations"], 1, "{v}");
+    // a weights folder with a projector but no adapters
+    for f in ["projector.safetensors", "encoder.safetensors", "card.json"] {
+        std::fs::copy(shipped.join(f), dir.path().join(f)).unwrap();
+    }
+    let (code, _, err) = run(dir.path());
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--adapted") && err.trim().lines().count() == 1, "{err}");
+}
+
+/// An empty task file (or one with only malformed lines) is a one-line error, not a run that
+/// scores nothing and exits 0.
+#[test]
+fn eval_refuses_an_empty_task_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("empty.jsonl");
+    for content in ["", "\n\n", "{\"input\": []}\n"] {
+        std::fs::write(&file, content).unwrap();
+        let out = refrag().args(["eval", "--device", "cpu", "--conversations"]).arg(&file).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{content:?}: {err}");
+        assert!(err.contains("empty.jsonl: no usable lines"), "{content:?}: {err}");
+    }
+}
