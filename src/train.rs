@@ -233,8 +233,9 @@ impl AdamW {
         for (i, (_, var)) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else { continue };
             // A variable's gradient still carries autograd history (candle detaches only the
-            // interior ones): a moment built from it would keep this step's whole graph alive,
-            // and the next moment the one before. That leak grew ~8 GB a step on CUDA with LoRA.
+            // interior ones): a moment built from it would hold this step's graph, and the
+            // next moment the one before. (Not the cause of the CUDA memory growth with LoRA:
+            // that persists with this; see README limits.)
             let g = (g.detach().to_dtype(DType::F32)? * scale)?;
             self.m[i] = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
             self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
