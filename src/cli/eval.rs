@@ -424,6 +424,8 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
         }
         _ => None,
     };
+    // whether the decoder reads with trained adapters folded in (refrag mode, or --adapted)
+    let adapted = (mode == Mode::Refrag || args.adapted) && trained.as_ref().is_some_and(|t| t.decoder_lora.is_some());
     let k = args.rag.k.or(trained.as_ref().and_then(|t| t.k)).unwrap_or(16);
     if !(0.0..=1.0).contains(&args.rag.expand) {
         bail!("--expand {}: must be between 0 and 1", args.rag.expand);
@@ -481,7 +483,7 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
     let (ttft_mean, ttft_median, ttft_p95) = metrics::summary(&ttfts);
     let share = |a: usize, b: usize| (b > 0).then(|| a as f64 / b as f64);
     let summary = serde_json::json!({
-        "conversations": tasks.len(), "bad_lines": bad, "mode": mode_name(mode), "adapted": args.adapted, "window": window,
+        "conversations": tasks.len(), "bad_lines": bad, "mode": mode_name(mode), "adapted": adapted, "window": window,
         "f1_answerable": mean(&f1s), "em_answerable": mean(&ems), "contains_gold_answerable": mean(&containss),
         "answerable": f1s.len(),
         "abstention_unanswerable": share(unans_right, unans), "unanswerable": unans,

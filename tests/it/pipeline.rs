@@ -187,8 +187,10 @@ fn eval_conversations_full_and_refrag() {
     assert_eq!(full["answerable"], 2);
     assert_eq!(full["unanswerable"], 1);
     assert!(full["f1_answerable"].as_f64().unwrap() >= 0.0);
+    assert_eq!(full["adapted"], false, "the base decoder reads full context: {full}");
     let (_, refrag, err) = run("refrag");
     assert_eq!(refrag["conversations"], 3, "{refrag} {err}");
+    assert_eq!(refrag["adapted"], true, "refrag mode folds the shipped adapters in: {refrag}");
     let pos = |v: &serde_json::Value| v["decoder_positions_mean"].as_f64().unwrap();
     assert!(pos(&refrag) * 3.0 < pos(&full), "refrag {} vs full {}", pos(&refrag), pos(&full));
 }
