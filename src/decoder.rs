@@ -35,7 +35,7 @@ pub struct DecoderConfig {
 }
 
 /// Which kernels the forward uses. candle's fused kernels (softmax, rms-norm, rope) have no
-/// backward pass, so training runs the primitive-op versions of the same maths.
+/// backward pass; training runs them through [`crate::diffops`], which adds one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ops {
     Fused,
@@ -464,7 +464,7 @@ impl Decoder {
             }
             let att = match self.ops {
                 Ops::Fused => candle_nn::ops::softmax_last_dim(&att)?,
-                Ops::Differentiable => candle_nn::ops::softmax(&att, D::Minus1)?,
+                Ops::Differentiable => crate::diffops::softmax_last_dim(&att)?,
             };
             let y = att.matmul(&v.contiguous()?)?;
             let y = y.transpose(1, 2)?.reshape((b, t, c.hidden))?;
@@ -486,14 +486,14 @@ impl Decoder {
         let eps = self.cfg.rms_eps as f32;
         Ok(match self.ops {
             Ops::Fused => candle_nn::ops::rms_norm(x, w, eps)?,
-            Ops::Differentiable => candle_nn::ops::rms_norm_slow(x, w, eps)?,
+            Ops::Differentiable => crate::diffops::rms_norm(x, w, eps)?,
         })
     }
 
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         Ok(match self.ops {
             Ops::Fused => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
-            Ops::Differentiable => candle_nn::rotary_emb::rope_i_slow(x, cos, sin)?,
+            Ops::Differentiable => crate::diffops::rope_i(x, cos, sin)?,
         })
     }
 

@@ -34,6 +34,7 @@ pub mod cli;
 pub mod corpus;
 pub mod decoder;
 pub mod device;
+pub mod diffops;
 pub mod encoder;
 pub mod generate;
 pub mod gguf_tokenizer;

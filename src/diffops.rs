@@ -1,0 +1,140 @@
+//! Fused kernels with a gradient, for training.
+//!
+//! candle's fused rms-norm, interleaved rope and last-dim softmax have no backward, so training
+//! used to run their op-by-op versions: ~10 kernels and as many saved activations for each
+//! norm, rope and softmax in every layer, forward and backward. Here the fused kernel computes
+//! the forward, a custom op hands its result to autograd (one copy), and the gradient is written
+//! out in a few ops:
+//! - rms-norm, y = x w / sqrt(mean(x^2) + eps): dx = r (g w) - x r^3 mean(g w x), r = 1/sqrt(..)
+//!   (the norm weight is frozen in training, so it gets no gradient);
+//! - interleaved rope (a rotation per pair): dx = rope(g, cos, -sin), the inverse rotation;
+//! - softmax: dx = y (g - sum(g y)).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
+
+enum Grad {
+    Rms { w: Tensor, eps: f64 },
+    Rope { cos: Tensor, sin: Tensor },
+    Softmax,
+}
+
+/// Returns the precomputed fused result; its backward is `grad`'s formula.
+struct WithGrad {
+    y: Tensor,
+    grad: Grad,
+}
+
+impl CustomOp1 for WithGrad {
+    fn name(&self) -> &'static str {
+        "refrag-fused-with-grad"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (s, l) = self.y.storage_and_layout();
+        match &*s {
+            Storage::Cpu(c) => Ok((c.try_clone(l)?, l.shape().clone())),
+            _ => candle_core::bail!("fused-with-grad: result and input on different devices"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (s, l) = self.y.storage_and_layout();
+        match &*s {
+            Storage::Cuda(c) => Ok((c.try_clone(l)?, l.shape().clone())),
+            _ => candle_core::bail!("fused-with-grad: result and input on different devices"),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let dx = match &self.grad {
+            Grad::Softmax => {
+                let s = (g * y)?.sum_keepdim(D::Minus1)?;
+                (g.broadcast_sub(&s)? * y)?
+            }
+            Grad::Rope { cos, sin } => candle_nn::rotary_emb::rope_i(&g.contiguous()?, cos, &sin.neg()?)?,
+            Grad::Rms { w, eps } => {
+                let x32 = x.to_dtype(DType::F32)?;
+                let gw = g.to_dtype(DType::F32)?.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+                let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + *eps)?.sqrt()?.recip()?;
+                let m = (&gw * &x32)?.mean_keepdim(D::Minus1)?;
+                let dx = (gw.broadcast_mul(&r)? - x32.broadcast_mul(&(r.powf(3.0)? * m)?)?)?;
+                dx.to_dtype(x.dtype())?
+            }
+        };
+        Ok(Some(dx))
+    }
+}
+
+/// `y` must own its storage exactly (a fresh kernel result, as here): the forward copies it whole.
+fn attach(x: &Tensor, y: Tensor, grad: Grad) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(y);
+    }
+    x.apply_op1(WithGrad { y, grad })
+}
+
+/// RMS norm over the last dimension (fused forward; gradient to `x` only).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    let y = candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)?;
+    attach(x, y, Grad::Rms { w: w.clone(), eps: eps as f64 })
+}
+
+/// Interleaved rotary embedding of `x` [b, h, t, d] (fused forward; gradient to `x` only).
+pub fn rope_i(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::rotary_emb::rope_i(x, cos, sin)?;
+    attach(x, y, Grad::Rope { cos: cos.clone(), sin: sin.clone() })
+}
+
+/// Softmax over the last dimension (fused forward).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::ops::softmax_last_dim(&x.contiguous()?)?;
+    attach(x, y, Grad::Softmax)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Gradient of sum(f(x) * c) for a fixed random c, through `f`.
+    fn grad(x: &Var, c: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> (Tensor, Tensor) {
+        let y = f(x.as_tensor()).unwrap();
+        let g = (&y * c).unwrap().sum_all().unwrap().backward().unwrap();
+        (y, g.get(x.as_tensor()).unwrap().clone())
+    }
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < tol, "max difference {d}");
+    }
+
+    #[test]
+    fn fused_ops_match_the_op_by_op_versions_and_their_gradients() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
+        let c = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
+        // rms-norm
+        let w = Tensor::randn(1f32, 0.2, 8, &dev).unwrap();
+        let (y1, g1) = grad(&x, &c, |t| rms_norm(t, &w, 1e-5));
+        let (y2, g2) = grad(&x, &c, |t| candle_nn::ops::rms_norm_slow(t, &w, 1e-5));
+        close(&y1, &y2, 1e-5);
+        close(&g1, &g2, 1e-4);
+        // interleaved rope
+        let cos = Tensor::randn(0f32, 1.0, (5, 4), &dev).unwrap();
+        let sin = Tensor::randn(0f32, 1.0, (5, 4), &dev).unwrap();
+        let (y1, g1) = grad(&x, &c, |t| rope_i(t, &cos, &sin));
+        let (y2, g2) = grad(&x, &c, |t| candle_nn::rotary_emb::rope_i_slow(t, &cos, &sin));
+        close(&y1, &y2, 1e-5);
+        close(&g1, &g2, 1e-4);
+        // softmax
+        let (y1, g1) = grad(&x, &c, softmax_last_dim);
+        let (y2, g2) = grad(&x, &c, |t| candle_nn::ops::softmax(t, D::Minus1));
+        close(&y1, &y2, 1e-5);
+        close(&g1, &g2, 1e-5);
+        // untracked input: the plain fused result
+        let plain = rms_norm(&c, &w, 1e-5).unwrap();
+        assert!(!plain.track_op());
+    }
+}
