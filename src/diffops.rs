@@ -67,6 +67,13 @@ impl CustomOp1 for WithGrad {
     }
 }
 
+/// `REFRAG_OP_BY_OP=1`: train with candle's op-by-op versions instead (for side-by-side speed
+/// and numerics checks on a new device).
+pub fn op_by_op() -> bool {
+    static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FLAG.get_or_init(|| std::env::var("REFRAG_OP_BY_OP").is_ok_and(|v| v == "1"))
+}
+
 /// `y` must own its storage exactly (a fresh kernel result, as here): the forward copies it whole.
 fn attach(x: &Tensor, y: Tensor, grad: Grad) -> Result<Tensor> {
     if !x.track_op() {
@@ -77,18 +84,27 @@ fn attach(x: &Tensor, y: Tensor, grad: Grad) -> Result<Tensor> {
 
 /// RMS norm over the last dimension (fused forward; gradient to `x` only).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    if op_by_op() {
+        return candle_nn::ops::rms_norm_slow(x, w, eps);
+    }
     let y = candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)?;
     attach(x, y, Grad::Rms { w: w.clone(), eps: eps as f64 })
 }
 
 /// Interleaved rotary embedding of `x` [b, h, t, d] (fused forward; gradient to `x` only).
 pub fn rope_i(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if op_by_op() {
+        return candle_nn::rotary_emb::rope_i_slow(x, cos, sin);
+    }
     let y = candle_nn::rotary_emb::rope_i(x, cos, sin)?;
     attach(x, y, Grad::Rope { cos: cos.clone(), sin: sin.clone() })
 }
 
 /// Softmax over the last dimension (fused forward).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if op_by_op() {
+        return candle_nn::ops::softmax(x, D::Minus1);
+    }
     let y = candle_nn::ops::softmax_last_dim(&x.contiguous()?)?;
     attach(x, y, Grad::Softmax)
 }
