@@ -411,21 +411,18 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
     let trained = g.trained(&encoder, decoder.cfg.hidden)?;
     let compress = match (mode, &trained) {
         (Mode::Refrag, None) => return Err(crate::projector::missing(&crate::projector::weights_dirs(None, &g.home()))),
-        (Mode::Refrag, Some(t)) => {
-            t.adapt(&mut decoder)?;
-            Some((&t.chunk_encoder, &t.projector))
-        }
-        (_, Some(t)) if args.adapted && t.decoder_lora.is_some() => {
-            t.adapt(&mut decoder)?;
-            None
-        }
-        (_, _) if args.adapted => {
-            bail!("--adapted: no trained decoder adapters ({}) found; point --weights at a folder that has them", crate::decoder::LORA_FILE)
-        }
+        (Mode::Refrag, Some(t)) => Some((&t.chunk_encoder, &t.projector)),
         _ => None,
     };
-    // whether the decoder reads with trained adapters folded in (refrag mode, or --adapted)
-    let adapted = (mode == Mode::Refrag || args.adapted) && trained.as_ref().is_some_and(|t| t.decoder_lora.is_some());
+    // the decoder reads with the trained adapters folded in: refrag mode, or --adapted
+    let lora = trained.as_ref().filter(|t| t.decoder_lora.is_some());
+    if args.adapted && mode != Mode::Refrag && lora.is_none() {
+        bail!("--adapted: no trained decoder adapters ({}) found; point --weights at a folder that has them", crate::decoder::LORA_FILE);
+    }
+    let adapted = (mode == Mode::Refrag || args.adapted) && lora.is_some();
+    if let (true, Some(t)) = (adapted, lora) {
+        t.adapt(&mut decoder)?;
+    }
     let k = args.rag.k.or(trained.as_ref().and_then(|t| t.k)).unwrap_or(16);
     if !(0.0..=1.0).contains(&args.rag.expand) {
         bail!("--expand {}: must be between 0 and 1", args.rag.expand);
