@@ -477,6 +477,13 @@ impl Decoder {
         self.rms_norm(&x, &self.norm)
     }
 
+    /// Vocabulary logits (f32) of input embeddings read as if they were final hidden states
+    /// (the final norm, then the LM head; SmolLM2 ties the head to the token embeddings): the
+    /// tokens an embedding points at.
+    pub fn readout(&self, embeds: &Tensor) -> Result<Tensor> {
+        self.logits(&self.rms_norm(&embeds.to_dtype(self.dtype)?, &self.norm)?)
+    }
+
     /// Vocabulary logits (f32) for hidden states [.., hidden].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(self.lm_head.forward(hidden, self.quant_rows)?.to_dtype(DType::F32)?)

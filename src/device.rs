@@ -41,9 +41,13 @@ pub fn parse(spec: &str) -> Result<Device> {
 ///   synchronisation (the pool's default release threshold is 0), so a training step reuses
 ///   the previous step's memory instead of mapping it again.
 #[cfg(feature = "cuda")]
+/// `REFRAG_CUDA_DEFAULTS=1` keeps cudarc's defaults (for side-by-side measurements).
 fn tune_cuda(dev: &Device) {
     use candle_core::cuda_backend::cudarc::driver::sys;
     let Device::Cuda(d) = dev else { return };
+    if std::env::var("REFRAG_CUDA_DEFAULTS").is_ok_and(|v| v == "1") {
+        return;
+    }
     // SAFETY: refrag runs its tensor work on the thread that created the device, on its one
     // stream; nothing needs cross-stream ordering.
     unsafe { d.disable_event_tracking() };

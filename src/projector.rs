@@ -15,7 +15,14 @@ pub struct Projector {
     l2: Linear,
     pub in_dim: usize,
     pub out_dim: usize,
+    /// Factor applied to the chunk vector before `fc1` (stored as the scalar tensor
+    /// `in_scale`; 1 when the file has none). The encoder's vectors are L2-normalised, so their
+    /// components are ~1/sqrt(in_dim): a factor of sqrt(in_dim) gives `fc1` unit-scale inputs.
+    pub in_scale: f64,
 }
+
+/// Name of the input factor's tensor in `projector.safetensors`.
+pub const IN_SCALE: &str = "in_scale";
 
 impl Projector {
     /// Build from a VarBuilder (`fc1`, `fc2`): loads weights, or creates trainable ones when
@@ -26,6 +33,7 @@ impl Projector {
             l2: linear(out_dim, out_dim, vb.pp("fc2"))?,
             in_dim,
             out_dim,
+            in_scale: 1.0,
         })
     }
 
@@ -34,9 +42,13 @@ impl Projector {
         // SAFETY: read-only memory map of a file we do not modify.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, device) }
             .with_context(|| format!("{}: not a safetensors file", path.display()))?;
-        Self::new(vb, in_dim, out_dim).with_context(|| {
+        let mut p = Self::new(vb.clone(), in_dim, out_dim).with_context(|| {
             format!("{}: not a {in_dim}->{out_dim} projector (trained for other models?)", path.display())
-        })
+        })?;
+        if vb.contains_tensor(IN_SCALE) {
+            p.in_scale = vb.get(1, IN_SCALE)?.to_vec1::<f32>()?[0] as f64;
+        }
+        Ok(p)
     }
 
     /// A freshly initialised projector in `varmap` (for training, or plumbing tests).
@@ -46,13 +58,27 @@ impl Projector {
 
     /// [n, in_dim] -> [n, out_dim]
     pub fn forward(&self, c: &Tensor) -> Result<Tensor> {
-        let h = self.l1.forward(&c.to_dtype(DType::F32)?)?.gelu_erf()?;
+        let mut c = c.to_dtype(DType::F32)?;
+        if self.in_scale != 1.0 {
+            c = (c * self.in_scale)?;
+        }
+        let h = self.l1.forward(&c)?.gelu_erf()?;
         Ok(self.l2.forward(&h)?)
     }
 }
 
 /// Where trained weights are looked for: `--weights DIR`, else `$REFRAG_HOME/weights`, else the
 /// `weights/` folder shipped in the source tree.
+/// The input factor stored in a projector file (1 when it has none).
+pub fn stored_in_scale(path: &Path) -> Result<f64> {
+    let t = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    Ok(match t.get(IN_SCALE) {
+        Some(x) => x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?[0] as f64,
+        None => 1.0,
+    })
+}
+
 pub fn weights_dirs(explicit: Option<&Path>, home: &Path) -> Vec<PathBuf> {
     match explicit {
         Some(d) => vec![d.to_path_buf()],

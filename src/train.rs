@@ -75,6 +75,19 @@ pub struct TrainConfig {
     /// pre-training keeps the vectors' content instead of only their style. 0 = off.
     #[serde(default)]
     pub recon_weight: f64,
+    /// reconstruct/cpt: weight of a bag-of-words loss on each compressed chunk: its projected
+    /// vector, read through the decoder's final norm and (tied) LM head, should point at the
+    /// chunk's k tokens. A direct content signal for the encoder and projector. 0 = off.
+    #[serde(default)]
+    pub bow_weight: f64,
+    /// Factor on the chunk vector before the projector (see `Projector::in_scale`); 1 for
+    /// weights trained before it existed.
+    #[serde(default = "one")]
+    pub input_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// VarMap prefix of the chunk encoder's trainable tensors.
@@ -329,12 +342,15 @@ fn make_batch(pool: &TextPool, dec: &Decoder, cfg: &TrainConfig, l: usize, rng: 
 
 /// Mean cross-entropy (nats/token) of the targets given the compressed chunks; differentiable
 /// with respect to the projector. The whole batch is assembled slot by slot ([B, .., H] pieces),
-/// so the number of tensor ops does not grow with the batch.
-fn batch_loss(dec: &Decoder, enc: &Encoder, proj: &Projector, b: &Batch) -> Result<Tensor> {
+/// so the number of tensor ops does not grow with the batch. With `bow`, also the bag-of-words
+/// loss of the chunk vectors (see `TrainConfig::bow_weight`).
+fn batch_loss(dec: &Decoder, enc: &Encoder, proj: &Projector, b: &Batch, bow: bool) -> Result<(Tensor, Option<Tensor>)> {
     let refs: Vec<&str> = b.chunk_texts.iter().map(String::as_str).collect();
     let c = enc.encode(&refs)?.to_device(&dec.device)?;
     let (n, hid) = (b.targets.len(), dec.cfg.hidden);
-    let e = proj.forward(&c)?.to_dtype(dec.dtype)?.reshape((n, b.l, hid))?;
+    let flat = proj.forward(&c)?.to_dtype(dec.dtype)?;
+    let bow = if bow { Some(bow_loss(dec, &flat, b)?) } else { None };
+    let e = flat.reshape((n, b.l, hid))?;
     // rows of token ids -> [n, len, H]
     let embed_rows = |rows: Vec<&[u32]>| -> Result<Tensor> {
         let len = rows[0].len();
@@ -361,17 +377,31 @@ fn batch_loss(dec: &Decoder, enc: &Encoder, proj: &Projector, b: &Batch) -> Resu
     let h = h.narrow(1, plen - 1, tlen)?.reshape((n * tlen, hid))?;
     let logits = dec.logits(&h)?;
     let tgt = Tensor::from_vec(b.targets.concat(), n * tlen, &dec.device)?;
-    Ok(candle_nn::loss::cross_entropy(&logits, &tgt)?)
+    Ok((candle_nn::loss::cross_entropy(&logits, &tgt)?, bow))
 }
 
-/// Token accuracy of greedy reconstruction/prediction (teacher forced) on a batch.
-fn batch_accuracy(dec: &Decoder, enc: &Encoder, proj: &Projector, b: &Batch) -> Result<f64> {
+/// Bag-of-words loss: mean over chunks and their k tokens of -log p(token | chunk vector), with
+/// p the decoder's readout of the projected vector ([n * L, H], row order = chunk order).
+fn bow_loss(dec: &Decoder, flat: &Tensor, b: &Batch) -> Result<Tensor> {
+    let k = b.contexts[0].len() / b.l;
+    let ids: Vec<u32> = b.contexts.iter().flat_map(|c| c[..b.l * k].iter().copied()).collect();
+    let rows = ids.len() / k;
+    let idx = Tensor::from_vec(ids, (rows, k), &dec.device)?;
+    let lp = candle_nn::ops::log_softmax(&dec.readout(flat)?, 1)?;
+    Ok(lp.gather(&idx, 1)?.mean_all()?.neg()?)
+}
+
+/// Token accuracy of greedy reconstruction/prediction (teacher forced) on a batch; with `other`,
+/// each row reads the next row's chunk vectors instead of its own (the control: what the
+/// vectors add beyond their style).
+fn batch_accuracy(dec: &Decoder, enc: &Encoder, proj: &Projector, b: &Batch, other: bool) -> Result<f64> {
     let refs: Vec<&str> = b.chunk_texts.iter().map(String::as_str).collect();
     let c = enc.encode(&refs)?.to_device(&dec.device)?;
     let e = proj.forward(&c)?;
     let (mut right, mut total) = (0.0, 0usize);
     for (i, t) in b.targets.iter().enumerate() {
-        right += crate::perplexity::accuracy_after(dec, &e.narrow(0, i * b.l, b.l)?, t)? * t.len() as f64;
+        let src = if other { (i + 1) % b.targets.len() } else { i };
+        right += crate::perplexity::accuracy_after(dec, &e.narrow(0, src * b.l, b.l)?, t)? * t.len() as f64;
         total += t.len();
     }
     Ok(right / total.max(1) as f64)
@@ -428,9 +458,9 @@ pub fn train(run: &TrainRun, cfg: &TrainConfig) -> Result<serde_json::Value> {
         let ck: Checkpoint = serde_json::from_slice(&std::fs::read(&ck_path)?)
             .with_context(|| format!("{}: unreadable checkpoint", ck_path.display()))?;
         if ck.config.stage != cfg.stage || ck.config.k != cfg.k || ck.config.encoder_layers != cfg.encoder_layers
-            || ck.config.decoder_lora != cfg.decoder_lora
+            || ck.config.decoder_lora != cfg.decoder_lora || ck.config.input_scale != cfg.input_scale
         {
-            bail!("{}: checkpoint is for another stage, k, --encoder-layers or --decoder-lora; use a new --out", ck_path.display());
+            bail!("{}: checkpoint is for another stage, k, --encoder-layers, --decoder-lora or --input-scale; use a new --out", ck_path.display());
         }
         varmap.load(run.out.join("checkpoint.safetensors"))?;
         (rng, start_step, tokens_seen) = (ck.rng, ck.step, ck.tokens_seen);
@@ -543,7 +573,7 @@ fn trainable_decoder(varmap: &VarMap, base: &Decoder) -> Result<Decoder> {
 
 /// Write the shipped files: projector (f32), trained encoder tensors (f16), decoder adapters
 /// (f32).
-fn save_weights(varmap: &VarMap, out: &Path) -> Result<()> {
+fn save_weights(varmap: &VarMap, out: &Path, input_scale: f64) -> Result<()> {
     let vars = varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned varmap"))?;
     let mut proj = HashMap::new();
     let mut enc = HashMap::new();
@@ -556,6 +586,9 @@ fn save_weights(varmap: &VarMap, out: &Path) -> Result<()> {
         } else {
             proj.insert(n.clone(), v.as_tensor().clone());
         }
+    }
+    if input_scale != 1.0 {
+        proj.insert(crate::projector::IN_SCALE.to_string(), Tensor::new(&[input_scale as f32], &Device::Cpu)?);
     }
     candle_core::safetensors::save(&proj, out.join(crate::projector::FILE))?;
     for (map, file) in [(enc, crate::encoder::OVERRIDES_FILE), (lora, crate::decoder::LORA_FILE)] {
@@ -575,12 +608,14 @@ fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64)
 }
 
-fn projector_of(varmap: &VarMap, run: &TrainRun) -> Result<Projector> {
-    Projector::new(
+fn projector_of(varmap: &VarMap, run: &TrainRun, cfg: &TrainConfig) -> Result<Projector> {
+    let mut p = Projector::new(
         candle_nn::VarBuilder::from_varmap(varmap, DType::F32, &run.decoder.device),
         run.encoder.dim,
         run.decoder.cfg.hidden,
-    )
+    )?;
+    p.in_scale = cfg.input_scale;
+    Ok(p)
 }
 
 fn train_loop(
@@ -593,7 +628,7 @@ fn train_loop(
     mut tokens_seen: u64,
 ) -> Result<serde_json::Value> {
     let dec = &trainable_decoder(&varmap, run.decoder)?;
-    let proj = projector_of(&varmap, run)?;
+    let proj = projector_of(&varmap, run, cfg)?;
     let enc = trainable_encoder(&varmap, run.encoder)?;
     let mut log = std::fs::OpenOptions::new()
         .create(true)
@@ -625,14 +660,21 @@ fn train_loop(
             let l = curriculum_chunks(cfg.max_chunks, f, &mut rng);
             let batch = make_batch(run.train, dec, cfg, l, &mut rng)?;
             let ntok: usize = batch.targets.iter().map(Vec::len).sum();
-            let main = batch_loss(dec, &enc, &proj, &batch)?;
+            let (main, bow) = batch_loss(dec, &enc, &proj, &batch, cfg.bow_weight > 0.0)?;
             if cfg.stage == Stage::Cpt && cfg.recon_weight > 0.0 {
                 let rc = TrainConfig { stage: Stage::Reconstruct, mixed: 0.0, ..cfg.clone() };
                 let rl = curriculum_chunks(cfg.max_chunks.min(16), f, &mut rng);
                 let rb = make_batch(run.train, dec, &rc, rl, &mut rng)?;
-                let recon = batch_loss(dec, &enc, &proj, &rb)?;
+                let (recon, _) = batch_loss(dec, &enc, &proj, &rb, false)?;
                 let (mv, rv) = (scalar(&main)?, scalar(&recon)?);
-                ((main + (recon * cfg.recon_weight)?)?, ntok, l, batch.targets.len(), Some(("cpt", mv, "recon", rv)))
+                let mut total = (main + (recon * cfg.recon_weight)?)?;
+                if let Some(bw) = bow {
+                    total = (total + (bw * cfg.bow_weight)?)?;
+                }
+                (total, ntok, l, batch.targets.len(), Some(("cpt", mv, "recon", rv)))
+            } else if let Some(bw) = bow {
+                let (mv, bv) = (scalar(&main)?, scalar(&bw)?);
+                ((main + (bw * cfg.bow_weight)?)?, ntok, l, batch.targets.len(), Some(("main", mv, "bow", bv)))
             } else {
                 (main, ntok, l, batch.targets.len(), None)
             }
@@ -678,12 +720,16 @@ fn train_loop(
             c.tokens_per_step = c.tokens_per_step.min(4096);
             c.mixed = 0.0;
             let b = make_batch(h, dec, &c, l, &mut r)?;
-            let loss = batch_loss(dec, &enc, &proj, &b)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-            let acc = if cfg.stage == Stage::Reconstruct { Some(batch_accuracy(dec, &enc, &proj, &b)?) } else { None };
-            scores.insert(format!("chunks_{l}"), serde_json::json!({"nll": loss, "token_accuracy": acc}));
+            let loss = batch_loss(dec, &enc, &proj, &b, false)?.0.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            let (acc, other) = if cfg.stage == Stage::Reconstruct {
+                (Some(batch_accuracy(dec, &enc, &proj, &b, false)?), Some(batch_accuracy(dec, &enc, &proj, &b, true)?))
+            } else {
+                (None, None)
+            };
+            scores.insert(format!("chunks_{l}"), serde_json::json!({"nll": loss, "token_accuracy": acc, "token_accuracy_other_vectors": other}));
         }
     }
-    save_weights(&varmap, run.out)?;
+    save_weights(&varmap, run.out, cfg.input_scale)?;
     let card = serde_json::json!({
         "what": format!(
             "REFRAG projector (chunk vector -> decoder embedding){}",
@@ -726,7 +772,7 @@ mod tests {
             stage: Stage::Reconstruct, k: 16, steps: 100, tokens_per_step: 1, max_chunks: 1,
             predict_tokens: 1, mixed: 0.0, lr: 1e-3, warmup: 0.04, weight_decay: 0.0, clip: 1.0,
             seed: 1, checkpoint_every: 10, encoder_layers: 0, decoder_lora: 0, distill: 0.0, batch: 0,
-            recon_weight: 0.0,
+            recon_weight: 0.0, bow_weight: 0.0, input_scale: 1.0,
         };
         assert!(lr_at(&cfg, 0) < lr_at(&cfg, 3));
         assert!((lr_at(&cfg, 4) - 1e-3).abs() < 1e-9);

@@ -54,6 +54,14 @@ pub struct TrainArgs {
     /// content while the decoder learns to continue text; 0 = off).
     #[arg(long, default_value_t = 0.0, env = "REFRAG_TRAIN_RECON_WEIGHT")]
     pub recon_weight: f64,
+    /// reconstruct/cpt: weight of a bag-of-words loss on each chunk vector (its projection,
+    /// read through the decoder's LM head, should point at the chunk's own tokens; 0 = off).
+    #[arg(long, default_value_t = 0.0, env = "REFRAG_TRAIN_BOW_WEIGHT")]
+    pub bow_weight: f64,
+    /// Factor on the (unit-length) chunk vectors before the projector. Default: the --init
+    /// weights' factor, else 1.
+    #[arg(long, env = "REFRAG_TRAIN_INPUT_SCALE")]
+    pub input_scale: Option<f64>,
     /// cpt: fraction of chunks left as tokens (mixed input).
     #[arg(long, default_value_t = 0.0, env = "REFRAG_TRAIN_MIXED")]
     pub mixed: f64,
@@ -167,6 +175,22 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     if a.recon_weight > 0.0 && a.stage != Stage::Cpt {
         bail!("--recon-weight is for `refrag train cpt`");
     }
+    if !(a.bow_weight.is_finite() && a.bow_weight >= 0.0) || (a.bow_weight > 0.0 && a.stage == Stage::Sft) {
+        bail!("--bow-weight {}: must be 0 or more, for reconstruct or cpt", a.bow_weight);
+    }
+    if a.input_scale.is_some_and(|x| !(x.is_finite() && x > 0.0)) {
+        bail!("--input-scale must be positive");
+    }
+    let init_scale = match &a.init {
+        Some(d) if d.join(crate::projector::FILE).exists() => Some(crate::projector::stored_in_scale(&d.join(crate::projector::FILE))?),
+        _ => None,
+    };
+    let input_scale = match (a.input_scale, init_scale) {
+        (Some(x), Some(y)) if x != y => bail!("--input-scale {x}: the --init weights were trained with {y}"),
+        (Some(x), _) => x,
+        (None, Some(y)) => y,
+        (None, None) => 1.0,
+    };
     if !(0.0..1.0).contains(&a.mixed) {
         bail!("--mixed {}: must be in [0, 1)", a.mixed);
     }
@@ -210,6 +234,8 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         distill: a.distill,
         batch: a.batch,
         recon_weight: a.recon_weight,
+        bow_weight: a.bow_weight,
+        input_scale,
     };
     let run = TrainRun {
         decoder: &decoder,
