@@ -655,7 +655,7 @@ fn train_loop(
             let batch = qa.sample(cfg.batch.max(1), &mut rng);
             let teacher = (cfg.distill > 0.0).then_some(run.decoder);
             let sl = crate::sft::loss(dec, teacher, &enc, &proj, cfg.k, &batch, cfg.distill, cfg.mixed, &mut rng)?;
-            (sl.total, sl.answer_tokens, 0, batch.len(), Some(("ce", sl.ce, "kl", sl.kl)))
+            (sl.total, sl.answer_tokens, 0, batch.len(), vec![("ce", sl.ce), ("kl", sl.kl)])
         } else {
             let l = curriculum_chunks(cfg.max_chunks, f, &mut rng);
             let batch = make_batch(run.train, dec, cfg, l, &mut rng)?;
@@ -666,17 +666,18 @@ fn train_loop(
                 let rl = curriculum_chunks(cfg.max_chunks.min(16), f, &mut rng);
                 let rb = make_batch(run.train, dec, &rc, rl, &mut rng)?;
                 let (recon, _) = batch_loss(dec, &enc, &proj, &rb, false)?;
-                let (mv, rv) = (scalar(&main)?, scalar(&recon)?);
+                let mut parts = vec![("cpt", scalar(&main)?), ("recon", scalar(&recon)?)];
                 let mut total = (main + (recon * cfg.recon_weight)?)?;
                 if let Some(bw) = bow {
+                    parts.push(("bow", scalar(&bw)?));
                     total = (total + (bw * cfg.bow_weight)?)?;
                 }
-                (total, ntok, l, batch.targets.len(), Some(("cpt", mv, "recon", rv)))
+                (total, ntok, l, batch.targets.len(), parts)
             } else if let Some(bw) = bow {
-                let (mv, bv) = (scalar(&main)?, scalar(&bw)?);
-                ((main + (bw * cfg.bow_weight)?)?, ntok, l, batch.targets.len(), Some(("main", mv, "bow", bv)))
+                let parts = vec![("main", scalar(&main)?), ("bow", scalar(&bw)?)];
+                ((main + (bw * cfg.bow_weight)?)?, ntok, l, batch.targets.len(), parts)
             } else {
-                (main, ntok, l, batch.targets.len(), None)
+                (main, ntok, l, batch.targets.len(), vec![])
             }
         };
         let grads = loss.backward()?;
@@ -691,9 +692,8 @@ fn train_loop(
         let tps = ntok as f64 / ts.elapsed().as_secs_f64();
         let mut rec = serde_json::json!({"step": step, "loss": lv, "lr": lr, "grad_norm": gnorm, "chunks": l,
             "batch": bsz, "tokens_per_s": tps, "tokens_seen": tokens_seen});
-        if let Some((a, av, b, bv)) = parts {
-            rec[a] = av.into();
-            rec[b] = bv.into();
+        for (name, v) in parts {
+            rec[name] = v.into();
         }
         writeln!(log, "{rec}")?;
         pb.set_position(step as u64);

@@ -232,3 +232,43 @@ fn cpt_adds_a_weighted_reconstruction_term() {
     let card: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("card.json")).unwrap()).unwrap();
     assert_eq!(card["config"]["recon_weight"], 0.5);
 }
+
+/// `--bow-weight` adds the chunk vectors' bag-of-words term (logged, weighted into the loss);
+/// `--input-scale` is stored in projector.safetensors, a run started from those weights inherits
+/// it, and asking for another factor on top of them is refused (exit 2, one line).
+#[test]
+fn bag_of_words_term_and_input_scale_are_trained_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = |stage: &str, out: &str, extra: &[&str]| {
+        refrag()
+            .args(["train", stage, "--device", "cpu", "-q", "--tokens-per-step", "96", "--max-chunks", "1", "--predict-tokens", "16"])
+            .args(["--encoder-layers", "1", "--warmup", "0", "--steps", "2", "--bow-weight", "0.25", "--text"])
+            .arg(fixture("alice_ch1-3.txt"))
+            .arg("--out")
+            .arg(dir.path().join(out))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = train("reconstruct", "rec", &["--input-scale", "19.5"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rec = dir.path().join("rec");
+    for line in std::fs::read_to_string(rec.join("train.jsonl")).unwrap().lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (loss, main, bow) = (r["loss"].as_f64().unwrap(), r["main"].as_f64().unwrap(), r["bow"].as_f64().unwrap());
+        assert!(main > 0.0 && bow > 0.0, "{r}");
+        assert!((loss - (main + 0.25 * bow)).abs() < 1e-3, "{r}");
+    }
+    let stored = refrag::projector::stored_in_scale(&rec.join("projector.safetensors")).unwrap();
+    assert!((stored - 19.5).abs() < 1e-6, "{stored}");
+    let init = rec.to_str().unwrap();
+    let o = train("cpt", "cpt", &["--init", init]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let card: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("cpt/card.json")).unwrap()).unwrap();
+    assert_eq!(card["config"]["input_scale"], 19.5);
+    assert_eq!(card["config"]["bow_weight"], 0.25);
+    let o = train("cpt", "bad", &["--init", init, "--input-scale", "1"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--input-scale") && err.trim().lines().count() == 1, "{err}");
+}
