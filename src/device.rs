@@ -40,8 +40,11 @@ pub fn parse(spec: &str) -> Result<Device> {
 /// - freed memory stays in the stream-ordered pool instead of going back to the driver at every
 ///   synchronisation (the pool's default release threshold is 0), so a training step reuses
 ///   the previous step's memory instead of mapping it again.
+///
+/// `REFRAG_CUDA_DEFAULTS=1` keeps cudarc's defaults (for side-by-side measurements). Measured on
+/// an H200: training tokens/s within 2% either way; with these settings LoRA training no longer
+/// ran out of memory (1010 steps at 8192 tokens per step; before, every 25-120 steps).
 #[cfg(feature = "cuda")]
-/// `REFRAG_CUDA_DEFAULTS=1` keeps cudarc's defaults (for side-by-side measurements).
 fn tune_cuda(dev: &Device) {
     use candle_core::cuda_backend::cudarc::driver::sys;
     let Device::Cuda(d) = dev else { return };

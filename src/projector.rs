@@ -42,12 +42,10 @@ impl Projector {
         // SAFETY: read-only memory map of a file we do not modify.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, device) }
             .with_context(|| format!("{}: not a safetensors file", path.display()))?;
-        let mut p = Self::new(vb.clone(), in_dim, out_dim).with_context(|| {
+        let mut p = Self::new(vb, in_dim, out_dim).with_context(|| {
             format!("{}: not a {in_dim}->{out_dim} projector (trained for other models?)", path.display())
         })?;
-        if vb.contains_tensor(IN_SCALE) {
-            p.in_scale = vb.get(1, IN_SCALE)?.to_vec1::<f32>()?[0] as f64;
-        }
+        p.in_scale = stored_in_scale(path)?;
         Ok(p)
     }
 
@@ -67,8 +65,6 @@ impl Projector {
     }
 }
 
-/// Where trained weights are looked for: `--weights DIR`, else `$REFRAG_HOME/weights`, else the
-/// `weights/` folder shipped in the source tree.
 /// The input factor stored in a projector file (1 when it has none).
 pub fn stored_in_scale(path: &Path) -> Result<f64> {
     let t = candle_core::safetensors::load(path, &Device::Cpu)
@@ -79,6 +75,8 @@ pub fn stored_in_scale(path: &Path) -> Result<f64> {
     })
 }
 
+/// Where trained weights are looked for: `--weights DIR`, else `$REFRAG_HOME/weights`, else the
+/// `weights/` folder shipped in the source tree.
 pub fn weights_dirs(explicit: Option<&Path>, home: &Path) -> Vec<PathBuf> {
     match explicit {
         Some(d) => vec![d.to_path_buf()],

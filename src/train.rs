@@ -75,7 +75,7 @@ pub struct TrainConfig {
     /// pre-training keeps the vectors' content instead of only their style. 0 = off.
     #[serde(default)]
     pub recon_weight: f64,
-    /// reconstruct/cpt: weight of a bag-of-words loss on each compressed chunk: its projected
+    /// reconstruct/cpt: weight of a bag-of-words loss on each chunk vector of a batch: its projected
     /// vector, read through the decoder's final norm and (tied) LM head, should point at the
     /// chunk's k tokens. A direct content signal for the encoder and projector. 0 = off.
     #[serde(default)]

@@ -56,10 +56,11 @@ pub struct TrainArgs {
     pub recon_weight: f64,
     /// reconstruct/cpt: weight of a bag-of-words loss on each chunk vector (its projection,
     /// read through the decoder's LM head, should point at the chunk's own tokens; 0 = off).
-    #[arg(long, default_value_t = 0.0, env = "REFRAG_TRAIN_BOW_WEIGHT")]
-    pub bow_weight: f64,
+    /// Default 0.1 (the shipped weights' recipe).
+    #[arg(long, env = "REFRAG_TRAIN_BOW_WEIGHT")]
+    pub bow_weight: Option<f64>,
     /// Factor on the (unit-length) chunk vectors before the projector. Default: the --init
-    /// weights' factor, else 1.
+    /// weights' factor, else sqrt(encoder dimension) (19.6 for MiniLM).
     #[arg(long, env = "REFRAG_TRAIN_INPUT_SCALE")]
     pub input_scale: Option<f64>,
     /// cpt: fraction of chunks left as tokens (mixed input).
@@ -175,8 +176,9 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     if a.recon_weight > 0.0 && a.stage != Stage::Cpt {
         bail!("--recon-weight is for `refrag train cpt`");
     }
-    if !(a.bow_weight.is_finite() && a.bow_weight >= 0.0) || (a.bow_weight > 0.0 && a.stage == Stage::Sft) {
-        bail!("--bow-weight {}: must be 0 or more, for reconstruct or cpt", a.bow_weight);
+    let bow_weight = a.bow_weight.unwrap_or(if a.stage == Stage::Sft { 0.0 } else { 0.1 });
+    if !(bow_weight.is_finite() && bow_weight >= 0.0) || (bow_weight > 0.0 && a.stage == Stage::Sft) {
+        bail!("--bow-weight {bow_weight}: must be 0 or more, for reconstruct or cpt");
     }
     if a.input_scale.is_some_and(|x| !(x.is_finite() && x > 0.0)) {
         bail!("--input-scale must be positive");
@@ -185,18 +187,18 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         Some(d) if d.join(crate::projector::FILE).exists() => Some(crate::projector::stored_in_scale(&d.join(crate::projector::FILE))?),
         _ => None,
     };
-    let input_scale = match (a.input_scale, init_scale) {
-        (Some(x), Some(y)) if x != y => bail!("--input-scale {x}: the --init weights were trained with {y}"),
-        (Some(x), _) => x,
-        (None, Some(y)) => y,
-        (None, None) => 1.0,
-    };
+    if let (Some(x), Some(y)) = (a.input_scale, init_scale) {
+        if x != y {
+            bail!("--input-scale {x}: the --init weights were trained with {y}");
+        }
+    }
     if !(0.0..1.0).contains(&a.mixed) {
         bail!("--mixed {}: must be in [0, 1)", a.mixed);
     }
     let device = g.device()?;
     let decoder = g.load_decoder_with(&device, crate::decoder::Ops::Differentiable, false)?;
     let encoder = g.load_encoder(&device)?;
+    let input_scale = a.input_scale.or(init_scale).unwrap_or((encoder.dim as f64).sqrt());
     if a.stage == Stage::Sft && a.qa.is_empty() {
         bail!("train sft needs --qa FILE (tasks: `refrag dataset squad FILE --split train --tasks OUT.jsonl`)");
     }
@@ -234,7 +236,7 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         distill: a.distill,
         batch: a.batch,
         recon_weight: a.recon_weight,
-        bow_weight: a.bow_weight,
+        bow_weight,
         input_scale,
     };
     let run = TrainRun {

@@ -208,7 +208,7 @@ fn batched_answer_logits_equal_one_at_a_time() {
 }
 
 /// `train cpt --recon-weight W` optimises the continuation loss plus W times a reconstruction
-/// loss on its own batch, and logs both terms.
+/// loss on its own batch (plus the default bag-of-words term), and logs every term.
 #[test]
 fn cpt_adds_a_weighted_reconstruction_term() {
     let dir = tempfile::tempdir().unwrap();
@@ -226,11 +226,15 @@ fn cpt_adds_a_weighted_reconstruction_term() {
     for line in log.lines() {
         let r: serde_json::Value = serde_json::from_str(line).unwrap();
         let (loss, cpt, recon) = (r["loss"].as_f64().unwrap(), r["cpt"].as_f64().unwrap(), r["recon"].as_f64().unwrap());
-        assert!(recon > 0.0 && cpt > 0.0, "{r}");
-        assert!((loss - (cpt + 0.5 * recon)).abs() < 1e-3, "{r}");
+        let bow = r["bow"].as_f64().unwrap(); // on by default (0.1)
+        assert!(recon > 0.0 && cpt > 0.0 && bow > 0.0, "{r}");
+        assert!((loss - (cpt + 0.5 * recon + 0.1 * bow)).abs() < 1e-3, "{r}");
     }
     let card: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("card.json")).unwrap()).unwrap();
     assert_eq!(card["config"]["recon_weight"], 0.5);
+    // from scratch, the projector's input factor defaults to sqrt(384)
+    let scale = card["config"]["input_scale"].as_f64().unwrap();
+    assert!((scale - 384f64.sqrt()).abs() < 1e-9, "{scale}");
 }
 
 /// `--bow-weight` adds the chunk vectors' bag-of-words term (logged, weighted into the loss);
