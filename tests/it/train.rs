@@ -1,5 +1,5 @@
 //! `refrag train` on CPU with the real models: a run stopped by --max-seconds resumes from its
-//! checkpoint and finishes with every step logged once.
+//! checkpoint (with the settings it started with) and finishes with every step logged once.
 
 use crate::common::*;
 
@@ -22,12 +22,15 @@ fn training_pauses_and_resumes_from_its_checkpoint() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
     };
-    let first = run(&["--max-seconds", "0"]);
+    let first = run(&["--max-seconds", "0", "--input-scale", "7", "--bow-weight", "0.3"]);
     assert_eq!(first["status"], "paused");
     assert_eq!(first["step"], 1);
     assert!(!out.join("projector.safetensors").exists());
     let done = run(&["--resume"]);
     assert_eq!(done["steps"], 3);
+    // the resumed run keeps the settings it was started with
+    assert_eq!(done["config"]["input_scale"], 7.0);
+    assert_eq!(done["config"]["bow_weight"], 0.3);
     assert!(out.join("projector.safetensors").exists());
     let steps: Vec<u64> = std::fs::read_to_string(out.join("train.jsonl"))
         .unwrap()
