@@ -67,12 +67,13 @@ impl Projector {
 
 /// The input factor stored in a projector file (1 when it has none).
 pub fn stored_in_scale(path: &Path) -> Result<f64> {
-    let t = candle_core::safetensors::load(path, &Device::Cpu)
+    // SAFETY: read-only memory map of a file we do not modify; only the one scalar is read.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
         .with_context(|| format!("{}: not a safetensors file", path.display()))?;
-    Ok(match t.get(IN_SCALE) {
-        Some(x) => x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?[0] as f64,
-        None => 1.0,
-    })
+    if st.get(IN_SCALE).is_err() {
+        return Ok(1.0);
+    }
+    Ok(st.load(IN_SCALE, &Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?[0] as f64)
 }
 
 /// Where trained weights are looked for: `--weights DIR`, else `$REFRAG_HOME/weights`, else the

@@ -291,6 +291,13 @@ struct Checkpoint {
     tokens_seen: u64,
 }
 
+/// The config of the checkpoint in `out`, when there is a readable one (older checkpoints read
+/// with the serde defaults: no bag-of-words term, input factor 1).
+pub fn checkpoint_config(out: &Path) -> Option<TrainConfig> {
+    let ck: Checkpoint = serde_json::from_slice(&std::fs::read(out.join("checkpoint.json")).ok()?).ok()?;
+    Some(ck.config)
+}
+
 /// One batch's parts: chunk texts to compress, the context tokens of chunks left as tokens, and
 /// target tokens. Every row has the same layout (one keep pattern per batch).
 struct Batch {

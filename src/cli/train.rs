@@ -163,19 +163,6 @@ fn train_policy(g: &Global, a: &TrainArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The config of the checkpoint in `out`, when there is one. Runs from before a setting existed
-/// read as its old behaviour (no bag-of-words term, input factor 1).
-fn checkpoint_config(out: &std::path::Path) -> Option<serde_json::Value> {
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("checkpoint.json")).ok()?).ok()?;
-    let mut c = v.get("config")?.clone();
-    for (key, old) in [("bow_weight", 0.0), ("input_scale", 1.0)] {
-        if c.get(key).is_none() {
-            c[key] = old.into();
-        }
-    }
-    Some(c)
-}
-
 pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     if a.k == 0 || a.max_chunks == 0 || a.steps == 0 {
         bail!("--k, --max-chunks and --steps must be positive");
@@ -190,9 +177,8 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         bail!("--recon-weight is for `refrag train cpt`");
     }
     // --resume continues with the checkpoint's settings unless told otherwise
-    let resumed = a.resume.then(|| checkpoint_config(&a.out)).flatten();
-    let from_ck = |key: &str| resumed.as_ref().and_then(|c| c[key].as_f64());
-    let bow_weight = a.bow_weight.or(from_ck("bow_weight")).unwrap_or(if a.stage == Stage::Sft { 0.0 } else { 0.1 });
+    let resumed = a.resume.then(|| train::checkpoint_config(&a.out)).flatten();
+    let bow_weight = a.bow_weight.or(resumed.as_ref().map(|c| c.bow_weight)).unwrap_or(if a.stage == Stage::Sft { 0.0 } else { 0.1 });
     if !(bow_weight.is_finite() && bow_weight >= 0.0) || (bow_weight > 0.0 && a.stage == Stage::Sft) {
         bail!("--bow-weight {bow_weight}: must be 0 or more, for reconstruct or cpt");
     }
@@ -214,7 +200,7 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     let device = g.device()?;
     let decoder = g.load_decoder_with(&device, crate::decoder::Ops::Differentiable, false)?;
     let encoder = g.load_encoder(&device)?;
-    let input_scale = a.input_scale.or(from_ck("input_scale")).or(init_scale).unwrap_or((encoder.dim as f64).sqrt());
+    let input_scale = a.input_scale.or(resumed.as_ref().map(|c| c.input_scale)).or(init_scale).unwrap_or((encoder.dim as f64).sqrt());
     if a.stage == Stage::Sft && a.qa.is_empty() {
         bail!("train sft needs --qa FILE (tasks: `refrag dataset squad FILE --split train --tasks OUT.jsonl`)");
     }
