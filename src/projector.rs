@@ -76,16 +76,30 @@ pub fn stored_in_scale(path: &Path) -> Result<f64> {
     Ok(st.load(IN_SCALE, &Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?[0] as f64)
 }
 
+/// What the weights are read for when `--weights` is not given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// Answering questions (index, ask, chat, eval of questions): a folder's `qa/` weights
+    /// (fine-tuned for answers) come before the folder's own.
+    Answers,
+    /// Reading text (perplexity, bench, train): the folder's own weights.
+    Text,
+}
+
 /// Where trained weights are looked for: `--weights DIR`, else `$REFRAG_HOME/weights`, else the
-/// `weights/` folder shipped in the source tree.
-pub fn weights_dirs(explicit: Option<&Path>, home: &Path) -> Vec<PathBuf> {
-    match explicit {
-        Some(d) => vec![d.to_path_buf()],
-        None => vec![
-            home.join("weights"),
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("weights"),
-        ],
+/// `weights/` folder shipped in the source tree; for answers each folder's `qa/` first.
+pub fn weights_dirs(explicit: Option<&Path>, home: &Path, purpose: Purpose) -> Vec<PathBuf> {
+    if let Some(d) = explicit {
+        return vec![d.to_path_buf()];
     }
+    let mut dirs = Vec::new();
+    for base in [home.join("weights"), Path::new(env!("CARGO_MANIFEST_DIR")).join("weights")] {
+        if purpose == Purpose::Answers {
+            dirs.push(base.join("qa"));
+        }
+        dirs.push(base);
+    }
+    dirs
 }
 
 /// Trained REFRAG weights: the projector, and the chunk-encoder tensors trained with it.
@@ -147,4 +161,24 @@ pub fn missing(dirs: &[PathBuf]) -> anyhow::Error {
         "--mode refrag needs a trained projector ({FILE}) and none was found (looked in {looked}); \
          train one with `refrag train reconstruct`, point --weights at one, or use --mode full"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_look_in_qa_first_and_an_explicit_folder_alone() {
+        let home = Path::new("/h");
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
+        assert_eq!(weights_dirs(None, home, Purpose::Text), vec![home.join("weights"), shipped.clone()]);
+        assert_eq!(
+            weights_dirs(None, home, Purpose::Answers),
+            vec![home.join("weights/qa"), home.join("weights"), shipped.join("qa"), shipped]
+        );
+        let mine = Path::new("/w");
+        for p in [Purpose::Text, Purpose::Answers] {
+            assert_eq!(weights_dirs(Some(mine), home, p), vec![mine.to_path_buf()]);
+        }
+    }
 }

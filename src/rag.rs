@@ -69,6 +69,10 @@ pub struct Engine {
     pub k: usize,
     /// The trained expansion policy, when the weights have one.
     pub policy: Option<std::sync::Arc<crate::policy::PolicyNet>>,
+    /// Whether the decoder reads with the trained adapters folded in.
+    pub adapted: bool,
+    /// The trained weights' folder, when the answers use them (refrag mode, or adapters).
+    pub weights: Option<std::path::PathBuf>,
 }
 
 impl Engine {

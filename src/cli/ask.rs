@@ -77,6 +77,21 @@ pub struct RagArgs {
     /// Retrieval: vector, or hybrid (vector + BM25).
     #[arg(long, value_enum, default_value = "vector", env = "REFRAG_SEARCH")]
     pub search: SearchKind,
+    /// In --mode full or none: read with the trained weights' decoder adapters folded in (the
+    /// paper's LLaMA-FT baseline: the fine-tuned decoder reading the passages' tokens).
+    /// Refrag mode always does.
+    #[arg(long, env = "REFRAG_ADAPTED")]
+    pub adapted: bool,
+}
+
+/// Whether the decoder reads with the trained adapters folded in: in refrag mode when the
+/// weights have adapters, in full/none mode with --adapted (an error when they have none).
+pub fn reads_adapted(adapted: bool, mode: Mode, trained: Option<&crate::projector::Trained>) -> Result<bool> {
+    let has = trained.is_some_and(|t| t.decoder_lora.is_some());
+    if adapted && mode != Mode::Refrag && !has {
+        bail!("--adapted: no trained decoder adapters ({}) found; point --weights at a folder that has them", crate::decoder::LORA_FILE);
+    }
+    Ok((mode == Mode::Refrag || adapted) && has)
 }
 
 #[cfg(feature = "store")]
@@ -96,12 +111,12 @@ impl RagArgs {
         let Some(info) = store.info.clone() else {
             bail!("{}: no index here; build one with `refrag index PATH --db {}`", self.db, self.db);
         };
-        let trained = g.trained(&encoder, decoder.cfg.hidden)?;
-        // Full context unless asked: the shipped weights are not trained for answering yet
-        // (see weights/card.json), and full context is the answer quality users expect.
+        let trained = g.trained(&encoder, decoder.cfg.hidden, crate::projector::Purpose::Answers)?;
+        // Full context unless asked: it still answers best from what the passages say (see
+        // weights/qa/card.json: compressed chunks alone carry few of their facts).
         let mode = self.mode.unwrap_or(Mode::Full);
         if mode == Mode::Refrag && trained.is_none() {
-            return Err(crate::projector::missing(&crate::projector::weights_dirs(None, &g.home())));
+            return Err(crate::projector::missing(&g.weights_dirs(crate::projector::Purpose::Answers)));
         }
         let chunk_encoder = trained.as_ref().map(|t| &t.chunk_encoder).unwrap_or(&encoder);
         let now = crate::indexer::index_info(&encoder, chunk_encoder, &decoder.tokenizer_id, self.k.unwrap_or(info.k));
@@ -110,17 +125,19 @@ impl RagArgs {
             info.check_chunks(&now, &self.db)?;
         }
         let mut decoder = decoder;
+        let adapted = reads_adapted(self.adapted, mode, trained.as_ref())?;
+        let weights = trained.as_ref().filter(|_| mode == Mode::Refrag || adapted).map(|t| t.dir.clone());
+        if let (true, Some(t)) = (adapted, &trained) {
+            t.adapt(&mut decoder)?;
+        }
         let (projector, chunk_encoder, policy) = match (mode, trained) {
-            (Mode::Refrag, Some(t)) => {
-                t.adapt(&mut decoder)?;
-                (Some(t.projector), Some(t.chunk_encoder), t.policy)
-            }
+            (Mode::Refrag, Some(t)) => (Some(t.projector), Some(t.chunk_encoder), t.policy),
             _ => (None, None, None),
         };
         if mode == Mode::Refrag && self.policy == Policy::Rl && self.expand > 0.0 && policy.is_none() {
             bail!("--policy rl needs a trained policy ({} in the weights folder; `refrag train policy`)", crate::policy::POLICY_FILE);
         }
-        Ok((Engine { decoder, encoder, store, projector, chunk_encoder, k: info.k, policy }, mode))
+        Ok((Engine { decoder, encoder, store, projector, chunk_encoder, k: info.k, policy, adapted, weights }, mode))
     }
 
     pub fn options(&self, mode: Mode, sampling: SamplingOptions) -> AskOptions {
@@ -207,19 +224,20 @@ pub fn run(g: &Global, args: AskArgs) -> Result<ExitCode> {
     let mode = args.rag.mode.unwrap_or(Mode::Full);
     let device = g.device()?;
     let mut decoder = g.load_decoder(&device)?;
-    let encoder = if mode == Mode::Refrag { Some(g.load_encoder(&device)?) } else { None };
+    let refrag = mode == Mode::Refrag;
+    let encoder = if refrag || args.rag.adapted { Some(g.load_encoder(&device)?) } else { None };
     let trained = match &encoder {
-        Some(e) => match g.trained(e, decoder.cfg.hidden)? {
-            Some(t) => Some(t),
-            None => return Err(crate::projector::missing(&crate::projector::weights_dirs(g.weights.as_deref(), &g.home()))),
-        },
+        Some(e) => g.trained(e, decoder.cfg.hidden, crate::projector::Purpose::Answers)?,
         None => None,
     };
-    if let Some(t) = &trained {
+    if refrag && trained.is_none() {
+        return Err(crate::projector::missing(&g.weights_dirs(crate::projector::Purpose::Answers)));
+    }
+    if let (true, Some(t)) = (reads_adapted(args.rag.adapted, mode, trained.as_ref())?, &trained) {
         t.adapt(&mut decoder)?;
     }
-    let compress = trained.as_ref().map(|t| (&t.chunk_encoder, &t.projector));
-    let select = encoder.as_ref().map(|e| {
+    let compress = trained.as_ref().filter(|_| refrag).map(|t| (&t.chunk_encoder, &t.projector));
+    let select = encoder.as_ref().filter(|_| refrag).map(|e| {
         let sel = crate::policy::Selection {
             policy: args.rag.policy,
             expand: args.rag.expand,

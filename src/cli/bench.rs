@@ -65,7 +65,7 @@ pub fn run(g: &Global, args: BenchArgs) -> Result<ExitCode> {
     // Timing does not depend on the weights' values: untrained ones do when none are found.
     let base = g.load_encoder(&device)?;
     let in_dim = base.dim;
-    let (projector, chunk_encoder) = match g.trained(&base, decoder.cfg.hidden)? {
+    let (projector, chunk_encoder) = match g.trained(&base, decoder.cfg.hidden, crate::projector::Purpose::Text)? {
         // Adapters are not folded in: timing does not depend on the weights' values.
         Some(t) => (t.projector, t.chunk_encoder),
         None => {

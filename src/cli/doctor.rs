@@ -90,7 +90,7 @@ pub fn run(g: &Global, a: DoctorArgs) -> Result<ExitCode> {
     });
     let mut trained = None;
     if let Some((_, hidden, enc)) = &loaded {
-        match g.trained(enc, *hidden) {
+        match g.trained(enc, *hidden, crate::projector::Purpose::Answers) {
             Ok(Some(t)) => {
                 let parts = [
                     Some("projector"),

@@ -43,11 +43,6 @@ pub struct EvalArgs {
     /// Print the summary as JSON.
     #[arg(long, env = "REFRAG_JSON")]
     pub json: bool,
-    /// With --conversations and --mode full or none: read with the trained weights' decoder
-    /// adapters folded in (the paper's LLaMA-FT baseline: the fine-tuned decoder reading the
-    /// passages' tokens).
-    #[arg(long, requires = "conversations", env = "REFRAG_EVAL_ADAPTED")]
-    pub adapted: bool,
 }
 
 struct Question {
@@ -148,7 +143,7 @@ fn perplexity(g: &Global, a: PerplexityArgs) -> Result<ExitCode> {
         bail!("--s {} + --o {} exceed the decoder's {} positions", a.s, a.o, decoder.cfg.max_positions);
     }
     let encoder = g.load_encoder(&device)?;
-    let trained = g.trained(&encoder, decoder.cfg.hidden)?;
+    let trained = g.trained(&encoder, decoder.cfg.hidden, crate::projector::Purpose::Text)?;
     // REFRAG rows read with the adapted decoder (when adapters were trained); the baselines
     // with the base decoder.
     let adapted = match &trained {
@@ -330,6 +325,8 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
         "questions": qs.len(),
         "bad_lines": bad,
         "mode": mode_name(mode),
+        "adapted": engine.adapted,
+        "weights": engine.weights.as_ref().map(|w| w.display().to_string()),
         "top_k": args.rag.top_k,
         "expand": args.rag.expand,
         "exact_match": (!args.retrieval_only).then(|| mean(&ems)),
@@ -408,21 +405,19 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
     let device = g.device()?;
     let mut decoder = g.load_decoder(&device)?;
     let encoder = g.load_encoder(&device)?;
-    let trained = g.trained(&encoder, decoder.cfg.hidden)?;
+    let trained = g.trained(&encoder, decoder.cfg.hidden, crate::projector::Purpose::Answers)?;
     let compress = match (mode, &trained) {
-        (Mode::Refrag, None) => return Err(crate::projector::missing(&crate::projector::weights_dirs(None, &g.home()))),
+        (Mode::Refrag, None) => return Err(crate::projector::missing(&g.weights_dirs(crate::projector::Purpose::Answers))),
         (Mode::Refrag, Some(t)) => Some((&t.chunk_encoder, &t.projector)),
         _ => None,
     };
     // the decoder reads with the trained adapters folded in: refrag mode, or --adapted
-    let lora = trained.as_ref().filter(|t| t.decoder_lora.is_some());
-    if args.adapted && mode != Mode::Refrag && lora.is_none() {
-        bail!("--adapted: no trained decoder adapters ({}) found; point --weights at a folder that has them", crate::decoder::LORA_FILE);
-    }
-    let adapted = (mode == Mode::Refrag || args.adapted) && lora.is_some();
-    if let (true, Some(t)) = (adapted, lora) {
+    let adapted = super::ask::reads_adapted(args.rag.adapted, mode, trained.as_ref())?;
+    if let (true, Some(t)) = (adapted, &trained) {
         t.adapt(&mut decoder)?;
     }
+    // the weights that shaped the answers (reported, so a default pick is visible)
+    let weights_used = trained.as_ref().filter(|_| mode == Mode::Refrag || adapted).map(|t| t.dir.display().to_string());
     let k = args.rag.k.or(trained.as_ref().and_then(|t| t.k)).unwrap_or(16);
     if !(0.0..=1.0).contains(&args.rag.expand) {
         bail!("--expand {}: must be between 0 and 1", args.rag.expand);
@@ -480,7 +475,7 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
     let (ttft_mean, ttft_median, ttft_p95) = metrics::summary(&ttfts);
     let share = |a: usize, b: usize| (b > 0).then(|| a as f64 / b as f64);
     let summary = serde_json::json!({
-        "conversations": tasks.len(), "bad_lines": bad, "mode": mode_name(mode), "adapted": adapted, "window": window,
+        "conversations": tasks.len(), "bad_lines": bad, "mode": mode_name(mode), "adapted": adapted, "weights": weights_used, "window": window,
         "f1_answerable": mean(&f1s), "em_answerable": mean(&ems), "contains_gold_answerable": mean(&containss),
         "answerable": f1s.len(),
         "abstention_unanswerable": share(unans_right, unans), "unanswerable": unans,

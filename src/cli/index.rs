@@ -87,7 +87,7 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
     let _lock = crate::store::lock_for_writing(&args.db, lock)?;
     let mut store = Store::open_with(&args.db, &g.storage_options()?)?;
     // Chunk vectors come from the trained chunk encoder when trained weights are in use.
-    let trained = g.trained(&encoder, crate::decoder::hidden_size(&gguf)?)?;
+    let trained = g.trained(&encoder, crate::decoder::hidden_size(&gguf)?, crate::projector::Purpose::Answers)?;
     let chunk_encoder = trained.map(|t| t.chunk_encoder).unwrap_or_else(|| encoder.clone());
     let info = indexer::index_info(&encoder, &chunk_encoder, &tokenizer_id, args.k);
     store.prepare_write(&info)?;

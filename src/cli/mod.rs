@@ -67,7 +67,8 @@ pub struct Global {
     #[arg(long, global = true, env = "REFRAG_DTYPE", default_value = "auto")]
     pub dtype: String,
     /// Folder with trained REFRAG weights (projector.safetensors, encoder.safetensors).
-    /// Default: $REFRAG_HOME/weights, else the weights/ shipped with refrag.
+    /// Default: $REFRAG_HOME/weights, else the weights/ shipped with refrag; for answers (index,
+    /// ask, chat, eval of questions) their qa/ subfolder first (fine-tuned for answers).
     #[arg(long, global = true, env = "REFRAG_WEIGHTS")]
     pub weights: Option<PathBuf>,
     /// Object-store option for --db s3://, gs://, az:// (repeatable KEY=VALUE, e.g.
@@ -114,10 +115,10 @@ impl Global {
         tracing::info!("decoder {} loaded on {} as {:?} in {:.2} s", path.display(), crate::device::name(device), d.dtype, t.elapsed().as_secs_f64());
         Ok(d)
     }
-    /// Trained weights from --weights or the default folders; None when there are none (an
-    /// explicit --weights folder without them is an error).
-    pub fn trained(&self, encoder: &crate::encoder::Encoder, hidden: usize) -> Result<Option<crate::projector::Trained>> {
-        let dirs = crate::projector::weights_dirs(self.weights.as_deref(), &self.home());
+    /// Trained weights from --weights or the default folders for `purpose`; None when there are
+    /// none (an explicit --weights folder without them is an error).
+    pub fn trained(&self, encoder: &crate::encoder::Encoder, hidden: usize, purpose: crate::projector::Purpose) -> Result<Option<crate::projector::Trained>> {
+        let dirs = self.weights_dirs(purpose);
         match crate::projector::find(&dirs, encoder, hidden)? {
             Some(t) => {
                 tracing::info!("trained weights from {} (chunk encoder {})", t.dir.display(), t.chunk_encoder.id);
@@ -126,6 +127,10 @@ impl Global {
             None if self.weights.is_some() => Err(crate::projector::missing(&dirs)),
             None => Ok(None),
         }
+    }
+    /// The folders searched for trained weights for `purpose`.
+    pub fn weights_dirs(&self, purpose: crate::projector::Purpose) -> Vec<std::path::PathBuf> {
+        crate::projector::weights_dirs(self.weights.as_deref(), &self.home(), purpose)
     }
     /// --storage-option pairs, checked.
     pub fn storage_options(&self) -> Result<Vec<(String, String)>> {

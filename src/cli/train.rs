@@ -128,8 +128,8 @@ fn train_policy(g: &Global, a: &TrainArgs) -> Result<ExitCode> {
     let device = g.device()?;
     let mut decoder = g.load_decoder_with(&device, crate::decoder::Ops::Differentiable, false)?;
     let encoder = g.load_encoder(&device)?;
-    let Some(trained) = g.trained(&encoder, decoder.cfg.hidden)? else {
-        return Err(crate::projector::missing(&crate::projector::weights_dirs(g.weights.as_deref(), &g.home())));
+    let Some(trained) = g.trained(&encoder, decoder.cfg.hidden, crate::projector::Purpose::Text)? else {
+        return Err(crate::projector::missing(&g.weights_dirs(crate::projector::Purpose::Text)));
     };
     trained.adapt(&mut decoder)?;
     let pool = TextPool::load(&a.text, &decoder)?;

@@ -113,6 +113,8 @@ fn index_reindex_ask_eval() {
     let qs = dir.path().join("q.jsonl");
     let mut text = std::fs::read_to_string(fixture("squad_questions.jsonl")).unwrap();
     let keep: Vec<&str> = text.lines().take(4).collect();
+    let good = dir.path().join("q4.jsonl");
+    std::fs::write(&good, keep.join("\n")).unwrap();
     text = format!("{}\n{{not json\n", keep.join("\n"));
     std::fs::write(&qs, text).unwrap();
     let out_file = dir.path().join("answers.jsonl");
@@ -135,6 +137,41 @@ fn index_reindex_ask_eval() {
     assert!(s["answer_contains_gold"].as_f64().unwrap() >= 0.25, "{s}");
     assert!(s["recall_at_1"].as_f64().unwrap() >= 0.75, "{s}");
     assert_eq!(std::fs::read_to_string(&out_file).unwrap().lines().count(), 4);
+    assert_eq!(s["adapted"], false, "{s}");
+    assert!(s["weights"].is_null(), "the base decoder reads full context: {s}");
+
+    // --adapted: the same full-context reading through the adapters of the weights for
+    // answers (weights/qa unless --weights), reported as such; the answers change.
+    let adapted = |extra: &[&str]| {
+        let out = refrag()
+            .args(["eval", "--device", "cpu", "--json", "--mode", "full", "--adapted", "--top-k", "1", "--max-tokens", "16", "--db"])
+            .arg(&db)
+            .arg("--questions")
+            .arg(&good)
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        (out.status.code(), serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default(), err)
+    };
+    let (code, a, err) = adapted(&["--out", dir.path().join("adapted.jsonl").to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(a["adapted"], true, "{a}");
+    assert!(a["weights"].as_str().unwrap_or_default().replace('\\', "/").ends_with("weights/qa"), "{a}");
+    let answers = |f: &str| -> Vec<String> {
+        std::fs::read_to_string(dir.path().join(f)).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["answer"].to_string()).collect()
+    };
+    assert_ne!(answers("adapted.jsonl"), answers("answers.jsonl"), "the adapters must change the reading");
+    // weights without adapters: a one-line error, exit 2
+    let bare = dir.path().join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa");
+    for f in ["projector.safetensors", "encoder.safetensors", "card.json"] {
+        std::fs::copy(shipped.join(f), bare.join(f)).unwrap();
+    }
+    let (code, _, err) = adapted(&["--weights", bare.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--adapted") && err.trim().lines().count() == 1, "{err}");
 }
 
 #[test]
@@ -191,6 +228,11 @@ fn eval_conversations_full_and_refrag() {
     let (_, refrag, err) = run("refrag");
     assert_eq!(refrag["conversations"], 3, "{refrag} {err}");
     assert_eq!(refrag["adapted"], true, "refrag mode folds the shipped adapters in: {refrag}");
+    // Questions are answered with the weights fine-tuned for answers (weights/qa) unless
+    // --weights says otherwise; full mode with the base decoder names none.
+    let used = refrag["weights"].as_str().unwrap_or_default().replace('\\', "/");
+    assert!(used.ends_with("weights/qa"), "{refrag}");
+    assert!(full["weights"].is_null(), "{full}");
     let pos = |v: &serde_json::Value| v["decoder_positions_mean"].as_f64().unwrap();
     assert!(pos(&refrag) * 3.0 < pos(&full), "refrag {} vs full {}", pos(&refrag), pos(&full));
 }
