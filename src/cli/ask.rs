@@ -94,6 +94,11 @@ pub fn reads_adapted(adapted: bool, mode: Mode, trained: Option<&crate::projecto
     Ok((mode == Mode::Refrag || adapted) && has)
 }
 
+/// The trained weights' folder when the answers use them (refrag mode, or adapters folded in).
+pub fn weights_read(trained: Option<&crate::projector::Trained>, mode: Mode, adapted: bool) -> Option<std::path::PathBuf> {
+    trained.filter(|_| mode == Mode::Refrag || adapted).map(|t| t.dir.clone())
+}
+
 #[cfg(feature = "store")]
 impl RagArgs {
     /// Load models, index and (when present) trained weights; resolve the mode.
@@ -126,7 +131,7 @@ impl RagArgs {
         }
         let mut decoder = decoder;
         let adapted = reads_adapted(self.adapted, mode, trained.as_ref())?;
-        let weights = trained.as_ref().filter(|_| mode == Mode::Refrag || adapted).map(|t| t.dir.clone());
+        let weights = weights_read(trained.as_ref(), mode, adapted);
         if let (true, Some(t)) = (adapted, &trained) {
             t.adapt(&mut decoder)?;
         }

@@ -417,7 +417,7 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
         t.adapt(&mut decoder)?;
     }
     // the weights that shaped the answers (reported, so a default pick is visible)
-    let weights_used = trained.as_ref().filter(|_| mode == Mode::Refrag || adapted).map(|t| t.dir.display().to_string());
+    let weights_used = super::ask::weights_read(trained.as_ref(), mode, adapted).map(|w| w.display().to_string());
     let k = args.rag.k.or(trained.as_ref().and_then(|t| t.k)).unwrap_or(16);
     if !(0.0..=1.0).contains(&args.rag.expand) {
         bail!("--expand {}: must be between 0 and 1", args.rag.expand);
