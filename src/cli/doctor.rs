@@ -98,7 +98,14 @@ pub fn run(g: &Global, a: DoctorArgs) -> Result<ExitCode> {
                     t.decoder_lora.as_ref().map(|_| "decoder adapters"),
                 ];
                 let parts: Vec<&str> = parts.into_iter().flatten().collect();
-                add(Status::Ok, "weights", format!("{} (k = {}; {})", t.dir.display(), t.k.map(|k| k.to_string()).unwrap_or("?".into()), parts.join(", ")));
+                // Questions and text may read different folders (weights/qa vs weights/).
+                let text = g.weights_dirs(crate::projector::Purpose::Text).into_iter().find(|d| d.join(crate::projector::FILE).exists());
+                let text = match text {
+                    Some(d) if d != t.dir => format!("; for text (perplexity, bench, train): {}", d.display()),
+                    _ => String::new(),
+                };
+                let (k, parts) = (t.k.map(|k| k.to_string()).unwrap_or("?".into()), parts.join(", "));
+                add(Status::Ok, "weights", format!("for questions: {} (k = {k}; {parts}){text}", t.dir.display()));
                 trained = Some(t);
             }
             Ok(None) => add(Status::Warn, "weights", "no trained weights found: --mode refrag is unavailable (see `refrag train`)".into()),
