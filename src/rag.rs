@@ -47,6 +47,8 @@ impl From<&Hit> for Source {
 /// An answer with everything measured about it.
 #[derive(Debug, Clone)]
 pub struct Answer {
+    /// Its `ttft` counts building the decoder input (the policy's choice, the projection) as
+    /// well as the prefill: everything after retrieval up to the first token.
     pub generation: Generation,
     pub sources: Vec<Source>,
     pub retrieval_ms: f64,
@@ -54,6 +56,8 @@ pub struct Answer {
     pub context_tokens: usize,
     pub chunks: usize,
     pub expanded_chunks: usize,
+    /// Milliseconds spent building the decoder input (part of the TTFT).
+    pub input_ms: f64,
 }
 
 /// Loaded models and index.
@@ -160,8 +164,11 @@ impl Engine {
     ) -> Result<Answer> {
         let top_k = if opts.mode == Mode::None { 0 } else { opts.top_k };
         let (hits, qv, retrieval_ms) = self.retrieve(question, top_k, opts.search)?;
+        let built = Instant::now();
         let (input, chunks, expanded_chunks) = self.build_input(question, &qv, &hits, opts)?;
-        let generation = generate(&self.decoder, &input, &opts.sampling, on_text)?;
+        let input_time = built.elapsed();
+        let mut generation = generate(&self.decoder, &input, &opts.sampling, on_text)?;
+        generation.ttft += input_time;
         Ok(Answer {
             generation,
             context_tokens: hits.iter().map(|h| h.passage.tokens.len()).sum(),
@@ -169,6 +176,7 @@ impl Engine {
             retrieval_ms,
             chunks,
             expanded_chunks,
+            input_ms: input_time.as_secs_f64() * 1e3,
         })
     }
 }

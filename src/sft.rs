@@ -10,7 +10,9 @@
 //!
 //! With `--mixed P` a fraction P of the chunks is read as tokens (expanded), so answers hold
 //! up when the policy expands some chunks. Tasks come in the `eval --conversations` format
-//! (`refrag dataset squad|nq-oracle --tasks`), one turn each.
+//! (`refrag dataset squad|nq-oracle|mtrag --tasks`); a task's earlier turns are read as
+//! `eval --conversations` reads them: each turn compressed into chunk vectors for the student,
+//! as tokens for the teacher (the last [`MAX_HISTORY_TURNS`]).
 
 use crate::decoder::Decoder;
 use crate::encoder::Encoder;
@@ -23,12 +25,22 @@ use std::path::PathBuf;
 
 /// Most passage tokens read per task (longer passages are cut).
 const MAX_PASSAGE_TOKENS: usize = 512;
+/// Earlier turns read per task (the most recent ones), and most tokens of each turn's text.
+pub const MAX_HISTORY_TURNS: usize = 2;
+const MAX_TURN_TOKENS: usize = 96;
+/// Most passage tokens read per task, over all its passages (the last ones are cut first):
+/// keeps a batch's attention within one GPU's memory.
+const MAX_TASK_PASSAGE_TOKENS: usize = 1024;
+/// Most answer tokens trained on (long-form answers are cut; then no end-of-turn token).
+const MAX_ANSWER_TOKENS: usize = 192;
 
 /// One question with its passages (decoder tokens) and reference answer tokens.
 pub struct QaExample {
+    /// Earlier (user, agent) turns as decoder tokens, oldest first.
+    pub history: Vec<(Vec<u32>, Vec<u32>)>,
     pub question: String,
     pub passages: Vec<Vec<u32>>,
-    /// Answer tokens, ending with `<|im_end|>`.
+    /// Answer tokens, ending with `<|im_end|>` unless cut at [`MAX_ANSWER_TOKENS`].
     pub answer: Vec<u32>,
 }
 
@@ -53,13 +65,25 @@ impl QaPool {
                     continue;
                 }
                 let mut passages = Vec::new();
+                let mut budget = MAX_TASK_PASSAGE_TOKENS;
                 for p in &t.turn.passages {
                     let mut ids = prompt::tokenize(dec, p.trim()).with_context(|| at.clone())?;
-                    ids.truncate(MAX_PASSAGE_TOKENS);
-                    passages.push(ids);
+                    ids.truncate(MAX_PASSAGE_TOKENS.min(budget));
+                    budget -= ids.len();
+                    if !ids.is_empty() {
+                        passages.push(ids);
+                    }
                 }
-                let answer = prompt::tokenize(dec, &format!("{}<|im_end|>", answer.trim())).with_context(|| at.clone())?;
-                examples.push(QaExample { question: t.turn.question.clone(), passages, answer });
+                let mut answer = prompt::tokenize(dec, &format!("{}<|im_end|>", answer.trim())).with_context(|| at.clone())?;
+                answer.truncate(MAX_ANSWER_TOKENS);
+                let turn = |text: &str| -> Result<Vec<u32>> {
+                    let mut ids = prompt::tokenize(dec, text.trim()).with_context(|| at.clone())?;
+                    ids.truncate(MAX_TURN_TOKENS);
+                    Ok(ids)
+                };
+                let skip = t.turn.history.len().saturating_sub(MAX_HISTORY_TURNS);
+                let history = t.turn.history[skip..].iter().map(|(u, a)| Ok((turn(u)?, turn(a)?))).collect::<Result<Vec<_>>>()?;
+                examples.push(QaExample { history, question: t.turn.question.clone(), passages, answer });
             }
         }
         if examples.is_empty() {
@@ -101,6 +125,11 @@ pub fn loss(
     let mut plans: Vec<Vec<Vec<(bool, &[u32])>>> = Vec::new();
     let mut texts = Vec::new();
     for ex in batch {
+        for (u, a) in &ex.history {
+            for c in crate::corpus::chunks(u, k).chain(crate::corpus::chunks(a, k)) {
+                texts.push(student.tokenizer.decode(c, false).map_err(|e| anyhow!("decode: {e}"))?);
+            }
+        }
         let mut per = Vec::new();
         for p in &ex.passages {
             let mut chunks = Vec::new();
@@ -124,7 +153,22 @@ pub fn loss(
     let mut row = 0;
     let mut student_prompts = Vec::with_capacity(batch.len());
     for (ex, plan) in batch.iter().zip(&plans) {
-        // Student: passages as runs of projected chunks and expanded tokens.
+        // Student: earlier turns compressed whole (as `eval --conversations` reads them),
+        // passages as runs of projected chunks and expanded tokens.
+        let mut history = Vec::new();
+        for (u, a) in &ex.history {
+            let mut turn = |ids: &[u32]| -> Result<Vec<Segment>> {
+                let n = crate::corpus::chunks(ids, k).count();
+                if n == 0 {
+                    return Ok(vec![Segment::Tokens(vec![])]);
+                }
+                let e = projected.as_ref().expect("history chunks were encoded").narrow(0, row, n)?;
+                row += n;
+                Ok(vec![Segment::Embeds(e)])
+            };
+            let u = turn(u)?;
+            history.push((u, turn(a)?));
+        }
         let mut passages = Vec::new();
         for chunks in plan {
             let mut segs: Vec<Segment> = Vec::new();
@@ -139,7 +183,7 @@ pub fn loss(
             }
             passages.push(segs);
         }
-        student_prompts.push((prompt::rag(&ex.question, passages), ex.answer.as_slice()));
+        student_prompts.push((task_prompt(ex, history, passages), ex.answer.as_slice()));
     }
     // One batched forward for the students, one for the teachers.
     let s_logits = answer_logits(student, &student_prompts)?;
@@ -205,10 +249,18 @@ pub fn answer_logits(dec: &Decoder, items: &[(Vec<Segment>, &[u32])]) -> Result<
         .collect()
 }
 
-/// The teacher's prompt: the passages read as tokens.
+/// The teacher's prompt: earlier turns and passages read as tokens.
 pub fn full_context_prompt(ex: &QaExample) -> Vec<Segment> {
     let full: Vec<Vec<Segment>> = ex.passages.iter().map(|p| vec![Segment::Tokens(p.clone())]).collect();
-    prompt::rag(&ex.question, full)
+    let history = ex.history.iter().map(|(u, a)| (vec![Segment::Tokens(u.clone())], vec![Segment::Tokens(a.clone())])).collect();
+    task_prompt(ex, history, full)
+}
+
+/// A task's prompt as `eval --conversations` builds it: system, earlier turns, then the
+/// passages and the question (a plain RAG chat when there are no earlier turns).
+fn task_prompt(ex: &QaExample, history: Vec<(Vec<Segment>, Vec<Segment>)>, passages: Vec<Vec<Segment>>) -> Vec<Segment> {
+    let system = prompt::system_for(!passages.is_empty() || !history.is_empty());
+    prompt::conversation(system, history, prompt::rag_user(&ex.question, passages))
 }
 
 /// Held-out answer NLL (nats/token, no expansion) read compressed by the student and, for

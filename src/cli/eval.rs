@@ -33,6 +33,11 @@ pub struct EvalArgs {
     /// Score retrieval only (recall@k), without decoding.
     #[arg(long, env = "REFRAG_EVAL_RETRIEVAL_ONLY")]
     pub retrieval_only: bool,
+    /// With --retrieval-only: also write each question with its retrieved passages as a task
+    /// (the format of --conversations and `train sft --qa`), to replay this retrieval where
+    /// there is no index or to fine-tune on it.
+    #[arg(long, requires = "retrieval_only", env = "REFRAG_EVAL_TASKS")]
+    pub tasks: Option<PathBuf>,
     /// Evaluate only the first N questions.
     #[arg(long, env = "REFRAG_EVAL_LIMIT")]
     pub limit: Option<usize>,
@@ -254,17 +259,25 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
     let (engine, mode) = args.rag.engine(g)?;
     let opts = args.rag.options(mode, sampling);
     let mut out = out_file(&args.out)?;
+    let mut tasks_out = out_file(&args.tasks)?;
     let pb = crate::progress::bar(g.quiet, qs.len() as u64, "questions");
     pb.set_message("eval");
     let mut contains = vec![];
-    let (mut ems, mut f1s, mut ttfts, mut tps, mut rms, mut positions) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut ems, mut f1s, mut ttfts, mut tps, mut rms, mut positions, mut inputs) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut recall = vec![0usize; args.rag.top_k + 1];
     let (mut with_gold, mut abst_total, mut abst_right) = (0usize, 0usize, 0usize);
     for q in &qs {
         let (hits_ids, line) = if args.retrieval_only {
             let (hits, _, ms) = engine.retrieve(&q.question, args.rag.top_k, args.rag.search)?;
             rms.push(ms);
+            if let Some(t) = tasks_out.as_mut() {
+                let contexts: Vec<_> = hits.iter().map(|h| serde_json::json!({"document_id": h.passage.passage_id, "text": h.passage.text})).collect();
+                let targets: Vec<_> = q.answers.iter().map(|a| serde_json::json!({"text": a})).collect();
+                let task = serde_json::json!({"task_id": q.id, "input": [{"speaker": "user", "text": q.question}], "contexts": contexts,
+                    "targets": targets, "answerability": if q.answerable { "ANSWERABLE" } else { "UNANSWERABLE" }});
+                writeln!(t, "{task}")?;
+            }
             let ids: Vec<String> = hits.iter().map(|h| h.passage.doc_id.clone()).collect();
             (ids.clone(), serde_json::json!({"id": q.id, "sources": ids, "retrieval_ms": ms}))
         } else {
@@ -283,6 +296,7 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
             ttfts.push(gen.ttft_ms());
             tps.push(gen.tokens_per_s());
             rms.push(ans.retrieval_ms);
+            inputs.push(ans.input_ms);
             positions.push(gen.prompt_positions as f64);
             let ids: Vec<String> = ans.sources.iter().map(|s| s.doc_id.clone()).collect();
             (
@@ -291,7 +305,7 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
                     "id": q.id, "question": q.question, "answer": gen.text, "gold": q.answers,
                     "em": em, "f1": f1, "sources": ans.sources, "ttft_ms": gen.ttft_ms(),
                     "tokens_per_s": gen.tokens_per_s(), "retrieval_ms": ans.retrieval_ms,
-                    "decoder_positions": gen.prompt_positions, "context_tokens": ans.context_tokens,
+                    "input_ms": ans.input_ms, "decoder_positions": gen.prompt_positions, "context_tokens": ans.context_tokens,
                     "chunks": ans.chunks, "expanded_chunks": ans.expanded_chunks,
                 }),
             )
@@ -315,13 +329,13 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
         pb.inc(1);
     }
     pb.finish_and_clear();
-    if let Some(mut o) = out {
+    for mut o in [out, tasks_out].into_iter().flatten() {
         o.flush()?;
     }
     let mean = metrics::mean;
     let (ttft_mean, ttft_median, ttft_p95) = metrics::summary(&ttfts);
     let recall_at = |k: usize| (with_gold > 0).then(|| recall[k.min(args.rag.top_k)] as f64 / with_gold as f64);
-    let summary = serde_json::json!({
+    let mut summary = serde_json::json!({
         "questions": qs.len(),
         "bad_lines": bad,
         "mode": mode_name(mode),
@@ -329,6 +343,7 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
         "weights": engine.weights.as_ref().map(|w| w.display().to_string()),
         "top_k": args.rag.top_k,
         "expand": args.rag.expand,
+        "policy": args.rag.policy,
         "exact_match": (!args.retrieval_only).then(|| mean(&ems)),
         "f1": (!args.retrieval_only).then(|| mean(&f1s)),
         "answer_contains_gold": (!args.retrieval_only).then(|| mean(&contains)),
@@ -336,11 +351,18 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
         "recall_at_1": recall_at(1),
         "recall_at_k": recall_at(args.rag.top_k),
         "abstention_accuracy": (abst_total > 0).then(|| abst_right as f64 / abst_total as f64),
-        "ttft_ms_mean": ttft_mean, "ttft_ms_median": ttft_median, "ttft_ms_p95": ttft_p95,
-        "tokens_per_s_mean": mean(&tps),
         "retrieval_ms_mean": mean(&rms),
-        "decoder_positions_mean": mean(&positions),
     });
+    if !args.retrieval_only {
+        let decoding = [
+            ("ttft_ms_mean", ttft_mean), ("ttft_ms_median", ttft_median), ("ttft_ms_p95", ttft_p95),
+            ("tokens_per_s_mean", mean(&tps)), ("input_ms_mean", mean(&inputs)), ("decoder_positions_mean", mean(&positions)),
+        ];
+        let fields = summary.as_object_mut().expect("a JSON object");
+        for (k, v) in decoding {
+            fields.insert(k.to_string(), v.into());
+        }
+    }
     print_summary(&summary, args.json)?;
     Ok(if bad > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
 }

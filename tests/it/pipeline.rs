@@ -172,6 +172,48 @@ fn index_reindex_ask_eval() {
     let (code, _, err) = adapted(&["--weights", bare.to_str().unwrap()]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--adapted") && err.trim().lines().count() == 1, "{err}");
+
+    // --retrieval-only --tasks: each question with its retrieved passages as a task; reading
+    // the tasks with --conversations replays the index's reading exactly.
+    let tasks = dir.path().join("tasks.jsonl");
+    let run = |args: &[&str]| {
+        let out = refrag().args(["eval", "--device", "cpu", "--json"]).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let lines = |f: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(f).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let (db_s, good_s, tasks_s) = (db.to_str().unwrap(), good.to_str().unwrap(), tasks.to_str().unwrap());
+    let s = run(&["--retrieval-only", "--top-k", "2", "--db", db_s, "--questions", good_s, "--tasks", tasks_s]);
+    assert!(s["ttft_ms_median"].is_null() && s["f1"].is_null(), "nothing decoded: {s}");
+    let written = lines(&tasks);
+    assert_eq!(written.len(), 4);
+    for t in &written {
+        assert_eq!(t["contexts"].as_array().unwrap().len(), 2, "{t}");
+        assert!(!t["targets"].as_array().unwrap().is_empty(), "{t}");
+    }
+    let (qa, ca) = (dir.path().join("qa.jsonl"), dir.path().join("ca.jsonl"));
+    let read = ["--max-tokens", "8", "--top-k", "2"];
+    for (mode, extra) in [("full", &[][..]), ("refrag", &["--expand", "0.25", "--policy", "sim"][..])] {
+        let q = run(&[&read[..], &["--mode", mode, "--db", db_s, "--questions", good_s, "--out", qa.to_str().unwrap()], extra].concat());
+        let c = run(&[&read[..], &["--mode", mode, "--conversations", tasks_s, "--out", ca.to_str().unwrap()], extra].concat());
+        let (ql, cl) = (lines(&qa), lines(&ca));
+        let pos = |v: &[serde_json::Value]| v.iter().map(|l| l["decoder_positions"].as_u64().unwrap()).collect::<Vec<_>>();
+        assert_eq!(pos(&ql), pos(&cl), "{mode}: the same prompt sizes");
+        if mode == "full" {
+            let ans = |v: &[serde_json::Value]| v.iter().map(|l| l["answer"].to_string()).collect::<Vec<_>>();
+            assert_eq!(ans(&ql), ans(&cl), "full: the same answers");
+            assert_eq!(q["f1"], c["f1_answerable"], "{q} {c}");
+        } else {
+            // TTFT counts building the input (the policy's choice and the projection)
+            for l in &ql {
+                assert!(l["input_ms"].as_f64().unwrap() > 0.0 && l["ttft_ms"].as_f64().unwrap() >= l["input_ms"].as_f64().unwrap(), "{l}");
+            }
+            assert_eq!(q["policy"], "sim", "{q}");
+        }
+    }
 }
 
 #[test]

@@ -279,3 +279,33 @@ fn bag_of_words_term_and_input_scale_are_trained_and_kept() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--input-scale") && err.trim().lines().count() == 1, "{err}");
 }
+
+/// SFT tasks keep their last earlier turns (as `eval --conversations` reads them: here as tokens
+/// for the teacher), cut to a bounded length; `train sft` trains on such multi-turn tasks.
+#[test]
+fn sft_reads_earlier_turns() {
+    let dec = decoder();
+    let pool = refrag::sft::QaPool::load(&[fixture("mtrag_tiny.jsonl")], dec).unwrap();
+    let ex = pool.examples.iter().find(|e| !e.history.is_empty()).expect("a task with earlier turns");
+    assert!(ex.history.len() <= refrag::sft::MAX_HISTORY_TURNS);
+    let bare = refrag::sft::QaExample { history: vec![], question: ex.question.clone(), passages: ex.passages.clone(), answer: ex.answer.clone() };
+    let with = refrag::prompt::positions(dec, &refrag::sft::full_context_prompt(ex)).unwrap();
+    let without = refrag::prompt::positions(dec, &refrag::sft::full_context_prompt(&bare)).unwrap();
+    let turns: usize = ex.history.iter().map(|(u, a)| u.len() + a.len()).sum();
+    assert!(with > without + turns && with < without + turns + 16 * ex.history.len(), "{with} vs {without} + {turns}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let o = refrag()
+        .args(["train", "sft", "--device", "cpu", "-q", "--batch", "2", "--steps", "1", "--encoder-layers", "4", "--decoder-lora", "8", "--init"])
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa"))
+        .arg("--qa")
+        .arg(fixture("mtrag_tiny.jsonl"))
+        .arg("--out")
+        .arg(dir.path().join("o"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let log = std::fs::read_to_string(dir.path().join("o").join("train.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert!(first["ce"].as_f64().unwrap() > 0.0 && first["kl"].as_f64().unwrap() >= 0.0, "{first}");
+}
