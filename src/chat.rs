@@ -191,6 +191,8 @@ impl Session {
             None => question.to_string(),
         };
         let (hits, qv, retrieval_ms) = engine.retrieve(&query, top_k, opts.search)?;
+        // TTFT counts building the input, as in `Engine::answer`
+        let built = std::time::Instant::now();
         let (passages, _, _) = engine.passage_segments(&qv, &hits, opts)?;
         let user = prompt::rag_user(question, passages);
         let system = prompt::system_for(!hits.is_empty() || !self.turns.is_empty());
@@ -202,7 +204,9 @@ impl Session {
             .collect();
         let (segments, kept) = fit(&engine.decoder, system, history, user.clone(), self.window)?;
         let input = prompt::assemble(&engine.decoder, &segments)?;
-        let generation = generate(&engine.decoder, &input, &opts.sampling, on_text)?;
+        let input_time = built.elapsed();
+        let mut generation = generate(&engine.decoder, &input, &opts.sampling, on_text)?;
+        generation.ttft += input_time;
         let sources: Vec<Source> = hits.iter().map(Source::from).collect();
         let n_hist = self.turns.iter().filter(|t| t.mode == opts.mode).count();
         // Earlier passages and questions stay as they were read; the answer is read as the
