@@ -278,6 +278,21 @@ pub struct GivenTask {
     pub unanswerable: bool,
 }
 
+/// A one-turn task in the format [`parse_task`] reads: the question, its passages as
+/// (document id, text), the reference answers. What `dataset --tasks` and `eval --tasks` write.
+pub fn one_turn_task(
+    id: &serde_json::Value,
+    question: &serde_json::Value,
+    passages: impl IntoIterator<Item = (serde_json::Value, serde_json::Value)>,
+    answers: &[serde_json::Value],
+    answerable: bool,
+) -> serde_json::Value {
+    let contexts: Vec<_> = passages.into_iter().map(|(id, text)| serde_json::json!({"document_id": id, "text": text})).collect();
+    let targets: Vec<_> = answers.iter().map(|a| serde_json::json!({"text": a})).collect();
+    serde_json::json!({"task_id": id, "input": [{"speaker": "user", "text": question}], "contexts": contexts,
+        "targets": targets, "answerability": if answerable { "ANSWERABLE" } else { "UNANSWERABLE" }})
+}
+
 pub fn parse_task(line: &str, at: &str) -> Result<GivenTask> {
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| anyhow!("{at}: malformed JSON: {e}"))?;
     let turns = v["input"].as_array().ok_or_else(|| anyhow!("{at}: missing \"input\" (the conversation)"))?;

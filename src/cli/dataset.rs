@@ -227,10 +227,8 @@ fn hotpot(text: &str, name: &str, a: &DatasetArgs) -> Result<Imported> {
         let mut gold: Vec<&str> = r["supporting_facts"].as_array().into_iter().flatten().filter_map(|f| f[0].as_str()).collect();
         gold.dedup();
         qs.push(json!({"id": id, "question": question, "answers": answers, "gold_docs": gold}));
-        let contexts: Vec<Value> = paras.iter().map(|(t, b)| json!({"document_id": t, "text": format!("{t}. {b}")})).collect();
-        let targets: Vec<Value> = answers.iter().map(|x| json!({"text": x})).collect();
-        tasks.push(json!({"task_id": id, "input": [{"speaker": "user", "text": question}], "contexts": contexts,
-                          "targets": targets, "answerability": "ANSWERABLE"}));
+        let passages = paras.iter().map(|(t, b)| (json!(t), json!(format!("{t}. {b}"))));
+        tasks.push(crate::chat::one_turn_task(&json!(id), &json!(question), passages, &answers, true));
     }
     Ok((docs, qs, Some(tasks)))
 }
@@ -286,11 +284,9 @@ fn tasks_of(docs: &[Value], qs: &[Value], distractors: usize) -> Vec<Value> {
                 picked.push(pool.swap_remove(r.below(pool.len())));
             }
             picked.insert(r.below(picked.len() + 1), gold);
-            let contexts: Vec<Value> = picked.iter().map(|i| json!({"document_id": i, "text": text.get(i).copied().cloned().unwrap_or(Value::Null)})).collect();
-            let targets: Vec<Value> = q["answers"].as_array().into_iter().flatten().map(|a| json!({"text": a})).collect();
-            Some(json!({"task_id": q["id"], "input": [{"speaker": "user", "text": q["question"]}],
-                        "contexts": contexts, "targets": targets,
-                        "answerability": if q["answerable"].as_bool() == Some(false) { "UNANSWERABLE" } else { "ANSWERABLE" }}))
+            let passages = picked.iter().map(|i| (json!(i), text.get(i).copied().cloned().unwrap_or(Value::Null)));
+            let answers = q["answers"].as_array().map(Vec::as_slice).unwrap_or_default();
+            Some(crate::chat::one_turn_task(&q["id"], &q["question"], passages, answers, q["answerable"].as_bool() != Some(false)))
         })
         .collect()
 }

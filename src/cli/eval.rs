@@ -272,10 +272,9 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
             let (hits, _, ms) = engine.retrieve(&q.question, args.rag.top_k, args.rag.search)?;
             rms.push(ms);
             if let Some(t) = tasks_out.as_mut() {
-                let contexts: Vec<_> = hits.iter().map(|h| serde_json::json!({"document_id": h.passage.passage_id, "text": h.passage.text})).collect();
-                let targets: Vec<_> = q.answers.iter().map(|a| serde_json::json!({"text": a})).collect();
-                let task = serde_json::json!({"task_id": q.id, "input": [{"speaker": "user", "text": q.question}], "contexts": contexts,
-                    "targets": targets, "answerability": if q.answerable { "ANSWERABLE" } else { "UNANSWERABLE" }});
+                let passages = hits.iter().map(|h| (h.passage.passage_id.clone().into(), h.passage.text.clone().into()));
+                let answers: Vec<serde_json::Value> = q.answers.iter().map(|a| a.as_str().into()).collect();
+                let task = crate::chat::one_turn_task(&q.id.as_str().into(), &q.question.as_str().into(), passages, &answers, q.answerable);
                 writeln!(t, "{task}")?;
             }
             let ids: Vec<String> = hits.iter().map(|h| h.passage.doc_id.clone()).collect();
