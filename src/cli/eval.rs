@@ -342,7 +342,7 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
         "weights": engine.weights.as_ref().map(|w| w.display().to_string()),
         "top_k": args.rag.top_k,
         "expand": args.rag.expand,
-        "policy": (mode_name(mode) == "refrag" && args.rag.expand > 0.0).then_some(args.rag.policy),
+        "policy": (mode == crate::options::Mode::Refrag && args.rag.expand > 0.0).then_some(args.rag.policy),
         "exact_match": (!args.retrieval_only).then(|| mean(&ems)),
         "f1": (!args.retrieval_only).then(|| mean(&f1s)),
         "answer_contains_gold": (!args.retrieval_only).then(|| mean(&contains)),
