@@ -299,6 +299,8 @@ fn run_index(g: &Global, args: &AskArgs, question: &str, sampling: SamplingOptio
         let mut v = answer_json(&ans.generation, mode_name(mode), &engine.decoder.device);
         v["sources"] = serde_json::to_value(&ans.sources)?;
         v["retrieval_ms"] = ans.retrieval_ms.into();
+        // building the decoder input (policy choice included): part of ttft_ms
+        v["input_ms"] = ans.input_ms.into();
         v["context_tokens"] = ans.context_tokens.into();
         v["chunks"] = ans.chunks.into();
         v["expanded_chunks"] = ans.expanded_chunks.into();

@@ -57,6 +57,9 @@ fn index_reindex_ask_eval() {
     assert!(v["sources"][0]["doc_id"].as_str().unwrap().eq("warsaw-1.txt"), "{v}");
     let full_positions = v["decoder_positions"].as_u64().unwrap();
     assert!(v["retrieval_ms"].as_f64().unwrap() > 0.0);
+    // building the input is part of the time to the first token
+    let input_ms = v["input_ms"].as_f64().unwrap();
+    assert!(input_ms > 0.0 && input_ms < v["ttft_ms"].as_f64().unwrap(), "{v}");
 
     // Hybrid search (vector + BM25 fused by rank) finds the passage naming the garden.
     let (st, v, err) = ask(&db, "Where is the Tomb of the Unknown Soldier?", &["--mode", "full", "--search", "hybrid", "--top-k", "2", "--max-tokens", "4"]);
