@@ -26,6 +26,10 @@ use std::time::Instant;
 pub const POLICY_FILE: &str = "policy.safetensors";
 pub const POLICY_CARD: &str = "policy.json";
 
+/// Starting factor on question similarity in `interact` policies: cosine gaps of 0.05-0.2
+/// between chunks become logit gaps of 1-4.
+const SIM_SCALE_INIT: f64 = 20.0;
+
 /// Sinusoidal features of a chunk's relative place in the context.
 const POS_DIMS: usize = 8;
 
@@ -38,6 +42,14 @@ pub struct PolicyConfig {
     pub layers: usize,
     /// Reads a query vector beside every chunk.
     pub condition: bool,
+    /// Reads the question the way `sim` does, and learns on top of it: the elementwise
+    /// product of each chunk vector with the query vector is an input (a concatenation alone
+    /// does not let a small network compare them), and a learned scale times the chunk's
+    /// question similarity is added to its logit (training starts with the network's own
+    /// output at zero: the untrained policy ranks chunks as `sim` does). Off in policies
+    /// trained before it existed.
+    #[serde(default)]
+    pub interact: bool,
 }
 
 struct Block {
@@ -56,12 +68,14 @@ pub struct PolicyNet {
     blocks: Vec<Block>,
     ln: LayerNorm,
     head: Linear,
+    /// With `interact`: the factor on question similarity added to the logits.
+    sim_scale: Option<Tensor>,
 }
 
 impl PolicyNet {
     pub fn new(cfg: PolicyConfig, vb: VarBuilder) -> Result<Self> {
         let w = cfg.width;
-        let feat = cfg.in_dim * if cfg.condition { 2 } else { 1 } + POS_DIMS;
+        let feat = cfg.in_dim * (1 + usize::from(cfg.condition) + usize::from(cfg.condition && cfg.interact)) + POS_DIMS;
         let mut blocks = Vec::new();
         for i in 0..cfg.layers {
             let vb = vb.pp(format!("block{i}"));
@@ -79,6 +93,7 @@ impl PolicyNet {
             blocks,
             ln: layer_norm(w, 1e-5, vb.pp("ln"))?,
             head: linear(w, 1, vb.pp("head"))?,
+            sim_scale: if cfg.condition && cfg.interact { Some(vb.get_with_hints(1, "sim_scale", candle_nn::Init::Const(SIM_SCALE_INIT))?) } else { None },
             cfg,
         })
     }
@@ -101,14 +116,21 @@ impl PolicyNet {
     pub fn logits(&self, chunks: &Tensor, query: Option<&Tensor>) -> Result<Tensor> {
         let (n, _) = chunks.dims2()?;
         let device = chunks.device();
-        let chunks = chunks.to_dtype(DType::F32)?;
+        // unit-length vectors have entries ~ 1/sqrt(dim): policies with `interact` read them
+        // scaled to entries ~ 1 (their product then sums to dim x cosine)
+        let scale = if self.cfg.interact { (self.cfg.in_dim as f64).sqrt() } else { 1.0 };
+        let chunks = (chunks.to_dtype(DType::F32)? * scale)?;
         let mut parts = vec![chunks.clone()];
         if self.cfg.condition {
             let q = match query {
-                Some(q) => q.to_dtype(DType::F32)?.reshape((1, self.cfg.in_dim))?,
+                Some(q) => (q.to_dtype(DType::F32)?.reshape((1, self.cfg.in_dim))? * scale)?,
                 None => Tensor::zeros((1, self.cfg.in_dim), DType::F32, device)?,
             };
-            parts.push(q.broadcast_as((n, self.cfg.in_dim))?.contiguous()?);
+            let q = q.broadcast_as((n, self.cfg.in_dim))?.contiguous()?;
+            if self.cfg.interact {
+                parts.push((&chunks * &q)?);
+            }
+            parts.push(q);
         }
         let pos: Vec<f32> = (0..n)
             .flat_map(|i| {
@@ -134,7 +156,15 @@ impl PolicyNet {
             let y = b.ff2.forward(&b.ff1.forward(&b.ln2.forward(&x)?)?.gelu()?)?;
             x = (x + y)?;
         }
-        Ok(self.head.forward(&self.ln.forward(&x)?)?.squeeze(1)?)
+        let out = self.head.forward(&self.ln.forward(&x)?)?.squeeze(1)?;
+        match (&self.sim_scale, query) {
+            (Some(a), Some(q)) => {
+                let q = q.to_dtype(DType::F32)?.reshape((self.cfg.in_dim, 1))?;
+                let sim = ((chunks / scale)?.matmul(&q)?.squeeze(1)?.broadcast_mul(a))?;
+                Ok((out + sim)?)
+            }
+            _ => Ok(out),
+        }
     }
 
     /// The `want` chunks a greedy pointer decoding picks (with fixed logits: the top `want`).
@@ -321,6 +351,17 @@ pub fn chunk_nll(dec: &Decoder, ctx: &[u32], k: usize) -> Result<Vec<f64>> {
         .collect())
 }
 
+/// What the policy learns from.
+pub enum Episodes<'a> {
+    /// Windows of text: s tokens compressed, reward = -log-perplexity of the o tokens after them
+    /// (the paper's recipe; a conditioned policy reads the first target tokens as its query).
+    Text(&'a TextPool),
+    /// Question tasks (`refrag dataset ... --tasks`): the passages compressed, reward =
+    /// -log-perplexity of the reference answer read after the question, exactly as `ask` builds
+    /// the input; a conditioned policy reads the question's retrieval vector, as at ask time.
+    Tasks(&'a crate::sft::QaPool),
+}
+
 pub struct PolicyTrain<'a> {
     /// The decoder that reads compressed input (adapters folded in).
     pub decoder: &'a Decoder,
@@ -329,7 +370,7 @@ pub struct PolicyTrain<'a> {
     pub query_encoder: &'a Encoder,
     pub projector: &'a Projector,
     pub k: usize,
-    pub pool: &'a TextPool,
+    pub episodes: Episodes<'a>,
     pub out: &'a Path,
     pub quiet: bool,
     pub data_note: String,
@@ -354,22 +395,34 @@ pub struct PolicyTrainConfig {
     pub query_tokens: usize,
 }
 
+/// Zero the network's own output in an `interact` policy: it then ranks chunks as `sim` does.
+fn start_from_sim(varmap: &VarMap) -> Result<()> {
+    let vars = varmap.data().lock().map_err(|_| anyhow::anyhow!("policy variables poisoned"))?;
+    for name in ["head.weight", "head.bias"] {
+        if let Some(v) = vars.get(name) {
+            v.set(&v.zeros_like()?)?;
+        }
+    }
+    Ok(())
+}
+
 /// Train the policy (GRPO group baseline + PPO clipping); writes policy.safetensors/json.
 pub fn train(run: &PolicyTrain, net_cfg: PolicyConfig, cfg: &PolicyTrainConfig) -> Result<serde_json::Value> {
     let dec = run.decoder;
     let device = &dec.device;
-    if cfg.s % run.k != 0 || cfg.group < 2 {
+    if (matches!(run.episodes, Episodes::Text(_)) && cfg.s % run.k != 0) || cfg.group < 2 {
         bail!("--s must be a multiple of k and --group at least 2");
     }
     std::fs::create_dir_all(run.out).with_context(|| format!("{}: cannot create", run.out.display()))?;
     let varmap = VarMap::new();
     let net = PolicyNet::new(net_cfg.clone(), VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    if net.sim_scale.is_some() {
+        start_from_sim(&varmap)?;
+    }
     let mut opt = AdamW::new(&varmap, 0.0)?;
     let mut rng = Rng(cfg.seed);
     let mut log = std::fs::File::create(run.out.join("policy_train.jsonl"))?;
     let pb = crate::progress::bar(run.quiet, cfg.steps as u64, "steps");
-    let n = cfg.s / run.k;
-    let want = ((cfg.expand * n as f64).round() as usize).clamp(1, n);
     let t0 = Instant::now();
     let recent = std::cell::RefCell::new(Vec::<f64>::new());
     // weights first, then the card that describes them (a stopped run leaves a usable pair)
@@ -377,7 +430,10 @@ pub fn train(run: &PolicyTrain, net_cfg: PolicyConfig, cfg: &PolicyTrainConfig) 
         varmap.save(run.out.join(POLICY_FILE))?;
         let r = recent.borrow();
         let card = serde_json::json!({
-            "what": "REFRAG selective-expansion policy (2-layer transformer over chunk vectors; GRPO + PPO clip; reward = -log-perplexity of the next tokens)",
+            "what": format!("REFRAG selective-expansion policy (2-layer transformer over chunk vectors; GRPO + PPO clip; reward = -log-perplexity of {})", match run.episodes {
+                Episodes::Text(_) => "the next tokens",
+                Episodes::Tasks(_) => "the reference answer after the question",
+            }),
             "config": net_cfg,
             "train": cfg,
             "steps_done": steps,
@@ -394,36 +450,64 @@ pub fn train(run: &PolicyTrain, net_cfg: PolicyConfig, cfg: &PolicyTrainConfig) 
         std::fs::rename(&tmp, run.out.join(POLICY_CARD))?;
         Ok(card)
     };
+    let encode_query = |text: &str| -> Result<Option<Tensor>> {
+        if !net_cfg.condition {
+            return Ok(None);
+        }
+        Ok(Some(run.query_encoder.encode(&[text])?.to_device(device)?.squeeze(0)?))
+    };
     for step in 0..cfg.steps {
-        let w = run.pool.window(cfg.s + cfg.o, &mut rng);
-        let (ctx, tgt) = (&w[..cfg.s], &w[cfg.s..]);
-        let texts = ctx
-            .chunks(run.k)
-            .map(|c| dec.tokenizer.decode(c, false).map_err(|e| anyhow::anyhow!("decode: {e}")))
-            .collect::<Result<Vec<_>>>()?;
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let vecs = run.chunk_encoder.encode(&refs)?.to_device(device)?;
-        let projected = run.projector.forward(&vecs)?;
-        let query = if net_cfg.condition {
-            let q = dec.tokenizer.decode(&tgt[..cfg.query_tokens.min(tgt.len())], false).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
-            Some(run.query_encoder.encode(&[q.as_str()])?.to_device(device)?.squeeze(0)?)
-        } else {
-            None
+        // One context: its chunk vectors, the query, and the reward of any expansion mask.
+        let task;
+        let window;
+        let (vecs, query, reward): (Tensor, Option<Tensor>, Box<dyn Fn(&[Vec<bool>]) -> Result<Vec<f64>> + '_>) = match run.episodes {
+            Episodes::Text(pool) => {
+                window = pool.window(cfg.s + cfg.o, &mut rng);
+                let (ctx, tgt) = (&window[..cfg.s], &window[cfg.s..]);
+                let texts = ctx
+                    .chunks(run.k)
+                    .map(|c| dec.tokenizer.decode(c, false).map_err(|e| anyhow::anyhow!("decode: {e}")))
+                    .collect::<Result<Vec<_>>>()?;
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                let vecs = run.chunk_encoder.encode(&refs)?.to_device(device)?;
+                let projected = run.projector.forward(&vecs)?;
+                let q = dec.tokenizer.decode(&tgt[..cfg.query_tokens.min(tgt.len())], false).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
+                let reward = move |masks: &[Vec<bool>]| -> Result<Vec<f64>> {
+                    masks.iter().map(|m| Ok(-crate::perplexity::nll_after(dec, &mixed_prefix(dec, ctx, run.k, &projected, m)?, tgt)?)).collect()
+                };
+                (vecs, encode_query(&q)?, Box::new(reward))
+            }
+            Episodes::Tasks(pool) => {
+                let ex = pool.sample(1, &mut rng)[0];
+                task = crate::sft::EncodedTask::new(dec, run.chunk_encoder, run.projector, run.k, ex)?;
+                let t = &task;
+                let reward = move |masks: &[Vec<bool>]| -> Result<Vec<f64>> {
+                    let items = masks.iter().map(|m| Ok((t.prompt(run.k, m)?, t.ex.answer.as_slice()))).collect::<Result<Vec<_>>>()?;
+                    Ok(crate::sft::answer_nll(dec, &items)?.into_iter().map(|x| -x).collect())
+                };
+                (task.raw.clone(), encode_query(&ex.question)?, Box::new(reward))
+            }
         };
+        let n = vecs.dim(0)?;
+        let want = ((cfg.expand * n as f64).round() as usize).clamp(1, n);
         let logits = net.logits(&vecs, query.as_ref())?;
         let lv: Vec<f64> = logits.to_vec1::<f32>()?.iter().map(|&x| x as f64).collect();
         let mut seqs = Vec::new();
-        let mut rewards = Vec::new();
+        let mut masks = Vec::new();
         for _ in 0..cfg.group {
             let seq = sample_sequence(&lv, want, &mut rng);
             let mut mask = vec![false; n];
             for &i in &seq {
                 mask[i] = true;
             }
-            let prefix = mixed_prefix(dec, ctx, run.k, &projected, &mask)?;
-            rewards.push(-crate::perplexity::nll_after(dec, &prefix, tgt)?);
             seqs.push(seq);
+            masks.push(mask);
         }
+        // the policy's own greedy pick is scored with the group (against the group's mean: a
+        // random-like baseline), but does not enter the update
+        masks.push(top_mask(&lv, want));
+        let mut rewards = reward(&masks)?;
+        let g = rewards.pop().expect("the greedy pick's reward");
         let mean = rewards.iter().sum::<f64>() / rewards.len() as f64;
         let sd = (rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / rewards.len() as f64).sqrt();
         let adv: Vec<f64> = rewards.iter().map(|r| (r - mean) / (sd + 1e-4)).collect();
@@ -443,9 +527,6 @@ pub fn train(run: &PolicyTrain, net_cfg: PolicyConfig, cfg: &PolicyTrainConfig) 
             let grads = loss.backward()?;
             opt.step(&grads, cfg.lr, 1.0)?;
         }
-        // the policy's own greedy pick against the group's mean (a random-like baseline)
-        let greedy = top_mask(&lv, want);
-        let g = -crate::perplexity::nll_after(dec, &mixed_prefix(dec, ctx, run.k, &projected, &greedy)?, tgt)?;
         let gain = {
             let mut r = recent.borrow_mut();
             r.push(g - mean);
@@ -496,11 +577,39 @@ mod tests {
     #[test]
     fn net_gives_one_logit_per_chunk() {
         let vm = VarMap::new();
-        let cfg = PolicyConfig { in_dim: 6, width: 16, heads: 4, layers: 2, condition: true };
+        let cfg = PolicyConfig { in_dim: 6, width: 16, heads: 4, layers: 2, condition: true, interact: true };
         let net = PolicyNet::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
         let x = Tensor::randn(0f32, 1.0, (5, 6), &Device::Cpu).unwrap();
         let q = Tensor::randn(0f32, 1.0, 6, &Device::Cpu).unwrap();
         assert_eq!(net.logits(&x, Some(&q)).unwrap().dims(), &[5]);
         assert_eq!(net.choose(&x, Some(&q), 2).unwrap().iter().filter(|&&b| b).count(), 2);
+    }
+
+    /// An untrained `interact` policy picks what question similarity picks.
+    #[test]
+    fn interact_policy_starts_as_sim() {
+        let vm = VarMap::new();
+        let cfg = PolicyConfig { in_dim: 8, width: 16, heads: 4, layers: 2, condition: true, interact: true };
+        let net = PolicyNet::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        start_from_sim(&vm).unwrap();
+        let unit = |t: Tensor| t.broadcast_div(&t.sqr().unwrap().sum_keepdim(D::Minus1).unwrap().sqrt().unwrap()).unwrap();
+        let x = unit(Tensor::randn(0f32, 1.0, (12, 8), &Device::Cpu).unwrap());
+        let q = unit(Tensor::randn(0f32, 1.0, (1, 8), &Device::Cpu).unwrap()).squeeze(0).unwrap();
+        let sims: Vec<f64> = x.matmul(&q.unsqueeze(1).unwrap()).unwrap().squeeze(1).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+        for want in [1, 3, 6] {
+            assert_eq!(net.choose(&x, Some(&q), want).unwrap(), top_mask(&sims, want), "want {want}");
+        }
+    }
+
+    /// Policies trained before `interact` existed (the shipped ones) still load and read.
+    #[test]
+    fn shipped_policies_load() {
+        for dir in ["weights", "weights/qa"] {
+            let d = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+            let net = PolicyNet::load(&d, &Device::Cpu).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (7, net.cfg.in_dim), &Device::Cpu).unwrap();
+            let q = Tensor::randn(0f32, 1.0, net.cfg.in_dim, &Device::Cpu).unwrap();
+            assert_eq!(net.logits(&x, Some(&q)).unwrap().dims(), &[7], "{dir}");
+        }
     }
 }

@@ -216,6 +216,76 @@ pub fn loss(
     Ok(SftLoss { total, ce: ce_sum / ntok.max(1) as f64, kl: kl_sum / ntok.max(1) as f64, answer_tokens: ntok })
 }
 
+/// A task's chunks encoded once, so that it can be read with any choice of expanded chunks
+/// (the expansion policy's training): the passages' chunk vectors as the index would hold them
+/// (`raw`, before projection) and projected, and the earlier turns compressed whole.
+pub struct EncodedTask<'a> {
+    pub ex: &'a QaExample,
+    /// Encoder vectors of the passage chunks [n, dim], in order over all passages.
+    pub raw: Tensor,
+    projected: Tensor,
+    history: Vec<(Vec<Segment>, Vec<Segment>)>,
+}
+
+impl<'a> EncodedTask<'a> {
+    pub fn new(dec: &Decoder, enc: &Encoder, proj: &Projector, k: usize, ex: &'a QaExample) -> Result<Self> {
+        let decode = |c: &[u32]| dec.tokenizer.decode(c, false).map_err(|e| anyhow!("decode: {e}"));
+        let mut texts = Vec::new();
+        let mut turn_sizes = Vec::new();
+        for (u, a) in &ex.history {
+            for t in [u, a] {
+                let before = texts.len();
+                for c in crate::corpus::chunks(t, k) {
+                    texts.push(decode(c)?);
+                }
+                turn_sizes.push(texts.len() - before);
+            }
+        }
+        let first_passage = texts.len();
+        for p in &ex.passages {
+            for c in crate::corpus::chunks(p, k) {
+                texts.push(decode(c)?);
+            }
+        }
+        if texts.len() == first_passage {
+            bail!("a task with no passage chunks");
+        }
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let vecs = enc.encode(&refs)?.to_device(&dec.device)?;
+        let projected_all = proj.forward(&vecs)?;
+        let mut row = 0;
+        let mut turns = Vec::new();
+        for n in turn_sizes {
+            turns.push(if n == 0 { vec![Segment::Tokens(vec![])] } else { vec![Segment::Embeds(projected_all.narrow(0, row, n)?)] });
+            row += n;
+        }
+        let mut it = turns.into_iter();
+        let history = std::iter::from_fn(|| Some((it.next()?, it.next()?))).collect();
+        let n = texts.len() - first_passage;
+        Ok(Self { ex, raw: vecs.narrow(0, first_passage, n)?, projected: projected_all.narrow(0, first_passage, n)?, history })
+    }
+
+    /// The reader's prompt with the passage chunks marked in `expand` read as tokens.
+    pub fn prompt(&self, k: usize, expand: &[bool]) -> Result<Vec<Segment>> {
+        let tokens: Vec<&[u32]> = self.ex.passages.iter().map(Vec::as_slice).collect();
+        let passages = crate::policy::mixed_segments(&tokens, k, expand, Some(&self.projected))?;
+        Ok(task_prompt(self.ex, self.history.clone(), passages))
+    }
+}
+
+/// Mean answer cross-entropy (nats/token) of each prompt, all in one forward pass.
+pub fn answer_nll(dec: &Decoder, items: &[(Vec<Segment>, &[u32])]) -> Result<Vec<f64>> {
+    let logits = answer_logits(dec, items)?;
+    logits
+        .iter()
+        .zip(items)
+        .map(|(l, (_, answer))| {
+            let tgt = Tensor::new(*answer, &dec.device)?;
+            Ok(candle_nn::loss::cross_entropy(l, &tgt)?.to_scalar::<f32>()? as f64)
+        })
+        .collect()
+}
+
 /// F32 logits [answer_len, vocab] of each prompt's answer tokens, teacher-forced after the
 /// prompt, for all prompts in one forward pass: rows are right-padded to one length, which the
 /// causal mask keeps from reaching any real position.
@@ -270,9 +340,7 @@ pub fn heldout_nll(student: &Decoder, teacher: &Decoder, enc: &Encoder, proj: &P
     let (mut s_sum, mut t_sum, mut tok) = (0f64, 0f64, 0usize);
     for ex in pool.examples.iter().take(n) {
         let l = loss(student, None, enc, proj, k, &[ex], 0.0, 0.0, &mut rng)?;
-        let t_logits = answer_logits(teacher, &[(full_context_prompt(ex), ex.answer.as_slice())])?.remove(0);
-        let tgt = Tensor::from_vec(ex.answer.clone(), ex.answer.len(), &teacher.device)?;
-        let t_ce = candle_nn::loss::cross_entropy(&t_logits, &tgt)?.to_scalar::<f32>()? as f64;
+        let t_ce = answer_nll(teacher, &[(full_context_prompt(ex), ex.answer.as_slice())])?[0];
         s_sum += l.ce * l.answer_tokens as f64;
         t_sum += t_ce * ex.answer.len() as f64;
         tok += l.answer_tokens;

@@ -18,7 +18,9 @@ pub struct TrainArgs {
     #[arg(long, required_unless_present = "qa", num_args = 1.., env = "REFRAG_TRAIN_TEXT")]
     pub text: Vec<PathBuf>,
     /// sft: training tasks (`eval --conversations` format, e.g. from `refrag dataset squad
-    /// --split train --tasks`). Never the questions you report results on.
+    /// --split train --tasks`). policy: learn from these tasks instead of --text (reward: the
+    /// reference answer's perplexity; on the weights that answer questions, `qa/`). Never the
+    /// questions you report results on.
     #[arg(long, num_args = 1.., env = "REFRAG_TRAIN_QA")]
     pub qa: Vec<PathBuf>,
     /// sft: held-out tasks scored at the end (answer NLL, written to the card).
@@ -113,8 +115,8 @@ pub struct TrainArgs {
     /// policy: learning rate.
     #[arg(long, default_value_t = 1e-3, env = "REFRAG_TRAIN_POLICY_LR")]
     pub policy_lr: f64,
-    /// policy: also read a query vector (the question at ask time; in training, the first
-    /// --query-tokens of the text to predict).
+    /// policy: also read a query vector (the question at ask time; in training, the task's
+    /// question with --qa, else the first --query-tokens of the text to predict).
     #[arg(long, env = "REFRAG_TRAIN_CONDITION")]
     pub condition: bool,
     #[arg(long, default_value_t = 32, env = "REFRAG_TRAIN_QUERY_TOKENS")]
@@ -128,24 +130,40 @@ fn train_policy(g: &Global, a: &TrainArgs) -> Result<ExitCode> {
     let device = g.device()?;
     let mut decoder = g.load_decoder_with(&device, crate::decoder::Ops::Differentiable, false)?;
     let encoder = g.load_encoder(&device)?;
-    let Some(trained) = g.trained(&encoder, decoder.cfg.hidden, crate::projector::Purpose::Text)? else {
-        return Err(crate::projector::missing(&g.weights_dirs(crate::projector::Purpose::Text)));
+    // with --qa the policy learns on the weights that answer questions (weights/qa)
+    let purpose = if a.qa.is_empty() { crate::projector::Purpose::Text } else { crate::projector::Purpose::Answers };
+    let Some(trained) = g.trained(&encoder, decoder.cfg.hidden, purpose)? else {
+        return Err(crate::projector::missing(&g.weights_dirs(purpose)));
     };
+    if let Some(k) = trained.k.filter(|&k| k != a.k) {
+        bail!("--k {}: the weights in {} were trained with k = {k}", a.k, trained.dir.display());
+    }
     trained.adapt(&mut decoder)?;
-    let pool = TextPool::load(&a.text, &decoder)?;
-    let names: Vec<String> = a.text.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()).collect();
+    let (text, tasks);
+    let episodes = if a.qa.is_empty() {
+        text = TextPool::load(&a.text, &decoder)?;
+        crate::policy::Episodes::Text(&text)
+    } else {
+        tasks = crate::sft::QaPool::load(&a.qa, &decoder)?;
+        if !g.quiet {
+            eprintln!("training tasks: {} in {} files", tasks.examples.len(), a.qa.len());
+        }
+        crate::policy::Episodes::Tasks(&tasks)
+    };
+    let files = if a.qa.is_empty() { &a.text } else { &a.qa };
+    let names: Vec<String> = files.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()).collect();
     let run = crate::policy::PolicyTrain {
         decoder: &decoder,
         chunk_encoder: &trained.chunk_encoder,
         query_encoder: &encoder,
         projector: &trained.projector,
         k: a.k,
-        pool: &pool,
+        episodes,
         out: &a.out,
         quiet: g.quiet,
         data_note: format!("train: {names:?}; weights: {}", trained.dir.display()),
     };
-    let net = crate::policy::PolicyConfig { in_dim: encoder.dim, width: 128, heads: 4, layers: 2, condition: a.condition };
+    let net = crate::policy::PolicyConfig { in_dim: encoder.dim, width: 128, heads: 4, layers: 2, condition: a.condition, interact: a.condition };
     let cfg = crate::policy::PolicyTrainConfig {
         steps: a.steps,
         s: a.s,

@@ -2,6 +2,7 @@
 //! checkpoint (with the settings it started with) and finishes with every step logged once.
 
 use crate::common::*;
+use refrag::decoder::{Decoder, Ops};
 
 #[test]
 fn training_pauses_and_resumes_from_its_checkpoint() {
@@ -308,4 +309,80 @@ fn sft_reads_earlier_turns() {
     let log = std::fs::read_to_string(dir.path().join("o").join("train.jsonl")).unwrap();
     let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
     assert!(first["ce"].as_f64().unwrap() > 0.0 && first["kl"].as_f64().unwrap() >= 0.0, "{first}");
+}
+
+/// The expansion policy's reward on question tasks (`train policy --qa`): a task read with every
+/// chunk expanded is exactly the full-context prompt (same answer loss), and reading the
+/// passages as tokens predicts the reference answers better than reading them compressed,
+/// which is what the reward pays the policy for.
+#[test]
+fn answer_reward_reads_expanded_chunks_as_tokens() {
+    use refrag::sft::{answer_nll, full_context_prompt, EncodedTask, QaPool};
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = dir.path().join("tasks.jsonl");
+    let out = refrag().args(["dataset", "squad", "--tasks"]).arg(&tasks).arg(fixture("squad_tiny.json")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut dec = Decoder::load(&decoder_path(), &candle_core::Device::Cpu, Ops::Differentiable, false).unwrap();
+    let qa = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa");
+    let trained = refrag::projector::find(&[qa], encoder(), dec.cfg.hidden).unwrap().expect("weights/qa");
+    trained.adapt(&mut dec).unwrap();
+    let pool = QaPool::load(&[tasks], &dec).unwrap();
+    let (mut compressed, mut expanded) = (0.0, 0.0);
+    for ex in pool.examples.iter().take(5) {
+        let t = EncodedTask::new(&dec, &trained.chunk_encoder, &trained.projector, 16, ex).unwrap();
+        let n = t.raw.dim(0).unwrap();
+        assert_eq!(n, ex.passages.iter().map(|p| p.len().div_ceil(16)).sum::<usize>());
+        let a = ex.answer.as_slice();
+        let r = answer_nll(&dec, &[(t.prompt(16, &vec![false; n]).unwrap(), a), (t.prompt(16, &vec![true; n]).unwrap(), a), (full_context_prompt(ex), a)]).unwrap();
+        assert!((r[1] - r[2]).abs() < 1e-3, "all expanded {} vs full context {}", r[1], r[2]);
+        compressed += r[0];
+        expanded += r[1];
+    }
+    assert!(expanded < compressed, "answer loss read as tokens {expanded} vs compressed {compressed} (sums over 5 tasks)");
+}
+
+/// `train policy --qa` learns on question tasks with the question-answering weights and writes
+/// a policy that `eval --conversations --policy rl` then reads.
+#[test]
+fn policy_trains_on_answer_reward() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = dir.path().join("tasks.jsonl");
+    let out = refrag().args(["dataset", "squad", "--tasks"]).arg(&tasks).arg(fixture("squad_tiny.json")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let w = dir.path().join("w");
+    std::fs::create_dir_all(&w).unwrap();
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa");
+    for f in ["projector.safetensors", "encoder.safetensors", "decoder_lora.safetensors", "card.json"] {
+        std::fs::copy(shipped.join(f), w.join(f)).unwrap();
+    }
+    let o = refrag()
+        .args(["train", "policy", "--device", "cpu", "-q", "--steps", "2", "--group", "2", "--expand", "0.25", "--condition", "--qa"])
+        .arg(&tasks)
+        .arg("--weights")
+        .arg(&w)
+        .arg("--out")
+        .arg(&w)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let card: serde_json::Value = serde_json::from_slice(&std::fs::read(w.join("policy.json")).unwrap()).unwrap();
+    assert_eq!(card["steps_done"], 2);
+    assert!(card["what"].as_str().unwrap().contains("reference answer"), "{card}");
+    assert!(card["data"].as_str().unwrap().contains("tasks.jsonl"), "{card}");
+    for line in std::fs::read_to_string(w.join("policy_train.jsonl")).unwrap().lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        // the reward is minus an answer loss: negative and finite
+        assert!(r["reward_mean"].as_f64().unwrap() < 0.0, "{r}");
+    }
+    let o = refrag()
+        .args(["eval", "--device", "cpu", "-q", "--json", "--limit", "2", "--max-tokens", "4", "--mode", "refrag", "--policy", "rl", "--expand", "0.25", "--conversations"])
+        .arg(&tasks)
+        .arg("--weights")
+        .arg(&w)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["policy"], "rl", "{v}");
+    assert!(v["chunks_expanded"].as_u64().unwrap() > 0, "{v}");
 }
