@@ -3,6 +3,33 @@
 
 use crate::common::*;
 use refrag::decoder::{Decoder, Ops};
+use std::path::{Path, PathBuf};
+
+/// A copy of a shipped weights folder (under the crate root) in `dir`, without its policy.
+fn shipped_without_policy(dir: &Path, which: &str) -> PathBuf {
+    let w = dir.join("w");
+    std::fs::create_dir_all(&w).unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join(which);
+    for f in ["projector.safetensors", "encoder.safetensors", "decoder_lora.safetensors", "card.json"] {
+        std::fs::copy(shipped.join(f), w.join(f)).unwrap();
+    }
+    w
+}
+
+/// `train policy` on CPU with `args`, on the weights in `w` and into `w`; its card.
+fn train_policy(w: &Path, args: &[&str]) -> serde_json::Value {
+    let o = refrag().args(["train", "policy", "--device", "cpu", "-q"]).args(args).arg("--weights").arg(w).arg("--out").arg(w).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&std::fs::read(w.join("policy.json")).unwrap()).unwrap()
+}
+
+/// The fixture SQuAD file as one-turn tasks (`dataset squad --tasks`), in `dir`.
+fn squad_tasks(dir: &Path) -> PathBuf {
+    let tasks = dir.join("tasks.jsonl");
+    let out = refrag().args(["dataset", "squad", "--tasks"]).arg(&tasks).arg(fixture("squad_tiny.json")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    tasks
+}
 
 #[test]
 fn training_pauses_and_resumes_from_its_checkpoint() {
@@ -115,23 +142,9 @@ fn perplexity_table_has_every_reading() {
 #[test]
 fn policy_trains_and_is_read_beside_the_heuristics() {
     let dir = tempfile::tempdir().unwrap();
-    let w = dir.path().join("w");
-    std::fs::create_dir_all(&w).unwrap();
-    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
-    for f in ["projector.safetensors", "encoder.safetensors", "decoder_lora.safetensors", "card.json"] {
-        std::fs::copy(shipped.join(f), w.join(f)).unwrap();
-    }
-    let o = refrag()
-        .args(["train", "policy", "--device", "cpu", "-q", "--steps", "3", "--s", "128", "--predict-tokens", "16", "--group", "3", "--condition", "--text"])
-        .arg(fixture("alice_ch1-3.txt"))
-        .arg("--weights")
-        .arg(&w)
-        .arg("--out")
-        .arg(&w)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let card: serde_json::Value = serde_json::from_slice(&std::fs::read(w.join("policy.json")).unwrap()).unwrap();
+    let w = shipped_without_policy(dir.path(), "weights");
+    let text = fixture("alice_ch1-3.txt");
+    let card = train_policy(&w, &["--steps", "3", "--s", "128", "--predict-tokens", "16", "--group", "3", "--condition", "--text", text.to_str().unwrap()]);
     assert_eq!(card["steps_done"], 3);
     assert_eq!(std::fs::read_to_string(w.join("policy_train.jsonl")).unwrap().lines().count(), 3);
     let extra = ["--expand", "0.5", "--policy", "random,ppl-desc,ppl-asc,rl", "--weights"].map(std::ffi::OsStr::new);
@@ -150,10 +163,8 @@ fn policy_trains_and_is_read_beside_the_heuristics() {
 #[test]
 fn sft_steps_lower_the_answer_loss() {
     let dir = tempfile::tempdir().unwrap();
-    let tasks = dir.path().join("tasks.jsonl");
-    let out = refrag().args(["dataset", "squad", "--tasks"]).arg(&tasks).arg(fixture("squad_tiny.json")).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let weights = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
+    let tasks = squad_tasks(dir.path());
+    let weights = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
     let nll = |steps: &str, out: &str| -> f64 {
         let o = refrag()
             .args(["train", "sft", "--device", "cpu", "-q", "--batch", "2", "--lr", "3e-4", "--warmup", "0", "--seed", "3"])
@@ -298,7 +309,7 @@ fn sft_reads_earlier_turns() {
     let dir = tempfile::tempdir().unwrap();
     let o = refrag()
         .args(["train", "sft", "--device", "cpu", "-q", "--batch", "2", "--steps", "1", "--encoder-layers", "4", "--decoder-lora", "8", "--init"])
-        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa"))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa"))
         .arg("--qa")
         .arg(fixture("mtrag_tiny.jsonl"))
         .arg("--out")
@@ -319,11 +330,9 @@ fn sft_reads_earlier_turns() {
 fn answer_reward_reads_expanded_chunks_as_tokens() {
     use refrag::sft::{answer_nll, full_context_prompt, EncodedTask, QaPool};
     let dir = tempfile::tempdir().unwrap();
-    let tasks = dir.path().join("tasks.jsonl");
-    let out = refrag().args(["dataset", "squad", "--tasks"]).arg(&tasks).arg(fixture("squad_tiny.json")).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tasks = squad_tasks(dir.path());
     let mut dec = Decoder::load(&decoder_path(), &candle_core::Device::Cpu, Ops::Differentiable, false).unwrap();
-    let qa = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa");
+    let qa = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa");
     let trained = refrag::projector::find(&[qa], encoder(), dec.cfg.hidden).unwrap().expect("weights/qa");
     trained.adapt(&mut dec).unwrap();
     let pool = QaPool::load(&[tasks], &dec).unwrap();
@@ -346,26 +355,9 @@ fn answer_reward_reads_expanded_chunks_as_tokens() {
 #[test]
 fn policy_trains_on_answer_reward() {
     let dir = tempfile::tempdir().unwrap();
-    let tasks = dir.path().join("tasks.jsonl");
-    let out = refrag().args(["dataset", "squad", "--tasks"]).arg(&tasks).arg(fixture("squad_tiny.json")).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let w = dir.path().join("w");
-    std::fs::create_dir_all(&w).unwrap();
-    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa");
-    for f in ["projector.safetensors", "encoder.safetensors", "decoder_lora.safetensors", "card.json"] {
-        std::fs::copy(shipped.join(f), w.join(f)).unwrap();
-    }
-    let o = refrag()
-        .args(["train", "policy", "--device", "cpu", "-q", "--steps", "2", "--group", "2", "--expand", "0.25", "--condition", "--qa"])
-        .arg(&tasks)
-        .arg("--weights")
-        .arg(&w)
-        .arg("--out")
-        .arg(&w)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let card: serde_json::Value = serde_json::from_slice(&std::fs::read(w.join("policy.json")).unwrap()).unwrap();
+    let tasks = squad_tasks(dir.path());
+    let w = shipped_without_policy(dir.path(), "weights/qa");
+    let card = train_policy(&w, &["--steps", "2", "--group", "2", "--expand", "0.25", "--condition", "--qa", tasks.to_str().unwrap()]);
     assert_eq!(card["steps_done"], 2);
     assert!(card["what"].as_str().unwrap().contains("reference answer"), "{card}");
     assert!(card["data"].as_str().unwrap().contains("tasks.jsonl"), "{card}");
