@@ -119,7 +119,8 @@ impl PolicyNet {
         // unit-length vectors have entries ~ 1/sqrt(dim): policies with `interact` read them
         // scaled to entries ~ 1 (their product then sums to dim x cosine)
         let scale = if self.cfg.interact { (self.cfg.in_dim as f64).sqrt() } else { 1.0 };
-        let chunks = (chunks.to_dtype(DType::F32)? * scale)?;
+        let raw = chunks.to_dtype(DType::F32)?;
+        let chunks = (&raw * scale)?;
         let mut parts = vec![chunks.clone()];
         if self.cfg.condition {
             let q = match query {
@@ -160,7 +161,7 @@ impl PolicyNet {
         match (&self.sim_scale, query) {
             (Some(a), Some(q)) => {
                 let q = q.to_dtype(DType::F32)?.reshape((self.cfg.in_dim, 1))?;
-                let sim = ((chunks / scale)?.matmul(&q)?.squeeze(1)?.broadcast_mul(a))?;
+                let sim = raw.matmul(&q)?.squeeze(1)?.broadcast_mul(a)?;
                 Ok((out + sim)?)
             }
             _ => Ok(out),
