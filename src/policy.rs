@@ -465,10 +465,7 @@ pub fn train(run: &PolicyTrain, net_cfg: PolicyConfig, cfg: &PolicyTrainConfig) 
             Episodes::Text(pool) => {
                 window = pool.window(cfg.s + cfg.o, &mut rng);
                 let (ctx, tgt) = (&window[..cfg.s], &window[cfg.s..]);
-                let texts = ctx
-                    .chunks(run.k)
-                    .map(|c| dec.tokenizer.decode(c, false).map_err(|e| anyhow::anyhow!("decode: {e}")))
-                    .collect::<Result<Vec<_>>>()?;
+                let texts = crate::corpus::chunk_texts(&dec.tokenizer, ctx, run.k)?;
                 let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
                 let vecs = run.chunk_encoder.encode(&refs)?.to_device(device)?;
                 let projected = run.projector.forward(&vecs)?;

@@ -229,23 +229,18 @@ pub struct EncodedTask<'a> {
 
 impl<'a> EncodedTask<'a> {
     pub fn new(dec: &Decoder, enc: &Encoder, proj: &Projector, k: usize, ex: &'a QaExample) -> Result<Self> {
-        let decode = |c: &[u32]| dec.tokenizer.decode(c, false).map_err(|e| anyhow!("decode: {e}"));
         let mut texts = Vec::new();
         let mut turn_sizes = Vec::new();
         for (u, a) in &ex.history {
             for t in [u, a] {
                 let before = texts.len();
-                for c in crate::corpus::chunks(t, k) {
-                    texts.push(decode(c)?);
-                }
+                texts.extend(crate::corpus::chunk_texts(&dec.tokenizer, t, k)?);
                 turn_sizes.push(texts.len() - before);
             }
         }
         let first_passage = texts.len();
         for p in &ex.passages {
-            for c in crate::corpus::chunks(p, k) {
-                texts.push(decode(c)?);
-            }
+            texts.extend(crate::corpus::chunk_texts(&dec.tokenizer, p, k)?);
         }
         if texts.len() == first_passage {
             bail!("a task with no passage chunks");
