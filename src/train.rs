@@ -483,6 +483,24 @@ pub fn train(run: &TrainRun, cfg: &TrainConfig) -> Result<serde_json::Value> {
     train_loop(run, cfg, varmap, opt, rng, start_step, tokens_seen)
 }
 
+/// A CUDA out-of-memory error says where to go on from: the step of the last checkpoint in
+/// `out` and the `--resume` that continues there (on the GPU, memory use grows over a long run
+/// and can end it; a restarted process starts from a clean memory pool).
+pub fn out_of_memory_hint(e: anyhow::Error, out: &Path) -> anyhow::Error {
+    if !format!("{e:#}").contains("OUT_OF_MEMORY") {
+        return e;
+    }
+    let step = std::fs::read(out.join("checkpoint.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Checkpoint>(&b).ok())
+        .map(|c| c.step);
+    let at = match step {
+        Some(s) => format!("the last checkpoint in {} is step {s}: run the same command again with --resume to go on from there", out.display()),
+        None => "no checkpoint was written yet (a smaller --tokens-per-step or --batch lowers the peak)".to_string(),
+    };
+    e.context(format!("the GPU ran out of memory; {at}"))
+}
+
 /// Draw the randomly initialised tensors (projector `fc*`, LoRA `lora_a`) from `seed`, in name
 /// order, on every device: candle 0.11 cannot seed its CPU generator, and a run must be
 /// repeatable. Weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's Linear default), biases 0.
@@ -773,14 +791,34 @@ mod tests {
         assert!(late.contains(&1));
     }
 
-    #[test]
-    fn schedule_warms_up_then_decays() {
-        let cfg = TrainConfig {
+    fn small_config() -> TrainConfig {
+        TrainConfig {
             stage: Stage::Reconstruct, k: 16, steps: 100, tokens_per_step: 1, max_chunks: 1,
             predict_tokens: 1, mixed: 0.0, lr: 1e-3, warmup: 0.04, weight_decay: 0.0, clip: 1.0,
             seed: 1, checkpoint_every: 10, encoder_layers: 0, decoder_lora: 0, distill: 0.0, batch: 0,
             recon_weight: 0.0, bow_weight: 0.0, input_scale: 1.0,
-        };
+        }
+    }
+
+    #[test]
+    fn out_of_memory_names_the_checkpoint_to_resume() {
+        let dir = std::env::temp_dir().join(format!("refrag-oom-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let oom = || anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+        let msg = format!("{:#}", out_of_memory_hint(oom(), &dir));
+        assert!(msg.contains("no checkpoint") && msg.contains("OUT_OF_MEMORY"), "{msg}");
+        let ck = Checkpoint { step: 140, rng: Rng(3), config: small_config(), tokens_seen: 9 };
+        std::fs::write(dir.join("checkpoint.json"), serde_json::to_vec(&ck).unwrap()).unwrap();
+        let msg = format!("{:#}", out_of_memory_hint(oom(), &dir));
+        assert!(msg.contains("step 140") && msg.contains("--resume"), "{msg}");
+        // other errors pass unchanged
+        assert_eq!(format!("{:#}", out_of_memory_hint(anyhow::anyhow!("bad file"), &dir)), "bad file");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        let cfg = small_config();
         assert!(lr_at(&cfg, 0) < lr_at(&cfg, 3));
         assert!((lr_at(&cfg, 4) - 1e-3).abs() < 1e-9);
         assert!(lr_at(&cfg, 99) < 2e-4 && lr_at(&cfg, 99) >= 1e-4 - 1e-12);

@@ -182,7 +182,7 @@ fn handle(engine: &Engine, session: &mut Session, opts: &mut AskOptions, line: &
             }
         }
         Err(e) if e.is::<Cancelled>() => writeln!(out, "\n(cancelled)")?,
-        Err(e) => writeln!(out, "\nrefrag: {}", format!("{e:#}").replace('\n', " "))?,
+        Err(e) => writeln!(out, "\nrefrag: {}", super::one_line(&e))?,
     }
     writeln!(out)?;
     out.flush()?;

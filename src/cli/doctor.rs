@@ -53,7 +53,7 @@ pub fn run(g: &Global, a: DoctorArgs) -> Result<ExitCode> {
             Some(p) => add(Status::Fail, spec.role, format!("{}: not found", p.display())),
             None => match spec.verify(&home) {
                 Ok(()) => add(Status::Ok, spec.role, format!("{} verified in {}", spec.name, spec.dir(&home).display())),
-                Err(e) => add(Status::Fail, spec.role, format!("{e:#}")),
+                Err(e) => add(Status::Fail, spec.role, super::one_line(&e)),
             },
         }
     }
@@ -75,7 +75,7 @@ pub fn run(g: &Global, a: DoctorArgs) -> Result<ExitCode> {
             Some(d)
         }
         Err(e) => {
-            add(Status::Fail, "device", format!("{e:#}; {cuda}"));
+            add(Status::Fail, "device", format!("{}; {cuda}", super::one_line(&e)));
             None
         }
     };
@@ -109,7 +109,7 @@ pub fn run(g: &Global, a: DoctorArgs) -> Result<ExitCode> {
                 trained = Some(t);
             }
             Ok(None) => add(Status::Warn, "weights", "no trained weights found: --mode refrag is unavailable (see `refrag train`)".into()),
-            Err(e) => add(Status::Fail, "weights", format!("{e:#}")),
+            Err(e) => add(Status::Fail, "weights", super::one_line(&e)),
         }
     } else {
         add(Status::Fail, "models", "cannot load the decoder tokenizer or the encoder (see above)".into());
@@ -120,7 +120,7 @@ pub fn run(g: &Global, a: DoctorArgs) -> Result<ExitCode> {
         add(Status::Warn, "index", format!("{}: no index yet (build one with `refrag index PATH --db {}`)", a.db, a.db));
     } else {
         match g.storage_options().and_then(|o| Store::open_with(&a.db, &o)) {
-            Err(e) => add(Status::Fail, "index", format!("{e:#}")),
+            Err(e) => add(Status::Fail, "index", super::one_line(&e)),
             Ok(store) => match (&store.info, &loaded) {
                 (None, _) => add(Status::Fail, "index", format!("{}: exists but holds no refrag index", a.db)),
                 (Some(info), Some((tok_id, _, enc))) => {
@@ -137,8 +137,8 @@ pub fn run(g: &Global, a: DoctorArgs) -> Result<ExitCode> {
                         info.chunk_encoder
                     );
                     match (info.check(&now, &a.db), info.check_chunks(&now, &a.db)) {
-                        (Err(e), _) => add(Status::Fail, "index", format!("{summary}; {e:#}")),
-                        (Ok(()), Err(e)) => add(Status::Warn, "index", format!("{summary}; --mode full works, --mode refrag does not: {e:#}")),
+                        (Err(e), _) => add(Status::Fail, "index", format!("{summary}; {}", super::one_line(&e))),
+                        (Ok(()), Err(e)) => add(Status::Warn, "index", format!("{summary}; --mode full works, --mode refrag does not: {}", super::one_line(&e))),
                         (Ok(()), Ok(())) => add(Status::Ok, "index", summary),
                     }
                 }

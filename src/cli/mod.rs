@@ -192,7 +192,7 @@ pub enum Cmd {
 pub fn main() -> ExitCode {
     use clap::CommandFactory;
     if let Err(e) = config::apply(&Cli::command()) {
-        let _ = writeln!(std::io::stderr(), "refrag: {}", format!("{e:#}").replace('\n', " "));
+        let _ = writeln!(std::io::stderr(), "refrag: {}", one_line(&e));
         return ExitCode::from(2);
     }
     let cli = match Cli::try_parse() {
@@ -207,8 +207,7 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            let msg = format!("{e:#}").replace('\n', " ");
-            let _ = writeln!(std::io::stderr(), "refrag: {msg}");
+            let _ = writeln!(std::io::stderr(), "refrag: {}", one_line(&e));
             ExitCode::from(2)
         }
     }
@@ -255,9 +254,42 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// An error and its causes on one line (as `{:#}` joins them), without the backtraces candle
+/// attaches to its errors when RUST_BACKTRACE is set.
+pub fn one_line(e: &anyhow::Error) -> String {
+    fn candle(e: &candle_core::Error) -> String {
+        use candle_core::Error as E;
+        match e {
+            E::WithBacktrace { inner, .. } => candle(inner),
+            E::Context { inner, context } => format!("{context}: {}", candle(inner)),
+            E::WithPath { inner, path } => format!("{}: {}", path.display(), candle(inner)),
+            other => other.to_string(),
+        }
+    }
+    let parts: Vec<String> = e
+        .chain()
+        .map(|c| c.downcast_ref::<candle_core::Error>().map_or_else(|| c.to_string(), candle))
+        .collect();
+    parts.join(": ").split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_line_drops_candle_backtraces() {
+        let inner = candle_core::Error::Msg("boom\nsecond line".into());
+        let e = candle_core::Error::WithBacktrace {
+            inner: Box::new(inner.context("reading x")),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        let e = anyhow::Error::from(e).context("loading the decoder");
+        assert_eq!(super::one_line(&e), "loading the decoder: reading x: boom second line");
+    }
 }

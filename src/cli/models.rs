@@ -64,7 +64,7 @@ pub fn run(g: &Global, cmd: ModelsCmd) -> Result<ExitCode> {
                     Ok(()) => outln!("{}: ok", spec.name),
                     Err(e) => {
                         ok = false;
-                        outln!("{}: {e:#}", spec.name)
+                        outln!("{}: {}", spec.name, super::one_line(&e))
                     }
                 }
             }

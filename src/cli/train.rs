@@ -277,7 +277,7 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         qa: qa.as_ref(),
         qa_heldout: qa_held.as_ref(),
     };
-    let card = train::train(&run, &cfg)?;
+    let card = train::train(&run, &cfg).map_err(|e| train::out_of_memory_hint(e, &a.out))?;
     outln!("{}", serde_json::to_string_pretty(&card)?);
     Ok(ExitCode::SUCCESS)
 }
