@@ -330,6 +330,12 @@ pub fn mode_name(m: Mode) -> &'static str {
     }
 }
 
+/// The expansion policy a summary names: only a compressed reading with chunks to expand has
+/// one (null otherwise).
+pub fn policy_named(m: Mode, expand: f64, policy: Policy) -> Option<Policy> {
+    (m == Mode::Refrag && expand > 0.0).then_some(policy)
+}
+
 /// The JSON object `ask --json` prints.
 pub fn answer_json(gen: &Generation, mode: &str, device: &candle_core::Device) -> serde_json::Value {
     serde_json::json!({

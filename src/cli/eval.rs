@@ -1,7 +1,7 @@
 //! `refrag eval`: batch questions from JSONL, with metrics; `refrag eval perplexity`.
 #![cfg_attr(not(feature = "store"), allow(dead_code, unused_imports))]
 
-use super::ask::{mode_name, RagArgs, SamplingArgs};
+use super::ask::{mode_name, policy_named, RagArgs, SamplingArgs};
 use super::Global;
 use crate::metrics;
 use anyhow::{anyhow, bail, Context, Result};
@@ -342,7 +342,7 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
         "weights": engine.weights.as_ref().map(|w| w.display().to_string()),
         "top_k": args.rag.top_k,
         "expand": args.rag.expand,
-        "policy": (mode == crate::options::Mode::Refrag && args.rag.expand > 0.0).then_some(args.rag.policy),
+        "policy": policy_named(mode, args.rag.expand, args.rag.policy),
         "exact_match": (!args.retrieval_only).then(|| mean(&ems)),
         "f1": (!args.retrieval_only).then(|| mean(&f1s)),
         "answer_contains_gold": (!args.retrieval_only).then(|| mean(&contains)),
@@ -403,7 +403,7 @@ fn read_jsonl<T>(path: &std::path::Path, parse: impl Fn(&str, &str) -> Result<T>
             Ok(q) => good.push(q),
             Err(e) => {
                 bad += 1;
-                eprintln!("refrag: {e:#} (skipped)");
+                eprintln!("refrag: {} (skipped)", super::one_line(&e));
             }
         }
     }
@@ -504,7 +504,7 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
         "history_turns_kept": share(hist_kept, hist_total), "passages_kept": share(psg_kept, psg_total),
         "ttft_ms_mean": ttft_mean, "ttft_ms_median": ttft_median, "ttft_ms_p95": ttft_p95,
         "decoder_positions_mean": mean(&positions),
-        "expand": args.rag.expand, "policy": args.rag.policy, "chunks_expanded": expanded,
+        "expand": args.rag.expand, "policy": policy_named(mode, args.rag.expand, args.rag.policy), "chunks_expanded": expanded,
     });
     print_summary(&summary, args.json)?;
     Ok(if bad > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })

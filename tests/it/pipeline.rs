@@ -209,12 +209,15 @@ fn index_reindex_ask_eval() {
             let ans = |v: &[serde_json::Value]| v.iter().map(|l| l["answer"].to_string()).collect::<Vec<_>>();
             assert_eq!(ans(&ql), ans(&cl), "full: the same answers");
             assert_eq!(q["f1"], c["f1_answerable"], "{q} {c}");
+            // no policy chose anything: neither summary names one
+            assert!(q["policy"].is_null() && c["policy"].is_null(), "{q} {c}");
         } else {
             // TTFT counts building the input (the policy's choice and the projection)
             for l in &ql {
                 assert!(l["input_ms"].as_f64().unwrap() > 0.0 && l["ttft_ms"].as_f64().unwrap() >= l["input_ms"].as_f64().unwrap(), "{l}");
             }
             assert_eq!(q["policy"], "sim", "{q}");
+            assert_eq!(c["policy"], "sim", "{c}");
         }
     }
 }
