@@ -50,7 +50,7 @@ fn main() {
         });
     }
     if on("projector") {
-        let dirs = refrag::projector::weights_dirs(None, &home);
+        let dirs = refrag::projector::weights_dirs(None, &home, refrag::projector::Purpose::Text);
         let proj = match refrag::projector::find(&dirs, &enc, dec.cfg.hidden).unwrap() {
             Some(t) => t.projector,
             None => refrag::projector::Projector::init(&candle_nn::VarMap::new(), &dev, enc.dim, dec.cfg.hidden).unwrap(),
