@@ -237,7 +237,7 @@ pub fn score(
                     }
                     Policy::Sim => bail!("--policy sim needs a question; perplexity readings take random, ppl-desc, ppl-asc, rl"),
                     Policy::Rl => {
-                        let Some((net, qenc)) = policy else { bail!("--policy rl needs a trained policy in the weights folder") };
+                        let Some((net, qenc)) = policy else { return Err(crate::policy::missing(None)) };
                         let q = if net.cfg.condition {
                             let qt = dec.tokenizer.decode(&tgt[..opts.query_tokens.min(o)], false).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
                             Some(qenc.encode(&[qt.as_str()])?.to_device(&dec.device)?.squeeze(0)?)

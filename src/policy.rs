@@ -26,6 +26,32 @@ use std::time::Instant;
 pub const POLICY_FILE: &str = "policy.safetensors";
 pub const POLICY_CARD: &str = "policy.json";
 
+/// Why a folder's policy cannot read these weights' chunk vectors: its card names other trained
+/// encoder tensors (`+trained@DIGEST` in the id) than the folder's, e.g. new weights copied
+/// beside an old policy. None when they agree or the card does not say.
+pub fn stale_policy(dir: &Path, chunk_encoder_id: &str) -> Result<Option<String>> {
+    let path = dir.join(POLICY_CARD);
+    let Ok(bytes) = std::fs::read(&path) else { return Ok(None) };
+    let card: serde_json::Value = serde_json::from_slice(&bytes).with_context(|| format!("{}: not JSON", path.display()))?;
+    let Some(trained_on) = card["chunk_encoder"].as_str() else { return Ok(None) };
+    let trained = |id: &str| id.split_once('+').map_or_else(|| "the base encoder".to_string(), |(_, t)| t.to_string());
+    let (theirs, ours) = (trained(trained_on), trained(chunk_encoder_id));
+    Ok((theirs != ours).then(|| {
+        format!(
+            "{}: the policy was trained on chunk vectors of {theirs}, these weights make them with {ours}: train it again (`refrag train policy`) or remove {POLICY_FILE}",
+            path.display()
+        )
+    }))
+}
+
+/// The error for `--policy rl` without a usable policy (`stale`: why the folder's one is not).
+pub fn missing(stale: Option<&str>) -> anyhow::Error {
+    match stale {
+        Some(why) => anyhow::anyhow!("--policy rl: {why}"),
+        None => anyhow::anyhow!("--policy rl needs a trained policy ({POLICY_FILE} in the weights folder; `refrag train policy`)"),
+    }
+}
+
 /// Starting factor on question similarity in `interact` policies: cosine gaps of 0.05-0.2
 /// between chunks become logit gaps of 1-4.
 const SIM_SCALE_INIT: f64 = 20.0;
@@ -221,7 +247,7 @@ impl Selection<'_> {
             }
             Policy::Rl => {
                 let Some(net) = self.net else {
-                    bail!("--policy rl needs a trained policy ({POLICY_FILE} in the weights folder; `refrag train policy`)");
+                    return Err(missing(None));
                 };
                 let Some(c) = vectors else { return Ok(vec![false; n]) };
                 let q = Tensor::new(qvec, &decoder.device)?;
@@ -396,6 +422,18 @@ pub struct PolicyTrainConfig {
     pub query_tokens: usize,
 }
 
+/// The training settings a card lists: text episodes' window sizes (s, o, query tokens) only
+/// when the policy learned from text.
+fn train_fields(cfg: &PolicyTrainConfig, episodes: &Episodes) -> serde_json::Value {
+    let mut v = serde_json::to_value(cfg).unwrap_or_default();
+    if let (Episodes::Tasks(_), Some(m)) = (episodes, v.as_object_mut()) {
+        for key in ["s", "o", "query_tokens"] {
+            m.remove(key);
+        }
+    }
+    v
+}
+
 /// Zero the network's own output in an `interact` policy: it then ranks chunks as `sim` does.
 fn start_from_sim(varmap: &VarMap) -> Result<()> {
     let vars = varmap.data().lock().map_err(|_| anyhow::anyhow!("policy variables poisoned"))?;
@@ -436,7 +474,7 @@ pub fn train(run: &PolicyTrain, net_cfg: PolicyConfig, cfg: &PolicyTrainConfig) 
                 Episodes::Tasks(_) => "the reference answer after the question",
             }),
             "config": net_cfg,
-            "train": cfg,
+            "train": train_fields(cfg, &run.episodes),
             "steps_done": steps,
             "k": run.k,
             "chunk_encoder": run.chunk_encoder.id,

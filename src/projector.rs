@@ -114,8 +114,11 @@ pub struct Trained {
     pub decoder_lora: Option<PathBuf>,
     /// The chunk size the weights were trained for (from card.json), when known.
     pub k: Option<usize>,
-    /// The trained expansion policy (`refrag train policy`), when the folder has one.
+    /// The trained expansion policy (`refrag train policy`), when the folder has one that reads
+    /// these weights' chunk vectors.
     pub policy: Option<std::sync::Arc<crate::policy::PolicyNet>>,
+    /// Why the folder's policy was not loaded (trained on other chunk vectors).
+    pub stale_policy: Option<String>,
 }
 
 /// Find and load trained weights from the first folder that has a projector.
@@ -133,12 +136,14 @@ pub fn find(dirs: &[PathBuf], encoder: &crate::encoder::Encoder, out_dim: usize)
                 .map(|k| k as usize);
             let lora = d.join(crate::decoder::LORA_FILE);
             let decoder_lora = lora.exists().then_some(lora);
-            let policy = if d.join(crate::policy::POLICY_FILE).exists() {
-                Some(std::sync::Arc::new(crate::policy::PolicyNet::load(d, &encoder.device)?))
-            } else {
-                None
-            };
-            return Ok(Some(Trained { projector, chunk_encoder, dir: d.clone(), decoder_lora, k, policy }));
+            let (mut policy, mut stale_policy) = (None, None);
+            if d.join(crate::policy::POLICY_FILE).exists() {
+                stale_policy = crate::policy::stale_policy(d, &chunk_encoder.id)?;
+                if stale_policy.is_none() {
+                    policy = Some(std::sync::Arc::new(crate::policy::PolicyNet::load(d, &encoder.device)?));
+                }
+            }
+            return Ok(Some(Trained { projector, chunk_encoder, dir: d.clone(), decoder_lora, k, policy, stale_policy }));
         }
     }
     Ok(None)

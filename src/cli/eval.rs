@@ -181,7 +181,7 @@ fn perplexity(g: &Global, a: PerplexityArgs) -> Result<ExitCode> {
         let opts = PplOptions { s: a.s, o: a.o, k, windows: a.windows, expand: a.expand, policies: policies.clone(), query_tokens: a.query_tokens };
         let policy = compress.and(trained.as_ref()).and_then(|t| t.policy.as_deref()).map(|p| (p, &encoder));
         if policies.contains(&crate::options::Policy::Rl) && compress.is_some() && policy.is_none() {
-            bail!("--policy rl needs a trained policy ({} in the weights folder; `refrag train policy`)", crate::policy::POLICY_FILE);
+            return Err(crate::policy::missing(trained.as_ref().and_then(|t| t.stale_policy.as_deref())));
         }
         let mut rows = Vec::new();
         for (name, ids) in &texts {
@@ -442,6 +442,11 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
     let k = args.rag.k.or(trained.as_ref().and_then(|t| t.k)).unwrap_or(16);
     if !(0.0..=1.0).contains(&args.rag.expand) {
         bail!("--expand {}: must be between 0 and 1", args.rag.expand);
+    }
+    if mode == Mode::Refrag && args.rag.policy == crate::options::Policy::Rl && args.rag.expand > 0.0 {
+        if let Some(t) = trained.as_ref().filter(|t| t.policy.is_none()) {
+            return Err(crate::policy::missing(t.stale_policy.as_deref()));
+        }
     }
     let select = Some((
         crate::policy::Selection {

@@ -361,6 +361,8 @@ fn policy_trains_on_answer_reward() {
     assert_eq!(card["steps_done"], 2);
     assert!(card["what"].as_str().unwrap().contains("reference answer"), "{card}");
     assert!(card["data"].as_str().unwrap().contains("tasks.jsonl"), "{card}");
+    // the text episodes' window sizes are not listed for a policy trained on tasks
+    assert!(card["train"]["s"].is_null() && card["train"]["expand"] == 0.25, "{card}");
     for line in std::fs::read_to_string(w.join("policy_train.jsonl")).unwrap().lines() {
         let r: serde_json::Value = serde_json::from_str(line).unwrap();
         // the reward is minus an answer loss: negative and finite
@@ -377,4 +379,33 @@ fn policy_trains_on_answer_reward() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["policy"], "rl", "{v}");
     assert!(v["chunks_expanded"].as_u64().unwrap() > 0, "{v}");
+}
+
+/// A policy trained on other chunk vectors than its folder's (new weights copied beside an old
+/// policy) is refused by name for `--policy rl`; the folder still reads with other policies.
+#[test]
+fn a_policy_for_other_chunk_vectors_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = shipped_without_policy(dir.path(), "weights/qa");
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa");
+    std::fs::copy(shipped.join("policy.safetensors"), w.join("policy.safetensors")).unwrap();
+    let mut card: serde_json::Value = serde_json::from_slice(&std::fs::read(shipped.join("policy.json")).unwrap()).unwrap();
+    card["chunk_encoder"] = "all-minilm-l6-v2@0+trained@0123456789abcdef".into();
+    std::fs::write(w.join("policy.json"), serde_json::to_vec(&card).unwrap()).unwrap();
+    let tasks = squad_tasks(dir.path());
+    let eval = |policy: &str| {
+        refrag()
+            .args(["eval", "--device", "cpu", "-q", "--json", "--limit", "1", "--max-tokens", "2", "--mode", "refrag", "--expand", "0.25", "--policy", policy, "--conversations"])
+            .arg(&tasks)
+            .arg("--weights")
+            .arg(&w)
+            .output()
+            .unwrap()
+    };
+    let o = eval("rl");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("trained@0123456789abcdef") && err.contains("policy.json") && err.lines().count() == 1, "{err}");
+    let o = eval("sim");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
