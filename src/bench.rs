@@ -233,10 +233,7 @@ pub fn run(s: &BenchSetup, contexts: &[usize], ks: &[usize], mut progress: impl 
                 name: format!("refrag-{k}-cached"),
                 k,
                 positions: n + question.len(),
-                segs: match &cached {
-                    Some(c) => Some(vec![Segment::Embeds(c.clone()), Segment::Tokens(question.clone())]),
-                    None => None,
-                },
+                segs: cached.as_ref().map(|c| vec![Segment::Embeds(c.clone()), Segment::Tokens(question.clone())]),
                 chunk_texts: vec![],
                 samples: vec![],
                 dense: false,

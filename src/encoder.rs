@@ -64,7 +64,7 @@ impl Encoder {
         let cfg_path = dir.join("config.json");
         let config: BertConfig = serde_json::from_slice(&read("config.json")?)
             .with_context(|| format!("{}: not a BERT config", cfg_path.display()))?;
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             bail!("{}: hidden_size is not a multiple of num_attention_heads", cfg_path.display());
         }
         let tok_path = dir.join("tokenizer.json");

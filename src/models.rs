@@ -82,7 +82,7 @@ pub fn home_dir() -> PathBuf {
         return PathBuf::from(h);
     }
     dirs::cache_dir()
-        .unwrap_or_else(|| std::env::temp_dir())
+        .unwrap_or_else(std::env::temp_dir)
         .join("refrag")
 }
 

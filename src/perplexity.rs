@@ -244,11 +244,11 @@ pub fn score(
                         } else {
                             None
                         };
-                        net.logits(&vecs, q.as_ref())?.to_vec1::<f32>()?.iter().map(|&x| x as f64).collect()
+                        net.logits(vecs, q.as_ref())?.to_vec1::<f32>()?.iter().map(|&x| x as f64).collect()
                     }
                 };
                 let mask = if p == Policy::None { vec![false; n] } else { crate::policy::top_mask(&scores, want) };
-                let prefix = crate::policy::mixed_prefix(rd, ctx, k, &e, &mask)?;
+                let prefix = crate::policy::mixed_prefix(rd, ctx, k, e, &mask)?;
                 let key = format!("{}@{}", serde_json::to_value(p)?.as_str().unwrap_or("?"), opts.expand);
                 *sc.nll_expanded.entry(key).or_insert(0.0) += nll_after(rd, &prefix, tgt)?;
             }

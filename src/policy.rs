@@ -449,7 +449,7 @@ fn start_from_sim(varmap: &VarMap) -> Result<()> {
 pub fn train(run: &PolicyTrain, net_cfg: PolicyConfig, cfg: &PolicyTrainConfig) -> Result<serde_json::Value> {
     let dec = run.decoder;
     let device = &dec.device;
-    if (matches!(run.episodes, Episodes::Text(_)) && cfg.s % run.k != 0) || cfg.group < 2 {
+    if (matches!(run.episodes, Episodes::Text(_)) && !cfg.s.is_multiple_of(run.k)) || cfg.group < 2 {
         bail!("--s must be a multiple of k and --group at least 2");
     }
     std::fs::create_dir_all(run.out).with_context(|| format!("{}: cannot create", run.out.display()))?;

@@ -724,7 +724,7 @@ fn train_loop(
         pb.set_position(step as u64);
         pb.set_message(format!("loss {lv:.3} L={l}"));
         let out_of_time = run.max_seconds.is_some_and(|m| t0.elapsed().as_secs_f64() > m);
-        if step % cfg.checkpoint_every.max(1) == 0 || step == cfg.steps || out_of_time {
+        if step.is_multiple_of(cfg.checkpoint_every.max(1)) || step == cfg.steps || out_of_time {
             save(step, rng, tokens_seen, &opt)?;
             tracing::info!("checkpoint at step {step} (loss {lv:.3})");
         }

@@ -48,7 +48,7 @@ pub struct BenchArgs {
 }
 
 pub fn run(g: &Global, args: BenchArgs) -> Result<ExitCode> {
-    if args.repeats == 0 || args.batch == 0 || args.contexts.is_empty() || args.k.iter().any(|&k| k == 0) {
+    if args.repeats == 0 || args.batch == 0 || args.contexts.is_empty() || args.k.contains(&0) {
         bail!("--repeats, --batch, --contexts and --k must be positive");
     }
     let text = match &args.text {

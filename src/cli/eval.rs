@@ -135,7 +135,7 @@ pub fn run(g: &Global, args: EvalArgs) -> Result<ExitCode> {
 
 fn perplexity(g: &Global, a: PerplexityArgs) -> Result<ExitCode> {
     use crate::perplexity::{score, PplOptions, PplScores};
-    if a.s == 0 || a.o < 2 || a.windows == 0 || a.k.iter().any(|&k| k == 0 || a.s % k != 0) {
+    if a.s == 0 || a.o < 2 || a.windows == 0 || a.k.iter().any(|&k| k == 0 || !a.s.is_multiple_of(k)) {
         bail!("need --s > 0, --o >= 2, --windows > 0 and every --k dividing --s");
     }
     if !(0.0..=1.0).contains(&a.expand) {

@@ -124,7 +124,7 @@ pub struct TrainArgs {
 }
 
 fn train_policy(g: &Global, a: &TrainArgs) -> Result<ExitCode> {
-    if !(0.0..=1.0).contains(&a.expand) || a.s == 0 || a.s % a.k != 0 {
+    if !(0.0..=1.0).contains(&a.expand) || a.s == 0 || !a.s.is_multiple_of(a.k) {
         bail!("--expand must be in [0, 1] and --s a positive multiple of --k");
     }
     let device = g.device()?;
