@@ -96,6 +96,7 @@ pub fn run(g: &Global, a: DoctorArgs) -> Result<ExitCode> {
                     Some("projector"),
                     (t.chunk_encoder.id != enc.id).then_some("encoder layers"),
                     t.decoder_lora.as_ref().map(|_| "decoder adapters"),
+                    t.policy.as_ref().map(|_| "expansion policy"),
                 ];
                 let parts: Vec<&str> = parts.into_iter().flatten().collect();
                 // Questions and text may read different folders (weights/qa vs weights/).
@@ -106,6 +107,9 @@ pub fn run(g: &Global, a: DoctorArgs) -> Result<ExitCode> {
                 };
                 let (k, parts) = (t.k.map(|k| k.to_string()).unwrap_or("?".into()), parts.join(", "));
                 add(Status::Ok, "weights", format!("for questions: {} (k = {k}; {parts}){text}", t.dir.display()));
+                if let Some(why) = &t.stale_policy {
+                    add(Status::Warn, "policy", format!("--policy rl is unavailable: {why}"));
+                }
                 trained = Some(t);
             }
             Ok(None) => add(Status::Warn, "weights", "no trained weights found: --mode refrag is unavailable (see `refrag train`)".into()),

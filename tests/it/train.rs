@@ -408,4 +408,9 @@ fn a_policy_for_other_chunk_vectors_is_refused() {
     assert!(err.contains("trained@0123456789abcdef") && err.contains("policy.json") && err.lines().count() == 1, "{err}");
     let o = eval("sim");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // doctor warns about it
+    let o = refrag().args(["doctor", "--json", "--weights"]).arg(&w).arg("--db").arg(dir.path().join("none")).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    let policy = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|c| c["what"] == "policy");
+    assert!(policy.as_ref().is_some_and(|c| c["status"] == "warn" && c["detail"].to_string().contains("trained@0123456789abcdef")), "{text}");
 }
