@@ -185,7 +185,8 @@ pub enum WriteLock {
 /// Take the write lock of a local index: a lock on `.refrag-write.lock` in its folder, held
 /// while the returned file lives (the OS releases it if the process dies). Take it before
 /// opening the store. Shard workers share it; a plain writer needs it alone. Refuses a folder
-/// that holds files but no LanceDB tables (not an index: nothing in it is touched). Object
+/// that holds files (other than a README or dotfiles) but no LanceDB tables (not an index:
+/// nothing in it is touched). Object
 /// stores take no lock (None): their commits are conditional puts, safe for concurrent writers.
 pub fn lock_for_writing(uri: &str, mode: WriteLock) -> Result<Option<std::fs::File>> {
     if is_remote(uri) {
@@ -200,7 +201,9 @@ pub fn lock_for_writing(uri: &str, mode: WriteLock) -> Result<Option<std::fs::Fi
             .with_context(|| format!("{uri}: cannot read the folder"))?
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().to_string())
-            .filter(|n| n != LOCK_FILE)
+            // a folder kept in version control with a README (the repository's own `index/`)
+            // or dotfiles is still empty as far as indexes go
+            .filter(|n| n != LOCK_FILE && !n.starts_with('.') && !n.starts_with("README"))
             .collect();
         if !names.is_empty() && !names.iter().any(|n| n.ends_with(".lance")) {
             bail!("{uri}: holds {} and no LanceDB tables; give an empty or new folder to --db", names[0]);

@@ -53,6 +53,13 @@ fn bad_inputs_are_refused_and_leave_the_index_as_it_was() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no LanceDB tables"));
     assert_eq!(std::fs::read_dir(&other).unwrap().count(), 1, "nothing written into it");
+    // A folder that holds only a README (the repository's `index/`, the default --db) is one.
+    let kept = dir.path().join("kept");
+    std::fs::create_dir_all(&kept).unwrap();
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("index/README.md"), kept.join("README.md")).unwrap();
+    let out = index(&kept, &fixture("corpus/warsaw-1.txt"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(kept.join("README.md").exists() && counts(&kept).len() == 1);
     // A question longer than the decoder's window is a clear error, not a crash.
     let huge = "why ".repeat(20000);
     let out = refrag().args(["ask", "--device", "cpu", "--db"]).arg(&db).arg(&huge).output().unwrap();
