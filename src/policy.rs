@@ -52,6 +52,15 @@ pub fn missing(stale: Option<&str>) -> anyhow::Error {
     }
 }
 
+/// When a reading `wants` the trained policy, the weights must carry a usable one.
+pub fn require(wants: bool, trained: Option<&crate::projector::Trained>) -> Result<()> {
+    match trained {
+        Some(t) if t.policy.is_some() => Ok(()),
+        _ if !wants => Ok(()),
+        t => Err(missing(t.and_then(|t| t.stale_policy.as_deref()))),
+    }
+}
+
 /// Starting factor on question similarity in `interact` policies: cosine gaps of 0.05-0.2
 /// between chunks become logit gaps of 1-4.
 const SIM_SCALE_INIT: f64 = 20.0;

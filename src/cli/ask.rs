@@ -135,14 +135,11 @@ impl RagArgs {
         if let (true, Some(t)) = (adapted, &trained) {
             t.adapt(&mut decoder)?;
         }
-        let stale = trained.as_ref().and_then(|t| t.stale_policy.clone());
+        crate::policy::require(mode == Mode::Refrag && self.policy == Policy::Rl && self.expand > 0.0, trained.as_ref())?;
         let (projector, chunk_encoder, policy) = match (mode, trained) {
             (Mode::Refrag, Some(t)) => (Some(t.projector), Some(t.chunk_encoder), t.policy),
             _ => (None, None, None),
         };
-        if mode == Mode::Refrag && self.policy == Policy::Rl && self.expand > 0.0 && policy.is_none() {
-            return Err(crate::policy::missing(stale.as_deref()));
-        }
         Ok((Engine { decoder, encoder, store, projector, chunk_encoder, k: info.k, policy, adapted, weights }, mode))
     }
 

@@ -179,10 +179,8 @@ fn perplexity(g: &Global, a: PerplexityArgs) -> Result<ExitCode> {
             eprintln!("refrag: no trained weights for k = {k}: REFRAG row left out");
         }
         let opts = PplOptions { s: a.s, o: a.o, k, windows: a.windows, expand: a.expand, policies: policies.clone(), query_tokens: a.query_tokens };
+        crate::policy::require(policies.contains(&crate::options::Policy::Rl) && compress.is_some(), trained.as_ref())?;
         let policy = compress.and(trained.as_ref()).and_then(|t| t.policy.as_deref()).map(|p| (p, &encoder));
-        if policies.contains(&crate::options::Policy::Rl) && compress.is_some() && policy.is_none() {
-            return Err(crate::policy::missing(trained.as_ref().and_then(|t| t.stale_policy.as_deref())));
-        }
         let mut rows = Vec::new();
         for (name, ids) in &texts {
             pb.set_message(format!("k={k} {name}"));
@@ -443,11 +441,7 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
     if !(0.0..=1.0).contains(&args.rag.expand) {
         bail!("--expand {}: must be between 0 and 1", args.rag.expand);
     }
-    if mode == Mode::Refrag && args.rag.policy == crate::options::Policy::Rl && args.rag.expand > 0.0 {
-        if let Some(t) = trained.as_ref().filter(|t| t.policy.is_none()) {
-            return Err(crate::policy::missing(t.stale_policy.as_deref()));
-        }
-    }
+    crate::policy::require(mode == Mode::Refrag && args.rag.policy == crate::options::Policy::Rl && args.rag.expand > 0.0, trained.as_ref())?;
     let select = Some((
         crate::policy::Selection {
             policy: args.rag.policy,
