@@ -186,8 +186,8 @@ pub enum WriteLock {
 /// while the returned file lives (the OS releases it if the process dies). Take it before
 /// opening the store. Shard workers share it; a plain writer needs it alone. Refuses a folder
 /// that holds files (other than a README or dotfiles) but no LanceDB tables (not an index:
-/// nothing in it is touched). Object
-/// stores take no lock (None): their commits are conditional puts, safe for concurrent writers.
+/// nothing in it is touched). Object stores take no lock (None): their commits are conditional
+/// puts, safe for concurrent writers.
 pub fn lock_for_writing(uri: &str, mode: WriteLock) -> Result<Option<std::fs::File>> {
     if is_remote(uri) {
         return Ok(None);
