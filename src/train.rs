@@ -294,8 +294,12 @@ struct Checkpoint {
 /// The config of the checkpoint in `out`, when there is a readable one (older checkpoints read
 /// with the serde defaults: no bag-of-words term, input factor 1).
 pub fn checkpoint_config(out: &Path) -> Option<TrainConfig> {
-    let ck: Checkpoint = serde_json::from_slice(&std::fs::read(out.join("checkpoint.json")).ok()?).ok()?;
-    Some(ck.config)
+    read_checkpoint(out).map(|ck| ck.config)
+}
+
+/// The checkpoint in `out`, when there is a readable one.
+fn read_checkpoint(out: &Path) -> Option<Checkpoint> {
+    serde_json::from_slice(&std::fs::read(out.join("checkpoint.json")).ok()?).ok()
 }
 
 /// One batch's parts: chunk texts to compress, the context tokens of chunks left as tokens, and
@@ -490,11 +494,7 @@ pub fn out_of_memory_hint(e: anyhow::Error, out: &Path) -> anyhow::Error {
     if !format!("{e:#}").contains("OUT_OF_MEMORY") {
         return e;
     }
-    let step = std::fs::read(out.join("checkpoint.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Checkpoint>(&b).ok())
-        .map(|c| c.step);
-    let at = match step {
+    let at = match read_checkpoint(out).map(|c| c.step) {
         Some(s) => format!("the last checkpoint in {} is step {s}: run the same command again with --resume to go on from there", out.display()),
         None => "no checkpoint was written yet (a smaller --tokens-per-step or --batch lowers the peak)".to_string(),
     };
