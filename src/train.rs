@@ -206,6 +206,11 @@ pub fn strip_gutenberg(text: &str) -> &str {
     &text[start..end]
 }
 
+/// Gradients of an optimizer's variables summed over the passes of one step (in its variable
+/// order; None: no gradient reached that variable).
+#[derive(Default)]
+pub struct GradSum(Vec<Option<Tensor>>);
+
 /// AdamW whose moments can be saved and restored.
 pub struct AdamW {
     vars: Vec<(String, Var)>,
@@ -230,12 +235,32 @@ impl AdamW {
 
     /// One update with global-norm clipping; returns the gradient norm before clipping.
     pub fn step(&mut self, grads: &candle_core::backprop::GradStore, lr: f64, clip: f64) -> Result<f64> {
+        let mut sum = GradSum::default();
+        self.accumulate(&mut sum, &grads)?;
+        self.step_sum(&sum, lr, clip)
+    }
+
+    /// Add one backward pass's gradients of this optimizer's variables to `sum` (detached:
+    /// the pass's graph can go).
+    pub fn accumulate(&self, sum: &mut GradSum, grads: &candle_core::backprop::GradStore) -> Result<()> {
+        sum.0.resize(self.vars.len(), None);
+        for (slot, (_, var)) in sum.0.iter_mut().zip(&self.vars) {
+            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let g = g.detach();
+            *slot = Some(match slot.take() {
+                Some(s) => (s + g)?,
+                None => g,
+            });
+        }
+        Ok(())
+    }
+
+    /// One update from summed gradients (see `step`).
+    pub fn step_sum(&mut self, grads: &GradSum, lr: f64, clip: f64) -> Result<f64> {
         // one device sync for the norm, not one per variable
         let mut sums = Vec::new();
-        for (_, var) in &self.vars {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                sums.push(g.detach().to_dtype(DType::F32)?.sqr()?.sum_all()?);
-            }
+        for g in grads.0.iter().flatten() {
+            sums.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?);
         }
         let norm = if sums.is_empty() { 0.0 } else { Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64 };
         let scale = if clip > 0.0 && norm > clip { clip / norm } else { 1.0 };
@@ -244,12 +269,11 @@ impl AdamW {
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2 = 1.0 - self.beta2.powi(t);
         for (i, (_, var)) in self.vars.iter().enumerate() {
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
-            // A variable's gradient still carries autograd history (candle detaches only the
-            // interior ones): a moment built from it would hold this step's graph, and the
-            // next moment the one before. (Not the cause of the CUDA memory growth with LoRA:
-            // that persists with this; see README limits.)
-            let g = (g.detach().to_dtype(DType::F32)? * scale)?;
+            // detached in `accumulate`: a variable's gradient carries autograd history (candle
+            // detaches only the interior ones), and a moment built from it would hold this
+            // step's graph, and the next moment the one before
+            let Some(Some(g)) = grads.0.get(i) else { continue };
+            let g = (g.to_dtype(DType::F32)? * scale)?;
             self.m[i] = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
             self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let mhat = (&self.m[i] / bc1)?;
@@ -313,6 +337,62 @@ struct Batch {
     contexts: Vec<Vec<u32>>,
     targets: Vec<Vec<u32>>,
     l: usize,
+}
+
+impl Batch {
+    /// Rows `r` of this batch (same chunk-slot pattern).
+    fn rows(&self, r: std::ops::Range<usize>) -> Batch {
+        Batch {
+            chunk_texts: self.chunk_texts[r.start * self.l..r.end * self.l].to_vec(),
+            keep: self.keep.clone(),
+            contexts: self.contexts[r.clone()].to_vec(),
+            targets: self.targets[r].to_vec(),
+            l: self.l,
+        }
+    }
+
+    /// Row ranges of at most `max_tokens` context and target tokens each (at least one row
+    /// each; 0 = all rows at once).
+    fn passes(&self, max_tokens: usize) -> Vec<std::ops::Range<usize>> {
+        let n = self.targets.len();
+        let per = self.contexts.first().map_or(0, Vec::len) + self.targets.first().map_or(0, Vec::len);
+        let rows = if max_tokens == 0 { n } else { (max_tokens / per.max(1)).clamp(1, n.max(1)) };
+        (0..n).step_by(rows.max(1)).map(|a| a..(a + rows).min(n)).collect()
+    }
+}
+
+/// Loss terms of a reconstruct/cpt step, summed over passes ([`Batch::passes`]) weighted by
+/// their share of rows; each pass's gradients go into `grads` as soon as it is done, so only
+/// one pass's graph is alive at a time. `scale` weights the whole batch (the auxiliary
+/// reconstruction batch of cpt). Returns the weighted loss and the terms' (unweighted by
+/// `scale`) means: main, bag of words.
+#[allow(clippy::too_many_arguments)]
+fn batch_backward(
+    dec: &Decoder,
+    enc: &Encoder,
+    proj: &Projector,
+    opt: &AdamW,
+    grads: &mut GradSum,
+    b: &Batch,
+    scale: f64,
+    bow_weight: f64,
+    micro_tokens: usize,
+) -> Result<(f64, f64, Option<f64>)> {
+    let n = b.targets.len() as f64;
+    let (mut total, mut main_sum, mut bow_sum) = (0.0, 0.0, None::<f64>);
+    for r in b.passes(micro_tokens) {
+        let w = r.len() as f64 / n;
+        let (main, bow) = batch_loss(dec, enc, proj, &b.rows(r), bow_weight > 0.0)?;
+        main_sum += scalar(&main)? * w;
+        let mut t = (main * (scale * w))?;
+        if let Some(bw) = bow {
+            *bow_sum.get_or_insert(0.0) += scalar(&bw)? * w;
+            t = (t + (bw * (scale * bow_weight * w))?)?;
+        }
+        total += scalar(&t)?;
+        opt.accumulate(grads, &t.backward()?)?;
+    }
+    Ok((total, main_sum, bow_sum))
 }
 
 fn make_batch(pool: &TextPool, dec: &Decoder, cfg: &TrainConfig, l: usize, rng: &mut Rng) -> Result<Batch> {
@@ -428,6 +508,9 @@ pub struct TrainRun<'a> {
     pub quiet: bool,
     /// Stop (after a checkpoint) once this much wall time has passed.
     pub max_seconds: Option<f64>,
+    /// reconstruct/cpt: tokens per forward/backward pass (0 = the whole batch in one pass);
+    /// not part of the checkpoint: a run resumed after running out of memory may lower it.
+    pub micro_tokens: usize,
     /// Start from these weights (a folder: the reconstruction stage's output) when not resuming.
     pub init_from: Option<PathBuf>,
     pub data_note: String,
@@ -496,7 +579,7 @@ pub fn out_of_memory_hint(e: anyhow::Error, out: &Path) -> anyhow::Error {
     }
     let at = match read_checkpoint(out).map(|c| c.step) {
         Some(s) => format!("the last checkpoint in {} is step {s}: run the same command again with --resume to go on from there", out.display()),
-        None => "no checkpoint was written yet (a smaller --tokens-per-step or --batch lowers the peak)".to_string(),
+        None => "no checkpoint was written yet (a smaller --micro-tokens, or --batch for sft, lowers the peak)".to_string(),
     };
     e.context(format!("the GPU ran out of memory; {at}"))
 }
@@ -676,39 +759,44 @@ fn train_loop(
     while step < cfg.steps {
         let f = step as f64 / cfg.steps as f64;
         let ts = Instant::now();
-        let (loss, ntok, l, bsz, parts) = if let (Stage::Sft, Some(qa)) = (cfg.stage, run.qa) {
+        let mut grads = GradSum::default();
+        let (lv, ntok, l, bsz, parts) = if let (Stage::Sft, Some(qa)) = (cfg.stage, run.qa) {
             let batch = qa.sample(cfg.batch.max(1), &mut rng);
             let teacher = (cfg.distill > 0.0).then_some(run.decoder);
             let sl = crate::sft::loss(dec, teacher, &enc, &proj, cfg.k, &batch, cfg.distill, cfg.mixed, &mut rng)?;
-            (sl.total, sl.answer_tokens, 0, batch.len(), vec![("ce", sl.ce), ("kl", sl.kl)])
+            opt.accumulate(&mut grads, &sl.total.backward()?)?;
+            (scalar(&sl.total)?, sl.answer_tokens, 0, batch.len(), vec![("ce", sl.ce), ("kl", sl.kl)])
         } else {
             let l = curriculum_chunks(cfg.max_chunks, f, &mut rng);
             let batch = make_batch(run.train, dec, cfg, l, &mut rng)?;
             let ntok: usize = batch.targets.iter().map(Vec::len).sum();
-            let (main, bow) = batch_loss(dec, &enc, &proj, &batch, cfg.bow_weight > 0.0)?;
-            if cfg.stage == Stage::Cpt && cfg.recon_weight > 0.0 {
+            // the auxiliary reconstruction batch is drawn before any pass runs (the draws'
+            // order is the checkpointed random stream's)
+            let recon = if cfg.stage == Stage::Cpt && cfg.recon_weight > 0.0 {
                 let rc = TrainConfig { stage: Stage::Reconstruct, mixed: 0.0, ..cfg.clone() };
                 let rl = curriculum_chunks(cfg.max_chunks.min(16), f, &mut rng);
-                let rb = make_batch(run.train, dec, &rc, rl, &mut rng)?;
-                let (recon, _) = batch_loss(dec, &enc, &proj, &rb, false)?;
-                let mut parts = vec![("cpt", scalar(&main)?), ("recon", scalar(&recon)?)];
-                let mut total = (main + (recon * cfg.recon_weight)?)?;
-                if let Some(bw) = bow {
-                    parts.push(("bow", scalar(&bw)?));
-                    total = (total + (bw * cfg.bow_weight)?)?;
-                }
-                (total, ntok, l, batch.targets.len(), parts)
-            } else if let Some(bw) = bow {
-                let parts = vec![("main", scalar(&main)?), ("bow", scalar(&bw)?)];
-                ((main + (bw * cfg.bow_weight)?)?, ntok, l, batch.targets.len(), parts)
+                Some(make_batch(run.train, dec, &rc, rl, &mut rng)?)
             } else {
-                (main, ntok, l, batch.targets.len(), vec![])
+                None
+            };
+            let (mut lv, main, bow) =
+                batch_backward(dec, &enc, &proj, &opt, &mut grads, &batch, 1.0, cfg.bow_weight, run.micro_tokens)?;
+            let mut parts = vec![(if recon.is_some() { "cpt" } else { "main" }, main)];
+            if let Some(rb) = &recon {
+                let (rl, r, _) = batch_backward(dec, &enc, &proj, &opt, &mut grads, rb, cfg.recon_weight, 0.0, run.micro_tokens)?;
+                lv += rl;
+                parts.push(("recon", r));
             }
+            match bow {
+                Some(bw) => parts.push(("bow", bw)),
+                None if recon.is_none() => parts.clear(),
+                None => {}
+            }
+            (lv, ntok, l, batch.targets.len(), parts)
         };
-        let grads = loss.backward()?;
         let lr = lr_at(cfg, step);
-        let gnorm = opt.step(&grads, lr, cfg.clip)?;
-        let lv = scalar(&loss)?;
+        let gnorm = opt.step_sum(&grads, lr, cfg.clip)?;
+        drop(grads);
         if !lv.is_finite() {
             bail!("loss became {lv} at step {step}; lower --lr");
         }
@@ -719,6 +807,14 @@ fn train_loop(
             "batch": bsz, "tokens_per_s": tps, "tokens_seen": tokens_seen});
         for (name, v) in parts {
             rec[name] = v.into();
+        }
+        if let Some(m) = crate::device::memory(&run.decoder.device) {
+            rec["gpu_used_mb"] = m.used.round().into();
+            rec["gpu_reserved_mb"] = m.reserved.round().into();
+            rec["gpu_free_mb"] = m.free.round().into();
+            if crate::device::trim_if_large(&run.decoder.device) {
+                rec["gpu_trimmed"] = true.into();
+            }
         }
         writeln!(log, "{rec}")?;
         pb.set_position(step as u64);
@@ -814,6 +910,24 @@ mod tests {
         // other errors pass unchanged
         assert_eq!(format!("{:#}", out_of_memory_hint(anyhow::anyhow!("bad file"), &dir)), "bad file");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn passes_cover_every_row_once_within_the_token_budget() {
+        let row = |i: u32| vec![i; 48];
+        let b = Batch {
+            chunk_texts: (0..10).map(|i| format!("c{i}")).collect(),
+            keep: vec![false, true],
+            contexts: (0..5).map(|i| row(i)[..32].to_vec()).collect(),
+            targets: (0..5).map(|i| row(i)[..16].to_vec()).collect(),
+            l: 2,
+        };
+        assert_eq!(b.passes(0), vec![0..5]);
+        assert_eq!(b.passes(100), vec![0..2, 2..4, 4..5]);
+        assert_eq!(b.passes(10), (0..5).map(|i| i..i + 1).collect::<Vec<_>>(), "at least one row each");
+        let p = b.rows(2..4);
+        assert_eq!(p.chunk_texts, ["c4", "c5", "c6", "c7"]);
+        assert_eq!((p.contexts[0][0], p.targets[1][0], p.keep.clone(), p.l), (2, 3, vec![false, true], 2));
     }
 
     #[test]

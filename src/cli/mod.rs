@@ -195,7 +195,11 @@ pub fn main() -> ExitCode {
         let _ = writeln!(std::io::stderr(), "refrag: {}", one_line(&e));
         return ExitCode::from(2);
     }
-    let cli = match Cli::try_parse() {
+    let parsed = Cli::command().try_get_matches().and_then(|m| {
+        use clap::FromArgMatches;
+        Cli::from_arg_matches(&m).map(|c| (c, m))
+    });
+    let (cli, matches) = match parsed {
         Ok(c) => c,
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };
@@ -203,7 +207,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    match run(cli) {
+    match run(cli, &matches) {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
@@ -233,11 +237,14 @@ fn init_logging(g: &Global) {
         .try_init();
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
+fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<ExitCode> {
     init_logging(&cli.global);
     match cli.cmd {
         Cmd::Bench(args) => bench::run(&cli.global, args),
-        Cmd::Train(args) => train::run(&cli.global, args),
+        Cmd::Train(mut args) => {
+            args.given = matches.subcommand_matches("train").map(train::given).unwrap_or_default();
+            train::run(&cli.global, args)
+        }
         Cmd::Dataset(a) => dataset::run(&cli.global, a),
         Cmd::Completions(a) => docs::completions(a),
         Cmd::Man(a) => docs::man(a),

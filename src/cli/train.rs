@@ -35,6 +35,10 @@ pub struct TrainArgs {
     /// Held-out text files scored at the end (written to the card).
     #[arg(long, num_args = 1.., env = "REFRAG_TRAIN_HELDOUT")]
     pub heldout: Vec<PathBuf>,
+    /// Options given by flag, environment or config file (not left at their default): a
+    /// resumed run takes the others from its checkpoint.
+    #[arg(skip)]
+    pub given: std::collections::BTreeSet<String>,
     /// Output folder: checkpoints, train.jsonl, projector.safetensors, card.json.
     #[arg(long, default_value = "weights", env = "REFRAG_TRAIN_OUT")]
     pub out: PathBuf,
@@ -46,6 +50,11 @@ pub struct TrainArgs {
     /// Target tokens per optimizer step.
     #[arg(long, default_value_t = 8192, env = "REFRAG_TRAIN_TOKENS_PER_STEP")]
     pub tokens_per_step: usize,
+    /// reconstruct/cpt: tokens per forward and backward pass. A step's batch is split into
+    /// passes of at most this many tokens (at least one sample) and their gradients summed:
+    /// the same update with a lower memory peak. 0 = the whole batch in one pass.
+    #[arg(long, default_value_t = 8192, env = "REFRAG_TRAIN_MICRO_TOKENS")]
+    pub micro_tokens: usize,
     /// Chunks per sample at the end of the curriculum.
     #[arg(long, default_value_t = 16, env = "REFRAG_TRAIN_MAX_CHUNKS")]
     pub max_chunks: usize,
@@ -181,6 +190,34 @@ fn train_policy(g: &Global, a: &TrainArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The ids of the options in `m` that were given (flag, environment or config file).
+pub fn given(m: &clap::ArgMatches) -> std::collections::BTreeSet<String> {
+    use clap::parser::ValueSource;
+    m.ids()
+        .filter(|id| matches!(m.value_source(id.as_str()), Some(ValueSource::CommandLine | ValueSource::EnvVariable)))
+        .map(|id| id.to_string())
+        .collect()
+}
+
+/// A resumed run's settings: the checkpoint's, except those given now (`given`, as option
+/// ids); returns them and the given ones that differ from the checkpoint, as `--flag new (was old)`.
+fn resumed_config(now: &TrainConfig, ck: &TrainConfig, given: &std::collections::BTreeSet<String>) -> Result<(TrainConfig, Vec<String>)> {
+    let now_v = serde_json::to_value(now)?;
+    let mut out = serde_json::to_value(ck)?;
+    let mut changed = Vec::new();
+    for (key, v) in now_v.as_object().into_iter().flatten() {
+        // the stage is the command's (train.rs refuses a checkpoint of another stage)
+        if key != "stage" && !given.contains(key) {
+            continue;
+        }
+        if out[key.as_str()] != *v && key != "stage" {
+            changed.push(format!("--{} {v} (was {})", key.replace('_', "-"), out[key.as_str()]));
+        }
+        out[key.as_str()] = v.clone();
+    }
+    Ok((serde_json::from_value(out)?, changed))
+}
+
 pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     if a.k == 0 || a.max_chunks == 0 || a.steps == 0 {
         bail!("--k, --max-chunks and --steps must be positive");
@@ -237,7 +274,7 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         }
     }
     let names = |v: &[PathBuf]| v.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()).collect::<Vec<_>>();
-    let cfg = TrainConfig {
+    let mut cfg = TrainConfig {
         stage: a.stage,
         k: a.k,
         steps: a.steps,
@@ -259,6 +296,13 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         bow_weight,
         input_scale,
     };
+    if let Some(ck) = &resumed {
+        let (c, changed) = resumed_config(&cfg, ck, &a.given)?;
+        cfg = c;
+        if !changed.is_empty() && !g.quiet {
+            eprintln!("resuming {} with {}", a.out.display(), changed.join(", "));
+        }
+    }
     let run = TrainRun {
         decoder: &decoder,
         encoder: &encoder,
@@ -268,6 +312,7 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         resume: a.resume,
         quiet: g.quiet,
         max_seconds: a.max_seconds,
+        micro_tokens: a.micro_tokens,
         init_from: a.init.clone(),
         data_note: if a.stage == Stage::Sft {
             format!("train tasks: {:?}; held-out tasks: {:?}", names(&a.qa), names(&a.heldout_qa))
