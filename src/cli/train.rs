@@ -92,7 +92,8 @@ pub struct TrainArgs {
     pub seed: u64,
     #[arg(long, default_value_t = 100, env = "REFRAG_TRAIN_CHECKPOINT_EVERY")]
     pub checkpoint_every: usize,
-    /// Continue from the checkpoint in --out.
+    /// Continue from the checkpoint in --out, with the settings the run started with; options
+    /// given again (flag, environment or config file) override them, and the changes are named.
     #[arg(long, env = "REFRAG_TRAIN_RESUME")]
     pub resume: bool,
     /// Checkpoint and stop after this many seconds (resume later with --resume).
