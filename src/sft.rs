@@ -44,6 +44,15 @@ pub struct QaExample {
     pub answer: Vec<u32>,
 }
 
+impl QaExample {
+    /// Tokens the teacher reads for it (passages, earlier turns and answer; the question and the
+    /// chat template add a few dozen): its size when a step is split into passes.
+    pub fn tokens(&self) -> usize {
+        let turns: usize = self.history.iter().map(|(u, a)| u.len() + a.len()).sum();
+        self.passages.iter().map(Vec::len).sum::<usize>() + turns + self.answer.len()
+    }
+}
+
 /// Answerable one-turn tasks with their first reference answer.
 pub struct QaPool {
     pub examples: Vec<QaExample>,

@@ -351,14 +351,31 @@ impl Batch {
         }
     }
 
-    /// Row ranges of at most `max_tokens` context and target tokens each (at least one row
-    /// each; 0 = all rows at once).
+    /// Row ranges of at most `max_tokens` context and target tokens each ([`passes`]).
     fn passes(&self, max_tokens: usize) -> Vec<std::ops::Range<usize>> {
-        let n = self.targets.len();
-        let per = self.contexts.first().map_or(0, Vec::len) + self.targets.first().map_or(0, Vec::len);
-        let rows = if max_tokens == 0 { n } else { (max_tokens / per.max(1)).clamp(1, n.max(1)) };
-        (0..n).step_by(rows.max(1)).map(|a| a..(a + rows).min(n)).collect()
+        let sizes: Vec<usize> = self.contexts.iter().zip(&self.targets).map(|(c, t)| c.len() + t.len()).collect();
+        passes(&sizes, max_tokens)
     }
+}
+
+/// Consecutive ranges of items whose sizes (tokens) add up to at most `max_tokens`, each with
+/// at least one item; 0 = all items in one range. The forward/backward passes of one step.
+pub fn passes(sizes: &[usize], max_tokens: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut used = 0;
+    for (i, &s) in sizes.iter().enumerate() {
+        match out.last_mut() {
+            Some(r) if max_tokens == 0 || used + s <= max_tokens => {
+                r.end = i + 1;
+                used += s;
+            }
+            _ => {
+                out.push(i..i + 1);
+                used = s;
+            }
+        }
+    }
+    out
 }
 
 /// Loss terms of a reconstruct/cpt step, summed over passes ([`Batch::passes`]) weighted by
@@ -508,7 +525,7 @@ pub struct TrainRun<'a> {
     pub quiet: bool,
     /// Stop (after a checkpoint) once this much wall time has passed.
     pub max_seconds: Option<f64>,
-    /// reconstruct/cpt: tokens per forward/backward pass (0 = the whole batch in one pass);
+    /// Tokens per forward/backward pass (0 = the whole batch in one pass; [`passes`]);
     /// not part of the checkpoint: a run resumed after running out of memory may lower it.
     pub micro_tokens: usize,
     /// Start from these weights (a folder: the reconstruction stage's output) when not resuming.
@@ -763,9 +780,20 @@ fn train_loop(
         let (lv, ntok, l, bsz, parts) = if let (Stage::Sft, Some(qa)) = (cfg.stage, run.qa) {
             let batch = qa.sample(cfg.batch.max(1), &mut rng);
             let teacher = (cfg.distill > 0.0).then_some(run.decoder);
-            let sl = crate::sft::loss(dec, teacher, &enc, &proj, cfg.k, &batch, cfg.distill, cfg.mixed, &mut rng)?;
-            opt.accumulate(&mut grads, &sl.total.backward()?)?;
-            (scalar(&sl.total)?, sl.answer_tokens, 0, batch.len(), vec![("ce", sl.ce), ("kl", sl.kl)])
+            // passes of tasks; each pass's loss is a mean over its answer tokens, weighted by
+            // their share of the batch's (the step's loss is the mean over all answer tokens)
+            let ntok: usize = batch.iter().map(|ex| ex.answer.len()).sum();
+            let sizes: Vec<usize> = batch.iter().map(|ex| ex.tokens()).collect();
+            let (mut lv, mut ce, mut kl) = (0.0, 0.0, 0.0);
+            for r in passes(&sizes, run.micro_tokens) {
+                let sl = crate::sft::loss(dec, teacher, &enc, &proj, cfg.k, &batch[r], cfg.distill, cfg.mixed, &mut rng)?;
+                let w = sl.answer_tokens as f64 / ntok.max(1) as f64;
+                let t = (sl.total * w)?;
+                lv += scalar(&t)?;
+                (ce, kl) = (ce + sl.ce * w, kl + sl.kl * w);
+                opt.accumulate(&mut grads, &t.backward()?)?;
+            }
+            (lv, ntok, 0, batch.len(), vec![("ce", ce), ("kl", kl)])
         } else {
             let l = curriculum_chunks(cfg.max_chunks, f, &mut rng);
             let batch = make_batch(run.train, dec, cfg, l, &mut rng)?;
@@ -925,6 +953,8 @@ mod tests {
         assert_eq!(b.passes(0), vec![0..5]);
         assert_eq!(b.passes(100), vec![0..2, 2..4, 4..5]);
         assert_eq!(b.passes(10), (0..5).map(|i| i..i + 1).collect::<Vec<_>>(), "at least one row each");
+        assert_eq!(passes(&[3, 9, 2, 2, 5], 10), vec![0..1, 1..2, 2..5]);
+        assert_eq!(passes(&[], 10), vec![]);
         let p = b.rows(2..4);
         assert_eq!(p.chunk_texts, ["c4", "c5", "c6", "c7"]);
         assert_eq!((p.contexts[0][0], p.targets[1][0], p.keep.clone(), p.l), (2, 3, vec![false, true], 2));

@@ -50,9 +50,10 @@ pub struct TrainArgs {
     /// Target tokens per optimizer step.
     #[arg(long, default_value_t = 8192, env = "REFRAG_TRAIN_TOKENS_PER_STEP")]
     pub tokens_per_step: usize,
-    /// reconstruct/cpt: tokens per forward and backward pass. A step's batch is split into
-    /// passes of at most this many tokens (at least one sample) and their gradients summed:
-    /// the same update with a lower memory peak. 0 = the whole batch in one pass.
+    /// Tokens per forward and backward pass. A step's batch is split into passes of at most
+    /// this many tokens (at least one sample; sft: a task's passages, earlier turns and answer)
+    /// and their gradients summed: the same update with a lower memory peak. 0 = the whole
+    /// batch in one pass.
     #[arg(long, default_value_t = 8192, env = "REFRAG_TRAIN_MICRO_TOKENS")]
     pub micro_tokens: usize,
     /// Chunks per sample at the end of the curriculum.

@@ -157,6 +157,35 @@ fn a_step_split_into_passes_makes_the_same_update() {
     assert!(moved * 100 < w0.len(), "{moved} of {} projector weights differ", w0.len());
 }
 
+/// The same for answer fine-tuning: a batch of three tasks in one pass or one task per pass
+/// gives the same loss terms (each a mean over all the batch's answer tokens) and gradient.
+#[test]
+fn an_sft_step_split_into_passes_makes_the_same_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = squad_tasks(dir.path());
+    let run = |micro: &str| -> serde_json::Value {
+        let out = dir.path().join(format!("s{micro}"));
+        let o = refrag()
+            .args(["train", "sft", "--device", "cpu", "-q", "--batch", "3", "--steps", "1", "--encoder-layers", "4", "--decoder-lora", "8"])
+            .args(["--mixed", "0.3", "--seed", "4", "--micro-tokens", micro, "--init"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa"))
+            .arg("--qa")
+            .arg(&tasks)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str(std::fs::read_to_string(out.join("train.jsonl")).unwrap().lines().next().unwrap()).unwrap()
+    };
+    let (whole, split) = (run("0"), run("1"));
+    assert_eq!(whole["batch"], 3);
+    for key in ["loss", "grad_norm", "ce", "kl"] {
+        let (x, y) = (whole[key].as_f64().unwrap(), split[key].as_f64().unwrap());
+        assert!(x > 0.0 && (x - y).abs() <= 1e-4 * x.max(1.0), "{key}: {x} vs {y}");
+    }
+}
+
 /// `eval perplexity --json` over two windows of Alice (s = 128, o = 32, k = 16): its rows.
 fn perplexity_rows(extra: &[&std::ffi::OsStr]) -> Vec<serde_json::Value> {
     let o = refrag()
