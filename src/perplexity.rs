@@ -107,11 +107,14 @@ impl PplScores {
     }
 }
 
+/// Pools one score over the texts: called with the score's accessor.
+type Pool<'a> = &'a dyn Fn(&dyn Fn(&PplScores) -> f64) -> f64;
+
 /// The keys every text has, each pooled with `w`.
 fn pooled_map(
     all: &[PplScores],
     map: impl Fn(&PplScores) -> &std::collections::BTreeMap<String, f64>,
-    w: &dyn Fn(&dyn Fn(&PplScores) -> f64) -> f64,
+    w: Pool,
 ) -> std::collections::BTreeMap<String, f64> {
     let Some(first) = all.first() else { return Default::default() };
     map(first)

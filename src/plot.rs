@@ -31,7 +31,8 @@ pub fn speedups(rows: &[Row], device: &str, path: &Path) -> Result<()> {
     let root = BitMapBackend::new(path, (1200, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let (left, right) = root.split_horizontally(600);
-    let panels: [(&str, &dyn Fn(&Row) -> Option<f64>, DrawingArea<_, _>); 2] = [
+    type Value<'a> = &'a dyn Fn(&Row) -> Option<f64>;
+    let panels: [(&str, Value, DrawingArea<_, _>); 2] = [
         ("TTFT acceleration (x)", &|r: &Row| r.speedup, left),
         ("Throughput acceleration (x)", &|r: &Row| r.throughput_speedup, right),
     ];

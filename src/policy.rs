@@ -455,6 +455,9 @@ fn start_from_sim(varmap: &VarMap) -> Result<()> {
 }
 
 /// Train the policy (GRPO group baseline + PPO clipping); writes policy.safetensors/json.
+/// The reward of each expansion mask of a group (one context).
+type RewardFn<'a> = Box<dyn Fn(&[Vec<bool>]) -> Result<Vec<f64>> + 'a>;
+
 pub fn train(run: &PolicyTrain, net_cfg: PolicyConfig, cfg: &PolicyTrainConfig) -> Result<serde_json::Value> {
     let dec = run.decoder;
     let device = &dec.device;
@@ -508,7 +511,7 @@ pub fn train(run: &PolicyTrain, net_cfg: PolicyConfig, cfg: &PolicyTrainConfig) 
         // One context: its chunk vectors, the query, and the reward of any expansion mask.
         let task;
         let window;
-        let (vecs, query, reward): (Tensor, Option<Tensor>, Box<dyn Fn(&[Vec<bool>]) -> Result<Vec<f64>> + '_>) = match run.episodes {
+        let (vecs, query, reward): (Tensor, Option<Tensor>, RewardFn) = match run.episodes {
             Episodes::Text(pool) => {
                 window = pool.window(cfg.s + cfg.o, &mut rng);
                 let (ctx, tgt) = (&window[..cfg.s], &window[cfg.s..]);

@@ -130,8 +130,10 @@ pub fn loss(
     mixed: f64,
     rng: &mut Rng,
 ) -> Result<SftLoss> {
-    // Which chunks stay tokens, and all compressed chunk texts of the batch, in order.
-    let mut plans: Vec<Vec<Vec<(bool, &[u32])>>> = Vec::new();
+    // Which chunks stay tokens (per task, per passage, per chunk: expanded?, its tokens), and
+    // all compressed chunk texts of the batch, in order.
+    type Plan<'a> = Vec<Vec<(bool, &'a [u32])>>;
+    let mut plans: Vec<Plan> = Vec::new();
     let mut texts = Vec::new();
     for ex in batch {
         for (u, a) in &ex.history {
