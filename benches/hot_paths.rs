@@ -1,6 +1,7 @@
 //! `cargo bench`: micro-benchmarks of the hot paths with the real models on CPU: a decoder
 //! step through the KV cache, a 512-position prefill, the projector over 128 chunk vectors,
-//! and retrieval + chunk-vector loading from a real LanceDB index of the fixture corpus.
+//! training's cross-entropy (fused vs candle's), and retrieval + chunk-vector loading from a
+//! real LanceDB index of the fixture corpus.
 //! Median, min and max over repeats after a warm-up (std only: no harness dependency).
 
 use candle_core::{Device, Tensor};
@@ -66,6 +67,29 @@ fn main() {
         time("encoder (32 chunks of 16 tokens)", 10, || {
             let _ = enc.encode(&refs).unwrap();
         });
+    }
+    if on("cross_entropy") {
+        // training's loss over 4096 target tokens: forward and backward, the fused version
+        // first and candle's op-by-op one second, with the process's peak memory after each
+        // (VmHWM only grows: a second peak above the first is the op-by-op version's own)
+        let v = dec.cfg.vocab;
+        let logits = candle_core::Var::randn(0f32, 2.0, (4096, v), &dev).unwrap();
+        let tgt = Tensor::arange(0u32, 4096, &dev).unwrap();
+        let hwm = || {
+            let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+            s.lines().find(|l| l.starts_with("VmHWM")).map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<f64>().unwrap_or(0.0) / 1024.0).unwrap_or(0.0)
+        };
+        let before = hwm();
+        time("cross_entropy fused (4096 x vocab, fwd+bwd)", 5, || {
+            let l = refrag::diffops::cross_entropy(logits.as_tensor(), &tgt).unwrap();
+            let _ = l.backward().unwrap();
+        });
+        let fused = hwm();
+        time("cross_entropy candle (4096 x vocab, fwd+bwd)", 5, || {
+            let l = candle_nn::loss::cross_entropy(logits.as_tensor(), &tgt).unwrap();
+            let _ = l.backward().unwrap();
+        });
+        println!("cross_entropy peak memory above the start: fused {:.0} MB, candle {:.0} MB", fused - before, hwm() - before);
     }
     #[cfg(feature = "store")]
     if on("store") {

@@ -8,7 +8,11 @@
 //! - rms-norm, y = x w / sqrt(mean(x^2) + eps): dx = r (g w) - x r^3 mean(g w x), r = 1/sqrt(..)
 //!   (the norm weight is frozen in training, so it gets no gradient);
 //! - interleaved rope (a rotation per pair): dx = rope(g, cos, -sin), the inverse rotation;
-//! - softmax: dx = y (g - sum(g y)).
+//! - softmax: dx = y (g - sum(g y));
+//! - cross-entropy of logits x against targets t, per row lse(x) - x_t: dx = g (softmax(x) -
+//!   onehot(t)). Autograd keeps the logits and the row's log-sum-exp only, not log-softmax's
+//!   full-size intermediates (the largest tensors of a training step: target tokens x the
+//!   49152-token vocabulary).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
@@ -17,6 +21,8 @@ enum Grad {
     Rms { w: Tensor, eps: f64 },
     Rope { cos: Tensor, sin: Tensor },
     Softmax,
+    /// `tgt` [n, 1] u32, `lse` [n, 1] f32
+    CrossEntropy { tgt: Tensor, lse: Tensor },
 }
 
 /// Returns the precomputed fused result; its backward is `grad`'s formula.
@@ -52,6 +58,12 @@ impl CustomOp1 for WithGrad {
             Grad::Softmax => {
                 let s = (g * y)?.sum_keepdim(D::Minus1)?;
                 (g.broadcast_sub(&s)? * y)?
+            }
+            Grad::CrossEntropy { tgt, lse } => {
+                let x32 = x.to_dtype(DType::F32)?;
+                let g = g.to_dtype(DType::F32)?.unsqueeze(1)?;
+                let p = x32.broadcast_sub(lse)?.exp()?.broadcast_mul(&g)?;
+                p.scatter_add(tgt, &g.neg()?, 1)?.to_dtype(x.dtype())?
             }
             Grad::Rope { cos, sin } => candle_nn::rotary_emb::rope_i(&g.contiguous()?, cos, &sin.neg()?)?,
             Grad::Rms { w, eps } => {
@@ -109,6 +121,20 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     attach(x, y, Grad::Softmax)
 }
 
+/// Mean cross-entropy of `logits` [n, v] against `targets` [n] (u32), as
+/// `candle_nn::loss::cross_entropy`, with a written-out gradient (module doc).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if op_by_op() {
+        return candle_nn::loss::cross_entropy(logits, targets);
+    }
+    let x = logits.detach().to_dtype(DType::F32)?;
+    let m = x.max_keepdim(1)?;
+    let lse = (x.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + &m)?;
+    let tgt = targets.to_dtype(DType::U32)?.unsqueeze(1)?.contiguous()?;
+    let rows = (&lse - x.gather(&tgt, 1)?)?.squeeze(1)?.to_dtype(logits.dtype())?.contiguous()?;
+    attach(logits, rows, Grad::CrossEntropy { tgt, lse })?.mean_all()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +175,15 @@ mod tests {
         let (y2, g2) = grad(&x, &c, |t| candle_nn::ops::softmax(t, D::Minus1));
         close(&y1, &y2, 1e-5);
         close(&g1, &g2, 1e-5);
+        // cross-entropy: value and gradient to the logits
+        let logits = Var::randn(0f32, 3.0, (7, 11), &dev).unwrap();
+        let tgt = Tensor::new(&[0u32, 10, 3, 3, 7, 1, 5], &dev).unwrap();
+        let one = Tensor::ones((), DType::F32, &dev).unwrap();
+        let (l1, d1) = grad(&logits, &one, |t| cross_entropy(t, &tgt));
+        let (l2, d2) = grad(&logits, &one, |t| candle_nn::loss::cross_entropy(t, &tgt));
+        close(&l1, &l2, 1e-5);
+        close(&d1, &d2, 1e-6);
+        assert!(d1.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.1);
         // untracked input: the plain fused result
         let plain = rms_norm(&c, &w, 1e-5).unwrap();
         assert!(!plain.track_op());

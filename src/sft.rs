@@ -209,7 +209,7 @@ pub fn loss(
     for (i, ex) in batch.iter().enumerate() {
         let n = ex.answer.len();
         let tgt = Tensor::from_vec(ex.answer.clone(), n, &student.device)?;
-        let ce = candle_nn::loss::cross_entropy(&s_logits[i], &tgt)?;
+        let ce = crate::diffops::cross_entropy(&s_logits[i], &tgt)?;
         let mut term = ce.clone();
         ce_sum += ce.to_scalar::<f32>()? as f64 * n as f64;
         if let Some(tl) = &t_logits {

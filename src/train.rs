@@ -485,7 +485,7 @@ fn batch_loss(dec: &Decoder, enc: &Encoder, proj: &Projector, b: &Batch, bow: bo
     let h = h.narrow(1, plen - 1, tlen)?.reshape((n * tlen, hid))?;
     let logits = dec.logits(&h)?;
     let tgt = Tensor::from_vec(b.targets.concat(), n * tlen, &dec.device)?;
-    Ok((candle_nn::loss::cross_entropy(&logits, &tgt)?, bow))
+    Ok((crate::diffops::cross_entropy(&logits, &tgt)?, bow))
 }
 
 /// Bag-of-words loss: mean over chunks and their k tokens of -log p(token | chunk vector), with
