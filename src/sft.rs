@@ -137,9 +137,8 @@ pub fn loss(
     let mut texts = Vec::new();
     for ex in batch {
         for (u, a) in &ex.history {
-            for c in crate::corpus::chunks(u, k).chain(crate::corpus::chunks(a, k)) {
-                texts.push(student.tokenizer.decode(c, false).map_err(|e| anyhow!("decode: {e}"))?);
-            }
+            texts.extend(crate::corpus::chunk_texts(&student.tokenizer, u, k)?);
+            texts.extend(crate::corpus::chunk_texts(&student.tokenizer, a, k)?);
         }
         let mut per = Vec::new();
         for p in &ex.passages {

@@ -439,9 +439,7 @@ fn make_batch(pool: &TextPool, dec: &Decoder, cfg: &TrainConfig, l: usize, rng: 
         if ctx.len() < s {
             bail!("training text too short for {l} chunks of {} tokens", cfg.k);
         }
-        for c in ctx.chunks(cfg.k) {
-            b.chunk_texts.push(dec.tokenizer.decode(c, false).map_err(|e| anyhow::anyhow!("decode: {e}"))?);
-        }
+        b.chunk_texts.extend(crate::corpus::chunk_texts(&dec.tokenizer, &ctx, cfg.k)?);
         b.contexts.push(ctx);
         b.targets.push(tgt);
     }
