@@ -132,18 +132,17 @@ pub fn memory(_: &Device) -> Option<GpuMemory> {
 }
 
 /// Give the memory pool's unused blocks back to the driver once it holds more than half of
-/// the device, after the stream has finished its work. The pool keeps freed blocks for reuse
+/// the device (`m`: its memory just now), after the stream has finished its work. The pool keeps freed blocks for reuse
 /// (tune_cuda), yet over a LoRA training run it grows by 0.2-0.3 GB per forward/backward pass
 /// while live tensors stay under 0.5 GB between steps (H200, cpt at L = 1), until an
 /// allocation fails; trimming now and then starts it afresh. Returns whether it trimmed;
 /// `REFRAG_CUDA_TRIM=0` never trims.
 #[cfg(feature = "cuda")]
-pub fn trim_if_large(dev: &Device) -> bool {
+pub fn trim_if_large(dev: &Device, m: &GpuMemory) -> bool {
     use candle_core::cuda_backend::cudarc::driver::sys;
     if std::env::var("REFRAG_CUDA_TRIM").is_ok_and(|v| v == "0") {
         return false;
     }
-    let Some(m) = memory(dev) else { return false };
     if m.reserved < m.total / 2.0 {
         return false;
     }
@@ -156,7 +155,7 @@ pub fn trim_if_large(dev: &Device) -> bool {
 }
 
 #[cfg(not(feature = "cuda"))]
-pub fn trim_if_large(_: &Device) -> bool {
+pub fn trim_if_large(_: &Device, _: &GpuMemory) -> bool {
     false
 }
 

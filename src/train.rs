@@ -400,13 +400,16 @@ fn batch_backward(
     for r in b.passes(micro_tokens) {
         let w = r.len() as f64 / n;
         let (main, bow) = batch_loss(dec, enc, proj, &b.rows(r), bow_weight > 0.0)?;
-        main_sum += scalar(&main)? * w;
+        let m = scalar(&main)?;
+        main_sum += m * w;
+        total += m * scale * w;
         let mut t = (main * (scale * w))?;
         if let Some(bw) = bow {
-            *bow_sum.get_or_insert(0.0) += scalar(&bw)? * w;
+            let v = scalar(&bw)?;
+            *bow_sum.get_or_insert(0.0) += v * w;
+            total += v * scale * bow_weight * w;
             t = (t + (bw * (scale * bow_weight * w))?)?;
         }
-        total += scalar(&t)?;
         opt.accumulate(grads, &t.backward()?)?;
     }
     Ok((total, main_sum, bow_sum))
@@ -786,10 +789,10 @@ fn train_loop(
             for r in passes(&sizes, run.micro_tokens) {
                 let sl = crate::sft::loss(dec, teacher, &enc, &proj, cfg.k, &batch[r], cfg.distill, cfg.mixed, &mut rng)?;
                 let w = sl.answer_tokens as f64 / ntok.max(1) as f64;
-                let t = (sl.total * w)?;
-                lv += scalar(&t)?;
+                // sl.total = ce + distill * kl (kl = 0 without a teacher)
+                lv += (sl.ce + cfg.distill * sl.kl) * w;
                 (ce, kl) = (ce + sl.ce * w, kl + sl.kl * w);
-                opt.accumulate(&mut grads, &t.backward()?)?;
+                opt.accumulate(&mut grads, &(sl.total * w)?.backward()?)?;
             }
             (lv, ntok, 0, batch.len(), vec![("ce", ce), ("kl", kl)])
         } else {
@@ -838,7 +841,7 @@ fn train_loop(
             rec["gpu_used_mb"] = m.used.round().into();
             rec["gpu_reserved_mb"] = m.reserved.round().into();
             rec["gpu_free_mb"] = m.free.round().into();
-            if crate::device::trim_if_large(&run.decoder.device) {
+            if crate::device::trim_if_large(&run.decoder.device, &m) {
                 rec["gpu_trimmed"] = true.into();
             }
         }
