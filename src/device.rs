@@ -133,7 +133,7 @@ pub fn memory(_: &Device) -> Option<GpuMemory> {
 
 /// Give the memory pool's unused blocks back to the driver once it holds more than half of
 /// the device (`m`: its memory just now), after the stream has finished its work. The pool keeps freed blocks for reuse
-/// (tune_cuda), yet over a LoRA training run it grows by 0.2-0.3 GB per forward/backward pass
+/// (tune_cuda), yet over a LoRA training run it grows by 0.15-0.3 GB per forward/backward pass
 /// while live tensors stay under 0.5 GB between steps (H200, cpt at L = 1), until an
 /// allocation fails; trimming now and then starts it afresh. Returns whether it trimmed;
 /// `REFRAG_CUDA_TRIM=0` never trims.
