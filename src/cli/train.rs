@@ -233,9 +233,7 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     if a.recon_weight > 0.0 && a.stage != Stage::Cpt {
         bail!("--recon-weight is for `refrag train cpt`");
     }
-    // --resume continues with the checkpoint's settings unless told otherwise
-    let resumed = a.resume.then(|| train::checkpoint_config(&a.out)).flatten();
-    let bow_weight = a.bow_weight.or(resumed.as_ref().map(|c| c.bow_weight)).unwrap_or(if a.stage == Stage::Sft { 0.0 } else { 0.1 });
+    let bow_weight = a.bow_weight.unwrap_or(if a.stage == Stage::Sft { 0.0 } else { 0.1 });
     if !(bow_weight.is_finite() && bow_weight >= 0.0) || (bow_weight > 0.0 && a.stage == Stage::Sft) {
         bail!("--bow-weight {bow_weight}: must be 0 or more, for reconstruct or cpt");
     }
@@ -257,7 +255,7 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     let device = g.device()?;
     let decoder = g.load_decoder_with(&device, crate::decoder::Ops::Differentiable, false)?;
     let encoder = g.load_encoder(&device)?;
-    let input_scale = a.input_scale.or(resumed.as_ref().map(|c| c.input_scale)).or(init_scale).unwrap_or((encoder.dim as f64).sqrt());
+    let input_scale = a.input_scale.or(init_scale).unwrap_or((encoder.dim as f64).sqrt());
     if a.stage == Stage::Sft && a.qa.is_empty() {
         bail!("train sft needs --qa FILE (tasks: `refrag dataset squad FILE --split train --tasks OUT.jsonl`)");
     }
@@ -298,8 +296,9 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         bow_weight,
         input_scale,
     };
-    if let Some(ck) = &resumed {
-        let (c, changed) = resumed_config(&cfg, ck, &a.given)?;
+    // --resume continues with the checkpoint's settings, except options given now
+    if let Some(ck) = a.resume.then(|| train::checkpoint_config(&a.out)).flatten() {
+        let (c, changed) = resumed_config(&cfg, &ck, &a.given)?;
         cfg = c;
         if !changed.is_empty() && !g.quiet {
             eprintln!("resuming {} with {}", a.out.display(), changed.join(", "));
