@@ -188,4 +188,39 @@ mod tests {
         let plain = rms_norm(&c, &w, 1e-5).unwrap();
         assert!(!plain.track_op());
     }
+
+    /// In bf16 (the decoder's dtype on CUDA) the fused versions' gradients stay as close to the
+    /// f32 gradient as candle's op-by-op versions do (relative error of the whole gradient).
+    #[test]
+    fn fused_gradients_in_bf16_are_as_close_to_f32_as_op_by_op() {
+        let dev = Device::Cpu;
+        let x32 = (Tensor::randn(0f32, 1.0, (2, 9, 48, 64), &dev).unwrap() * 4.0).unwrap();
+        let c = Tensor::randn(0f32, 1.0, (2, 9, 48, 64), &dev).unwrap();
+        let rel = |f: &dyn Fn(&Tensor) -> Result<Tensor>, g: &dyn Fn(&Tensor) -> Result<Tensor>| -> (f32, f32) {
+            let reference = grad(&Var::from_tensor(&x32).unwrap(), &c, |t| g(t)).1;
+            let x16 = Var::from_tensor(&x32.to_dtype(DType::BF16).unwrap()).unwrap();
+            let c16 = c.to_dtype(DType::BF16).unwrap();
+            let err = |d: Tensor| {
+                let d = d.to_dtype(DType::F32).unwrap();
+                let num = (&d - &reference).unwrap().sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+                num / reference.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap()
+            };
+            (err(grad(&x16, &c16, |t| f(t)).1), err(grad(&x16, &c16, |t| g(t)).1))
+        };
+        let w = Tensor::randn(1f32, 0.2, 64, &dev).unwrap();
+        let w16 = w.to_dtype(DType::BF16).unwrap();
+        let cos = Tensor::randn(0f32, 1.0, (48, 32), &dev).unwrap();
+        let sin = Tensor::randn(0f32, 1.0, (48, 32), &dev).unwrap();
+        let (cos16, sin16) = (cos.to_dtype(DType::BF16).unwrap(), sin.to_dtype(DType::BF16).unwrap());
+        let pick = |t: &Tensor, a: &Tensor, b: &Tensor| if t.dtype() == DType::BF16 { a.clone() } else { b.clone() };
+        let cases: Vec<(&str, (f32, f32))> = vec![
+            ("softmax", rel(&softmax_last_dim, &|t| candle_nn::ops::softmax(t, D::Minus1))),
+            ("rms-norm", rel(&|t| rms_norm(t, &pick(t, &w16, &w), 1e-5), &|t| candle_nn::ops::rms_norm_slow(t, &pick(t, &w16, &w), 1e-5))),
+            ("rope", rel(&|t| rope_i(t, &pick(t, &cos16, &cos), &pick(t, &sin16, &sin)), &|t| candle_nn::rotary_emb::rope_i_slow(t, &pick(t, &cos16, &cos), &pick(t, &sin16, &sin)))),
+        ];
+        for (name, (fused, slow)) in cases {
+            eprintln!("{name}: bf16 gradient relative error fused {fused:.4} op-by-op {slow:.4}");
+            assert!(fused < 0.05 && fused < 2.0 * slow + 0.01, "{name}: fused {fused} op-by-op {slow}");
+        }
+    }
 }

@@ -841,6 +841,8 @@ fn train_loop(
             rec["gpu_used_mb"] = m.used.round().into();
             rec["gpu_reserved_mb"] = m.reserved.round().into();
             rec["gpu_free_mb"] = m.free.round().into();
+            rec["gpu_peak_used_mb"] = m.peak_used.round().into();
+            rec["gpu_peak_reserved_mb"] = m.peak_reserved.round().into();
             if crate::device::trim_if_large(&run.decoder.device, &m) {
                 rec["gpu_trimmed"] = true.into();
             }
