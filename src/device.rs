@@ -153,13 +153,25 @@ pub fn memory(_: &Device) -> Option<GpuMemory> {
 /// Returns whether it trimmed; `REFRAG_CUDA_TRIM=0` never trims.
 #[cfg(feature = "cuda")]
 pub fn trim_if_large(dev: &Device, m: &GpuMemory) -> bool {
-    use candle_core::cuda_backend::cudarc::driver::sys;
     if std::env::var("REFRAG_CUDA_TRIM").is_ok_and(|v| v == "0") {
         return false;
     }
     if m.reserved < m.total / 2.0 {
         return false;
     }
+    release_unused(dev)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn trim_if_large(_: &Device, _: &GpuMemory) -> bool {
+    false
+}
+
+/// Wait for the device's queued work, then give the memory pool's unused blocks back to the
+/// driver. Returns whether it trimmed (false on the CPU).
+#[cfg(feature = "cuda")]
+pub fn release_unused(dev: &Device) -> bool {
+    use candle_core::cuda_backend::cudarc::driver::sys;
     let Some(pool) = default_pool(dev) else { return false };
     if dev.synchronize().is_err() {
         return false;
@@ -169,7 +181,7 @@ pub fn trim_if_large(dev: &Device, m: &GpuMemory) -> bool {
 }
 
 #[cfg(not(feature = "cuda"))]
-pub fn trim_if_large(_: &Device, _: &GpuMemory) -> bool {
+pub fn release_unused(_: &Device) -> bool {
     false
 }
 

@@ -242,9 +242,12 @@ impl AdamW {
 
     /// Add one backward pass's gradients of this optimizer's variables to `sum` (detached:
     /// the pass's graph can go).
+    /// All or nothing: if an addition fails (out of memory), `sum` is left as it was, so the
+    /// pass can run again ([`with_oom_retry`]).
     pub fn accumulate(&self, sum: &mut GradSum, grads: &candle_core::backprop::GradStore) -> Result<()> {
-        sum.0.resize(self.vars.len(), None);
-        for (slot, (_, var)) in sum.0.iter_mut().zip(&self.vars) {
+        let mut next = sum.0.clone();
+        next.resize(self.vars.len(), None);
+        for (slot, (_, var)) in next.iter_mut().zip(&self.vars) {
             let Some(g) = grads.get(var.as_tensor()) else { continue };
             let g = g.detach();
             *slot = Some(match slot.take() {
@@ -252,6 +255,7 @@ impl AdamW {
                 None => g,
             });
         }
+        sum.0 = next;
         Ok(())
     }
 
@@ -399,18 +403,25 @@ fn batch_backward(
     let (mut total, mut main_sum, mut bow_sum) = (0.0, 0.0, None::<f64>);
     for r in b.passes(micro_tokens) {
         let w = r.len() as f64 / n;
-        let (main, bow) = batch_loss(dec, enc, proj, &b.rows(r), bow_weight > 0.0)?;
-        let m = scalar(&main)?;
+        let rows = b.rows(r);
+        let (m, bow) = with_oom_retry(&dec.device, || {
+            let (main, bow) = batch_loss(dec, enc, proj, &rows, bow_weight > 0.0)?;
+            let m = scalar(&main)?;
+            let mut t = (main * (scale * w))?;
+            let mut bv = None;
+            if let Some(bw) = bow {
+                bv = Some(scalar(&bw)?);
+                t = (t + (bw * (scale * bow_weight * w))?)?;
+            }
+            opt.accumulate(grads, &t.backward()?)?;
+            Ok((m, bv))
+        })?;
         main_sum += m * w;
         total += m * scale * w;
-        let mut t = (main * (scale * w))?;
-        if let Some(bw) = bow {
-            let v = scalar(&bw)?;
+        if let Some(v) = bow {
             *bow_sum.get_or_insert(0.0) += v * w;
             total += v * scale * bow_weight * w;
-            t = (t + (bw * (scale * bow_weight * w))?)?;
         }
-        opt.accumulate(grads, &t.backward()?)?;
     }
     Ok((total, main_sum, bow_sum))
 }
@@ -588,11 +599,32 @@ pub fn train(run: &TrainRun, cfg: &TrainConfig) -> Result<serde_json::Value> {
     train_loop(run, cfg, varmap, opt, rng, start_step, tokens_seen)
 }
 
+fn is_out_of_memory(e: &anyhow::Error) -> bool {
+    format!("{e:#}").contains("OUT_OF_MEMORY")
+}
+
+/// Run one forward/backward pass; if the GPU runs out of memory, wait for the queued work,
+/// give the memory pool's unused blocks back, and run the pass once more (a pass changes
+/// nothing until it succeeds: same rows, same random state, gradients added all or nothing).
+/// CUDA's stream-ordered allocator can fail where the same allocation succeeds after the
+/// stream is synchronised: TensorFlow's and XLA's allocators retry the same way. On the H200, long LoRA runs failed
+/// with half the device free (README "GPU memory in training").
+fn with_oom_retry<T>(dev: &candle_core::Device, mut pass: impl FnMut() -> Result<T>) -> Result<T> {
+    match pass() {
+        Err(e) if is_out_of_memory(&e) => {
+            let trimmed = crate::device::release_unused(dev);
+            tracing::warn!("out of GPU memory in a pass ({e:#}); pool trimmed: {trimmed}; retrying the pass once");
+            pass()
+        }
+        r => r,
+    }
+}
+
 /// A CUDA out-of-memory error says where to go on from: the step of the last checkpoint in
 /// `out` and the `--resume` that continues there (on the GPU, memory use grows over a long run
 /// and can end it; a restarted process starts from a clean memory pool).
 pub fn out_of_memory_hint(e: anyhow::Error, out: &Path) -> anyhow::Error {
-    if !format!("{e:#}").contains("OUT_OF_MEMORY") {
+    if !is_out_of_memory(&e) {
         return e;
     }
     let at = match read_checkpoint(out).map(|c| c.step) {
@@ -787,12 +819,17 @@ fn train_loop(
             let sizes: Vec<usize> = batch.iter().map(|ex| ex.tokens()).collect();
             let (mut lv, mut ce, mut kl) = (0.0, 0.0, 0.0);
             for r in passes(&sizes, run.micro_tokens) {
-                let sl = crate::sft::loss(dec, teacher, &enc, &proj, cfg.k, &batch[r], cfg.distill, cfg.mixed, &mut rng)?;
-                let w = sl.answer_tokens as f64 / ntok.max(1) as f64;
+                let rng0 = rng;
+                let (w, sce, skl) = with_oom_retry(&dec.device, || {
+                    rng = rng0;
+                    let sl = crate::sft::loss(dec, teacher, &enc, &proj, cfg.k, &batch[r.clone()], cfg.distill, cfg.mixed, &mut rng)?;
+                    let w = sl.answer_tokens as f64 / ntok.max(1) as f64;
+                    opt.accumulate(&mut grads, &(sl.total * w)?.backward()?)?;
+                    Ok((w, sl.ce, sl.kl))
+                })?;
                 // sl.total = ce + distill * kl (kl = 0 without a teacher)
-                lv += (sl.ce + cfg.distill * sl.kl) * w;
-                (ce, kl) = (ce + sl.ce * w, kl + sl.kl * w);
-                opt.accumulate(&mut grads, &(sl.total * w)?.backward()?)?;
+                lv += (sce + cfg.distill * skl) * w;
+                (ce, kl) = (ce + sce * w, kl + skl * w);
             }
             (lv, ntok, 0, batch.len(), vec![("ce", ce), ("kl", kl)])
         } else {
@@ -905,6 +942,30 @@ fn train_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_out_of_memory_pass_runs_once_more_and_other_errors_do_not() {
+        let dev = candle_core::Device::Cpu;
+        let oom = || anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+        let mut calls = 0;
+        let r = with_oom_retry(&dev, || {
+            calls += 1;
+            if calls == 1 { Err(oom()) } else { Ok(7) }
+        });
+        assert_eq!((r.unwrap(), calls), (7, 2));
+        let mut calls = 0;
+        let r: Result<()> = with_oom_retry(&dev, || {
+            calls += 1;
+            Err(oom())
+        });
+        assert!(is_out_of_memory(&r.unwrap_err()) && calls == 2);
+        let mut calls = 0;
+        let r: Result<()> = with_oom_retry(&dev, || {
+            calls += 1;
+            bail!("shape mismatch")
+        });
+        assert!(r.is_err() && calls == 1);
+    }
 
     #[test]
     fn curriculum_moves_from_one_chunk_to_many() {
