@@ -242,6 +242,7 @@ impl AdamW {
 
     /// Add one backward pass's gradients of this optimizer's variables to `sum` (detached:
     /// the pass's graph can go).
+    ///
     /// All or nothing: if an addition fails (out of memory), `sum` is left as it was, so the
     /// pass can run again ([`with_oom_retry`]).
     pub fn accumulate(&self, sum: &mut GradSum, grads: &candle_core::backprop::GradStore) -> Result<()> {
@@ -607,8 +608,8 @@ fn is_out_of_memory(e: &anyhow::Error) -> bool {
 /// give the memory pool's unused blocks back, and run the pass once more (a pass changes
 /// nothing until it succeeds: same rows, same random state, gradients added all or nothing).
 /// CUDA's stream-ordered allocator can fail where the same allocation succeeds after the
-/// stream is synchronised: TensorFlow's and XLA's allocators retry the same way. On the H200, long LoRA runs failed
-/// with half the device free (README "GPU memory in training").
+/// stream is synchronised: TensorFlow's and XLA's allocators retry the same way. On the H200,
+/// long LoRA runs failed with half the device free (README "GPU memory in training").
 fn with_oom_retry<T>(dev: &candle_core::Device, mut pass: impl FnMut() -> Result<T>) -> Result<T> {
     match pass() {
         Err(e) if is_out_of_memory(&e) => {
