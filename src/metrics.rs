@@ -96,6 +96,22 @@ pub fn summary(xs: &[f64]) -> (f64, f64, f64) {
     (mean, pct(0.5), pct(0.95))
 }
 
+/// Mean of paired differences and its 95% percentile bootstrap interval (`samples`
+/// resamples of the differences with replacement, seeded): (mean, low, high).
+pub fn paired_bootstrap(diffs: &[f64], samples: usize, seed: u64) -> (f64, f64, f64) {
+    let m = mean(diffs);
+    if diffs.is_empty() || samples == 0 {
+        return (m, m, m);
+    }
+    let mut rng = crate::train::Rng(seed);
+    let mut means: Vec<f64> = (0..samples)
+        .map(|_| (0..diffs.len()).map(|_| diffs[rng.below(diffs.len())]).sum::<f64>() / diffs.len() as f64)
+        .collect();
+    means.sort_by(f64::total_cmp);
+    let at = |p: f64| means[((p * (samples - 1) as f64).round() as usize).min(samples - 1)];
+    (m, at(0.025), at(0.975))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,5 +129,20 @@ mod tests {
         assert!(!contains_any("In 17450 BC", &["1745".into()]));
         assert!(!abstains("1745"));
         assert_eq!(summary(&[3.0, 1.0, 2.0]), (2.0, 2.0, 3.0));
+    }
+
+    #[test]
+    fn paired_bootstrap_brackets_the_mean() {
+        // constant differences: no spread
+        assert_eq!(paired_bootstrap(&[0.5; 40], 500, 3), (0.5, 0.5, 0.5));
+        // half +1, half -1: mean 0, an interval around it that shrinks with more pairs
+        let d: Vec<f64> = (0..100).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
+        let (m, lo, hi) = paired_bootstrap(&d, 2000, 1);
+        assert!(m.abs() < 1e-12 && lo < 0.0 && hi > 0.0 && lo > -0.3 && hi < 0.3, "{lo} {hi}");
+        let d4: Vec<f64> = d.iter().cycle().take(400).copied().collect();
+        let (_, lo4, hi4) = paired_bootstrap(&d4, 2000, 1);
+        assert!(hi4 - lo4 < 0.7 * (hi - lo), "{lo4}..{hi4} vs {lo}..{hi}");
+        // same seed, same interval
+        assert_eq!(paired_bootstrap(&d, 300, 9), paired_bootstrap(&d, 300, 9));
     }
 }

@@ -90,6 +90,28 @@ pub enum EvalCmd {
     /// Perplexity of the next --o tokens after --s context tokens: no context, full context,
     /// the last s/k tokens, and REFRAG's s/k chunk vectors (paper Table 1).
     Perplexity(PerplexityArgs),
+    /// Paired comparison of two readings' answers (`eval --out` files of the same questions):
+    /// per-question differences in F1, EM and contains, joined by id, with bootstrap intervals.
+    Compare(CompareArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// Answers of the baseline reading (`eval --out` files, e.g. one per question set).
+    #[arg(long, required = true, num_args = 1.., env = "REFRAG_COMPARE_BASE")]
+    pub base: Vec<PathBuf>,
+    /// Answers of the reading compared with it: the same sets, in the same order as --base.
+    #[arg(long, required = true, num_args = 1.., env = "REFRAG_COMPARE_NEW")]
+    pub new: Vec<PathBuf>,
+    /// Bootstrap resamples of the paired differences (95% percentile interval).
+    #[arg(long, default_value_t = 2000, env = "REFRAG_COMPARE_SAMPLES")]
+    pub samples: usize,
+    /// Seed of the resampling.
+    #[arg(long, default_value_t = 1, env = "REFRAG_COMPARE_SEED")]
+    pub seed: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long, env = "REFRAG_JSON")]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -126,11 +148,102 @@ pub struct PerplexityArgs {
 pub fn run(g: &Global, args: EvalArgs) -> Result<ExitCode> {
     match args.cmd {
         Some(EvalCmd::Perplexity(a)) => perplexity(g, a),
+        Some(EvalCmd::Compare(a)) => compare(a),
         None => match args.conversations.clone() {
             Some(c) => run_conversations(g, &args, &c),
             None => run_questions(g, args),
         },
     }
+}
+
+/// Answer metrics compared by `eval compare`, as `eval --out` names them.
+const COMPARED: [&str; 3] = ["f1", "em", "contains_gold"];
+
+/// One `eval --out` file: id -> the compared metrics it has (booleans count as 0/1).
+fn read_answers(path: &std::path::Path) -> Result<Vec<(String, [Option<f64>; 3])>> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|_| anyhow!("{}: not UTF-8", path.display()))?;
+    let mut seen = std::collections::HashSet::new();
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| anyhow!("{}: not JSON ({e})", at()))?;
+        let id = match &v["id"] {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            _ => bail!("{}: no \"id\" (an `eval --out` answers file has one per line)", at()),
+        };
+        if !seen.insert(id.clone()) {
+            bail!("{}: id {id} appears twice", at());
+        }
+        let m = COMPARED.map(|k| match &v[k] {
+            serde_json::Value::Bool(b) => Some(*b as u8 as f64),
+            x => x.as_f64(),
+        });
+        rows.push((id, m));
+    }
+    Ok(rows)
+}
+
+fn compare(a: CompareArgs) -> Result<ExitCode> {
+    if a.base.len() != a.new.len() {
+        bail!("--base has {} files and --new {}: give the same question sets in the same order", a.base.len(), a.new.len());
+    }
+    let (mut diffs, mut base_v, mut new_v) = ([vec![], vec![], vec![]], [vec![], vec![], vec![]], [vec![], vec![], vec![]]);
+    let (mut questions, mut only_base, mut only_new) = (0, 0, 0);
+    for (b, n) in a.base.iter().zip(&a.new) {
+        let base = read_answers(b)?;
+        let new: std::collections::HashMap<String, [Option<f64>; 3]> = read_answers(n)?.into_iter().collect();
+        let mut matched = 0;
+        for (id, mb) in &base {
+            let Some(mn) = new.get(id) else {
+                only_base += 1;
+                continue;
+            };
+            matched += 1;
+            for k in 0..COMPARED.len() {
+                if let (Some(x), Some(y)) = (mb[k], mn[k]) {
+                    diffs[k].push(y - x);
+                    base_v[k].push(x);
+                    new_v[k].push(y);
+                }
+            }
+        }
+        if matched == 0 {
+            bail!("{} and {}: no question ids in common", b.display(), n.display());
+        }
+        questions += matched;
+        only_new += new.len() - matched;
+    }
+    let mut metrics = serde_json::Map::new();
+    for (k, name) in COMPARED.iter().enumerate().filter(|(k, _)| !diffs[*k].is_empty()) {
+        let (d, lo, hi) = metrics::paired_bootstrap(&diffs[k], a.samples, a.seed);
+        metrics.insert(
+            name.to_string(),
+            serde_json::json!({"questions": diffs[k].len(), "base": metrics::mean(&base_v[k]), "new": metrics::mean(&new_v[k]),
+                "difference": d, "interval_95": [lo, hi]}),
+        );
+    }
+    let report = serde_json::json!({"questions": questions, "file_pairs": a.base.len(), "only_in_base": only_base,
+        "only_in_new": only_new, "samples": a.samples, "metrics": metrics});
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        writeln!(out, "{report}")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        out,
+        "{questions} questions paired by id over {} file pair(s) ({only_base} only in --base, {only_new} only in --new); 95% bootstrap intervals, {} resamples",
+        a.base.len(),
+        a.samples
+    )?;
+    writeln!(out, "{:<14} {:>8} {:>8} {:>10}   95% interval", "metric", "base", "new", "new - base")?;
+    for (name, m) in &metrics {
+        let f = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
+        let (lo, hi) = (m["interval_95"][0].as_f64().unwrap_or(f64::NAN), m["interval_95"][1].as_f64().unwrap_or(f64::NAN));
+        writeln!(out, "{name:<14} {:>8.4} {:>8.4} {:>+10.4}   {lo:+.4} .. {hi:+.4}", f("base"), f("new"), f("difference"))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn perplexity(g: &Global, a: PerplexityArgs) -> Result<ExitCode> {
@@ -281,10 +394,11 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
             let ans = engine.answer(&q.question, &opts, |_| Ok(()))?;
             let gen = &ans.generation;
             let (em, f1) = metrics::best(&gen.text, &q.answers);
+            let contains_gold = metrics::contains_any(&gen.text, &q.answers);
             if q.answerable && !q.answers.is_empty() {
                 ems.push(em);
                 f1s.push(f1);
-                contains.push(metrics::contains_any(&gen.text, &q.answers) as u8 as f64);
+                contains.push(contains_gold as u8 as f64);
             }
             if !q.answerable {
                 abst_total += 1;
@@ -300,7 +414,7 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
                 ids,
                 serde_json::json!({
                     "id": q.id, "question": q.question, "answer": gen.text, "gold": q.answers,
-                    "em": em, "f1": f1, "sources": ans.sources, "ttft_ms": gen.ttft_ms(),
+                    "em": em, "f1": f1, "contains_gold": contains_gold, "sources": ans.sources, "ttft_ms": gen.ttft_ms(),
                     "tokens_per_s": gen.tokens_per_s(), "retrieval_ms": ans.retrieval_ms,
                     "input_ms": ans.input_ms, "decoder_positions": gen.prompt_positions, "context_tokens": ans.context_tokens,
                     "chunks": ans.chunks, "expanded_chunks": ans.expanded_chunks,

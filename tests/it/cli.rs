@@ -311,3 +311,54 @@ fn dataset_hotpot_and_mtrag() {
         }
     }
 }
+
+/// `eval compare` pairs two readings' answer files by question id: exact mean differences, a
+/// bootstrap interval around them, and one-line errors (exit 2) for files it cannot pair.
+#[test]
+fn eval_compare_pairs_answers_by_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, lines: Vec<String>| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+        p
+    };
+    // base: 20 questions at F1 0.2; new: the same in reverse order plus one more, F1 +0.1 on
+    // the even ids, contains on the first five
+    let base = write("base.jsonl", (0..20).map(|i| format!(r#"{{"id":"q{i}","f1":0.2,"em":0.0,"contains_gold":false}}"#)).collect());
+    let new = write(
+        "new.jsonl",
+        (0..21).rev().map(|i| format!(r#"{{"id":"q{i}","f1":{},"em":0.0,"contains_gold":{}}}"#, if i % 2 == 0 { 0.3 } else { 0.2 }, i < 5)).collect(),
+    );
+    let compare = |b: &std::path::Path, n: &std::path::Path, json: bool| {
+        let mut c = refrag();
+        c.args(["eval", "compare", "--base"]).arg(b).arg("--new").arg(n);
+        if json {
+            c.arg("--json");
+        }
+        c.output().unwrap()
+    };
+    let o = compare(&base, &new, true);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((v["questions"].as_u64(), v["only_in_new"].as_u64(), v["only_in_base"].as_u64()), (Some(20), Some(1), Some(0)), "{v}");
+    let f1 = &v["metrics"]["f1"];
+    let d = f1["difference"].as_f64().unwrap();
+    assert!((d - 0.05).abs() < 1e-9 && (f1["new"].as_f64().unwrap() - 0.25).abs() < 1e-9, "{f1}");
+    let (lo, hi) = (f1["interval_95"][0].as_f64().unwrap(), f1["interval_95"][1].as_f64().unwrap());
+    assert!(0.0 <= lo && lo < d && d < hi && hi <= 0.1, "{f1}");
+    assert!((v["metrics"]["contains_gold"]["difference"].as_f64().unwrap() - 0.25).abs() < 1e-9, "{v}");
+    let o = compare(&base, &new, false);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("20 questions paired by id"), "{}", String::from_utf8_lossy(&o.stdout));
+    // files it cannot pair: a malformed line (named by file and line), no common ids, unequal lists
+    let bad = write("bad.jsonl", vec![r#"{"id":"q0","f1":0.1}"#.into(), r#"{"id":"q1","f1":0.1}"#.into(), "{not json".into()]);
+    let other = write("other.jsonl", vec![r#"{"id":"x","f1":0.1}"#.into()]);
+    for (o, want) in [
+        (compare(&base, &bad, false), "bad.jsonl:3"),
+        (compare(&base, &other, false), "no question ids in common"),
+        (refrag().args(["eval", "compare", "--base"]).arg(&base).arg(&base).arg("--new").arg(&new).output().unwrap(), "--base has 2 files"),
+    ] {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains(want) && err.trim().lines().count() == 1, "{err}");
+    }
+}
