@@ -159,7 +159,9 @@ pub fn run(g: &Global, args: EvalArgs) -> Result<ExitCode> {
 /// Answer metrics compared by `eval compare`, as `eval --out` names them.
 const COMPARED: [&str; 3] = ["f1", "em", "contains_gold"];
 
-/// One `eval --out` file: id -> the compared metrics it has (booleans count as 0/1).
+/// One `eval --out` file: id -> the compared metrics it has (booleans count as 0/1). Questions
+/// without a reference answer (`"unanswerable": true`, or an empty `"gold"`) are left out, as
+/// eval's own F1 leaves them out.
 fn read_answers(path: &std::path::Path) -> Result<Vec<(String, [Option<f64>; 3])>> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let text = String::from_utf8(bytes).map_err(|_| anyhow!("{}: not UTF-8", path.display()))?;
@@ -175,6 +177,9 @@ fn read_answers(path: &std::path::Path) -> Result<Vec<(String, [Option<f64>; 3])
         };
         if !seen.insert(id.clone()) {
             bail!("{}: id {id} appears twice", at());
+        }
+        if v["unanswerable"].as_bool() == Some(true) || v["gold"].as_array().is_some_and(|g| g.is_empty()) {
+            continue;
         }
         let m = COMPARED.map(|k| match &v[k] {
             serde_json::Value::Bool(b) => Some(*b as u8 as f64),
@@ -214,6 +219,9 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
         }
         questions += matched;
         only_new += new.len() - matched;
+    }
+    if diffs.iter().all(Vec::is_empty) {
+        bail!("no answer scores (f1, em, contains_gold) in both files of any pair: `eval --out` files of answered questions are needed (not --retrieval-only)");
     }
     let mut metrics = serde_json::Map::new();
     for (k, name) in COMPARED.iter().enumerate().filter(|(k, _)| !diffs[*k].is_empty()) {

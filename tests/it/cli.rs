@@ -324,7 +324,10 @@ fn eval_compare_pairs_answers_by_id() {
     };
     // base: 20 questions at F1 0.2; new: the same in reverse order plus one more, F1 +0.1 on
     // the even ids, contains on the first five
-    let base = write("base.jsonl", (0..20).map(|i| format!(r#"{{"id":"q{i}","f1":0.2,"em":0.0,"contains_gold":false}}"#)).collect());
+    let mut rows: Vec<String> = (0..20).map(|i| format!(r#"{{"id":"q{i}","f1":0.2,"em":0.0,"contains_gold":false}}"#)).collect();
+    // a question without an answer is left out of the pairing, as eval's F1 leaves it out
+    rows.push(r#"{"id":"u","f1":0.0,"em":0.0,"contains_gold":false,"unanswerable":true}"#.into());
+    let base = write("base.jsonl", rows);
     let new = write(
         "new.jsonl",
         (0..21).rev().map(|i| format!(r#"{{"id":"q{i}","f1":{},"em":0.0,"contains_gold":{}}}"#, if i % 2 == 0 { 0.3 } else { 0.2 }, i < 5)).collect(),
@@ -352,8 +355,10 @@ fn eval_compare_pairs_answers_by_id() {
     // files it cannot pair: a malformed line (named by file and line), no common ids, unequal lists
     let bad = write("bad.jsonl", vec![r#"{"id":"q0","f1":0.1}"#.into(), r#"{"id":"q1","f1":0.1}"#.into(), "{not json".into()]);
     let other = write("other.jsonl", vec![r#"{"id":"x","f1":0.1}"#.into()]);
+    let retrieval = write("retrieval.jsonl", (0..20).map(|i| format!(r#"{{"id":"q{i}","sources":[]}}"#)).collect());
     for (o, want) in [
         (compare(&base, &bad, false), "bad.jsonl:3"),
+        (compare(&base, &retrieval, false), "no answer scores"),
         (compare(&base, &other, false), "no question ids in common"),
         (refrag().args(["eval", "compare", "--base"]).arg(&base).arg(&base).arg("--new").arg(&new).output().unwrap(), "--base has 2 files"),
     ] {
