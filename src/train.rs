@@ -600,6 +600,10 @@ pub fn train(run: &TrainRun, cfg: &TrainConfig) -> Result<serde_json::Value> {
     train_loop(run, cfg, varmap, opt, rng, start_step, tokens_seen)
 }
 
+/// Passes run again after running out of memory, since the start (train.jsonl logs each
+/// step's share as `oom_retries`).
+static OOM_RETRIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn is_out_of_memory(e: &anyhow::Error) -> bool {
     format!("{e:#}").contains("OUT_OF_MEMORY")
 }
@@ -613,6 +617,7 @@ fn is_out_of_memory(e: &anyhow::Error) -> bool {
 fn with_oom_retry<T>(dev: &candle_core::Device, mut pass: impl FnMut() -> Result<T>) -> Result<T> {
     match pass() {
         Err(e) if is_out_of_memory(&e) => {
+            OOM_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let trimmed = crate::device::release_unused(dev);
             tracing::warn!("out of GPU memory in a pass ({e:#}); pool trimmed: {trimmed}; retrying the pass once");
             pass()
@@ -810,6 +815,7 @@ fn train_loop(
     while step < cfg.steps {
         let f = step as f64 / cfg.steps as f64;
         let ts = Instant::now();
+        let retries_before = OOM_RETRIES.load(std::sync::atomic::Ordering::Relaxed);
         let mut grads = GradSum::default();
         let (lv, ntok, l, bsz, parts) = if let (Stage::Sft, Some(qa)) = (cfg.stage, run.qa) {
             let batch = qa.sample(cfg.batch.max(1), &mut rng);
@@ -874,6 +880,10 @@ fn train_loop(
             "batch": bsz, "tokens_per_s": tps, "tokens_seen": tokens_seen});
         for (name, v) in parts {
             rec[name] = v.into();
+        }
+        let retries = OOM_RETRIES.load(std::sync::atomic::Ordering::Relaxed) - retries_before;
+        if retries > 0 {
+            rec["oom_retries"] = retries.into();
         }
         if let Some(m) = crate::device::memory(&run.decoder.device) {
             rec["gpu_used_mb"] = m.used.round().into();
@@ -948,6 +958,7 @@ mod tests {
     fn an_out_of_memory_pass_runs_once_more_and_other_errors_do_not() {
         let dev = candle_core::Device::Cpu;
         let oom = || anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+        let retries = OOM_RETRIES.load(std::sync::atomic::Ordering::Relaxed);
         let mut calls = 0;
         let r = with_oom_retry(&dev, || {
             calls += 1;
@@ -966,6 +977,8 @@ mod tests {
             bail!("shape mismatch")
         });
         assert!(r.is_err() && calls == 1);
+        // counted for train.jsonl: the two out-of-memory retries above (no other test runs out)
+        assert_eq!(OOM_RETRIES.load(std::sync::atomic::Ordering::Relaxed) - retries, 2);
     }
 
     #[test]
