@@ -834,7 +834,7 @@ fn train_loop(
                     opt.accumulate(&mut grads, &(sl.total * w)?.backward()?)?;
                     Ok((w, sl.ce, sl.kl))
                 })?;
-                // sl.total = ce + distill * kl (kl = 0 without a teacher)
+                // a pass's total is ce + distill * kl (kl = 0 without a teacher)
                 lv += (sce + cfg.distill * skl) * w;
                 (ce, kl) = (ce + sce * w, kl + skl * w);
             }

@@ -223,19 +223,36 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
     if diffs.iter().all(Vec::is_empty) {
         bail!("no answer scores (f1, em, contains_gold) in both files of any pair: `eval --out` files of answered questions are needed (not --retrieval-only)");
     }
-    let mut metrics = serde_json::Map::new();
-    for (k, name) in COMPARED.iter().enumerate().filter(|(k, _)| !diffs[*k].is_empty()) {
-        let (d, lo, hi) = metrics::paired_bootstrap(&diffs[k], a.samples, a.seed);
-        metrics.insert(
-            name.to_string(),
-            serde_json::json!({"questions": diffs[k].len(), "base": metrics::mean(&base_v[k]), "new": metrics::mean(&new_v[k]),
-                "difference": d, "interval_95": [lo, hi]}),
-        );
+    // one row per metric with scores on both sides
+    struct Row {
+        name: &'static str,
+        n: usize,
+        base: f64,
+        new: f64,
+        /// difference, interval low, interval high
+        diff: (f64, f64, f64),
     }
-    let report = serde_json::json!({"questions": questions, "file_pairs": a.base.len(), "only_in_base": only_base,
-        "only_in_new": only_new, "samples": a.samples, "metrics": metrics});
+    let rows: Vec<Row> = (0..COMPARED.len())
+        .filter(|&k| !diffs[k].is_empty())
+        .map(|k| Row {
+            name: COMPARED[k],
+            n: diffs[k].len(),
+            base: metrics::mean(&base_v[k]),
+            new: metrics::mean(&new_v[k]),
+            diff: metrics::paired_bootstrap(&diffs[k], a.samples, a.seed),
+        })
+        .collect();
     let mut out = std::io::stdout().lock();
     if a.json {
+        let m: serde_json::Map<String, serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                let (d, lo, hi) = r.diff;
+                (r.name.to_string(), serde_json::json!({"questions": r.n, "base": r.base, "new": r.new, "difference": d, "interval_95": [lo, hi]}))
+            })
+            .collect();
+        let report = serde_json::json!({"questions": questions, "file_pairs": a.base.len(), "only_in_base": only_base,
+            "only_in_new": only_new, "samples": a.samples, "metrics": m});
         writeln!(out, "{report}")?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -246,10 +263,8 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
         a.samples
     )?;
     writeln!(out, "{:<14} {:>8} {:>8} {:>10}   95% interval", "metric", "base", "new", "new - base")?;
-    for (name, m) in &metrics {
-        let f = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
-        let (lo, hi) = (m["interval_95"][0].as_f64().unwrap_or(f64::NAN), m["interval_95"][1].as_f64().unwrap_or(f64::NAN));
-        writeln!(out, "{name:<14} {:>8.4} {:>8.4} {:>+10.4}   {lo:+.4} .. {hi:+.4}", f("base"), f("new"), f("difference"))?;
+    for Row { name, base, new, diff: (d, lo, hi), .. } in rows {
+        writeln!(out, "{name:<14} {base:>8.4} {new:>8.4} {d:>+10.4}   {lo:+.4} .. {hi:+.4}")?;
     }
     Ok(ExitCode::SUCCESS)
 }
