@@ -133,7 +133,8 @@ pub fn memory(_: &Device) -> Option<GpuMemory> {
 }
 
 /// Give the memory pool's unused blocks back to the driver ([`release_unused`]) once it holds
-/// more than half of the device (`m`: its memory just now). The pool keeps freed blocks for
+/// more than half of the device or the device is crowded (`m`: its memory just now;
+/// [`pool_too_large`]). The pool keeps freed blocks for
 /// reuse (tune_cuda), yet over a LoRA training run it grows by 0.15-0.3 GB per forward/backward pass
 /// while the step's peak of live tensors stays flat (H200, cpt at L = 1, passes of 8192 tokens:
 /// peak 35 GB every step, pool +2.4 GB per step). Measured: trimming fires at half the device
@@ -145,10 +146,18 @@ pub fn trim_if_large(dev: &Device, m: &GpuMemory) -> bool {
     if std::env::var("REFRAG_CUDA_TRIM").is_ok_and(|v| v == "0") {
         return false;
     }
-    if m.reserved < m.total / 2.0 {
+    if !pool_too_large(m) {
         return false;
     }
     release_unused(dev)
+}
+
+/// The pool holds half the device, or the device is crowded (under a quarter free, as when
+/// several runs share one GPU: each would otherwise wait for half of it) while the pool keeps
+/// more than 1 GB it is not using.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn pool_too_large(m: &GpuMemory) -> bool {
+    m.reserved >= m.total / 2.0 || (m.free < m.total / 4.0 && m.reserved - m.used > 1024.0)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -180,5 +189,21 @@ pub fn name(d: &Device) -> String {
         Device::Cpu => "cpu".into(),
         Device::Cuda(_) => "cuda".into(),
         _ => "other".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_is_trimmed_when_it_holds_half_the_device_or_the_device_is_crowded() {
+        let m = |used: f64, reserved: f64, free: f64| GpuMemory { used, reserved, peak_used: used, peak_reserved: reserved, free, total: 140_000.0 };
+        assert!(pool_too_large(&m(30_000.0, 72_000.0, 68_000.0)), "half the device");
+        assert!(!pool_too_large(&m(30_000.0, 40_000.0, 100_000.0)), "room to spare");
+        // another process holds most of the device: this pool's 10 GB of unused blocks go back
+        assert!(pool_too_large(&m(30_000.0, 40_000.0, 20_000.0)), "crowded");
+        // crowded, but this pool keeps nothing it could give back
+        assert!(!pool_too_large(&m(39_500.0, 40_000.0, 20_000.0)), "nothing to give back");
     }
 }
