@@ -905,7 +905,8 @@ fn train_loop(
         }
         if out_of_time && step < cfg.steps {
             pb.finish_and_clear();
-            return Ok(serde_json::json!({"status": "paused", "step": step, "resume": "run again with --resume"}));
+            return Ok(serde_json::json!({"status": "paused", "step": step, "resume": "run again with --resume",
+                "keep": format!("to write the weights as they are (no more steps): run again with --resume --steps {step}")}));
         }
     }
     pb.finish_and_clear();

@@ -97,7 +97,8 @@ pub struct TrainArgs {
     /// given again (flag, environment or config file) override them, and the changes are named.
     #[arg(long, env = "REFRAG_TRAIN_RESUME")]
     pub resume: bool,
-    /// Checkpoint and stop after this many seconds (resume later with --resume).
+    /// Checkpoint and stop after this many seconds (go on later with --resume; --resume --steps
+    /// N, N the step reached, writes the weights as they are).
     #[arg(long, env = "REFRAG_TRAIN_MAX_SECONDS")]
     pub max_seconds: Option<f64>,
     /// Top layers of the chunk encoder to train with the projector (0 = projector only).

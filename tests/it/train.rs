@@ -49,6 +49,21 @@ fn training_pauses_and_resumes_from_its_checkpoint() {
     assert_eq!(first["status"], "paused");
     assert_eq!(first["step"], 1);
     assert!(!out.join("projector.safetensors").exists());
+    // kept as it is: resumed with --steps at the step it reached, it trains no more and writes
+    // the weights (a copy, so the resume below starts from the pause)
+    let kept = dir.path().join("kept");
+    std::fs::create_dir(&kept).unwrap();
+    for f in std::fs::read_dir(&out).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, kept.join(f.file_name().unwrap())).unwrap();
+    }
+    assert!(first["keep"].as_str().unwrap().contains("--resume --steps 1"), "{first}");
+    let o = refrag().args(["train", "reconstruct", "--device", "cpu", "-q", "--resume", "--steps", "1", "--text"]).arg(&text).arg("--out").arg(&kept).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let card: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(card["steps"], 1);
+    assert!(kept.join("projector.safetensors").exists() && kept.join("card.json").exists());
+    assert_eq!(std::fs::read_to_string(kept.join("train.jsonl")).unwrap().lines().count(), 1);
     // resumed with the data and one change only: every other setting is the checkpoint's, not
     // the defaults (1000 steps, 8192 tokens per step, ...), and the change is said
     let o = refrag()
