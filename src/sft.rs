@@ -324,6 +324,62 @@ pub fn answer_logits(dec: &Decoder, items: &[(Vec<Segment>, &[u32])]) -> Result<
         .collect()
 }
 
+/// The readings of [`answer_readings`], in its order.
+pub const ANSWER_READINGS: [&str; 6] = [
+    "none, base decoder",
+    "full, base decoder",
+    "full, adapted decoder",
+    "refrag, no passages",
+    "refrag, own passages",
+    "refrag, another task's passages",
+];
+
+/// Each task's reference-answer cross-entropy (nats per answer token) under six readings
+/// ([`ANSWER_READINGS`]): the base decoder with no passages and with the passages as tokens;
+/// the adapted decoder (`student`, adapters folded in) with them as tokens; and REFRAG (the
+/// student reading compressed passages, nothing expanded) with no passages, with the task's
+/// own, and with another task's (the next one in `tasks` whose passages differ: the control
+/// that says whether the compressed passage's content reaches the answer at all). Returns one
+/// row per reading, one value per task; `tick` after each task.
+pub fn answer_readings(
+    base: &Decoder,
+    student: &Decoder,
+    enc: &Encoder,
+    proj: &Projector,
+    k: usize,
+    tasks: &[QaExample],
+    mut tick: impl FnMut(),
+) -> Result<Vec<Vec<f64>>> {
+    let mut rows = vec![Vec::with_capacity(tasks.len()); ANSWER_READINGS.len()];
+    let mut rng = Rng(0);
+    for (i, ex) in tasks.iter().enumerate() {
+        let other = (1..tasks.len()).map(|d| &tasks[(i + d) % tasks.len()]).find(|o| o.passages != ex.passages);
+        let Some(other) = other else { bail!("another task's passages are needed: every task has the same passages") };
+        let with = |passages: &[Vec<u32>]| QaExample {
+            history: ex.history.clone(),
+            question: ex.question.clone(),
+            passages: passages.to_vec(),
+            answer: ex.answer.clone(),
+        };
+        let answer = ex.answer.as_slice();
+        let none = with(&[]);
+        let compressed = |e: &QaExample, rng: &mut Rng| -> Result<f64> { Ok(loss(student, None, enc, proj, k, &[e], 0.0, 0.0, rng)?.ce) };
+        let values = [
+            answer_nll(base, &[(full_context_prompt(&none), answer)])?[0],
+            answer_nll(base, &[(full_context_prompt(ex), answer)])?[0],
+            answer_nll(student, &[(full_context_prompt(ex), answer)])?[0],
+            compressed(&none, &mut rng)?,
+            compressed(ex, &mut rng)?,
+            compressed(&with(&other.passages), &mut rng)?,
+        ];
+        for (row, v) in rows.iter_mut().zip(values) {
+            row.push(v);
+        }
+        tick();
+    }
+    Ok(rows)
+}
+
 /// The teacher's prompt: earlier turns and passages read as tokens.
 pub fn full_context_prompt(ex: &QaExample) -> Vec<Segment> {
     let full: Vec<Vec<Segment>> = ex.passages.iter().map(|p| vec![Segment::Tokens(p.clone())]).collect();

@@ -93,6 +93,30 @@ pub enum EvalCmd {
     /// Paired comparison of two readings' answers (`eval --out` files of the same questions):
     /// per-question differences in F1, EM and contains, joined by id, with bootstrap intervals.
     Compare(CompareArgs),
+    /// Reference-answer log-likelihood of held-out tasks (`dataset ... --tasks`) under six
+    /// readings: base decoder with no passages / with them as tokens, the adapted decoder with
+    /// them as tokens, and REFRAG with no passages / its own / another task's compressed
+    /// passages (does the compressed passage's content reach the answer?).
+    Answers(AnswersArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AnswersArgs {
+    /// Task files (`refrag dataset ... --tasks`; answerable tasks with passages are read).
+    #[arg(long, required = true, num_args = 1.., env = "REFRAG_ANSWERS_QA")]
+    pub qa: Vec<PathBuf>,
+    /// Tasks read per file, from its start.
+    #[arg(long, default_value_t = 100, env = "REFRAG_ANSWERS_LIMIT")]
+    pub limit: usize,
+    /// Bootstrap resamples of the paired differences (95% percentile interval).
+    #[arg(long, default_value_t = 2000, env = "REFRAG_ANSWERS_SAMPLES")]
+    pub samples: usize,
+    /// Seed of the resampling.
+    #[arg(long, default_value_t = 1, env = "REFRAG_ANSWERS_SEED")]
+    pub seed: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long, env = "REFRAG_JSON")]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -149,6 +173,7 @@ pub fn run(g: &Global, args: EvalArgs) -> Result<ExitCode> {
     match args.cmd {
         Some(EvalCmd::Perplexity(a)) => perplexity(g, a),
         Some(EvalCmd::Compare(a)) => compare(a),
+        Some(EvalCmd::Answers(a)) => answers(g, a),
         None => match args.conversations.clone() {
             Some(c) => run_conversations(g, &args, &c),
             None => run_questions(g, args),
@@ -265,6 +290,82 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
     writeln!(out, "{:<14} {:>8} {:>8} {:>10}   95% interval", "metric", "base", "new", "new - base")?;
     for Row { name, base, new, diff: (d, lo, hi), .. } in rows {
         writeln!(out, "{name:<14} {base:>8.4} {new:>8.4} {d:>+10.4}   {lo:+.4} .. {hi:+.4}")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn answers(g: &Global, a: AnswersArgs) -> Result<ExitCode> {
+    use crate::sft::{answer_readings, QaPool, ANSWER_READINGS};
+    if a.limit == 0 {
+        bail!("--limit 0: no tasks to read");
+    }
+    let device = g.device()?;
+    let base = g.load_decoder_with(&device, crate::decoder::Ops::Fused, false)?;
+    let encoder = g.load_encoder(&device)?;
+    let trained = g
+        .trained(&encoder, base.cfg.hidden, crate::projector::Purpose::Answers)?
+        .ok_or_else(|| crate::projector::missing(&g.weights_dirs(crate::projector::Purpose::Answers)))?;
+    let k = trained.k.unwrap_or(16);
+    let mut student = base.clone();
+    trained.adapt(&mut student)?;
+    let pools = a.qa.iter().map(|f| QaPool::load(std::slice::from_ref(f), &base)).collect::<Result<Vec<_>>>()?;
+    let total: usize = pools.iter().map(|p| p.examples.len().min(a.limit)).sum();
+    let pb = crate::progress::bar(g.quiet, total as u64, "tasks");
+    // per file: one row per reading, one value per task; then all files together
+    let mut per_file = Vec::new();
+    let mut all = vec![Vec::new(); ANSWER_READINGS.len()];
+    for (f, pool) in a.qa.iter().zip(&pools) {
+        let n = pool.examples.len().min(a.limit);
+        let rows = answer_readings(&base, &student, &trained.chunk_encoder, &trained.projector, k, &pool.examples[..n], || pb.inc(1))?;
+        for (all, row) in all.iter_mut().zip(&rows) {
+            all.extend_from_slice(row);
+        }
+        per_file.push((f.display().to_string(), rows));
+    }
+    pb.finish_and_clear();
+    let own = 4;
+    let diff = |other: usize| -> (f64, f64, f64) {
+        let d: Vec<f64> = all[own].iter().zip(&all[other]).map(|(x, y)| x - y).collect();
+        metrics::paired_bootstrap(&d, a.samples, a.seed)
+    };
+    let differences = [(5, "own - another task's passages"), (3, "own - no passages"), (1, "own - full, base decoder")];
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let means = |rows: &[Vec<f64>]| -> serde_json::Value {
+            ANSWER_READINGS.iter().zip(rows).map(|(name, r)| (name.to_string(), serde_json::json!(metrics::mean(r)))).collect::<serde_json::Map<_, _>>().into()
+        };
+        let files: Vec<serde_json::Value> =
+            per_file.iter().map(|(f, rows)| serde_json::json!({"file": f, "tasks": rows[0].len(), "nll": means(rows)})).collect();
+        let d: serde_json::Map<String, serde_json::Value> = differences
+            .iter()
+            .map(|&(i, name)| {
+                let (m, lo, hi) = diff(i);
+                (format!("refrag, {name}"), serde_json::json!({"difference": m, "interval_95": [lo, hi]}))
+            })
+            .collect();
+        let report = serde_json::json!({"weights": trained.dir.display().to_string(), "k": k, "tasks": all[0].len(), "unit": "nats per answer token, mean over tasks",
+            "nll": means(&all), "files": files, "paired": d, "samples": a.samples});
+        writeln!(out, "{report}")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(out, "{} tasks, weights {} (k = {k}); reference-answer cross-entropy, nats per answer token (mean over tasks)", all[0].len(), trained.dir.display())?;
+    write!(out, "{:<34}", "reading")?;
+    for (f, _) in &per_file {
+        let name = std::path::Path::new(f).file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        write!(out, " {name:>10.10}")?;
+    }
+    writeln!(out, " {:>10}", "all")?;
+    for (r, name) in ANSWER_READINGS.iter().enumerate() {
+        write!(out, "{name:<34}")?;
+        for (_, rows) in &per_file {
+            write!(out, " {:>10.3}", metrics::mean(&rows[r]))?;
+        }
+        writeln!(out, " {:>10.3}", metrics::mean(&all[r]))?;
+    }
+    writeln!(out, "paired over the tasks, 95% bootstrap intervals ({} resamples):", a.samples)?;
+    for (i, name) in differences {
+        let (m, lo, hi) = diff(i);
+        writeln!(out, "  refrag, {name:<32} {m:>+8.3}   {lo:+.3} .. {hi:+.3}")?;
     }
     Ok(ExitCode::SUCCESS)
 }

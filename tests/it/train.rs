@@ -517,3 +517,38 @@ fn a_policy_for_other_chunk_vectors_is_refused() {
     let policy = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|c| c["what"] == "policy");
     assert!(policy.as_ref().is_some_and(|c| c["status"] == "warn" && c["detail"].to_string().contains("trained@0123456789abcdef")), "{text}");
 }
+
+/// `eval answers` reads held-out tasks six ways with the shipped `weights/qa`: every reading
+/// scores, the gold passage read as tokens makes the base decoder's reference answer likelier
+/// than no passage, and the paired differences come with intervals around them. A missing
+/// task file is a one-line error (exit 2).
+#[test]
+fn eval_answers_reads_tasks_six_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = squad_tasks(dir.path());
+    let o = refrag().args(["eval", "answers", "--device", "cpu", "-q", "--json", "--limit", "6", "--qa"]).arg(&tasks).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["tasks"], 6, "{v}");
+    assert_eq!(v["k"], 16);
+    let nll = |r: &str| v["nll"][r].as_f64().unwrap_or_else(|| panic!("{r}: {v}"));
+    for r in ["none, base decoder", "full, base decoder", "full, adapted decoder", "refrag, no passages", "refrag, own passages", "refrag, another task's passages"] {
+        assert!(nll(r).is_finite() && nll(r) > 0.0, "{r}: {v}");
+    }
+    assert!(nll("full, base decoder") < nll("none, base decoder") - 0.1, "{v}");
+    let paired = v["paired"].as_object().unwrap();
+    assert_eq!(paired.len(), 3, "{v}");
+    for (name, d) in paired {
+        let (m, lo, hi) = (d["difference"].as_f64().unwrap(), d["interval_95"][0].as_f64().unwrap(), d["interval_95"][1].as_f64().unwrap());
+        assert!(lo <= m && m <= hi, "{name}: {d}");
+    }
+    // own - no passages is the difference of the two readings' means
+    let own_none = paired["refrag, own - no passages"]["difference"].as_f64().unwrap();
+    assert!((own_none - (nll("refrag, own passages") - nll("refrag, no passages"))).abs() < 1e-9, "{v}");
+
+    let missing = dir.path().join("nope.jsonl");
+    let o = refrag().args(["eval", "answers", "--device", "cpu", "-q", "--qa"]).arg(&missing).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("nope.jsonl") && err.trim().lines().count() == 1, "{err}");
+}
