@@ -316,7 +316,8 @@ fn answers(g: &Global, a: AnswersArgs) -> Result<ExitCode> {
     let mut all = vec![Vec::new(); ANSWER_READINGS.len()];
     for (f, pool) in a.qa.iter().zip(&pools) {
         let n = pool.examples.len().min(a.limit);
-        let rows = answer_readings(&base, &student, &trained.chunk_encoder, &trained.projector, k, &pool.examples[..n], || pb.inc(1))?;
+        let rows = answer_readings(&base, &student, &trained.chunk_encoder, &trained.projector, k, &pool.examples[..n], || pb.inc(1))
+            .with_context(|| f.display().to_string())?;
         for (all, row) in all.iter_mut().zip(&rows) {
             all.extend_from_slice(row);
         }
