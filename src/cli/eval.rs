@@ -324,12 +324,18 @@ fn answers(g: &Global, a: AnswersArgs) -> Result<ExitCode> {
         per_file.push((f.display().to_string(), rows));
     }
     pb.finish_and_clear();
-    let own = 4;
+    // REFRAG reading its own passages against three other readings, paired by task
+    let at = |reading: &str| ANSWER_READINGS.iter().position(|r| *r == reading).expect("one of ANSWER_READINGS");
+    let own = at("refrag, own passages");
     let diff = |other: usize| -> (f64, f64, f64) {
         let d: Vec<f64> = all[own].iter().zip(&all[other]).map(|(x, y)| x - y).collect();
         metrics::paired_bootstrap(&d, a.samples, a.seed)
     };
-    let differences = [(5, "own - another task's passages"), (3, "own - no passages"), (1, "own - full, base decoder")];
+    let differences = [
+        (at("refrag, another task's passages"), "own - another task's passages"),
+        (at("refrag, no passages"), "own - no passages"),
+        (at("full, base decoder"), "own - full, base decoder"),
+    ];
     let mut out = std::io::stdout().lock();
     if a.json {
         let means = |rows: &[Vec<f64>]| -> serde_json::Value {
