@@ -100,6 +100,24 @@ pub enum EvalCmd {
     Answers(AnswersArgs),
 }
 
+/// The bootstrap of `eval compare` and `eval answers`.
+#[derive(Args, Debug)]
+pub struct BootstrapArgs {
+    /// Bootstrap resamples of the paired differences (95% percentile interval).
+    #[arg(long, default_value_t = 2000, env = "REFRAG_COMPARE_SAMPLES")]
+    pub samples: usize,
+    /// Seed of the resampling.
+    #[arg(long, default_value_t = 1, env = "REFRAG_COMPARE_SEED")]
+    pub seed: u64,
+}
+
+impl BootstrapArgs {
+    /// Mean of paired differences and its 95% interval: (mean, low, high).
+    fn interval(&self, diffs: &[f64]) -> (f64, f64, f64) {
+        metrics::paired_bootstrap(diffs, self.samples, self.seed)
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct AnswersArgs {
     /// Task files (`refrag dataset ... --tasks`; answerable tasks with passages are read).
@@ -108,12 +126,8 @@ pub struct AnswersArgs {
     /// Tasks read per file, from its start.
     #[arg(long, default_value_t = 100, env = "REFRAG_ANSWERS_LIMIT")]
     pub limit: usize,
-    /// Bootstrap resamples of the paired differences (95% percentile interval).
-    #[arg(long, default_value_t = 2000, env = "REFRAG_ANSWERS_SAMPLES")]
-    pub samples: usize,
-    /// Seed of the resampling.
-    #[arg(long, default_value_t = 1, env = "REFRAG_ANSWERS_SEED")]
-    pub seed: u64,
+    #[command(flatten)]
+    pub bootstrap: BootstrapArgs,
     /// Print one JSON object instead of a table.
     #[arg(long, env = "REFRAG_JSON")]
     pub json: bool,
@@ -127,12 +141,8 @@ pub struct CompareArgs {
     /// Answers of the reading compared with it: the same sets, in the same order as --base.
     #[arg(long, required = true, num_args = 1.., env = "REFRAG_COMPARE_NEW")]
     pub new: Vec<PathBuf>,
-    /// Bootstrap resamples of the paired differences (95% percentile interval).
-    #[arg(long, default_value_t = 2000, env = "REFRAG_COMPARE_SAMPLES")]
-    pub samples: usize,
-    /// Seed of the resampling.
-    #[arg(long, default_value_t = 1, env = "REFRAG_COMPARE_SEED")]
-    pub seed: u64,
+    #[command(flatten)]
+    pub bootstrap: BootstrapArgs,
     /// Print one JSON object instead of a table.
     #[arg(long, env = "REFRAG_JSON")]
     pub json: bool,
@@ -264,7 +274,7 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
             n: diffs[k].len(),
             base: metrics::mean(&base_v[k]),
             new: metrics::mean(&new_v[k]),
-            diff: metrics::paired_bootstrap(&diffs[k], a.samples, a.seed),
+            diff: a.bootstrap.interval(&diffs[k]),
         })
         .collect();
     let mut out = std::io::stdout().lock();
@@ -277,7 +287,7 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
             })
             .collect();
         let report = serde_json::json!({"questions": questions, "file_pairs": a.base.len(), "only_in_base": only_base,
-            "only_in_new": only_new, "samples": a.samples, "metrics": m});
+            "only_in_new": only_new, "samples": a.bootstrap.samples, "metrics": m});
         writeln!(out, "{report}")?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -285,7 +295,7 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
         out,
         "{questions} questions paired by id over {} file pair(s) ({only_base} only in --base, {only_new} only in --new); 95% bootstrap intervals, {} resamples",
         a.base.len(),
-        a.samples
+        a.bootstrap.samples
     )?;
     writeln!(out, "{:<14} {:>8} {:>8} {:>10}   95% interval", "metric", "base", "new", "new - base")?;
     for Row { name, base, new, diff: (d, lo, hi), .. } in rows {
@@ -329,7 +339,7 @@ fn answers(g: &Global, a: AnswersArgs) -> Result<ExitCode> {
     let own = at("refrag, own passages");
     let diff = |other: usize| -> (f64, f64, f64) {
         let d: Vec<f64> = all[own].iter().zip(&all[other]).map(|(x, y)| x - y).collect();
-        metrics::paired_bootstrap(&d, a.samples, a.seed)
+        a.bootstrap.interval(&d)
     };
     let differences = [
         (at("refrag, another task's passages"), "own - another task's passages"),
@@ -351,7 +361,7 @@ fn answers(g: &Global, a: AnswersArgs) -> Result<ExitCode> {
             })
             .collect();
         let report = serde_json::json!({"weights": trained.dir.display().to_string(), "k": k, "tasks": all[0].len(), "unit": "nats per answer token, mean over tasks",
-            "nll": means(&all), "files": files, "paired": d, "samples": a.samples});
+            "nll": means(&all), "files": files, "paired": d, "samples": a.bootstrap.samples});
         writeln!(out, "{report}")?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -369,7 +379,7 @@ fn answers(g: &Global, a: AnswersArgs) -> Result<ExitCode> {
         }
         writeln!(out, " {:>10.3}", metrics::mean(&all[r]))?;
     }
-    writeln!(out, "paired over the tasks, 95% bootstrap intervals ({} resamples):", a.samples)?;
+    writeln!(out, "paired over the tasks, 95% bootstrap intervals ({} resamples):", a.bootstrap.samples)?;
     for (i, name) in differences {
         let (m, lo, hi) = diff(i);
         writeln!(out, "  refrag, {name:<32} {m:>+8.3}   {lo:+.3} .. {hi:+.3}")?;
