@@ -106,7 +106,7 @@ pub fn answer_given_streaming(
             };
             // Only the policies that read the question pay for its vector.
             let qvec = match sel.policy {
-                Policy::Sim | Policy::Rl => qenc.encode(&[turn.question.as_str()])?.to_vec2::<f32>()?.remove(0),
+                Policy::Sim | Policy::SimSpan | Policy::Rl => qenc.encode(&[turn.question.as_str()])?.to_vec2::<f32>()?.remove(0),
                 _ => Vec::new(),
             };
             let expand = sel.choose(dec, reader.k, &refs, vectors.as_ref(), &qvec)?;

@@ -22,6 +22,12 @@ pub enum Policy {
     Random,
     /// Chunks whose encoder vector is closest to the question's.
     Sim,
+    /// Question similarity over spans: a chunk scores the best similarity of itself and its
+    /// neighbours in the same passage, so the closest chunks are expanded with the text around
+    /// them (a sentence rather than a 16-token fragment of it).
+    #[value(name = "sim-span")]
+    #[serde(rename = "sim-span")]
+    SimSpan,
     /// Chunks the decoder finds hardest (highest perplexity of their own tokens; costs a
     /// full-context pass over the passages).
     #[value(name = "ppl-desc")]

@@ -238,7 +238,7 @@ pub fn score(
                         let sign = if p == Policy::PplDesc { 1.0 } else { -1.0 };
                         chunk_nll.as_ref().map(|v| v.iter().map(|x| sign * x).collect()).unwrap_or_default()
                     }
-                    Policy::Sim => bail!("--policy sim needs a question; perplexity readings take random, ppl-desc, ppl-asc, rl"),
+                    Policy::Sim | Policy::SimSpan => bail!("--policy sim and sim-span need a question; perplexity readings take random, ppl-desc, ppl-asc, rl"),
                     Policy::Rl => {
                         let Some((net, qenc)) = policy else { return Err(crate::policy::missing(None)) };
                         let q = if net.cfg.condition {

@@ -237,10 +237,16 @@ impl Selection<'_> {
                 let mut rng = Rng(self.seed ^ 0x9e37_79b9_7f4a_7c15);
                 (0..n).map(|_| rng.unit()).collect()
             }
-            Policy::Sim => {
+            Policy::Sim | Policy::SimSpan => {
                 let Some(c) = vectors else { return Ok(vec![false; n]) };
                 let q = Tensor::new(qvec, c.device())?.to_dtype(c.dtype())?.unsqueeze(1)?;
-                c.matmul(&q)?.squeeze(1)?.to_dtype(DType::F64)?.to_vec1()?
+                let sim: Vec<f64> = c.matmul(&q)?.squeeze(1)?.to_dtype(DType::F64)?.to_vec1()?;
+                if self.policy == Policy::SimSpan {
+                    let sizes: Vec<usize> = passages.iter().map(|p| p.len().div_ceil(k)).collect();
+                    span_scores(&sim, &sizes)
+                } else {
+                    sim
+                }
             }
             Policy::PplDesc | Policy::PplAsc => {
                 let sign = if self.policy == Policy::PplDesc { 1.0 } else { -1.0 };
@@ -296,6 +302,24 @@ pub fn mixed_segments(passages: &[&[u32]], k: usize, expand: &[bool], projected:
         bail!("{} chunk vectors for {idx} chunks (an index built with another k?)", expand.len());
     }
     Ok(out)
+}
+
+/// `sim-span`'s scores: each chunk gets the best similarity within one chunk of it in its own
+/// passage (`sizes`: chunks per passage, in order), plus a small share of its own, so a window's
+/// centre goes first and its neighbours follow it before the next window opens. (One chunk on
+/// either side: on training questions this beat two on either side and the next chunk only.)
+pub fn span_scores(sim: &[f64], sizes: &[usize]) -> Vec<f64> {
+    let mut out = Vec::with_capacity(sim.len());
+    let mut start = 0;
+    for &len in sizes {
+        let p = &sim[start..start + len];
+        for i in 0..len {
+            let best = p[i.saturating_sub(1)..=(i + 1).min(len - 1)].iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            out.push(best + 1e-3 * p[i]);
+        }
+        start += len;
+    }
+    out
 }
 
 /// Mark the `want` highest scores.
@@ -597,6 +621,24 @@ pub fn train(run: &PolicyTrain, net_cfg: PolicyConfig, cfg: &PolicyTrainConfig) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// sim-span expands the best chunk with its neighbours in its own passage before any other
+    /// window, and a window never reaches across a passage boundary.
+    #[test]
+    fn sim_span_expands_windows_around_the_closest_chunks() {
+        // two passages of 4 and 3 chunks; the best chunk is the first passage's third
+        let sim = [0.1, 0.2, 0.9, 0.3, 0.5, 0.15, 0.05];
+        let s = span_scores(&sim, &[4, 3]);
+        let picked = |want| (0..7).filter(|&i| top_mask(&s, want)[i]).collect::<Vec<_>>();
+        assert_eq!(picked(1), vec![2]);
+        assert_eq!(picked(3), vec![1, 2, 3]);
+        // then the second passage's window, not the first passage's last chunk's neighbour
+        // across the boundary (chunk 4 scores its own 0.5, not chunk 3's neighbour 0.9)
+        assert_eq!(picked(5), vec![1, 2, 3, 4, 5]);
+        assert_eq!(picked(6), vec![0, 1, 2, 3, 4, 5]);
+        // plain question similarity picks scattered chunks
+        assert_eq!((0..7).filter(|&i| top_mask(&sim, 3)[i]).collect::<Vec<_>>(), vec![2, 3, 4]);
+    }
 
     #[test]
     fn sequences_never_repeat_and_logprob_is_a_probability() {

@@ -84,6 +84,10 @@ pub struct TrainConfig {
     /// weights trained before it existed.
     #[serde(default = "one")]
     pub input_scale: f64,
+    /// sft: distil from the base decoder with this folder's adapters folded in (None: the
+    /// base decoder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_weights: Option<PathBuf>,
 }
 
 fn one() -> f64 {
@@ -547,6 +551,8 @@ pub struct TrainRun<'a> {
     /// sft: training and held-out tasks.
     pub qa: Option<&'a crate::sft::QaPool>,
     pub qa_heldout: Option<&'a crate::sft::QaPool>,
+    /// sft: the distillation teacher (None: the base decoder, `decoder`).
+    pub teacher: Option<&'a Decoder>,
 }
 
 /// Train, checkpointing into `out`; writes `projector.safetensors` and `card.json` at the end.
@@ -608,22 +614,38 @@ fn is_out_of_memory(e: &anyhow::Error) -> bool {
     format!("{e:#}").contains("OUT_OF_MEMORY")
 }
 
+/// Seconds waited before each retry of a pass that ran out of GPU memory: the first retry at
+/// once (after trimming this process's pool), the later ones after a wait, for memory that
+/// other processes on a shared device give back.
+const OOM_RETRY_WAITS: [u64; 3] = [0, 3, 15];
+
 /// Run one forward/backward pass; if the GPU runs out of memory, wait for the queued work,
-/// give the memory pool's unused blocks back, and run the pass once more (a pass changes
-/// nothing until it succeeds: same rows, same random state, gradients added all or nothing).
-/// CUDA's stream-ordered allocator can fail where the same allocation succeeds after the
-/// stream is synchronised: TensorFlow's and XLA's allocators retry the same way. On the H200,
-/// long LoRA runs failed with half the device free (README "GPU memory in training").
-fn with_oom_retry<T>(dev: &candle_core::Device, mut pass: impl FnMut() -> Result<T>) -> Result<T> {
-    match pass() {
-        Err(e) if is_out_of_memory(&e) => {
-            OOM_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let trimmed = crate::device::release_unused(dev);
-            tracing::warn!("out of GPU memory in a pass ({e:#}); pool trimmed: {trimmed}; retrying the pass once");
-            pass()
+/// give the memory pool's unused blocks back, and run the pass again, up to
+/// [`OOM_RETRY_WAITS`]` .len()` more times (a pass changes nothing until it succeeds: same rows,
+/// same random state, gradients added all or nothing). CUDA's stream-ordered allocator can
+/// fail where the same allocation succeeds after the stream is synchronised: TensorFlow's and
+/// XLA's allocators retry the same way. On the H200, long LoRA runs failed with half the device
+/// free (README "GPU memory in training"); on a device shared with other runs, a retry at once
+/// fails again while another process holds the memory.
+fn with_oom_retry<T>(dev: &candle_core::Device, pass: impl FnMut() -> Result<T>) -> Result<T> {
+    oom_retry_waiting(dev, &OOM_RETRY_WAITS, pass)
+}
+
+fn oom_retry_waiting<T>(dev: &candle_core::Device, waits: &[u64], mut pass: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut r = pass();
+    for &wait in waits {
+        match &r {
+            Err(e) if is_out_of_memory(e) => {
+                OOM_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_secs(wait));
+                let trimmed = crate::device::release_unused(dev);
+                tracing::warn!("out of GPU memory in a pass ({e:#}); pool trimmed: {trimmed}; retrying the pass after {wait} s");
+                r = pass();
+            }
+            _ => break,
         }
-        r => r,
     }
+    r
 }
 
 /// A CUDA out-of-memory error says where to go on from: the step of the last checkpoint in
@@ -819,7 +841,7 @@ fn train_loop(
         let mut grads = GradSum::default();
         let (lv, ntok, l, bsz, parts) = if let (Stage::Sft, Some(qa)) = (cfg.stage, run.qa) {
             let batch = qa.sample(cfg.batch.max(1), &mut rng);
-            let teacher = (cfg.distill > 0.0).then_some(run.decoder);
+            let teacher = (cfg.distill > 0.0).then_some(run.teacher.unwrap_or(run.decoder));
             // passes of tasks; each pass's loss is a mean over its answer tokens, weighted by
             // their share of the batch's (the step's loss is the mean over all answer tokens)
             let ntok: usize = batch.iter().map(|ex| ex.answer.len()).sum();
@@ -956,7 +978,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_out_of_memory_pass_runs_once_more_and_other_errors_do_not() {
+    fn an_out_of_memory_pass_runs_again_and_other_errors_do_not() {
         let dev = candle_core::Device::Cpu;
         let oom = || anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
         let retries = OOM_RETRIES.load(std::sync::atomic::Ordering::Relaxed);
@@ -966,20 +988,28 @@ mod tests {
             if calls == 1 { Err(oom()) } else { Ok(7) }
         });
         assert_eq!((r.unwrap(), calls), (7, 2));
+        // (no waits here: the real ones are seconds long)
         let mut calls = 0;
-        let r: Result<()> = with_oom_retry(&dev, || {
+        let r = oom_retry_waiting(&dev, &[0, 0, 0], || {
+            calls += 1;
+            if calls < 3 { Err(oom()) } else { Ok(8) }
+        });
+        assert_eq!((r.unwrap(), calls), (8, 3));
+        let mut calls = 0;
+        let r: Result<()> = oom_retry_waiting(&dev, &[0, 0, 0], || {
             calls += 1;
             Err(oom())
         });
-        assert!(is_out_of_memory(&r.unwrap_err()) && calls == 2);
+        assert!(is_out_of_memory(&r.unwrap_err()) && calls == 4);
         let mut calls = 0;
         let r: Result<()> = with_oom_retry(&dev, || {
             calls += 1;
             bail!("shape mismatch")
         });
         assert!(r.is_err() && calls == 1);
-        // counted for train.jsonl: the two out-of-memory retries above (no other test runs out)
-        assert_eq!(OOM_RETRIES.load(std::sync::atomic::Ordering::Relaxed) - retries, 2);
+        // counted for train.jsonl: the 1 + 2 + 3 out-of-memory retries above (no other test
+        // runs out)
+        assert_eq!(OOM_RETRIES.load(std::sync::atomic::Ordering::Relaxed) - retries, 6);
     }
 
     #[test]
@@ -999,7 +1029,7 @@ mod tests {
             stage: Stage::Reconstruct, k: 16, steps: 100, tokens_per_step: 1, max_chunks: 1,
             predict_tokens: 1, mixed: 0.0, lr: 1e-3, warmup: 0.04, weight_decay: 0.0, clip: 1.0,
             seed: 1, checkpoint_every: 10, encoder_layers: 0, decoder_lora: 0, distill: 0.0, batch: 0,
-            recon_weight: 0.0, bow_weight: 0.0, input_scale: 1.0,
+            recon_weight: 0.0, bow_weight: 0.0, input_scale: 1.0, teacher_weights: None,
         }
     }
 

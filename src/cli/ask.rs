@@ -72,7 +72,7 @@ pub struct RagArgs {
     #[arg(long, default_value_t = 0.0, env = "REFRAG_EXPAND")]
     pub expand: f64,
     /// Which chunks to expand.
-    #[arg(long, value_enum, default_value = "sim", env = "REFRAG_POLICY")]
+    #[arg(long, value_enum, default_value = "sim-span", env = "REFRAG_POLICY")]
     pub policy: Policy,
     /// Retrieval: vector, or hybrid (vector + BM25).
     #[arg(long, value_enum, default_value = "vector", env = "REFRAG_SEARCH")]

@@ -29,6 +29,11 @@ pub struct TrainArgs {
     /// sft: weight of distillation from full-context reading (0 = answers only).
     #[arg(long, default_value_t = 1.0, env = "REFRAG_TRAIN_DISTILL")]
     pub distill: f64,
+    /// sft: distil from the decoder with this folder's adapters folded in (its
+    /// decoder_lora.safetensors, e.g. weights/qa: the fine-tuned decoder reading the passages as
+    /// tokens) instead of the base decoder.
+    #[arg(long, env = "REFRAG_TRAIN_TEACHER_WEIGHTS")]
+    pub teacher_weights: Option<PathBuf>,
     /// sft: tasks per optimizer step.
     #[arg(long, default_value_t = 16, env = "REFRAG_TRAIN_BATCH")]
     pub batch: usize,
@@ -296,6 +301,7 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         recon_weight: a.recon_weight,
         bow_weight,
         input_scale,
+        teacher_weights: a.teacher_weights.clone(),
     };
     // --resume continues with the checkpoint's settings, except options given now
     if let Some(ck) = a.resume.then(|| train::checkpoint_config(&a.out)).flatten() {
@@ -305,6 +311,19 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
             eprintln!("resuming {} with {}", a.out.display(), changed.join(", "));
         }
     }
+    let teacher = match &cfg.teacher_weights {
+        Some(_) if cfg.stage != Stage::Sft || cfg.distill <= 0.0 => bail!("--teacher-weights is for `refrag train sft` with --distill above 0"),
+        Some(dir) => {
+            let lora = dir.join(crate::decoder::LORA_FILE);
+            if !lora.is_file() {
+                bail!("--teacher-weights {}: no {} in it", dir.display(), crate::decoder::LORA_FILE);
+            }
+            let mut t = g.load_decoder_with(&device, crate::decoder::Ops::Differentiable, false)?;
+            t.merge_lora(&lora)?;
+            Some(t)
+        }
+        None => None,
+    };
     let run = TrainRun {
         decoder: &decoder,
         encoder: &encoder,
@@ -317,12 +336,14 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         micro_tokens: a.micro_tokens,
         init_from: a.init.clone(),
         data_note: if a.stage == Stage::Sft {
-            format!("train tasks: {:?}; held-out tasks: {:?}", names(&a.qa), names(&a.heldout_qa))
+            let teacher = cfg.teacher_weights.as_ref().map(|d| format!("; teacher: base decoder + {}", d.join(crate::decoder::LORA_FILE).display())).unwrap_or_default();
+            format!("train tasks: {:?}; held-out tasks: {:?}{teacher}", names(&a.qa), names(&a.heldout_qa))
         } else {
             format!("train: {:?}; held out: {:?}", names(&a.text), names(&a.heldout))
         },
         qa: qa.as_ref(),
         qa_heldout: qa_held.as_ref(),
+        teacher: teacher.as_ref(),
     };
     let card = train::train(&run, &cfg).map_err(|e| train::out_of_memory_hint(e, &a.out))?;
     outln!("{}", serde_json::to_string_pretty(&card)?);

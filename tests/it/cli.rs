@@ -259,6 +259,11 @@ fn ask_context_in_refrag_mode_compresses_and_expands() {
     assert!(n >= 10, "{expanded}");
     // each expanded chunk takes up to k = 16 positions instead of 1
     assert!(pos(&expanded) > pos(&compressed) + n * 8, "{expanded} vs {compressed}");
+    // the default policy is sim-span: as many chunks, in windows around the closest ones
+    let default = run(&["--mode", "refrag", "--expand", "0.5"]);
+    let span = run(&["--mode", "refrag", "--expand", "0.5", "--policy", "sim-span"]);
+    assert_eq!(default["expanded_chunks"], expanded["expanded_chunks"]);
+    assert_eq!((&default["answer"], pos(&default)), (&span["answer"], pos(&span)));
 }
 
 /// HotpotQA and MTRAG importers: corpus, questions with gold ids, tasks.

@@ -300,6 +300,53 @@ fn sft_steps_lower_the_answer_loss() {
     }
 }
 
+/// `train sft --teacher-weights`: the distillation teacher is the decoder with that folder's
+/// adapters folded in. Same student, same batch: the first step's answer cross-entropy is the
+/// same as with the base teacher, its KL is not; the card names the teacher; a folder without
+/// adapters is refused in one line.
+#[test]
+fn sft_distils_from_a_fine_tuned_teacher() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = squad_tasks(dir.path());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let step = |out: &str, teacher: Option<&Path>| -> std::process::Output {
+        let mut c = refrag();
+        c.args(["train", "sft", "--device", "cpu", "-q", "--batch", "2", "--steps", "1", "--seed", "5"])
+            .args(["--encoder-layers", "4", "--decoder-lora", "8", "--init"])
+            .arg(root.join("weights"))
+            .arg("--qa")
+            .arg(&tasks)
+            .arg("--out")
+            .arg(dir.path().join(out));
+        if let Some(t) = teacher {
+            c.arg("--teacher-weights").arg(t);
+        }
+        c.output().unwrap()
+    };
+    let first = |out: &str| -> serde_json::Value {
+        let log = std::fs::read_to_string(dir.path().join(out).join("train.jsonl")).unwrap();
+        serde_json::from_str(log.lines().next().unwrap()).unwrap()
+    };
+    let o = step("base", None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = step("ft", Some(&root.join("weights").join("qa")));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let card: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(card["config"]["teacher_weights"].as_str().unwrap().ends_with("qa"), "{card}");
+    assert!(card["data"].as_str().unwrap().contains("teacher: base decoder + "), "{card}");
+    let (b, f) = (first("base"), first("ft"));
+    assert!((b["ce"].as_f64().unwrap() - f["ce"].as_f64().unwrap()).abs() < 1e-6, "{b} {f}");
+    assert!((b["kl"].as_f64().unwrap() - f["kl"].as_f64().unwrap()).abs() > 1e-3, "{b} {f}");
+    // no adapters in the folder: one line, exit 2, no run folder left behind
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = step("bad", Some(&empty));
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--teacher-weights") && err.contains("decoder_lora.safetensors") && err.trim().lines().count() == 1, "{err}");
+    assert!(!dir.path().join("bad").join("train.jsonl").exists());
+}
+
 /// SFT reads a batch in one forward pass with rows right-padded to one length: every row's
 /// answer logits equal those of the row read alone (padding never reaches a real position).
 #[test]
