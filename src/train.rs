@@ -621,7 +621,7 @@ const OOM_RETRY_WAITS: [u64; 3] = [0, 3, 15];
 
 /// Run one forward/backward pass; if the GPU runs out of memory, wait for the queued work,
 /// give the memory pool's unused blocks back, and run the pass again, up to
-/// [`OOM_RETRY_WAITS`]` .len()` more times (a pass changes nothing until it succeeds: same rows,
+/// `OOM_RETRY_WAITS.len()` more times (a pass changes nothing until it succeeds: same rows,
 /// same random state, gradients added all or nothing). CUDA's stream-ordered allocator can
 /// fail where the same allocation succeeds after the stream is synchronised: TensorFlow's and
 /// XLA's allocators retry the same way. On the H200, long LoRA runs failed with half the device

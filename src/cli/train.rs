@@ -258,6 +258,14 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     if !(0.0..1.0).contains(&a.mixed) {
         bail!("--mixed {}: must be in [0, 1)", a.mixed);
     }
+    if let Some(dir) = &a.teacher_weights {
+        if a.stage != Stage::Sft || a.distill <= 0.0 {
+            bail!("--teacher-weights is for `refrag train sft` with --distill above 0");
+        }
+        if !dir.join(crate::decoder::LORA_FILE).is_file() {
+            bail!("--teacher-weights {}: no {} in it", dir.display(), crate::decoder::LORA_FILE);
+        }
+    }
     let device = g.device()?;
     let decoder = g.load_decoder_with(&device, crate::decoder::Ops::Differentiable, false)?;
     let encoder = g.load_encoder(&device)?;
@@ -312,14 +320,9 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         }
     }
     let teacher = match &cfg.teacher_weights {
-        Some(_) if cfg.stage != Stage::Sft || cfg.distill <= 0.0 => bail!("--teacher-weights is for `refrag train sft` with --distill above 0"),
         Some(dir) => {
-            let lora = dir.join(crate::decoder::LORA_FILE);
-            if !lora.is_file() {
-                bail!("--teacher-weights {}: no {} in it", dir.display(), crate::decoder::LORA_FILE);
-            }
             let mut t = g.load_decoder_with(&device, crate::decoder::Ops::Differentiable, false)?;
-            t.merge_lora(&lora)?;
+            t.merge_lora(&dir.join(crate::decoder::LORA_FILE))?;
             Some(t)
         }
         None => None,
