@@ -267,6 +267,7 @@ pub fn run(g: &Global, args: AskArgs) -> Result<ExitCode> {
     }
     if args.json {
         let mut v = answer_json(&r.generation, mode_name(mode), &device);
+        v["policy"] = serde_json::to_value(policy_named(mode, args.rag.expand, args.rag.policy))?;
         v["expanded_chunks"] = r.chunks_expanded.into();
         writeln!(out, "{v}")?;
     } else {
@@ -301,6 +302,7 @@ fn run_index(g: &Global, args: &AskArgs, question: &str, sampling: SamplingOptio
         v["input_ms"] = ans.input_ms.into();
         v["context_tokens"] = ans.context_tokens.into();
         v["chunks"] = ans.chunks.into();
+        v["policy"] = serde_json::to_value(policy_named(mode, args.rag.expand, args.rag.policy))?;
         v["expanded_chunks"] = ans.expanded_chunks.into();
         writeln!(out, "{v}")?;
     } else {

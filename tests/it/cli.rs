@@ -264,6 +264,7 @@ fn ask_context_in_refrag_mode_compresses_and_expands() {
     let span = run(&["--mode", "refrag", "--expand", "0.5", "--policy", "sim-span"]);
     assert_eq!(default["expanded_chunks"], expanded["expanded_chunks"]);
     assert_eq!((&default["answer"], pos(&default)), (&span["answer"], pos(&span)));
+    assert_eq!((&default["policy"], &expanded["policy"], &compressed["policy"]), (&"sim-span".into(), &"sim".into(), &serde_json::Value::Null));
 }
 
 /// HotpotQA and MTRAG importers: corpus, questions with gold ids, tasks.
