@@ -321,7 +321,8 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     }
     let teacher = match &cfg.teacher_weights {
         Some(dir) => {
-            let mut t = g.load_decoder_with(&device, crate::decoder::Ops::Differentiable, false)?;
+            // a copy of the loaded decoder (folding replaces the copy's matrices, not the base's)
+            let mut t = decoder.clone();
             t.merge_lora(&dir.join(crate::decoder::LORA_FILE))?;
             Some(t)
         }
