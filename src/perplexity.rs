@@ -247,7 +247,7 @@ pub fn score(
                         } else {
                             None
                         };
-                        net.logits(vecs, q.as_ref())?.to_vec1::<f32>()?.iter().map(|&x| x as f64).collect()
+                        net.logits(vecs, q.as_ref(), &[n])?.to_vec1::<f32>()?.iter().map(|&x| x as f64).collect()
                     }
                 };
                 let mask = if p == Policy::None { vec![false; n] } else { crate::policy::top_mask(&scores, want) };

@@ -85,6 +85,10 @@ pub struct PolicyConfig {
     /// trained before it existed.
     #[serde(default)]
     pub interact: bool,
+    /// With `interact`: the similarity added to the logits is `sim-span`'s (the best within one
+    /// chunk in the same passage), so the untrained policy ranks chunks as `sim-span` does.
+    #[serde(default)]
+    pub span: bool,
 }
 
 struct Block {
@@ -147,8 +151,9 @@ impl PolicyNet {
     }
 
     /// One logit per chunk. `chunks`: [n, in_dim] (encoder vectors, before projection);
-    /// `query`: [in_dim] when the policy is conditioned.
-    pub fn logits(&self, chunks: &Tensor, query: Option<&Tensor>) -> Result<Tensor> {
+    /// `query`: [in_dim] when the policy is conditioned; `sizes`: chunks per passage, in order
+    /// (they sum to n; only `span` policies read them).
+    pub fn logits(&self, chunks: &Tensor, query: Option<&Tensor>, sizes: &[usize]) -> Result<Tensor> {
         let (n, _) = chunks.dims2()?;
         let device = chunks.device();
         // unit-length vectors have entries ~ 1/sqrt(dim): policies with `interact` read them
@@ -196,16 +201,23 @@ impl PolicyNet {
         match (&self.sim_scale, query) {
             (Some(a), Some(q)) => {
                 let q = q.to_dtype(DType::F32)?.reshape((self.cfg.in_dim, 1))?;
-                let sim = raw.matmul(&q)?.squeeze(1)?.broadcast_mul(a)?;
-                Ok((out + sim)?)
+                let mut sim = raw.matmul(&q)?.squeeze(1)?;
+                if self.cfg.span {
+                    if sizes.iter().sum::<usize>() != n {
+                        bail!("{n} chunk vectors for passages of {} chunks", sizes.iter().sum::<usize>());
+                    }
+                    let v: Vec<f64> = sim.to_dtype(DType::F64)?.to_vec1()?;
+                    sim = Tensor::new(span_scores(&v, sizes), device)?.to_dtype(DType::F32)?;
+                }
+                Ok((out + sim.broadcast_mul(a)?)?)
             }
             _ => Ok(out),
         }
     }
 
     /// The `want` chunks a greedy pointer decoding picks (with fixed logits: the top `want`).
-    pub fn choose(&self, chunks: &Tensor, query: Option<&Tensor>, want: usize) -> Result<Vec<bool>> {
-        let l = self.logits(chunks, query)?.to_vec1::<f32>()?;
+    pub fn choose(&self, chunks: &Tensor, query: Option<&Tensor>, sizes: &[usize], want: usize) -> Result<Vec<bool>> {
+        let l = self.logits(chunks, query, sizes)?.to_vec1::<f32>()?;
         Ok(top_mask(&l.iter().map(|&x| x as f64).collect::<Vec<_>>(), want))
     }
 }
@@ -231,6 +243,7 @@ impl Selection<'_> {
         if want == 0 || self.policy == Policy::None {
             return Ok(vec![false; n]);
         }
+        let sizes: Vec<usize> = passages.iter().map(|p| p.len().div_ceil(k)).collect();
         let scores: Vec<f64> = match self.policy {
             Policy::None => unreachable!(),
             Policy::Random => {
@@ -242,7 +255,6 @@ impl Selection<'_> {
                 let q = Tensor::new(qvec, c.device())?.to_dtype(c.dtype())?.unsqueeze(1)?;
                 let sim: Vec<f64> = c.matmul(&q)?.squeeze(1)?.to_dtype(DType::F64)?.to_vec1()?;
                 if self.policy == Policy::SimSpan {
-                    let sizes: Vec<usize> = passages.iter().map(|p| p.len().div_ceil(k)).collect();
                     span_scores(&sim, &sizes)
                 } else {
                     sim
@@ -266,7 +278,7 @@ impl Selection<'_> {
                 };
                 let Some(c) = vectors else { return Ok(vec![false; n]) };
                 let q = Tensor::new(qvec, &decoder.device)?;
-                return net.choose(c, Some(&q), want);
+                return net.choose(c, Some(&q), &sizes, want);
             }
         };
         Ok(top_mask(&scores, want))
@@ -535,7 +547,7 @@ pub fn train(run: &PolicyTrain, net_cfg: PolicyConfig, cfg: &PolicyTrainConfig) 
         // One context: its chunk vectors, the query, and the reward of any expansion mask.
         let task;
         let window;
-        let (vecs, query, reward): (Tensor, Option<Tensor>, RewardFn) = match run.episodes {
+        let (vecs, query, sizes, reward): (Tensor, Option<Tensor>, Vec<usize>, RewardFn) = match run.episodes {
             Episodes::Text(pool) => {
                 window = pool.window(cfg.s + cfg.o, &mut rng);
                 let (ctx, tgt) = (&window[..cfg.s], &window[cfg.s..]);
@@ -547,7 +559,8 @@ pub fn train(run: &PolicyTrain, net_cfg: PolicyConfig, cfg: &PolicyTrainConfig) 
                 let reward = move |masks: &[Vec<bool>]| -> Result<Vec<f64>> {
                     masks.iter().map(|m| Ok(-crate::perplexity::nll_after(dec, &mixed_prefix(dec, ctx, run.k, &projected, m)?, tgt)?)).collect()
                 };
-                (vecs, encode_query(&q)?, Box::new(reward))
+                let n = vecs.dim(0)?;
+                (vecs, encode_query(&q)?, vec![n], Box::new(reward))
             }
             Episodes::Tasks(pool) => {
                 let ex = pool.sample(1, &mut rng)[0];
@@ -557,12 +570,12 @@ pub fn train(run: &PolicyTrain, net_cfg: PolicyConfig, cfg: &PolicyTrainConfig) 
                     let items = masks.iter().map(|m| Ok((t.prompt(run.k, m)?, t.ex.answer.as_slice()))).collect::<Result<Vec<_>>>()?;
                     Ok(crate::sft::answer_nll(dec, &items)?.into_iter().map(|x| -x).collect())
                 };
-                (task.raw.clone(), encode_query(&ex.question)?, Box::new(reward))
+                (task.raw.clone(), encode_query(&ex.question)?, task.sizes.clone(), Box::new(reward))
             }
         };
         let n = vecs.dim(0)?;
         let want = ((cfg.expand * n as f64).round() as usize).clamp(1, n);
-        let logits = net.logits(&vecs, query.as_ref())?;
+        let logits = net.logits(&vecs, query.as_ref(), &sizes)?;
         let lv: Vec<f64> = logits.to_vec1::<f32>()?.iter().map(|&x| x as f64).collect();
         let mut seqs = Vec::new();
         let mut masks = Vec::new();
@@ -588,7 +601,7 @@ pub fn train(run: &PolicyTrain, net_cfg: PolicyConfig, cfg: &PolicyTrainConfig) 
             .map(|s| Ok(sequence_logprob(&logits, s)?.to_scalar::<f32>()? as f64))
             .collect::<Result<_>>()?;
         for _ in 0..cfg.epochs {
-            let logits = net.logits(&vecs, query.as_ref())?;
+            let logits = net.logits(&vecs, query.as_ref(), &sizes)?;
             let mut terms = Vec::new();
             for ((s, &a), &o) in seqs.iter().zip(&adv).zip(&old) {
                 let ratio = (sequence_logprob(&logits, s)? - o)?.exp()?;
@@ -667,28 +680,34 @@ mod tests {
     #[test]
     fn net_gives_one_logit_per_chunk() {
         let vm = VarMap::new();
-        let cfg = PolicyConfig { in_dim: 6, width: 16, heads: 4, layers: 2, condition: true, interact: true };
+        let cfg = PolicyConfig { in_dim: 6, width: 16, heads: 4, layers: 2, condition: true, interact: true, span: false };
         let net = PolicyNet::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
         let x = Tensor::randn(0f32, 1.0, (5, 6), &Device::Cpu).unwrap();
         let q = Tensor::randn(0f32, 1.0, 6, &Device::Cpu).unwrap();
-        assert_eq!(net.logits(&x, Some(&q)).unwrap().dims(), &[5]);
-        assert_eq!(net.choose(&x, Some(&q), 2).unwrap().iter().filter(|&&b| b).count(), 2);
+        assert_eq!(net.logits(&x, Some(&q), &[5]).unwrap().dims(), &[5]);
+        assert_eq!(net.choose(&x, Some(&q), &[5], 2).unwrap().iter().filter(|&&b| b).count(), 2);
     }
 
-    /// An untrained `interact` policy picks what question similarity picks.
+    /// An untrained `interact` policy picks what question similarity picks (`sim`, or with
+    /// `span` what `sim-span` picks, windows kept inside their passage).
     #[test]
     fn interact_policy_starts_as_sim() {
-        let vm = VarMap::new();
-        let cfg = PolicyConfig { in_dim: 8, width: 16, heads: 4, layers: 2, condition: true, interact: true };
-        let net = PolicyNet::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-        start_from_sim(&vm).unwrap();
         let unit = |t: Tensor| t.broadcast_div(&t.sqr().unwrap().sum_keepdim(D::Minus1).unwrap().sqrt().unwrap()).unwrap();
         let x = unit(Tensor::randn(0f32, 1.0, (12, 8), &Device::Cpu).unwrap());
         let q = unit(Tensor::randn(0f32, 1.0, (1, 8), &Device::Cpu).unwrap()).squeeze(0).unwrap();
         let sims: Vec<f64> = x.matmul(&q.unsqueeze(1).unwrap()).unwrap().squeeze(1).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
-        for want in [1, 3, 6] {
-            assert_eq!(net.choose(&x, Some(&q), want).unwrap(), top_mask(&sims, want), "want {want}");
+        let sizes = [5, 4, 3];
+        for span in [false, true] {
+            let vm = VarMap::new();
+            let cfg = PolicyConfig { in_dim: 8, width: 16, heads: 4, layers: 2, condition: true, interact: true, span };
+            let net = PolicyNet::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+            start_from_sim(&vm).unwrap();
+            let heuristic = if span { span_scores(&sims, &sizes) } else { sims.clone() };
+            for want in [1, 3, 6] {
+                assert_eq!(net.choose(&x, Some(&q), &sizes, want).unwrap(), top_mask(&heuristic, want), "span {span}, want {want}");
+            }
         }
+        assert_ne!(top_mask(&span_scores(&sims, &sizes), 6), top_mask(&sims, 6), "this draw cannot tell the two apart");
     }
 
     /// Policies trained before `interact` existed (the shipped ones) still load and read.
@@ -699,7 +718,7 @@ mod tests {
             let net = PolicyNet::load(&d, &Device::Cpu).unwrap();
             let x = Tensor::randn(0f32, 1.0, (7, net.cfg.in_dim), &Device::Cpu).unwrap();
             let q = Tensor::randn(0f32, 1.0, net.cfg.in_dim, &Device::Cpu).unwrap();
-            assert_eq!(net.logits(&x, Some(&q)).unwrap().dims(), &[7], "{dir}");
+            assert_eq!(net.logits(&x, Some(&q), &[7]).unwrap().dims(), &[7], "{dir}");
         }
     }
 }

@@ -233,6 +233,8 @@ pub struct EncodedTask<'a> {
     pub ex: &'a QaExample,
     /// Encoder vectors of the passage chunks [n, dim], in order over all passages.
     pub raw: Tensor,
+    /// Chunks per passage, in order.
+    pub sizes: Vec<usize>,
     projected: Tensor,
     history: Vec<(Vec<Segment>, Vec<Segment>)>,
 }
@@ -249,8 +251,11 @@ impl<'a> EncodedTask<'a> {
             }
         }
         let first_passage = texts.len();
+        let mut sizes = Vec::with_capacity(ex.passages.len());
         for p in &ex.passages {
+            let before = texts.len();
             texts.extend(crate::corpus::chunk_texts(&dec.tokenizer, p, k)?);
+            sizes.push(texts.len() - before);
         }
         if texts.len() == first_passage {
             bail!("a task with no passage chunks");
@@ -267,7 +272,7 @@ impl<'a> EncodedTask<'a> {
         let mut it = turns.into_iter();
         let history = std::iter::from_fn(|| Some((it.next()?, it.next()?))).collect();
         let n = texts.len() - first_passage;
-        Ok(Self { ex, raw: vecs.narrow(0, first_passage, n)?, projected: projected_all.narrow(0, first_passage, n)?, history })
+        Ok(Self { ex, raw: vecs.narrow(0, first_passage, n)?, sizes, projected: projected_all.narrow(0, first_passage, n)?, history })
     }
 
     /// The reader's prompt with the passage chunks marked in `expand` read as tokens.

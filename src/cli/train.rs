@@ -136,6 +136,10 @@ pub struct TrainArgs {
     /// question with --qa, else the first --query-tokens of the text to predict).
     #[arg(long, env = "REFRAG_TRAIN_CONDITION")]
     pub condition: bool,
+    /// policy (with --condition): start from `sim-span` instead of `sim` (the question
+    /// similarity added to each chunk's logit is the best within one chunk of it in its passage).
+    #[arg(long, requires = "condition", env = "REFRAG_TRAIN_SPAN")]
+    pub span: bool,
     #[arg(long, default_value_t = 32, env = "REFRAG_TRAIN_QUERY_TOKENS")]
     pub query_tokens: usize,
 }
@@ -180,7 +184,7 @@ fn train_policy(g: &Global, a: &TrainArgs) -> Result<ExitCode> {
         quiet: g.quiet,
         data_note: format!("train: {names:?}; weights: {}", trained.dir.display()),
     };
-    let net = crate::policy::PolicyConfig { in_dim: encoder.dim, width: 128, heads: 4, layers: 2, condition: a.condition, interact: a.condition };
+    let net = crate::policy::PolicyConfig { in_dim: encoder.dim, width: 128, heads: 4, layers: 2, condition: a.condition, interact: a.condition, span: a.span };
     let cfg = crate::policy::PolicyTrainConfig {
         steps: a.steps,
         s: a.s,
