@@ -500,15 +500,20 @@ fn answer_reward_reads_expanded_chunks_as_tokens() {
     assert!(expanded < compressed, "answer loss read as tokens {expanded} vs compressed {compressed} (sums over 5 tasks)");
 }
 
-/// `train policy --qa` learns on question tasks with the question-answering weights and writes
-/// a policy that `eval --conversations --policy rl` then reads.
+/// `train policy --qa --condition --span` learns on question tasks with the question-answering
+/// weights and writes a policy started from sim-span that `eval --conversations --policy rl` reads.
 #[test]
 fn policy_trains_on_answer_reward() {
     let dir = tempfile::tempdir().unwrap();
     let tasks = squad_tasks(dir.path());
     let w = shipped_without_policy(dir.path(), "weights/qa");
-    let card = train_policy(&w, &["--steps", "2", "--group", "2", "--expand", "0.25", "--condition", "--qa", tasks.to_str().unwrap()]);
+    // --span (started from sim-span) needs --condition
+    let o = refrag().args(["train", "policy", "--device", "cpu", "-q", "--span", "--qa"]).arg(&tasks).arg("--weights").arg(&w).arg("--out").arg(&w).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--condition"), "{}", String::from_utf8_lossy(&o.stderr));
+    let card = train_policy(&w, &["--steps", "2", "--group", "2", "--expand", "0.25", "--condition", "--span", "--qa", tasks.to_str().unwrap()]);
     assert_eq!(card["steps_done"], 2);
+    assert_eq!(card["config"]["span"], true, "{card}");
     assert!(card["what"].as_str().unwrap().contains("reference answer"), "{card}");
     assert!(card["data"].as_str().unwrap().contains("tasks.jsonl"), "{card}");
     // the text episodes' window sizes are not listed for a policy trained on tasks
