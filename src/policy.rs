@@ -693,8 +693,10 @@ mod tests {
     #[test]
     fn interact_policy_starts_as_sim() {
         let unit = |t: Tensor| t.broadcast_div(&t.sqr().unwrap().sum_keepdim(D::Minus1).unwrap().sqrt().unwrap()).unwrap();
-        let x = unit(Tensor::randn(0f32, 1.0, (12, 8), &Device::Cpu).unwrap());
-        let q = unit(Tensor::randn(0f32, 1.0, (1, 8), &Device::Cpu).unwrap()).squeeze(0).unwrap();
+        // fixed vectors (not random draws), so that the two rankings always differ
+        let xs: Vec<f32> = (0..12 * 8).map(|v| ((v * 7 + v / 8 * 3) % 11) as f32 - 5.0).collect();
+        let x = unit(Tensor::from_vec(xs, (12, 8), &Device::Cpu).unwrap());
+        let q = unit(Tensor::from_vec((0..8).map(|j| (j % 3) as f32 - 1.0).collect::<Vec<_>>(), (1, 8), &Device::Cpu).unwrap()).squeeze(0).unwrap();
         let sims: Vec<f64> = x.matmul(&q.unsqueeze(1).unwrap()).unwrap().squeeze(1).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
         let sizes = [5, 4, 3];
         for span in [false, true] {
@@ -707,10 +709,11 @@ mod tests {
                 assert_eq!(net.choose(&x, Some(&q), &sizes, want).unwrap(), top_mask(&heuristic, want), "span {span}, want {want}");
             }
         }
-        assert_ne!(top_mask(&span_scores(&sims, &sizes), 6), top_mask(&sims, 6), "this draw cannot tell the two apart");
+        assert_ne!(top_mask(&span_scores(&sims, &sizes), 6), top_mask(&sims, 6), "these vectors cannot tell the two apart");
     }
 
-    /// Policies trained before `interact` existed (the shipped ones) still load and read.
+    /// The shipped policies load and read: `weights/`'s from before `interact`, `weights/qa`'s with
+    /// `interact` and `span`.
     #[test]
     fn shipped_policies_load() {
         for dir in ["weights", "weights/qa"] {
