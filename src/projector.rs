@@ -186,4 +186,31 @@ mod tests {
             assert_eq!(weights_dirs(Some(mine), home, p), vec![mine.to_path_buf()]);
         }
     }
+
+    /// The shipped cards describe the files beside them: every listed file has the listed size
+    /// and sha256 and is under 16 MB, every safetensors file is listed, and the policy card names
+    /// the encoder layers it was trained on (`trained@` + the start of encoder.safetensors' sha256).
+    #[test]
+    fn shipped_cards_match_their_files() {
+        for dir in ["weights", "weights/qa"] {
+            let d = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+            let card: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("card.json")).unwrap()).unwrap();
+            let files = card["files"].as_object().unwrap_or_else(|| panic!("{dir}/card.json lists no files"));
+            for (name, want) in files {
+                let path = d.join(name);
+                let bytes = std::fs::metadata(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).len();
+                assert_eq!(Some(bytes), want["bytes"].as_u64(), "{dir}/{name}: size");
+                assert!(bytes < 16 << 20, "{dir}/{name}: {bytes} bytes");
+                assert_eq!(crate::models::sha256_file(&path).unwrap(), want["sha256"].as_str().unwrap_or_default(), "{dir}/{name}: sha256");
+            }
+            for entry in std::fs::read_dir(&d).unwrap() {
+                let name = entry.unwrap().file_name().to_string_lossy().to_string();
+                assert!(!name.ends_with(".safetensors") || files.contains_key(&name), "{dir}/{name} is not in its card");
+            }
+            let encoder = files["encoder.safetensors"]["sha256"].as_str().unwrap();
+            let policy: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join(crate::policy::POLICY_CARD)).unwrap()).unwrap();
+            let trained = policy["chunk_encoder"].as_str().and_then(|id| id.split_once("+trained@")).map(|(_, t)| t.to_string()).unwrap_or_default();
+            assert!(!trained.is_empty() && encoder.starts_with(&trained), "{dir}: the policy was trained on {trained}, the encoder is {encoder}");
+        }
+    }
 }
