@@ -1,6 +1,7 @@
 //! `refrag dataset squad|nq-oracle|hotpot|mtrag FILE --corpus OUT.jsonl --questions OUT.jsonl`: turn the
 //! public benchmark files into refrag's corpus and question formats (gold passage ids kept), so
-//! anyone can reproduce the figures.
+//! anyone can reproduce the figures. `dataset cloze TEXT` makes fill-in-the-blank questions from
+//! plain text (unlabelled training data for reading facts out of passages).
 
 use super::Global;
 use anyhow::{anyhow, bail, Context, Result};
@@ -23,6 +24,10 @@ pub enum Kind {
     /// MTRAG generation tasks (JSONL): the pooled reference passages as the corpus, the last
     /// user turn as the question (gold: its passages), the tasks themselves for --tasks.
     Mtrag,
+    /// Plain text (blank-line separated paragraphs; a short first line is the title): one
+    /// fill-in-the-blank question per paragraph, a sentence of it with a name or number blanked
+    /// out ("Fill in the blank: ... ____ ..."), the blanked words as the answer.
+    Cloze,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -101,6 +106,7 @@ pub fn run(_g: &Global, a: DatasetArgs) -> Result<ExitCode> {
     let mut given_tasks: Option<Vec<Value>> = None;
     match a.kind {
         Kind::Hotpot | Kind::Mtrag => {}
+        Kind::Cloze => (docs, qs) = cloze(&text, &a),
         Kind::Squad => {
             let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{name}: not SQuAD JSON: {e}"))?;
             let arts = v["data"].as_array().ok_or_else(|| anyhow!("{name}: no \"data\" array"))?;
@@ -179,6 +185,105 @@ pub fn run(_g: &Global, a: DatasetArgs) -> Result<ExitCode> {
 }
 
 type Imported = (Vec<Value>, Vec<Value>, Option<Vec<Value>>);
+
+/// The blank in a cloze question.
+pub const BLANK: &str = "____";
+
+/// Fill-in-the-blank questions from plain text: paragraphs of 30-300 words (a block's short
+/// first line without a full stop is its title), in each one sentence of 8-40 words, in it a
+/// number or a run of up to 4 capitalised words (not the sentence's first word, not found
+/// elsewhere in the sentence) blanked. Which sentence and span: fixed by the paragraph's id.
+fn cloze(text: &str, a: &DatasetArgs) -> (Vec<Value>, Vec<Value>) {
+    use sha2::{Digest, Sha256};
+    let stem = a.file.file_stem().map(|s| s.to_string_lossy().replace(['-', ' '], "_")).unwrap_or_default();
+    let (mut docs, mut qs) = (Vec::new(), Vec::new());
+    for (n, block) in text.replace("\r\n", "\n").split("\n\n").enumerate() {
+        let lines: Vec<&str> = block.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        let Some(first) = lines.first() else { continue };
+        let titled = lines.len() > 1 && first.split_whitespace().count() <= 12 && !first.ends_with(['.', '?', '!', ':', ';', ',']);
+        let (title, body) = if titled { (first.to_string(), lines[1..].join(" ")) } else { (String::new(), lines.join(" ")) };
+        let words = body.split_whitespace().count();
+        if !(30..=300).contains(&words) {
+            continue;
+        }
+        let id = format!("{stem}-{}", n + 1);
+        if !in_split(&id, a.split, a.test_share) {
+            continue;
+        }
+        let seed = Sha256::digest(id.as_bytes());
+        let mut r = crate::train::Rng(u64::from_le_bytes(seed[..8].try_into().unwrap()));
+        let mut picks: Vec<(String, String)> = sentences(&body).into_iter().filter_map(|s| blank_one(s, &mut r)).collect();
+        if picks.is_empty() {
+            continue;
+        }
+        let (question, answer) = picks.swap_remove(r.below(picks.len()));
+        qs.push(json!({"id": format!("cloze-{id}"), "question": format!("Fill in the blank: {question}"), "answers": [answer], "gold_doc": id}));
+        docs.push(json!({"id": id, "title": title, "text": body}));
+    }
+    (docs, qs)
+}
+
+/// Sentences: cut after '.', '?' or '!' followed by a space and a capital letter or a digit.
+fn sentences(body: &str) -> Vec<&str> {
+    let b = body.as_bytes();
+    let (mut out, mut start) = (Vec::new(), 0);
+    for i in 1..b.len().saturating_sub(1) {
+        if matches!(b[i - 1], b'.' | b'?' | b'!') && b[i] == b' ' && (b[i + 1].is_ascii_uppercase() || b[i + 1].is_ascii_digit()) {
+            out.push(body[start..i].trim());
+            start = i + 1;
+        }
+    }
+    out.push(body[start..].trim());
+    out
+}
+
+/// One sentence with one span blanked: (sentence with the blank, the span), or None when it has
+/// no eligible span or is too short or too long.
+fn blank_one(sentence: &str, r: &mut crate::train::Rng) -> Option<(String, String)> {
+    let words: Vec<&str> = sentence.split_whitespace().collect();
+    if !(8..=40).contains(&words.len()) {
+        return None;
+    }
+    let core = |w: &str| w.trim_matches(|c: char| !c.is_alphanumeric()).to_string();
+    let capital = |w: &str| core(w).chars().next().is_some_and(char::is_uppercase);
+    let number = |w: &str| core(w).chars().any(|c| c.is_ascii_digit());
+    let mut spans = Vec::new(); // [i, j) word ranges
+    let mut i = 1;
+    while i < words.len() {
+        if number(words[i]) {
+            spans.push((i, i + 1));
+            i += 1;
+        } else if capital(words[i]) {
+            let mut j = i + 1;
+            while j < words.len() && j - i < 4 && capital(words[j]) && !number(words[j]) && !words[j - 1].ends_with([',', ';', ':', '.']) {
+                j += 1;
+            }
+            spans.push((i, j));
+            i = j;
+        } else {
+            i += 1;
+        }
+    }
+    spans.retain(|&(i, j)| {
+        let ans: Vec<String> = words[i..j].iter().map(|w| core(w)).collect();
+        let ans = ans.join(" ");
+        let rest: Vec<String> = words[..i].iter().chain(&words[j..]).map(|w| core(w).to_lowercase()).collect();
+        ans.chars().count() >= 2 && !ans.split(' ').any(|a| rest.contains(&a.to_lowercase()))
+    });
+    if spans.is_empty() {
+        return None;
+    }
+    let (i, j) = spans[r.below(spans.len())];
+    // keep the punctuation around the span outside the blank
+    let lead: String = words[i].chars().take_while(|c| !c.is_alphanumeric()).collect();
+    let trail: String = { let t: Vec<char> = words[j - 1].chars().rev().take_while(|c| !c.is_alphanumeric()).collect(); t.into_iter().rev().collect() };
+    let span = words[i..j].join(" ");
+    let answer = span[lead.len()..span.len() - trail.len()].to_string();
+    let mut out: Vec<String> = words[..i].iter().map(|w| w.to_string()).collect();
+    out.push(format!("{lead}{BLANK}{trail}"));
+    out.extend(words[j..].iter().map(|w| w.to_string()));
+    Some((out.join(" "), answer))
+}
 
 /// HotpotQA in either form: documents by paragraph title (first occurrence kept), questions
 /// with their answers and, where the file has supporting facts, the gold titles. Tasks hold

@@ -231,6 +231,72 @@ fn dataset_tasks_and_splits() {
     assert_eq!(count("train", "1"), 0);
 }
 
+/// `dataset cloze`: one fill-in-the-blank question per paragraph; the answer, put back in the
+/// blank, gives a sentence of the gold passage and is not elsewhere in the question; the same
+/// input gives the same questions; `--split` partitions the paragraphs; non-UTF-8 input exits 2.
+#[test]
+fn dataset_cloze_blanks_a_span_of_its_passage() {
+    let dir = tempfile::tempdir().unwrap();
+    let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let core = |w: &str| w.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase();
+    let make = |file: &str, extra: &[&str], name: &str| -> (std::process::Output, std::path::PathBuf) {
+        let q = dir.path().join(format!("{name}.q.jsonl"));
+        let t = dir.path().join(format!("{name}.t.jsonl"));
+        let out = refrag().args(["dataset", "cloze", "--questions"]).arg(&q).arg("--tasks").arg(&t)
+            .args(extra).arg(fixture(file)).output().unwrap();
+        (out, q)
+    };
+    let rows = |p: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let (out, q) = make("alice_ch1-3.txt", &["--distractors", "1"], "a");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let qs = rows(&q);
+    let tasks = rows(&dir.path().join("a.t.jsonl"));
+    assert!(qs.len() >= 20, "{} questions", qs.len());
+    assert_eq!(tasks.len(), qs.len());
+    for (q, t) in qs.iter().zip(&tasks) {
+        let question = q["question"].as_str().unwrap();
+        let answer = q["answers"][0].as_str().unwrap();
+        let sentence = question.strip_prefix("Fill in the blank: ").expect(question);
+        assert_eq!(sentence.matches("____").count(), 1, "{q}");
+        let ctx = t["contexts"].as_array().unwrap();
+        assert_eq!(ctx.len(), 2, "{t}");
+        let gold = ctx.iter().find(|c| c["document_id"] == q["gold_doc"]).expect("gold passage in the task");
+        assert!(squash(gold["text"].as_str().unwrap()).contains(&squash(&sentence.replace("____", answer))), "{q}");
+        let others: Vec<String> = sentence.split_whitespace().map(core).collect();
+        assert!(answer.split_whitespace().all(|w| !others.contains(&core(w))), "{q}");
+        assert_eq!(t["targets"][0]["text"], answer);
+    }
+    // fixed by the paragraph, not by chance
+    let (again, q2) = make("alice_ch1-3.txt", &["--distractors", "1"], "b");
+    assert!(again.status.success());
+    assert_eq!(std::fs::read_to_string(&q).unwrap(), std::fs::read_to_string(&q2).unwrap());
+    let n = |split: &str| -> usize {
+        let (out, q) = make("alice_ch1-3.txt", &["--split", split, "--test-share", "0.5"], split);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        rows(&q).len()
+    };
+    let (train, test) = (n("train"), n("test"));
+    assert!(train > 0 && test > 0);
+    assert_eq!(train + test, qs.len());
+    // a Wikipedia-style paragraph: the blank is a name
+    let (out, q) = make("corpus/warsaw-1.txt", &[], "w");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let w = rows(&q);
+    assert_eq!(w.len(), 1);
+    assert!(w[0]["answers"][0].as_str().unwrap().chars().next().unwrap().is_uppercase(), "{}", w[0]);
+    // bad input: one line naming the file, exit 2, nothing written
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, b"caf\xe9 au lait\n\nmore text here").unwrap();
+    let t = dir.path().join("bad.t.jsonl");
+    let out = refrag().args(["dataset", "cloze", "--tasks"]).arg(&t).arg(&bad).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("bad.txt") && err.contains("UTF-8"), "{err}");
+    assert!(!t.exists());
+}
+
 /// `ask --context` reads the files as --mode says: compressed chunks in refrag mode (fewer
 /// decoder positions), with the policy's share of chunks expanded back to tokens.
 #[test]
