@@ -529,6 +529,7 @@ pub fn train(run: &PolicyTrain, net_cfg: PolicyConfig, cfg: &PolicyTrainConfig) 
             "query_encoder": run.query_encoder.id,
             "decoder_tokenizer": dec.tokenizer_id,
             "data": run.data_note,
+            "question_at": matches!(run.episodes, Episodes::Tasks(_)).then(crate::prompt::question_at),
             "greedy_minus_group_mean_reward_last50": r.iter().sum::<f64>() / r.len().max(1) as f64,
             "seconds": t0.elapsed().as_secs_f64(),
         });

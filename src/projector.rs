@@ -119,6 +119,8 @@ pub struct Trained {
     pub policy: Option<std::sync::Arc<crate::policy::PolicyNet>>,
     /// Why the folder's policy was not loaded (trained on other chunk vectors).
     pub stale_policy: Option<String>,
+    /// Where the weights were trained to find the question (card.json's `question_at`).
+    pub question_at: Option<crate::prompt::QuestionAt>,
 }
 
 /// Find and load trained weights from the first folder that has a projector.
@@ -143,7 +145,8 @@ pub fn find(dirs: &[PathBuf], encoder: &crate::encoder::Encoder, out_dim: usize)
                     policy = Some(std::sync::Arc::new(crate::policy::PolicyNet::load(d, &encoder.device)?));
                 }
             }
-            return Ok(Some(Trained { projector, chunk_encoder, dir: d.clone(), decoder_lora, k, policy, stale_policy }));
+            let question_at = crate::prompt::card_question_at(d);
+            return Ok(Some(Trained { projector, chunk_encoder, dir: d.clone(), decoder_lora, k, policy, stale_policy, question_at }));
         }
     }
     Ok(None)

@@ -67,13 +67,73 @@ pub fn system_for(has_passages: bool) -> &'static str {
     }
 }
 
+/// Where the user turn of a RAG question puts the question (`--question-at`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuestionAt {
+    /// As the trained weights that the answers read were trained (their card's
+    /// `question_at`); `after` when no weights are read or their card does not say.
+    #[default]
+    Auto,
+    /// After the passages.
+    After,
+    /// Before the passages and again after them.
+    Both,
+}
+
+static REQUESTED: std::sync::OnceLock<QuestionAt> = std::sync::OnceLock::new();
+static USED: std::sync::OnceLock<QuestionAt> = std::sync::OnceLock::new();
+
+/// The command line's choice; set once per process, before any prompt is built.
+pub fn request_question_at(at: QuestionAt) {
+    let _ = REQUESTED.set(at);
+}
+
+/// Fix the layout for this process: the command line's choice, or with `auto` the one the
+/// weights that the answers read were trained with (`trained`: their card's; `None` when no
+/// weights are read or the card does not say). The first call decides.
+pub fn use_question_at(trained: Option<QuestionAt>) -> QuestionAt {
+    *USED.get_or_init(|| resolve_question_at(REQUESTED.get().copied().unwrap_or_default(), trained))
+}
+
+/// The command line's choice, or with `auto` the trained one, else `after`.
+pub fn resolve_question_at(requested: QuestionAt, trained: Option<QuestionAt>) -> QuestionAt {
+    match requested {
+        QuestionAt::Auto => trained.filter(|t| *t != QuestionAt::Auto).unwrap_or(QuestionAt::After),
+        chosen => chosen,
+    }
+}
+
+/// The layout prompts are built with (`after` until [`use_question_at`] decides otherwise).
+pub fn question_at() -> QuestionAt {
+    USED.get().copied().unwrap_or(match REQUESTED.get() {
+        Some(QuestionAt::Both) => QuestionAt::Both,
+        _ => QuestionAt::After,
+    })
+}
+
+/// The layout a weights folder's card.json names (`question_at`), if any.
+pub fn card_question_at(dir: &std::path::Path) -> Option<QuestionAt> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("card.json")).ok()?).ok()?;
+    serde_json::from_value(v.get("question_at")?.clone()).ok()
+}
+
 /// The user turn of a RAG question: each passage's segments (tokens, chunk embeddings or a
-/// mix), then the question. With no passages, a plain question.
+/// mix), then the question (with `--question-at both`, also before them). With no passages, a
+/// plain question.
 pub fn rag_user(question: &str, passages: Vec<Vec<Segment>>) -> Vec<Segment> {
+    rag_user_at(question, passages, question_at())
+}
+
+pub fn rag_user_at(question: &str, passages: Vec<Vec<Segment>>, at: QuestionAt) -> Vec<Segment> {
     if passages.is_empty() {
         return vec![Segment::Text(format!("Question: {question}"))];
     }
-    let mut user = vec![Segment::Text("Read the text and answer the question.\n\nText:\n".into())];
+    let lead = match at {
+        QuestionAt::Both => format!("Question: {question}\n\n"),
+        QuestionAt::After | QuestionAt::Auto => String::new(),
+    };
+    let mut user = vec![Segment::Text(format!("{lead}Read the text and answer the question.\n\nText:\n"))];
     for p in passages {
         user.extend(p);
         user.push(Segment::Text("\n\n".into()));
@@ -136,4 +196,41 @@ pub fn assemble(decoder: &Decoder, segments: &[Segment]) -> Result<DecoderInput>
     let embeds = Tensor::cat(&parts, 0)?;
     let positions = embeds.dim(0)?;
     Ok(DecoderInput { embeds: embeds.unsqueeze(0)?, positions, compressed_positions: compressed })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(segs: &[Segment]) -> String {
+        segs.iter()
+            .map(|s| match s {
+                Segment::Text(t) => t.clone(),
+                Segment::Tokens(t) => format!("<{} tokens>", t.len()),
+                Segment::Embeds(_) => "<vectors>".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_question_goes_where_the_layout_says() {
+        let q = "Who built the dam?";
+        let passages = || vec![vec![Segment::Tokens(vec![1, 2, 3])], vec![Segment::Tokens(vec![4])]];
+        let after = text(&rag_user_at(q, passages(), QuestionAt::After));
+        let both = text(&rag_user_at(q, passages(), QuestionAt::Both));
+        assert_eq!(after.matches(q).count(), 1);
+        assert!(after.ends_with(&format!("Question: {q}")), "{after}");
+        assert_eq!(both.matches(q).count(), 2);
+        assert!(both.starts_with(&format!("Question: {q}")) && both.ends_with(&format!("Question: {q}")), "{both}");
+        // the passages sit between the two copies, in order
+        let (first, last) = (both.find("<3 tokens>").unwrap(), both.find("<1 tokens>").unwrap());
+        assert!(both.find(q).unwrap() < first && first < last && last < both.rfind(q).unwrap(), "{both}");
+        // no passages: one plain question whatever the layout
+        assert_eq!(text(&rag_user_at(q, vec![], QuestionAt::Both)), format!("Question: {q}"));
+        // auto follows the weights' card, else after; a choice on the command line wins
+        assert_eq!(resolve_question_at(QuestionAt::Auto, Some(QuestionAt::Both)), QuestionAt::Both);
+        assert_eq!(resolve_question_at(QuestionAt::Auto, None), QuestionAt::After);
+        assert_eq!(resolve_question_at(QuestionAt::After, Some(QuestionAt::Both)), QuestionAt::After);
+        assert_eq!(resolve_question_at(QuestionAt::Both, None), QuestionAt::Both);
+    }
 }

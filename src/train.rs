@@ -966,6 +966,7 @@ fn train_loop(
         "decoder_tokenizer": dec.tokenizer_id,
         "encoder": run.encoder.id,
         "data": run.data_note,
+        "question_at": (cfg.stage == Stage::Sft).then(crate::prompt::question_at),
         "heldout": scores,
         "seconds_this_run": t0.elapsed().as_secs_f64(),
     });

@@ -132,6 +132,7 @@ impl RagArgs {
         let mut decoder = decoder;
         let adapted = reads_adapted(self.adapted, mode, trained.as_ref())?;
         let weights = weights_read(trained.as_ref(), mode, adapted);
+        crate::prompt::use_question_at(trained.as_ref().filter(|_| weights.is_some()).and_then(|t| t.question_at));
         if let (true, Some(t)) = (adapted, &trained) {
             t.adapt(&mut decoder)?;
         }
@@ -236,7 +237,9 @@ pub fn run(g: &Global, args: AskArgs) -> Result<ExitCode> {
     if refrag && trained.is_none() {
         return Err(crate::projector::missing(&g.weights_dirs(crate::projector::Purpose::Answers)));
     }
-    if let (true, Some(t)) = (reads_adapted(args.rag.adapted, mode, trained.as_ref())?, &trained) {
+    let adapted = reads_adapted(args.rag.adapted, mode, trained.as_ref())?;
+    crate::prompt::use_question_at(weights_read(trained.as_ref(), mode, adapted).and(trained.as_ref()).and_then(|t| t.question_at));
+    if let (true, Some(t)) = (adapted, &trained) {
         t.adapt(&mut decoder)?;
     }
     let compress = trained.as_ref().filter(|_| refrag).map(|t| (&t.chunk_encoder, &t.projector));
@@ -345,6 +348,7 @@ pub fn answer_json(gen: &Generation, mode: &str, device: &candle_core::Device) -
         "tokens_per_s": gen.tokens_per_s(),
         "prompt_tokens": gen.prompt_positions,
         "decoder_positions": gen.prompt_positions,
+        "question_at": crate::prompt::question_at(),
         "generated_tokens": gen.generated_tokens,
         "kv_cache_bytes": gen.kv_cache_bytes,
         "device": crate::device::name(device),

@@ -316,6 +316,7 @@ fn answers(g: &Global, a: AnswersArgs) -> Result<ExitCode> {
         .trained(&encoder, base.cfg.hidden, crate::projector::Purpose::Answers)?
         .ok_or_else(|| crate::projector::missing(&g.weights_dirs(crate::projector::Purpose::Answers)))?;
     let k = trained.k.unwrap_or(16);
+    let question_at = crate::prompt::use_question_at(trained.question_at);
     let mut student = base.clone();
     trained.adapt(&mut student)?;
     let pools = a.qa.iter().map(|f| QaPool::load(std::slice::from_ref(f), &base)).collect::<Result<Vec<_>>>()?;
@@ -360,7 +361,7 @@ fn answers(g: &Global, a: AnswersArgs) -> Result<ExitCode> {
                 (format!("refrag, {name}"), serde_json::json!({"difference": m, "interval_95": [lo, hi]}))
             })
             .collect();
-        let report = serde_json::json!({"weights": trained.dir.display().to_string(), "k": k, "tasks": all[0].len(), "unit": "nats per answer token, mean over tasks",
+        let report = serde_json::json!({"weights": trained.dir.display().to_string(), "k": k, "question_at": question_at, "tasks": all[0].len(), "unit": "nats per answer token, mean over tasks",
             "nll": means(&all), "files": files, "paired": d, "samples": a.bootstrap.samples});
         writeln!(out, "{report}")?;
         return Ok(ExitCode::SUCCESS);
@@ -593,6 +594,7 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
         "mode": mode_name(mode),
         "adapted": engine.adapted,
         "weights": engine.weights.as_ref().map(|w| w.display().to_string()),
+        "question_at": crate::prompt::question_at(),
         "top_k": args.rag.top_k,
         "expand": args.rag.expand,
         "policy": policy_named(mode, args.rag.expand, args.rag.policy),
@@ -692,6 +694,7 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
     }
     // the weights that shaped the answers (reported, so a default pick is visible)
     let weights_used = super::ask::weights_read(trained.as_ref(), mode, adapted).map(|w| w.display().to_string());
+    let question_at = crate::prompt::use_question_at(trained.as_ref().filter(|_| weights_used.is_some()).and_then(|t| t.question_at));
     let k = args.rag.k.or(trained.as_ref().and_then(|t| t.k)).unwrap_or(16);
     if !(0.0..=1.0).contains(&args.rag.expand) {
         bail!("--expand {}: must be between 0 and 1", args.rag.expand);
@@ -750,7 +753,7 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
     let (ttft_mean, ttft_median, ttft_p95) = metrics::summary(&ttfts);
     let share = |a: usize, b: usize| (b > 0).then(|| a as f64 / b as f64);
     let summary = serde_json::json!({
-        "conversations": tasks.len(), "bad_lines": bad, "mode": mode_name(mode), "adapted": adapted, "weights": weights_used, "window": window,
+        "conversations": tasks.len(), "bad_lines": bad, "mode": mode_name(mode), "adapted": adapted, "weights": weights_used, "question_at": question_at, "window": window,
         "f1_answerable": mean(&f1s), "em_answerable": mean(&ems), "contains_gold_answerable": mean(&containss),
         "answerable": f1s.len(),
         "abstention_unanswerable": share(unans_right, unans), "unanswerable": unans,

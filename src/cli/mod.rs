@@ -76,6 +76,12 @@ pub struct Global {
     /// also come from the standard environment variables (AWS_ACCESS_KEY_ID, ...).
     #[arg(long = "storage-option", value_name = "KEY=VALUE", global = true, env = "REFRAG_STORAGE_OPTIONS", value_delimiter = ',')]
     pub storage_options: Vec<String>,
+    /// Where a question with passages puts the question: `after` the passages, or `both` before
+    /// and after them (the paper reads the question first; the copy after keeps it next to the
+    /// answer). `auto`: as the trained weights that the answers read were trained (their
+    /// card.json's question_at; the shipped weights/qa: both), `after` for the base decoder.
+    #[arg(long, global = true, env = "REFRAG_QUESTION_AT", value_enum, default_value = "auto")]
+    pub question_at: crate::prompt::QuestionAt,
     /// No progress bars or notes on stderr.
     #[arg(short, long, global = true, env = "REFRAG_QUIET")]
     pub quiet: bool,
@@ -239,6 +245,7 @@ fn init_logging(g: &Global) {
 
 fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<ExitCode> {
     init_logging(&cli.global);
+    crate::prompt::request_question_at(cli.global.question_at);
     match cli.cmd {
         Cmd::Bench(args) => bench::run(&cli.global, args),
         Cmd::Train(mut args) => {

@@ -159,6 +159,7 @@ fn train_policy(g: &Global, a: &TrainArgs) -> Result<ExitCode> {
     if let Some(k) = trained.k.filter(|&k| k != a.k) {
         bail!("--k {}: the weights in {} were trained with k = {k}", a.k, trained.dir.display());
     }
+    crate::prompt::use_question_at(trained.question_at);
     trained.adapt(&mut decoder)?;
     let (text, tasks);
     let episodes = if a.qa.is_empty() {
@@ -250,6 +251,8 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     if a.input_scale.is_some_and(|x| !(x.is_finite() && x > 0.0)) {
         bail!("--input-scale must be positive");
     }
+    // answers are trained with the question where --question-at says (auto: as --init's card)
+    crate::prompt::use_question_at(a.init.as_deref().and_then(crate::prompt::card_question_at));
     let init_scale = match &a.init {
         Some(d) if d.join(crate::projector::FILE).exists() => Some(crate::projector::stored_in_scale(&d.join(crate::projector::FILE))?),
         _ => None,

@@ -333,6 +333,39 @@ fn ask_context_in_refrag_mode_compresses_and_expands() {
     assert_eq!((&default["policy"], &expanded["policy"], &compressed["policy"]), (&"sim-span".into(), &"sim".into(), &serde_json::Value::Null));
 }
 
+/// `--question-at auto` reads the question where the weights that answer were trained to find
+/// it (the shipped weights/qa: before and after the passages), and after the passages for the
+/// base decoder; a choice on the command line wins.
+#[test]
+fn the_question_is_read_where_the_weights_were_trained_to_find_it() {
+    let card: serde_json::Value = serde_json::from_slice(&std::fs::read(env!("CARGO_MANIFEST_DIR").to_string() + "/weights/qa/card.json").unwrap()).unwrap();
+    assert_eq!(card["question_at"], "both", "the shipped weights/qa were trained with the question on both sides");
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let out = refrag()
+            .args(["ask", "--device", "cpu", "--json", "--max-tokens", "4", "--context"])
+            .arg(fixture("corpus/warsaw-2.txt"))
+            .args(extra)
+            .arg("Who was Chopin?")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let pos = |v: &serde_json::Value| v["decoder_positions"].as_u64().unwrap();
+    let refrag = run(&["--mode", "refrag"]);
+    let after = run(&["--mode", "refrag", "--question-at", "after"]);
+    let full = run(&["--mode", "full"]);
+    let adapted = run(&["--mode", "full", "--adapted"]);
+    let full_both = run(&["--mode", "full", "--question-at", "both"]);
+    assert_eq!((&refrag["question_at"], &after["question_at"]), (&"both".into(), &"after".into()));
+    assert_eq!((&full["question_at"], &adapted["question_at"], &full_both["question_at"]), (&"after".into(), &"both".into(), &"both".into()));
+    // the copy in front costs the same positions in either reading: "Question: Who was Chopin?\n\n"
+    let extra = pos(&refrag) - pos(&after);
+    assert!((5..=15).contains(&extra), "{refrag} vs {after}");
+    assert_eq!(pos(&full_both) - pos(&full), extra);
+    assert_eq!(pos(&adapted), pos(&full_both));
+}
+
 /// HotpotQA and MTRAG importers: corpus, questions with gold ids, tasks.
 #[test]
 fn dataset_hotpot_and_mtrag() {

@@ -309,9 +309,9 @@ fn sft_distils_from_a_fine_tuned_teacher() {
     let dir = tempfile::tempdir().unwrap();
     let tasks = squad_tasks(dir.path());
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let step = |out: &str, teacher: Option<&Path>| -> std::process::Output {
+    let step_with = |out: &str, teacher: Option<&Path>, extra: &[&str]| -> std::process::Output {
         let mut c = refrag();
-        c.args(["train", "sft", "--device", "cpu", "-q", "--batch", "2", "--steps", "1", "--seed", "5"])
+        c.args(["train", "sft", "--device", "cpu", "-q", "--batch", "2", "--steps", "1", "--seed", "5"]).args(extra)
             .args(["--encoder-layers", "4", "--decoder-lora", "8", "--init"])
             .arg(root.join("weights"))
             .arg("--qa")
@@ -323,6 +323,7 @@ fn sft_distils_from_a_fine_tuned_teacher() {
         }
         c.output().unwrap()
     };
+    let step = |out: &str, teacher: Option<&Path>| step_with(out, teacher, &[]);
     let first = |out: &str| -> serde_json::Value {
         let log = std::fs::read_to_string(dir.path().join(out).join("train.jsonl")).unwrap();
         serde_json::from_str(log.lines().next().unwrap()).unwrap()
@@ -337,6 +338,15 @@ fn sft_distils_from_a_fine_tuned_teacher() {
     let (b, f) = (first("base"), first("ft"));
     assert!((b["ce"].as_f64().unwrap() - f["ce"].as_f64().unwrap()).abs() < 1e-6, "{b} {f}");
     assert!((b["kl"].as_f64().unwrap() - f["kl"].as_f64().unwrap()).abs() > 1e-3, "{b} {f}");
+    // the layout: weights/ (the --init) names none, so the question goes after the passages;
+    // with --question-at both the same step reads another input, and the card says so
+    assert_eq!(card["question_at"], "after", "{card}");
+    let o = step_with("both", Some(&root.join("weights").join("qa")), &["--question-at", "both"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let card: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(card["question_at"], "both", "{card}");
+    let q = first("both");
+    assert!((q["ce"].as_f64().unwrap() - f["ce"].as_f64().unwrap()).abs() > 1e-4, "{q} {f}");
     // no adapters in the folder: one line, exit 2, no run folder left behind
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
