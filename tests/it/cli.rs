@@ -297,21 +297,24 @@ fn dataset_cloze_blanks_a_span_of_its_passage() {
     assert!(!t.exists());
 }
 
+/// `ask --json --context warsaw-2.txt "Who was Chopin?"` with `extra` options, on the CPU.
+fn ask_chopin(max_tokens: &str, extra: &[&str]) -> serde_json::Value {
+    let out = refrag()
+        .args(["ask", "--device", "cpu", "--json", "--max-tokens", max_tokens, "--context"])
+        .arg(fixture("corpus/warsaw-2.txt"))
+        .args(extra)
+        .arg("Who was Chopin?")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// `ask --context` reads the files as --mode says: compressed chunks in refrag mode (fewer
 /// decoder positions), with the policy's share of chunks expanded back to tokens.
 #[test]
 fn ask_context_in_refrag_mode_compresses_and_expands() {
-    let run = |extra: &[&str]| -> serde_json::Value {
-        let out = refrag()
-            .args(["ask", "--device", "cpu", "--json", "--max-tokens", "8", "--context"])
-            .arg(fixture("corpus/warsaw-2.txt"))
-            .args(extra)
-            .arg("Who was Chopin?")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let run = |extra: &[&str]| ask_chopin("8", extra);
     let full = run(&[]);
     let compressed = run(&["--mode", "refrag"]);
     let expanded = run(&["--mode", "refrag", "--expand", "0.5", "--policy", "sim"]);
@@ -340,17 +343,7 @@ fn ask_context_in_refrag_mode_compresses_and_expands() {
 fn the_question_is_read_where_the_weights_were_trained_to_find_it() {
     let card: serde_json::Value = serde_json::from_slice(&std::fs::read(env!("CARGO_MANIFEST_DIR").to_string() + "/weights/qa/card.json").unwrap()).unwrap();
     assert_eq!(card["question_at"], "both", "the shipped weights/qa were trained with the question on both sides");
-    let run = |extra: &[&str]| -> serde_json::Value {
-        let out = refrag()
-            .args(["ask", "--device", "cpu", "--json", "--max-tokens", "4", "--context"])
-            .arg(fixture("corpus/warsaw-2.txt"))
-            .args(extra)
-            .arg("Who was Chopin?")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let run = |extra: &[&str]| ask_chopin("4", extra);
     let pos = |v: &serde_json::Value| v["decoder_positions"].as_u64().unwrap();
     let refrag = run(&["--mode", "refrag"]);
     let after = run(&["--mode", "refrag", "--question-at", "after"]);
