@@ -142,6 +142,7 @@ fn doctor_reports_and_exits_by_health() {
     let weights = checks.iter().find(|c| c["what"] == "weights").unwrap().to_string().replace("\\\\", "/");
     assert!(weights.contains("weights/qa (k = 16") && weights.contains("for text (perplexity, bench, train)"), "{weights}");
     assert!(weights.contains("expansion policy") && status("policy").is_none(), "{weights}");
+    assert!(weights.contains("question read before and after the passages"), "{weights}");
     let file = dir.path().join("file");
     std::fs::write(&file, "x").unwrap();
     let out = refrag().args(["doctor", "--db"]).arg(&file).output().unwrap();
