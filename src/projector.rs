@@ -145,7 +145,7 @@ pub fn find(dirs: &[PathBuf], encoder: &crate::encoder::Encoder, out_dim: usize)
                     policy = Some(std::sync::Arc::new(crate::policy::PolicyNet::load(d, &encoder.device)?));
                 }
             }
-            let question_at = crate::prompt::card_question_at(d);
+            let question_at = crate::prompt::card_question_at(d)?;
             return Ok(Some(Trained { projector, chunk_encoder, dir: d.clone(), decoder_lora, k, policy, stale_policy, question_at }));
         }
     }

@@ -112,10 +112,18 @@ pub fn question_at() -> QuestionAt {
     })
 }
 
-/// The layout a weights folder's card.json names (`question_at`), if any.
-pub fn card_question_at(dir: &std::path::Path) -> Option<QuestionAt> {
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("card.json")).ok()?).ok()?;
-    serde_json::from_value(v.get("question_at")?.clone()).ok()
+/// The layout a weights folder's card.json names (`question_at`), if any; a value that is not
+/// a layout is an error naming the card (read another way, the weights would answer worse).
+pub fn card_question_at(dir: &std::path::Path) -> Result<Option<QuestionAt>> {
+    let path = dir.join("card.json");
+    let Ok(bytes) = std::fs::read(&path) else { return Ok(None) };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else { return Ok(None) };
+    match v.get("question_at") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(x) => serde_json::from_value(x.clone())
+            .map(Some)
+            .map_err(|_| anyhow!("{}: \"question_at\": {x} is not a layout (after or both)", path.display())),
+    }
 }
 
 /// The user turn of a RAG question: each passage's segments (tokens, chunk embeddings or a

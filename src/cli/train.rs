@@ -252,7 +252,11 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         bail!("--input-scale must be positive");
     }
     // answers are trained with the question where --question-at says (auto: as --init's card)
-    crate::prompt::use_question_at(a.init.as_deref().and_then(crate::prompt::card_question_at));
+    let init_layout = match &a.init {
+        Some(d) => crate::prompt::card_question_at(d)?,
+        None => None,
+    };
+    crate::prompt::use_question_at(init_layout);
     let init_scale = match &a.init {
         Some(d) if d.join(crate::projector::FILE).exists() => Some(crate::projector::stored_in_scale(&d.join(crate::projector::FILE))?),
         _ => None,

@@ -346,18 +346,32 @@ fn the_question_is_read_where_the_weights_were_trained_to_find_it() {
     assert_eq!(card["question_at"], "both", "the shipped weights/qa were trained with the question on both sides");
     let run = |extra: &[&str]| ask_chopin("4", extra);
     let pos = |v: &serde_json::Value| v["decoder_positions"].as_u64().unwrap();
-    let refrag = run(&["--mode", "refrag"]);
+    let compressed = run(&["--mode", "refrag"]);
     let after = run(&["--mode", "refrag", "--question-at", "after"]);
     let full = run(&["--mode", "full"]);
     let adapted = run(&["--mode", "full", "--adapted"]);
     let full_both = run(&["--mode", "full", "--question-at", "both"]);
-    assert_eq!((&refrag["question_at"], &after["question_at"]), (&"both".into(), &"after".into()));
+    assert_eq!((&compressed["question_at"], &after["question_at"]), (&"both".into(), &"after".into()));
     assert_eq!((&full["question_at"], &adapted["question_at"], &full_both["question_at"]), (&"after".into(), &"both".into(), &"both".into()));
     // the copy in front costs the same positions in either reading: "Question: Who was Chopin?\n\n"
-    let extra = pos(&refrag) - pos(&after);
-    assert!((5..=15).contains(&extra), "{refrag} vs {after}");
+    let extra = pos(&compressed) - pos(&after);
+    assert!((5..=15).contains(&extra), "{compressed} vs {after}");
     assert_eq!(pos(&full_both) - pos(&full), extra);
     assert_eq!(pos(&adapted), pos(&full_both));
+    // a card naming no layout: one line naming the card, exit 2
+    let dir = tempfile::tempdir().unwrap();
+    let qa = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa");
+    for f in std::fs::read_dir(&qa).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let card = std::fs::read_to_string(dir.path().join("card.json")).unwrap().replace("\"question_at\": \"both\"", "\"question_at\": \"middle\"");
+    std::fs::write(dir.path().join("card.json"), card).unwrap();
+    let out = refrag().args(["ask", "--device", "cpu", "--mode", "refrag", "--weights"]).arg(dir.path())
+        .arg("--context").arg(fixture("corpus/warsaw-2.txt")).arg("Who was Chopin?").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("card.json") && err.contains("middle") && err.trim().lines().count() == 1, "{err}");
 }
 
 /// HotpotQA and MTRAG importers: corpus, questions with gold ids, tasks.
