@@ -106,10 +106,7 @@ pub fn resolve_question_at(requested: QuestionAt, trained: Option<QuestionAt>) -
 
 /// The layout prompts are built with (`after` until [`use_question_at`] decides otherwise).
 pub fn question_at() -> QuestionAt {
-    USED.get().copied().unwrap_or(match REQUESTED.get() {
-        Some(QuestionAt::Both) => QuestionAt::Both,
-        _ => QuestionAt::After,
-    })
+    USED.get().copied().unwrap_or_else(|| resolve_question_at(REQUESTED.get().copied().unwrap_or_default(), None))
 }
 
 /// The layout a weights folder's card.json names (`question_at`), if any; a value that is not
@@ -133,7 +130,7 @@ pub fn rag_user(question: &str, passages: Vec<Vec<Segment>>) -> Vec<Segment> {
     rag_user_at(question, passages, question_at())
 }
 
-pub fn rag_user_at(question: &str, passages: Vec<Vec<Segment>>, at: QuestionAt) -> Vec<Segment> {
+fn rag_user_at(question: &str, passages: Vec<Vec<Segment>>, at: QuestionAt) -> Vec<Segment> {
     if passages.is_empty() {
         return vec![Segment::Text(format!("Question: {question}"))];
     }

@@ -281,8 +281,11 @@ fn eval_conversations_full_and_refrag() {
     let used = refrag["weights"].as_str().unwrap_or_default().replace('\\', "/");
     assert!(used.ends_with("weights/qa"), "{refrag}");
     assert!(full["weights"].is_null(), "{full}");
+    // weights/qa reads the question before and after the passages, the base decoder after them
+    assert_eq!((&refrag["question_at"], &full["question_at"]), (&"both".into(), &"after".into()));
     let pos = |v: &serde_json::Value| v["decoder_positions_mean"].as_f64().unwrap();
-    assert!(pos(&refrag) * 3.0 < pos(&full), "refrag {} vs full {}", pos(&refrag), pos(&full));
+    // (the second copy of each question costs refrag ~10 positions of these ~80)
+    assert!(pos(&refrag) * 2.5 < pos(&full), "refrag {} vs full {}", pos(&refrag), pos(&full));
 }
 
 /// `eval --conversations --mode full --adapted`: the trained decoder adapters read the full
