@@ -131,11 +131,13 @@ pub fn find(dirs: &[PathBuf], encoder: &crate::encoder::Encoder, out_dim: usize)
             let projector = Projector::load(&p, &encoder.device, encoder.dim, out_dim)?;
             let e = d.join(crate::encoder::OVERRIDES_FILE);
             let chunk_encoder = if e.exists() { encoder.with_overrides(&e)? } else { encoder.clone() };
-            let k = std::fs::read(d.join("card.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .and_then(|v| v["k"].as_u64())
-                .map(|k| k as usize);
+            let card_path = d.join("card.json");
+            let card = std::fs::read(&card_path).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+            let k = card.as_ref().and_then(|v| v["k"].as_u64()).map(|k| k as usize);
+            let question_at = match &card {
+                Some(v) => crate::prompt::question_at_in(v, &card_path)?,
+                None => None,
+            };
             let lora = d.join(crate::decoder::LORA_FILE);
             let decoder_lora = lora.exists().then_some(lora);
             let (mut policy, mut stale_policy) = (None, None);
@@ -145,7 +147,6 @@ pub fn find(dirs: &[PathBuf], encoder: &crate::encoder::Encoder, out_dim: usize)
                     policy = Some(std::sync::Arc::new(crate::policy::PolicyNet::load(d, &encoder.device)?));
                 }
             }
-            let question_at = crate::prompt::card_question_at(d)?;
             return Ok(Some(Trained { projector, chunk_encoder, dir: d.clone(), decoder_lora, k, policy, stale_policy, question_at }));
         }
     }

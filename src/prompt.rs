@@ -115,7 +115,12 @@ pub fn card_question_at(dir: &std::path::Path) -> Result<Option<QuestionAt>> {
     let path = dir.join("card.json");
     let Ok(bytes) = std::fs::read(&path) else { return Ok(None) };
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else { return Ok(None) };
-    match v.get("question_at") {
+    question_at_in(&v, &path)
+}
+
+/// The layout a parsed card (read from `path`) names, if any.
+pub fn question_at_in(card: &serde_json::Value, path: &std::path::Path) -> Result<Option<QuestionAt>> {
+    match card.get("question_at") {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(x) => serde_json::from_value(x.clone())
             .map(Some)
