@@ -77,6 +77,8 @@ pub enum QuestionAt {
     Auto,
     /// After the passages.
     After,
+    /// Before the passages only (the paper's order: question, then chunk vectors).
+    Before,
     /// Before the passages and again after them.
     Both,
 }
@@ -124,13 +126,13 @@ pub fn question_at_in(card: &serde_json::Value, path: &std::path::Path) -> Resul
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(x) => serde_json::from_value(x.clone())
             .map(Some)
-            .map_err(|_| anyhow!("{}: \"question_at\": {x} is not a layout (after or both)", path.display())),
+            .map_err(|_| anyhow!("{}: \"question_at\": {x} is not a layout (after, before or both)", path.display())),
     }
 }
 
 /// The user turn of a RAG question: each passage's segments (tokens, chunk embeddings or a
-/// mix), then the question (with `--question-at both`, also before them). With no passages, a
-/// plain question.
+/// mix), then the question (with `--question-at before`, the question comes first instead; with
+/// `both`, it comes first and last). With no passages, a plain question.
 pub fn rag_user(question: &str, passages: Vec<Vec<Segment>>) -> Vec<Segment> {
     rag_user_at(question, passages, question_at())
 }
@@ -139,16 +141,23 @@ fn rag_user_at(question: &str, passages: Vec<Vec<Segment>>, at: QuestionAt) -> V
     if passages.is_empty() {
         return vec![Segment::Text(format!("Question: {question}"))];
     }
-    let lead = match at {
-        QuestionAt::Both => format!("Question: {question}\n\n"),
-        QuestionAt::After | QuestionAt::Auto => String::new(),
+    let (first, last) = match at {
+        QuestionAt::Both => (true, true),
+        QuestionAt::Before => (true, false),
+        QuestionAt::After | QuestionAt::Auto => (false, true),
     };
+    let lead = if first { format!("Question: {question}\n\n") } else { String::new() };
     let mut user = vec![Segment::Text(format!("{lead}Read the text and answer the question.\n\nText:\n"))];
-    for p in passages {
+    let n = passages.len();
+    for (i, p) in passages.into_iter().enumerate() {
         user.extend(p);
-        user.push(Segment::Text("\n\n".into()));
+        if last || i + 1 < n {
+            user.push(Segment::Text("\n\n".into()));
+        }
     }
-    user.push(Segment::Text(format!("Question: {question}")));
+    if last {
+        user.push(Segment::Text(format!("Question: {question}")));
+    }
     user
 }
 
@@ -228,7 +237,11 @@ mod tests {
         let passages = || vec![vec![Segment::Tokens(vec![1, 2, 3])], vec![Segment::Tokens(vec![4])]];
         let after = text(&rag_user_at(q, passages(), QuestionAt::After));
         let both = text(&rag_user_at(q, passages(), QuestionAt::Both));
+        let before = text(&rag_user_at(q, passages(), QuestionAt::Before));
         assert_eq!(after.matches(q).count(), 1);
+        assert_eq!(before.matches(q).count(), 1);
+        assert!(before.starts_with(&format!("Question: {q}")) && before.ends_with("<1 tokens>"), "{before}");
+        assert_eq!(both, format!("{before}\n\nQuestion: {q}"));
         assert!(after.ends_with(&format!("Question: {q}")), "{after}");
         assert_eq!(both.matches(q).count(), 2);
         assert!(both.starts_with(&format!("Question: {q}")) && both.ends_with(&format!("Question: {q}")), "{both}");
@@ -242,5 +255,6 @@ mod tests {
         assert_eq!(resolve_question_at(QuestionAt::Auto, None), QuestionAt::After);
         assert_eq!(resolve_question_at(QuestionAt::After, Some(QuestionAt::Both)), QuestionAt::After);
         assert_eq!(resolve_question_at(QuestionAt::Both, None), QuestionAt::Both);
+        assert_eq!(resolve_question_at(QuestionAt::Auto, Some(QuestionAt::Before)), QuestionAt::Before);
     }
 }

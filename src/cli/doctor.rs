@@ -97,7 +97,11 @@ pub fn run(g: &Global, a: DoctorArgs) -> Result<ExitCode> {
                     (t.chunk_encoder.id != enc.id).then_some("encoder layers"),
                     t.decoder_lora.as_ref().map(|_| "decoder adapters"),
                     t.policy.as_ref().map(|_| "expansion policy"),
-                    (t.question_at == Some(crate::prompt::QuestionAt::Both)).then_some("question read before and after the passages"),
+                    match t.question_at {
+                        Some(crate::prompt::QuestionAt::Both) => Some("question read before and after the passages"),
+                        Some(crate::prompt::QuestionAt::Before) => Some("question read before the passages"),
+                        _ => None,
+                    },
                 ];
                 let parts: Vec<&str> = parts.into_iter().flatten().collect();
                 // Questions and text may read different folders (weights/qa vs weights/).

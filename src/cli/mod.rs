@@ -76,8 +76,8 @@ pub struct Global {
     /// also come from the standard environment variables (AWS_ACCESS_KEY_ID, ...).
     #[arg(long = "storage-option", value_name = "KEY=VALUE", global = true, env = "REFRAG_STORAGE_OPTIONS", value_delimiter = ',')]
     pub storage_options: Vec<String>,
-    /// Where a question with passages puts the question: `after` the passages, or `both` before
-    /// and after them (the paper reads the question first; the copy after keeps it next to the
+    /// Where a question with passages puts the question: `after` the passages, `before` them (the
+    /// paper's order), or `both` before and after them (the copy after keeps it next to the
     /// answer). `auto`: as the trained weights that the answers read were trained (their
     /// card.json's question_at; the shipped weights/qa: both), `after` for the base decoder.
     #[arg(long, global = true, env = "REFRAG_QUESTION_AT", value_enum, default_value = "auto")]

@@ -351,13 +351,17 @@ fn the_question_is_read_where_the_weights_were_trained_to_find_it() {
     let full = run(&["--mode", "full"]);
     let adapted = run(&["--mode", "full", "--adapted"]);
     let full_both = run(&["--mode", "full", "--question-at", "both"]);
-    assert_eq!((&compressed["question_at"], &after["question_at"]), (&"both".into(), &"after".into()));
+    let before = run(&["--mode", "refrag", "--question-at", "before"]);
+    assert_eq!((&compressed["question_at"], &after["question_at"], &before["question_at"]), (&"both".into(), &"after".into(), &"before".into()));
     assert_eq!((&full["question_at"], &adapted["question_at"], &full_both["question_at"]), (&"after".into(), &"both".into(), &"both".into()));
     // the copy in front costs the same positions in either reading: "Question: Who was Chopin?\n\n"
     let extra = pos(&compressed) - pos(&after);
     assert!((5..=15).contains(&extra), "{compressed} vs {after}");
     assert_eq!(pos(&full_both) - pos(&full), extra);
     assert_eq!(pos(&adapted), pos(&full_both));
+    // before: the copy in front, none after (nor the blank line that led to it)
+    let gone = pos(&compressed) - pos(&before);
+    assert!(gone + 2 >= extra && gone <= extra + 2, "{compressed} vs {before}");
     // a card naming no layout: one line naming the card, exit 2
     let dir = tempfile::tempdir().unwrap();
     let qa = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa");
