@@ -90,7 +90,7 @@ pub fn answer_given_streaming(
     let mut expanded = 0;
     match (mode, reader.compress, &reader.select) {
         (Mode::None, _, _) => {}
-        (Mode::Refrag, Some((enc, proj)), Some((sel, qenc))) if sel.expand > 0.0 => {
+        (Mode::Refrag, Some((enc, proj)), Some((sel, qenc))) if sel.expands() => {
             // Chunk vectors of all passages at once, the policy's choice, then the mix.
             let dec = reader.decoder;
             let tokens = turn.passages.iter().map(|p| prompt::tokenize(dec, p.trim())).collect::<Result<Vec<_>>>()?;

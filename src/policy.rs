@@ -228,18 +228,35 @@ impl PolicyNet {
 pub struct Selection<'a> {
     pub policy: crate::options::Policy,
     pub expand: f64,
+    /// Instead of the share `expand`: as many chunks as keep the passages within this many
+    /// decoder positions (a chunk vector takes one; an expanded chunk up to k).
+    pub budget: Option<usize>,
     pub net: Option<&'a PolicyNet>,
     pub seed: u64,
 }
 
 impl Selection<'_> {
+    /// Whether any chunk can go back to tokens.
+    pub fn expands(&self) -> bool {
+        self.policy != crate::options::Policy::None && (self.expand > 0.0 || self.budget.is_some())
+    }
+
+    /// How many of `n` chunks of `k` tokens go back to tokens: the share `expand`, or with a
+    /// budget as many as fit (each adds at most k - 1 positions to the n chunk vectors).
+    pub fn count(&self, n: usize, k: usize) -> usize {
+        match self.budget {
+            Some(b) => (b.saturating_sub(n) / k.saturating_sub(1).max(1)).min(n),
+            None => ((self.expand.clamp(0.0, 1.0) * n as f64).round() as usize).min(n),
+        }
+    }
+
     /// Which chunks (in order over all passages; k-token chunks of each passage's tokens) go
     /// back to tokens. `vectors`: the chunks' raw encoder vectors [n, dim]; `qvec`: the
     /// question's retrieval vector.
     pub fn choose(&self, decoder: &Decoder, k: usize, passages: &[&[u32]], vectors: Option<&Tensor>, qvec: &[f32]) -> Result<Vec<bool>> {
         use crate::options::Policy;
         let n: usize = passages.iter().map(|p| p.len().div_ceil(k)).sum();
-        let want = ((self.expand.clamp(0.0, 1.0) * n as f64).round() as usize).min(n);
+        let want = self.count(n, k);
         if want == 0 || self.policy == Policy::None {
             return Ok(vec![false; n]);
         }

@@ -20,6 +20,8 @@ pub struct AskOptions {
     pub search: SearchKind,
     /// Fraction of chunks to expand (0..=1).
     pub expand: f64,
+    /// Instead of `expand`: expand while the passages fit in this many decoder positions.
+    pub budget: Option<usize>,
     pub policy: Policy,
     pub sampling: SamplingOptions,
 }
@@ -126,7 +128,7 @@ impl Engine {
                 // the cached chunk vectors, read once: the policy and the projector share them
                 let vectors = if n_chunks > 0 { Some(Tensor::from_vec(all, (n_chunks, dim), &self.decoder.device)?) } else { None };
                 let tokens: Vec<&[u32]> = hits.iter().map(|h| h.passage.tokens.as_slice()).collect();
-                let sel = crate::policy::Selection { policy: opts.policy, expand: opts.expand, net: self.policy.as_deref(), seed: opts.sampling.seed };
+                let sel = crate::policy::Selection { policy: opts.policy, expand: opts.expand, budget: opts.budget, net: self.policy.as_deref(), seed: opts.sampling.seed };
                 let expand = sel.choose(&self.decoder, self.k, &tokens, vectors.as_ref(), qvec)?;
                 if expand.len() != n_chunks {
                     bail!("index inconsistency: {n_chunks} chunk vectors for {} chunks (was it built with k = {}?)", expand.len(), self.k);

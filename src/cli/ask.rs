@@ -71,6 +71,11 @@ pub struct RagArgs {
     /// Fraction of chunks to expand back to tokens (refrag mode).
     #[arg(long, default_value_t = 0.0, env = "REFRAG_EXPAND")]
     pub expand: f64,
+    /// Refrag mode, instead of --expand: expand chunks, in the policy's order, while the
+    /// passages fit in N decoder positions (a chunk vector takes 1, an expanded chunk up to k):
+    /// a latency budget. Below the number of chunks, nothing is expanded.
+    #[arg(long, value_name = "N", env = "REFRAG_BUDGET", conflicts_with = "expand")]
+    pub budget: Option<usize>,
     /// Which chunks to expand.
     #[arg(long, value_enum, default_value = "sim-span", env = "REFRAG_POLICY")]
     pub policy: Policy,
@@ -97,6 +102,13 @@ pub fn reads_adapted(adapted: bool, mode: Mode, trained: Option<&crate::projecto
 /// The trained weights' folder when the answers use them (refrag mode, or adapters folded in).
 pub fn weights_read(trained: Option<&crate::projector::Trained>, mode: Mode, adapted: bool) -> Option<std::path::PathBuf> {
     trained.filter(|_| mode == Mode::Refrag || adapted).map(|t| t.dir.clone())
+}
+
+impl RagArgs {
+    /// Whether chunks can go back to tokens (a share, or a budget), policy aside.
+    pub fn expands(&self) -> bool {
+        self.expand > 0.0 || self.budget.is_some()
+    }
 }
 
 #[cfg(feature = "store")]
@@ -136,7 +148,7 @@ impl RagArgs {
         if let (true, Some(t)) = (adapted, &trained) {
             t.adapt(&mut decoder)?;
         }
-        crate::policy::require(mode == Mode::Refrag && self.policy == Policy::Rl && self.expand > 0.0, trained.as_ref())?;
+        crate::policy::require(mode == Mode::Refrag && self.policy == Policy::Rl && self.expands(), trained.as_ref())?;
         let (projector, chunk_encoder, policy) = match (mode, trained) {
             (Mode::Refrag, Some(t)) => (Some(t.projector), Some(t.chunk_encoder), t.policy),
             _ => (None, None, None),
@@ -150,6 +162,7 @@ impl RagArgs {
             top_k: self.top_k,
             search: self.search,
             expand: self.expand,
+            budget: self.budget,
             policy: self.policy,
             sampling,
         }
@@ -247,6 +260,7 @@ pub fn run(g: &Global, args: AskArgs) -> Result<ExitCode> {
         let sel = crate::policy::Selection {
             policy: args.rag.policy,
             expand: args.rag.expand,
+            budget: args.rag.budget,
             net: trained.as_ref().and_then(|t| t.policy.as_deref()),
             seed: opts.seed,
         };
@@ -270,7 +284,7 @@ pub fn run(g: &Global, args: AskArgs) -> Result<ExitCode> {
     }
     if args.json {
         let mut v = answer_json(&r.generation, mode_name(mode), &device);
-        v["policy"] = serde_json::to_value(policy_named(mode, args.rag.expand, args.rag.policy))?;
+        v["policy"] = serde_json::to_value(policy_named(mode, args.rag.expands(), args.rag.policy))?;
         v["expanded_chunks"] = r.chunks_expanded.into();
         writeln!(out, "{v}")?;
     } else {
@@ -305,7 +319,7 @@ fn run_index(g: &Global, args: &AskArgs, question: &str, sampling: SamplingOptio
         v["input_ms"] = ans.input_ms.into();
         v["context_tokens"] = ans.context_tokens.into();
         v["chunks"] = ans.chunks.into();
-        v["policy"] = serde_json::to_value(policy_named(mode, args.rag.expand, args.rag.policy))?;
+        v["policy"] = serde_json::to_value(policy_named(mode, args.rag.expands(), args.rag.policy))?;
         v["expanded_chunks"] = ans.expanded_chunks.into();
         writeln!(out, "{v}")?;
     } else {
@@ -335,8 +349,8 @@ pub fn mode_name(m: Mode) -> &'static str {
 
 /// The expansion policy a summary names: only a compressed reading with chunks to expand has
 /// one (null otherwise).
-pub fn policy_named(m: Mode, expand: f64, policy: Policy) -> Option<Policy> {
-    (m == Mode::Refrag && expand > 0.0).then_some(policy)
+pub fn policy_named(m: Mode, expands: bool, policy: Policy) -> Option<Policy> {
+    (m == Mode::Refrag && expands).then_some(policy)
 }
 
 /// The JSON object `ask --json` prints.

@@ -43,6 +43,7 @@ const HELP: &str = "\
 /reset           forget the conversation
 /k N             passages retrieved per question (top-k)
 /expand P        fraction of chunks expanded to tokens (refrag mode)
+/budget N        instead: expand while the passages fit in N positions (refrag mode)
 /mode M          refrag, full or none (refrag needs the session started with --mode refrag)
 /save FILE       write the conversation as JSON
 /quit            leave (also Ctrl-D)";
@@ -131,9 +132,17 @@ fn handle(engine: &Engine, session: &mut Session, opts: &mut AskOptions, line: &
             "expand" => match arg.parse::<f64>() {
                 Ok(p) if (0.0..=1.0).contains(&p) => {
                     opts.expand = p;
+                    opts.budget = None;
                     writeln!(out, "(expand = {p})")?;
                 }
                 _ => writeln!(out, "/expand P: P between 0 and 1")?,
+            },
+            "budget" => match arg.parse::<usize>() {
+                Ok(n) => {
+                    opts.budget = Some(n);
+                    writeln!(out, "(budget = {n} positions)")?;
+                }
+                _ => writeln!(out, "/budget N: N decoder positions for the passages")?,
             },
             "mode" => match arg {
                 "refrag" if engine.projector.is_none() => {

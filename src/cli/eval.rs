@@ -597,7 +597,8 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
         "question_at": crate::prompt::question_at(),
         "top_k": args.rag.top_k,
         "expand": args.rag.expand,
-        "policy": policy_named(mode, args.rag.expand, args.rag.policy),
+        "budget": args.rag.budget,
+        "policy": policy_named(mode, args.rag.expands(), args.rag.policy),
         "exact_match": (!args.retrieval_only).then(|| mean(&ems)),
         "f1": (!args.retrieval_only).then(|| mean(&f1s)),
         "answer_contains_gold": (!args.retrieval_only).then(|| mean(&contains)),
@@ -699,11 +700,12 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
     if !(0.0..=1.0).contains(&args.rag.expand) {
         bail!("--expand {}: must be between 0 and 1", args.rag.expand);
     }
-    crate::policy::require(mode == Mode::Refrag && args.rag.policy == crate::options::Policy::Rl && args.rag.expand > 0.0, trained.as_ref())?;
+    crate::policy::require(mode == Mode::Refrag && args.rag.policy == crate::options::Policy::Rl && args.rag.expands(), trained.as_ref())?;
     let select = Some((
         crate::policy::Selection {
             policy: args.rag.policy,
             expand: args.rag.expand,
+            budget: args.rag.budget,
             net: trained.as_ref().and_then(|t| t.policy.as_deref()),
             seed: sampling.seed,
         },
@@ -761,7 +763,7 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
         "history_turns_kept": share(hist_kept, hist_total), "passages_kept": share(psg_kept, psg_total),
         "ttft_ms_mean": ttft_mean, "ttft_ms_median": ttft_median, "ttft_ms_p95": ttft_p95,
         "decoder_positions_mean": mean(&positions),
-        "expand": args.rag.expand, "policy": policy_named(mode, args.rag.expand, args.rag.policy), "chunks_expanded": expanded,
+        "expand": args.rag.expand, "budget": args.rag.budget, "policy": policy_named(mode, args.rag.expands(), args.rag.policy), "chunks_expanded": expanded,
     });
     print_summary(&summary, args.json)?;
     Ok(if bad > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })

@@ -335,6 +335,18 @@ fn ask_context_in_refrag_mode_compresses_and_expands() {
     assert_eq!(default["expanded_chunks"], expanded["expanded_chunks"]);
     assert_eq!((&default["answer"], pos(&default)), (&span["answer"], pos(&span)));
     assert_eq!((&default["policy"], &expanded["policy"], &compressed["policy"]), (&"sim-span".into(), &"sim".into(), &serde_json::Value::Null));
+    // --budget N: as many chunks as keep the passages within N positions
+    let all = run(&["--mode", "refrag", "--budget", "100000"]);
+    let chunks = all["expanded_chunks"].as_u64().unwrap();
+    assert!(chunks >= 20 && pos(&all) + 30 > pos(&full), "{all} vs {full}");
+    assert_eq!(run(&["--mode", "refrag", "--budget", "3"])["expanded_chunks"], 0);
+    let b = run(&["--mode", "refrag", "--budget", &(chunks + 5 * 15).to_string()]);
+    assert_eq!((&b["expanded_chunks"], &b["policy"]), (&5.into(), &"sim-span".into()));
+    let grown = pos(&b) - pos(&compressed);
+    assert!(grown > 5 * 8 && grown <= 5 * 15, "{b} vs {compressed}");
+    let out = refrag().args(["ask", "--device", "cpu", "--mode", "refrag", "--expand", "0.5", "--budget", "50", "--context"])
+        .arg(fixture("corpus/warsaw-2.txt")).arg("Who was Chopin?").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// `--question-at auto` reads the question where the weights that answer were trained to find
