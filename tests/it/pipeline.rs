@@ -111,6 +111,14 @@ fn index_reindex_ask_eval() {
         assert!(st.success(), "{policy}: {err}");
         assert_eq!(v["expanded_chunks"].as_u64().unwrap(), expanded, "{policy}");
     }
+    // A budget of positions instead of a share: as many chunks as fit, each up to k = 16.
+    let budget = (chunks + 2 * 15).to_string();
+    let mut a = args.to_vec();
+    a.extend(["--budget", budget.as_str(), "--policy", "rl"]);
+    let (st, v, err) = ask(&db, "What year was Casimir Pulaski born in Warsaw?", &a);
+    assert!(st.success(), "{err}");
+    assert_eq!((&v["expanded_chunks"], &v["policy"]), (&2.into(), &"rl".into()), "{v}");
+    assert!(v["decoder_positions"].as_u64().unwrap() <= compressed_positions + 2 * 15, "{v}");
 
     // eval: metrics over the fixture questions, plus a malformed line reported and skipped.
     let qs = dir.path().join("q.jsonl");
