@@ -743,7 +743,8 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
         if let Some(o) = out.as_mut() {
             writeln!(o, "{}", serde_json::json!({"id": t.id, "answer": answer, "f1": f1, "em": em, "contains_gold": contains, "unanswerable": t.unanswerable,
                 "abstained": abstained, "ttft_ms": r.generation.ttft_ms(), "decoder_positions": r.generation.prompt_positions,
-                "history_turns_kept": r.history_kept, "history_turns": t.turn.history.len(), "passages_kept": r.passages_kept}))?;
+                "history_turns_kept": r.history_kept, "history_turns": t.turn.history.len(), "passages_kept": r.passages_kept,
+                "expanded_chunks": r.chunks_expanded}))?;
         }
         pb.inc(1);
     }

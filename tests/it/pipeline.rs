@@ -226,6 +226,11 @@ fn index_reindex_ask_eval() {
             }
             assert_eq!(q["policy"], "sim", "{q}");
             assert_eq!(c["policy"], "sim", "{c}");
+            // each answer line says how many chunks went back to tokens, the same both ways
+            let exp = |v: &[serde_json::Value]| v.iter().map(|l| l["expanded_chunks"].as_u64().unwrap()).collect::<Vec<_>>();
+            assert_eq!(exp(&ql), exp(&cl));
+            assert_eq!(exp(&cl).iter().sum::<u64>(), c["chunks_expanded"].as_u64().unwrap(), "{c}");
+            assert!(exp(&cl).iter().all(|&n| n > 0), "{cl:?}");
         }
     }
 }
