@@ -653,6 +653,20 @@ pub fn train(run: &PolicyTrain, net_cfg: PolicyConfig, cfg: &PolicyTrainConfig) 
 mod tests {
     use super::*;
 
+    /// A share rounds; a budget takes as many chunks as fit at k - 1 extra positions each,
+    /// none when the chunk vectors alone overflow it, at most all of them.
+    #[test]
+    fn a_budget_expands_as_many_chunks_as_fit() {
+        let sel = |expand, budget| Selection { policy: crate::options::Policy::Sim, expand, budget, net: None, seed: 0 };
+        assert_eq!(sel(0.25, None).count(30, 16), 8);
+        assert_eq!(sel(0.0, Some(30 + 4 * 15)).count(30, 16), 4);
+        assert_eq!(sel(0.0, Some(30 + 4 * 15 + 14)).count(30, 16), 4);
+        assert_eq!(sel(0.0, Some(12)).count(30, 16), 0);
+        assert_eq!(sel(0.0, Some(100_000)).count(30, 16), 30);
+        assert!(sel(0.0, Some(0)).expands() && !sel(0.0, None).expands());
+        assert!(!Selection { policy: crate::options::Policy::None, ..sel(0.5, None) }.expands());
+    }
+
     /// sim-span expands the best chunk with its neighbours in its own passage before any other
     /// window, and a window never reaches across a passage boundary.
     #[test]
