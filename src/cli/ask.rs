@@ -109,6 +109,11 @@ impl RagArgs {
     pub fn expands(&self) -> bool {
         self.expand > 0.0 || self.budget.is_some()
     }
+
+    /// How these options choose chunks to expand, with the trained policy `net` (for `rl`).
+    pub fn selection<'a>(&self, net: Option<&'a crate::policy::PolicyNet>, seed: u64) -> crate::policy::Selection<'a> {
+        crate::policy::Selection { policy: self.policy, expand: self.expand, budget: self.budget, net, seed }
+    }
 }
 
 #[cfg(feature = "store")]
@@ -257,14 +262,7 @@ pub fn run(g: &Global, args: AskArgs) -> Result<ExitCode> {
     }
     let compress = trained.as_ref().filter(|_| refrag).map(|t| (&t.chunk_encoder, &t.projector));
     let select = encoder.as_ref().filter(|_| refrag).map(|e| {
-        let sel = crate::policy::Selection {
-            policy: args.rag.policy,
-            expand: args.rag.expand,
-            budget: args.rag.budget,
-            net: trained.as_ref().and_then(|t| t.policy.as_deref()),
-            seed: opts.seed,
-        };
-        (sel, e)
+        (args.rag.selection(trained.as_ref().and_then(|t| t.policy.as_deref()), opts.seed), e)
     });
     let k = args.rag.k.or(trained.as_ref().and_then(|t| t.k)).unwrap_or(16);
     let reader = crate::chat::Reader { decoder: &decoder, compress, k, select };

@@ -701,16 +701,7 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
         bail!("--expand {}: must be between 0 and 1", args.rag.expand);
     }
     crate::policy::require(mode == Mode::Refrag && args.rag.policy == crate::options::Policy::Rl && args.rag.expands(), trained.as_ref())?;
-    let select = Some((
-        crate::policy::Selection {
-            policy: args.rag.policy,
-            expand: args.rag.expand,
-            budget: args.rag.budget,
-            net: trained.as_ref().and_then(|t| t.policy.as_deref()),
-            seed: sampling.seed,
-        },
-        &encoder,
-    ));
+    let select = Some((args.rag.selection(trained.as_ref().and_then(|t| t.policy.as_deref()), sampling.seed), &encoder));
     let reader = crate::chat::Reader { decoder: &decoder, compress, k, select };
     let window = args.window.unwrap_or(decoder.cfg.max_positions).min(decoder.cfg.max_positions).saturating_sub(sampling.max_tokens);
     let mut out = out_file(&args.out)?;
