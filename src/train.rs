@@ -728,11 +728,33 @@ fn init_from_weights(varmap: &VarMap, dir: &Path) -> Result<()> {
     }
     for (n, v) in vars.iter() {
         if let Some(t) = loaded.get(n) {
-            v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?)
-                .with_context(|| format!("{}: tensor {n} does not fit", dir.display()))?;
+            let t = t.to_dtype(v.dtype())?.to_device(v.device())?;
+            let t = grown_adapter(n, &t, v.as_tensor()).with_context(|| format!("{}: tensor {n}", dir.display()))?;
+            v.set(&t).with_context(|| format!("{}: tensor {n} does not fit", dir.display()))?;
         }
     }
     Ok(())
+}
+
+/// A starting adapter of lower rank than the run's (`--decoder-lora`), grown to it: the stored
+/// rows of A and columns of B first, the run's fresh A rows and zero B columns after, so that
+/// B·A, and with it the starting model, is unchanged. Any other tensor is returned as it is.
+fn grown_adapter(name: &str, stored: &Tensor, fresh: &Tensor) -> Result<Tensor> {
+    let (rank_dim, is_b) = match name {
+        n if n.ends_with(".lora_a") => (0, false),
+        n if n.ends_with(".lora_b") => (1, true),
+        _ => return Ok(stored.clone()),
+    };
+    let (have, want) = (stored.dim(rank_dim)?, fresh.dim(rank_dim)?);
+    if have == want {
+        return Ok(stored.clone());
+    }
+    if have > want {
+        bail!("the starting adapters have rank {have}, more than --decoder-lora {want}");
+    }
+    let rest = fresh.narrow(rank_dim, have, want - have)?;
+    let rest = if is_b { rest.zeros_like()? } else { rest };
+    Ok(Tensor::cat(&[stored, &rest], rank_dim)?)
 }
 
 /// The run's variables under `prefix`, by their name without it (tensors share the variables'
@@ -757,13 +779,16 @@ fn trainable_decoder(varmap: &VarMap, base: &Decoder) -> Result<Decoder> {
     Ok(d)
 }
 
+/// The size limit of one shipped weights file.
+const MAX_SHIPPED_BYTES: usize = 16_000_000;
+
 /// Write the shipped files: projector (f32), trained encoder tensors (f16), decoder adapters
-/// (f32).
+/// (f32, or f16 where f32 would pass `MAX_SHIPPED_BYTES`).
 fn save_weights(varmap: &VarMap, out: &Path, input_scale: f64) -> Result<()> {
     let vars = varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned varmap"))?;
     let mut proj = HashMap::new();
     let mut enc = HashMap::new();
-    let mut lora = HashMap::new();
+    let mut lora: HashMap<String, Tensor> = HashMap::new();
     for (n, v) in vars.iter() {
         if let Some(e) = n.strip_prefix(ENC_PREFIX) {
             enc.insert(e.to_string(), v.as_tensor().to_dtype(DType::F16)?);
@@ -777,6 +802,11 @@ fn save_weights(varmap: &VarMap, out: &Path, input_scale: f64) -> Result<()> {
         proj.insert(crate::projector::IN_SCALE.to_string(), Tensor::new(&[input_scale as f32], &Device::Cpu)?);
     }
     candle_core::safetensors::save(&proj, out.join(crate::projector::FILE))?;
+    // adapters stay f32 while that fits the shipped files' size limit, else f16 (rank 16 and up)
+    let lora_bytes: usize = lora.values().map(|t| t.elem_count() * 4).sum();
+    if lora_bytes > MAX_SHIPPED_BYTES {
+        lora = lora.into_iter().map(|(n, t)| Ok((n, t.to_dtype(DType::F16)?))).collect::<Result<_>>()?;
+    }
     for (map, file) in [(enc, crate::encoder::OVERRIDES_FILE), (lora, crate::decoder::LORA_FILE)] {
         let p = out.join(file);
         if map.is_empty() {
@@ -977,6 +1007,24 @@ fn train_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lower_rank_adapters_grow_without_changing_the_model() {
+        let dev = Device::Cpu;
+        let a8 = Tensor::randn(0f32, 1.0, (8, 6), &dev).unwrap();
+        let b8 = Tensor::randn(0f32, 1.0, (5, 8), &dev).unwrap();
+        let (a16, b16) = (Tensor::randn(0f32, 1.0, (16, 6), &dev).unwrap(), Tensor::ones((5, 16), DType::F32, &dev).unwrap());
+        let a = grown_adapter("blk.0.attn_q.lora_a", &a8, &a16).unwrap();
+        let b = grown_adapter("blk.0.attn_q.lora_b", &b8, &b16).unwrap();
+        assert_eq!((a.dims(), b.dims()), (&[16, 6][..], &[5, 16][..]));
+        let diff = (b.matmul(&a).unwrap() - b8.matmul(&a8).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        // the new rows of A are the run's own (trainable from the start), not zeros
+        assert!(a.narrow(0, 8, 8).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+        assert!(grown_adapter("blk.0.attn_q.lora_a", &a16, &a8).is_err(), "a rank cannot shrink");
+        let w = Tensor::ones((3, 3), DType::F32, &dev).unwrap();
+        assert_eq!(grown_adapter("fc1.weight", &w, &w).unwrap().dims(), &[3, 3]);
+    }
 
     #[test]
     fn an_out_of_memory_pass_runs_again_and_other_errors_do_not() {
