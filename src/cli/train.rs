@@ -111,7 +111,9 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 4, env = "REFRAG_TRAIN_ENCODER_LAYERS")]
     pub encoder_layers: usize,
     /// Rank of LoRA adapters trained on every decoder matrix (0 = decoder frozen). They ship
-    /// as decoder_lora.safetensors and are folded into the decoder in --mode refrag.
+    /// as decoder_lora.safetensors (f16 where f32 would pass 16 MB) and are folded into the
+    /// decoder in --mode refrag. --init's adapters of a lower rank are grown to this one,
+    /// leaving the starting model unchanged.
     #[arg(long, default_value_t = 0, env = "REFRAG_TRAIN_DECODER_LORA")]
     pub decoder_lora: usize,
     /// Start from these weights (a folder, e.g. the reconstruction stage's --out).

@@ -122,6 +122,50 @@ fn a_few_training_steps_lower_the_loss() {
     }
 }
 
+/// Weights trained with rank-4 adapters start a rank-8 run: the adapters are grown, not
+/// refused, and the starting model is the same (the first step's loss equals a rank-4 run's
+/// from the same weights and seed); the rank-8 run saves rank-8 adapters.
+#[test]
+fn a_run_grows_lower_rank_adapters_it_starts_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = fixture("alice_ch1-3.txt");
+    let run = |rank: &str, init: Option<&str>, out: &str| -> f64 {
+        let mut c = refrag();
+        c.args(["train", "cpt", "--device", "cpu", "-q", "--tokens-per-step", "160", "--max-chunks", "2", "--predict-tokens", "16"])
+            .args(["--encoder-layers", "1", "--decoder-lora", rank, "--lr", "1e-3", "--warmup", "0", "--seed", "9", "--steps", "1", "--text"])
+            .arg(&text)
+            .arg("--out")
+            .arg(dir.path().join(out));
+        if let Some(i) = init {
+            c.arg("--init").arg(dir.path().join(i));
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let log = std::fs::read_to_string(dir.path().join(out).join("train.jsonl")).unwrap();
+        let row: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+        row["loss"].as_f64().unwrap()
+    };
+    run("4", None, "r4");
+    let same = run("4", Some("r4"), "again4");
+    let grown = run("8", Some("r4"), "grown8");
+    assert!((same - grown).abs() < 1e-4, "first-step loss {same} (rank 4) vs {grown} (grown to 8)");
+    let t = candle_core::safetensors::load(dir.path().join("grown8/decoder_lora.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(t["blk.0.attn_q.lora_a"].dims()[0], 8);
+    // a rank cannot shrink: one line, exit 2
+    let o = refrag()
+        .args(["train", "cpt", "--device", "cpu", "-q", "--encoder-layers", "1", "--decoder-lora", "2", "--steps", "1", "--text"])
+        .arg(&text)
+        .arg("--init")
+        .arg(dir.path().join("grown8"))
+        .arg("--out")
+        .arg(dir.path().join("shrunk"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("rank 8") && err.trim().lines().count() == 1, "{err}");
+}
+
 /// A step split into passes (`--micro-tokens`: one sample per pass here) makes the same update
 /// as the whole batch in one pass: same losses, gradient norms and trained weights, with the
 /// auxiliary reconstruction and bag-of-words terms on.
