@@ -2,7 +2,7 @@
 //! encoder chunk vector `c_i` (384-d) into the decoder's token-embedding space (576-d):
 //! `e_i = W2 · gelu(W1 · c_i + b1) + b2`, hidden size = output size = decoder hidden size.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear, Linear, VarBuilder, VarMap};
 use std::path::{Path, PathBuf};
@@ -121,6 +121,8 @@ pub struct Trained {
     pub stale_policy: Option<String>,
     /// Where the weights were trained to find the question (card.json's `question_at`).
     pub question_at: Option<crate::prompt::QuestionAt>,
+    /// The share of chunks to expand when --expand is not given (card.json's `expand`).
+    pub expand: Option<f64>,
 }
 
 /// Find and load trained weights from the first folder that has a projector.
@@ -138,6 +140,13 @@ pub fn find(dirs: &[PathBuf], encoder: &crate::encoder::Encoder, out_dim: usize)
                 Some(v) => crate::prompt::question_at_in(v, &card_path)?,
                 None => None,
             };
+            let expand = match card.as_ref().and_then(|v| v.get("expand")) {
+                None | Some(serde_json::Value::Null) => None,
+                Some(x) => match x.as_f64() {
+                    Some(p) if (0.0..=1.0).contains(&p) => Some(p),
+                    _ => bail!("{}: \"expand\": {x} is not a share between 0 and 1", card_path.display()),
+                },
+            };
             let lora = d.join(crate::decoder::LORA_FILE);
             let decoder_lora = lora.exists().then_some(lora);
             let (mut policy, mut stale_policy) = (None, None);
@@ -147,7 +156,7 @@ pub fn find(dirs: &[PathBuf], encoder: &crate::encoder::Encoder, out_dim: usize)
                     policy = Some(std::sync::Arc::new(crate::policy::PolicyNet::load(d, &encoder.device)?));
                 }
             }
-            return Ok(Some(Trained { projector, chunk_encoder, dir: d.clone(), decoder_lora, k, policy, stale_policy, question_at }));
+            return Ok(Some(Trained { projector, chunk_encoder, dir: d.clone(), decoder_lora, k, policy, stale_policy, question_at, expand }));
         }
     }
     Ok(None)

@@ -68,9 +68,11 @@ pub struct RagArgs {
     /// Chunk size in tokens; must match the index (default: the index's).
     #[arg(long, env = "REFRAG_K")]
     pub k: Option<usize>,
-    /// Fraction of chunks to expand back to tokens (refrag mode).
-    #[arg(long, default_value_t = 0.0, env = "REFRAG_EXPAND")]
-    pub expand: f64,
+    /// Fraction of chunks to expand back to tokens (refrag mode). Default: the share the
+    /// weights' card recommends (its "expand"; the shipped weights/qa: 0.25), else 0. --expand 0
+    /// reads every chunk compressed.
+    #[arg(long, env = "REFRAG_EXPAND")]
+    pub expand: Option<f64>,
     /// Refrag mode, instead of --expand: expand chunks, in the policy's order, while the
     /// passages fit in N decoder positions (a chunk vector takes 1, an expanded chunk up to k):
     /// a latency budget. Below the number of chunks, nothing is expanded.
@@ -105,24 +107,45 @@ pub fn weights_read(trained: Option<&crate::projector::Trained>, mode: Mode, ada
 }
 
 impl RagArgs {
+    /// The share of chunks to expand (0 until [`RagArgs::settled`] has read the card).
+    pub fn share(&self) -> f64 {
+        self.expand.unwrap_or(0.0)
+    }
+
+    /// The share as reported (`"expand"` in JSON): none under a budget.
+    pub fn reported_share(&self) -> Option<f64> {
+        self.budget.is_none().then(|| self.share())
+    }
+
     /// Whether chunks can go back to tokens (a share, or a budget), policy aside.
     pub fn expands(&self) -> bool {
-        self.expand > 0.0 || self.budget.is_some()
+        self.share() > 0.0 || self.budget.is_some()
     }
 
     /// How these options choose chunks to expand, with the trained policy `net` (for `rl`).
     pub fn selection<'a>(&self, net: Option<&'a crate::policy::PolicyNet>, seed: u64) -> crate::policy::Selection<'a> {
-        crate::policy::Selection { policy: self.policy, expand: self.expand, budget: self.budget, net, seed }
+        crate::policy::Selection { policy: self.policy, expand: self.share(), budget: self.budget, net, seed }
+    }
+
+    /// These options with the share to expand settled: --expand as given (checked), else in
+    /// refrag mode without --budget the share the weights' card recommends, else 0.
+    pub fn settled(&self, mode: Mode, trained: Option<&crate::projector::Trained>) -> Result<RagArgs> {
+        let expand = match self.expand {
+            Some(p) if !(0.0..=1.0).contains(&p) => bail!("--expand {p}: must be between 0 and 1"),
+            Some(p) => p,
+            None if mode == Mode::Refrag && self.budget.is_none() => trained.and_then(|t| t.expand).unwrap_or(0.0),
+            None => 0.0,
+        };
+        Ok(RagArgs { expand: Some(expand), ..self.clone() })
     }
 }
 
 #[cfg(feature = "store")]
 impl RagArgs {
-    /// Load models, index and (when present) trained weights; resolve the mode.
-    pub fn engine(&self, g: &Global) -> Result<(Engine, Mode)> {
-        if !(0.0..=1.0).contains(&self.expand) {
-            bail!("--expand {}: must be between 0 and 1", self.expand);
-        }
+    /// Load models, index and (when present) trained weights; resolve the mode, and the share
+    /// to expand (the options returned, settled).
+    pub fn engine(&self, g: &Global) -> Result<(Engine, Mode, RagArgs)> {
+        self.settled(Mode::Full, None)?; // a bad --expand fails before the models load
         let device = g.device()?;
         let decoder = g.load_decoder(&device)?;
         let encoder = g.load_encoder(&device)?;
@@ -153,12 +176,13 @@ impl RagArgs {
         if let (true, Some(t)) = (adapted, &trained) {
             t.adapt(&mut decoder)?;
         }
-        crate::policy::require(mode == Mode::Refrag && self.policy == Policy::Rl && self.expands(), trained.as_ref())?;
+        let rag = self.settled(mode, trained.as_ref())?;
+        crate::policy::require(mode == Mode::Refrag && rag.policy == Policy::Rl && rag.expands(), trained.as_ref())?;
         let (projector, chunk_encoder, policy) = match (mode, trained) {
             (Mode::Refrag, Some(t)) => (Some(t.projector), Some(t.chunk_encoder), t.policy),
             _ => (None, None, None),
         };
-        Ok((Engine { decoder, encoder, store, projector, chunk_encoder, k: info.k, policy, adapted, weights }, mode))
+        Ok((Engine { decoder, encoder, store, projector, chunk_encoder, k: info.k, policy, adapted, weights }, mode, rag))
     }
 
     pub fn options(&self, mode: Mode, sampling: SamplingOptions) -> AskOptions {
@@ -166,7 +190,7 @@ impl RagArgs {
             mode,
             top_k: self.top_k,
             search: self.search,
-            expand: self.expand,
+            expand: self.share(),
             budget: self.budget,
             policy: self.policy,
             sampling,
@@ -238,9 +262,7 @@ pub fn run(g: &Global, args: AskArgs) -> Result<ExitCode> {
         .iter()
         .map(|p| crate::corpus::read_text(p))
         .collect::<Result<Vec<_>>>()?;
-    if !(0.0..=1.0).contains(&args.rag.expand) {
-        bail!("--expand {}: must be between 0 and 1", args.rag.expand);
-    }
+    args.rag.settled(Mode::Full, None)?; // a bad --expand fails before the models load
     // The files are read as the mode says: tokens (full), projected chunks (refrag, with the
     // policy's expanded chunks as tokens), or not at all (none).
     let mode = args.rag.mode.unwrap_or(Mode::Full);
@@ -260,9 +282,10 @@ pub fn run(g: &Global, args: AskArgs) -> Result<ExitCode> {
     if let (true, Some(t)) = (adapted, &trained) {
         t.adapt(&mut decoder)?;
     }
+    let rag = args.rag.settled(mode, trained.as_ref())?;
     let compress = trained.as_ref().filter(|_| refrag).map(|t| (&t.chunk_encoder, &t.projector));
     let select = encoder.as_ref().filter(|_| refrag).map(|e| {
-        (args.rag.selection(trained.as_ref().and_then(|t| t.policy.as_deref()), opts.seed), e)
+        (rag.selection(trained.as_ref().and_then(|t| t.policy.as_deref()), opts.seed), e)
     });
     let k = args.rag.k.or(trained.as_ref().and_then(|t| t.k)).unwrap_or(16);
     let reader = crate::chat::Reader { decoder: &decoder, compress, k, select };
@@ -282,7 +305,8 @@ pub fn run(g: &Global, args: AskArgs) -> Result<ExitCode> {
     }
     if args.json {
         let mut v = answer_json(&r.generation, mode_name(mode), &device);
-        v["policy"] = serde_json::to_value(policy_named(mode, args.rag.expands(), args.rag.policy))?;
+        v["policy"] = serde_json::to_value(policy_named(mode, rag.expands(), rag.policy))?;
+        v["expand"] = rag.reported_share().into();
         v["expanded_chunks"] = r.chunks_expanded.into();
         writeln!(out, "{v}")?;
     } else {
@@ -298,8 +322,8 @@ fn run_index(_: &Global, _: &AskArgs, _: &str, _: SamplingOptions) -> Result<Exi
 
 #[cfg(feature = "store")]
 fn run_index(g: &Global, args: &AskArgs, question: &str, sampling: SamplingOptions) -> Result<ExitCode> {
-    let (engine, mode) = args.rag.engine(g)?;
-    let opts = args.rag.options(mode, sampling);
+    let (engine, mode, rag) = args.rag.engine(g)?;
+    let opts = rag.options(mode, sampling);
     let stream = !args.json;
     let mut out = std::io::stdout().lock();
     let ans = engine.answer(question, &opts, |piece| {
@@ -317,7 +341,8 @@ fn run_index(g: &Global, args: &AskArgs, question: &str, sampling: SamplingOptio
         v["input_ms"] = ans.input_ms.into();
         v["context_tokens"] = ans.context_tokens.into();
         v["chunks"] = ans.chunks.into();
-        v["policy"] = serde_json::to_value(policy_named(mode, args.rag.expands(), args.rag.policy))?;
+        v["policy"] = serde_json::to_value(policy_named(mode, rag.expands(), rag.policy))?;
+        v["expand"] = rag.reported_share().into();
         v["expanded_chunks"] = ans.expanded_chunks.into();
         writeln!(out, "{v}")?;
     } else {

@@ -92,6 +92,7 @@ pub fn run(g: &Global, a: DoctorArgs) -> Result<ExitCode> {
     if let Some((_, hidden, enc)) = &loaded {
         match g.trained(enc, *hidden, crate::projector::Purpose::Answers) {
             Ok(Some(t)) => {
+                let expands = t.expand.filter(|p| *p > 0.0).map(|p| format!("{:.0}% of chunks expanded unless --expand says otherwise", 100.0 * p));
                 let parts = [
                     Some("projector"),
                     (t.chunk_encoder.id != enc.id).then_some("encoder layers"),
@@ -102,6 +103,7 @@ pub fn run(g: &Global, a: DoctorArgs) -> Result<ExitCode> {
                         Some(crate::prompt::QuestionAt::Before) => Some("question read before the passages"),
                         _ => None,
                     },
+                    expands.as_deref(),
                 ];
                 let parts: Vec<&str> = parts.into_iter().flatten().collect();
                 // Questions and text may read different folders (weights/qa vs weights/).

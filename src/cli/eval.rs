@@ -509,8 +509,8 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
         qs.truncate(l);
     }
     let sampling = args.sampling.options()?;
-    let (engine, mode) = args.rag.engine(g)?;
-    let opts = args.rag.options(mode, sampling);
+    let (engine, mode, rag) = args.rag.engine(g)?;
+    let opts = rag.options(mode, sampling);
     let mut out = out_file(&args.out)?;
     let mut tasks_out = out_file(&args.tasks)?;
     let pb = crate::progress::bar(g.quiet, qs.len() as u64, "questions");
@@ -596,9 +596,9 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
         "weights": engine.weights.as_ref().map(|w| w.display().to_string()),
         "question_at": crate::prompt::question_at(),
         "top_k": args.rag.top_k,
-        "expand": args.rag.expand,
-        "budget": args.rag.budget,
-        "policy": policy_named(mode, args.rag.expands(), args.rag.policy),
+        "expand": rag.reported_share(),
+        "budget": rag.budget,
+        "policy": policy_named(mode, rag.expands(), rag.policy),
         "exact_match": (!args.retrieval_only).then(|| mean(&ems)),
         "f1": (!args.retrieval_only).then(|| mean(&f1s)),
         "answer_contains_gold": (!args.retrieval_only).then(|| mean(&contains)),
@@ -679,6 +679,7 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
     }
     let sampling = args.sampling.options()?;
     let mode = args.rag.mode.unwrap_or(Mode::Full);
+    args.rag.settled(Mode::Full, None)?; // a bad --expand fails before the models load
     let device = g.device()?;
     let mut decoder = g.load_decoder(&device)?;
     let encoder = g.load_encoder(&device)?;
@@ -697,11 +698,9 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
     let weights_used = super::ask::weights_read(trained.as_ref(), mode, adapted).map(|w| w.display().to_string());
     let question_at = crate::prompt::use_question_at(trained.as_ref().filter(|_| weights_used.is_some()).and_then(|t| t.question_at));
     let k = args.rag.k.or(trained.as_ref().and_then(|t| t.k)).unwrap_or(16);
-    if !(0.0..=1.0).contains(&args.rag.expand) {
-        bail!("--expand {}: must be between 0 and 1", args.rag.expand);
-    }
-    crate::policy::require(mode == Mode::Refrag && args.rag.policy == crate::options::Policy::Rl && args.rag.expands(), trained.as_ref())?;
-    let select = Some((args.rag.selection(trained.as_ref().and_then(|t| t.policy.as_deref()), sampling.seed), &encoder));
+    let rag = args.rag.settled(mode, trained.as_ref())?;
+    crate::policy::require(mode == Mode::Refrag && rag.policy == crate::options::Policy::Rl && rag.expands(), trained.as_ref())?;
+    let select = Some((rag.selection(trained.as_ref().and_then(|t| t.policy.as_deref()), sampling.seed), &encoder));
     let reader = crate::chat::Reader { decoder: &decoder, compress, k, select };
     let window = args.window.unwrap_or(decoder.cfg.max_positions).min(decoder.cfg.max_positions).saturating_sub(sampling.max_tokens);
     let mut out = out_file(&args.out)?;
@@ -755,7 +754,7 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
         "history_turns_kept": share(hist_kept, hist_total), "passages_kept": share(psg_kept, psg_total),
         "ttft_ms_mean": ttft_mean, "ttft_ms_median": ttft_median, "ttft_ms_p95": ttft_p95,
         "decoder_positions_mean": mean(&positions),
-        "expand": args.rag.expand, "budget": args.rag.budget, "policy": policy_named(mode, args.rag.expands(), args.rag.policy), "chunks_expanded": expanded,
+        "expand": rag.reported_share(), "budget": rag.budget, "policy": policy_named(mode, rag.expands(), rag.policy), "chunks_expanded": expanded,
     });
     print_summary(&summary, args.json)?;
     Ok(if bad > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })

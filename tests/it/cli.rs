@@ -317,7 +317,7 @@ fn ask_chopin(max_tokens: &str, extra: &[&str]) -> serde_json::Value {
 fn ask_context_in_refrag_mode_compresses_and_expands() {
     let run = |extra: &[&str]| ask_chopin("8", extra);
     let full = run(&[]);
-    let compressed = run(&["--mode", "refrag"]);
+    let compressed = run(&["--mode", "refrag", "--expand", "0"]);
     let expanded = run(&["--mode", "refrag", "--expand", "0.5", "--policy", "sim"]);
     assert_eq!(full["mode"], "full");
     assert_eq!(compressed["mode"], "refrag");
@@ -341,12 +341,35 @@ fn ask_context_in_refrag_mode_compresses_and_expands() {
     assert!(chunks >= 20 && pos(&all) + 30 > pos(&full), "{all} vs {full}");
     assert_eq!(run(&["--mode", "refrag", "--budget", "3"])["expanded_chunks"], 0);
     let b = run(&["--mode", "refrag", "--budget", &(chunks + 5 * 15).to_string()]);
-    assert_eq!((&b["expanded_chunks"], &b["policy"]), (&5.into(), &"sim-span".into()));
+    assert_eq!((&b["expanded_chunks"], &b["policy"], &b["expand"]), (&5.into(), &"sim-span".into(), &serde_json::Value::Null));
     let grown = pos(&b) - pos(&compressed);
     assert!(grown > 5 * 8 && grown <= 5 * 15, "{b} vs {compressed}");
     let out = refrag().args(["ask", "--device", "cpu", "--mode", "refrag", "--expand", "0.5", "--budget", "50", "--context"])
         .arg(fixture("corpus/warsaw-2.txt")).arg("Who was Chopin?").output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    // without --expand, the share the weights' card recommends (weights/qa: 0.25, sim-span)
+    let card = run(&["--mode", "refrag"]);
+    let all_chunks = chunks as f64;
+    assert_eq!((&card["expand"], &card["policy"], &compressed["expand"]), (&0.25.into(), &"sim-span".into(), &0.0.into()), "{card}");
+    let n = card["expanded_chunks"].as_u64().unwrap() as f64;
+    assert!((n - 0.25 * all_chunks).abs() <= 1.0, "{card}: {n} of {all_chunks}");
+    // a card whose share is not one: one line naming it, exit 2; a card with none: nothing expanded
+    let dir = tempfile::tempdir().unwrap();
+    let qa = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa");
+    for f in std::fs::read_dir(&qa).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let text = std::fs::read_to_string(dir.path().join("card.json")).unwrap();
+    std::fs::write(dir.path().join("card.json"), text.replace("\"expand\": 0.25", "\"expand\": 2")).unwrap();
+    let out = refrag().args(["ask", "--device", "cpu", "--mode", "refrag", "--weights"]).arg(dir.path())
+        .arg("--context").arg(fixture("corpus/warsaw-2.txt")).arg("Who was Chopin?").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("card.json") && err.contains("expand") && err.trim().lines().count() == 1, "{err}");
+    std::fs::write(dir.path().join("card.json"), text.replace("\"expand\": 0.25,", "")).unwrap();
+    let w = dir.path().to_str().unwrap();
+    assert_eq!(run(&["--mode", "refrag", "--weights", w])["expanded_chunks"], 0);
 }
 
 /// `--question-at auto` reads the question where the weights that answer were trained to find
@@ -358,12 +381,12 @@ fn the_question_is_read_where_the_weights_were_trained_to_find_it() {
     assert_eq!(card["question_at"], "both", "the shipped weights/qa were trained with the question on both sides");
     let run = |extra: &[&str]| ask_chopin("4", extra);
     let pos = |v: &serde_json::Value| v["decoder_positions"].as_u64().unwrap();
-    let compressed = run(&["--mode", "refrag"]);
-    let after = run(&["--mode", "refrag", "--question-at", "after"]);
+    let compressed = run(&["--mode", "refrag", "--expand", "0"]);
+    let after = run(&["--mode", "refrag", "--expand", "0", "--question-at", "after"]);
     let full = run(&["--mode", "full"]);
     let adapted = run(&["--mode", "full", "--adapted"]);
     let full_both = run(&["--mode", "full", "--question-at", "both"]);
-    let before = run(&["--mode", "refrag", "--question-at", "before"]);
+    let before = run(&["--mode", "refrag", "--expand", "0", "--question-at", "before"]);
     assert_eq!((&compressed["question_at"], &after["question_at"], &before["question_at"]), (&"both".into(), &"after".into(), &"before".into()));
     assert_eq!((&full["question_at"], &adapted["question_at"], &full_both["question_at"]), (&"after".into(), &"both".into(), &"both".into()));
     // the copy in front costs the same positions in either reading: "Question: Who was Chopin?\n\n"
