@@ -385,6 +385,53 @@ pub fn answer_readings(
     Ok(rows)
 }
 
+/// One task of `eval readback`: the k-token chunk of its first passage that holds the
+/// reference answer, read back alone from its chunk vector, and the control.
+pub struct Readback {
+    pub answer: String,
+    /// The chunk's text.
+    pub chunk: String,
+    /// What the decoder writes reading that chunk's vector alone.
+    pub own: String,
+    /// What it writes reading the vector of the chunk at the same place in another task's first
+    /// passage (the next task whose first passage differs).
+    pub other: String,
+}
+
+/// For each task whose reference answer lies within one k-token chunk of its first passage, the
+/// decoder that reads chunk vectors (`dec`, adapters folded in) writes what it reads in that
+/// chunk's vector alone (greedy, up to k + 4 tokens), and in the control's (see [`Readback`]):
+/// is the answer in the vector at all? None for tasks whose answer crosses a chunk boundary;
+/// `tick` after each task.
+pub fn readback(dec: &Decoder, enc: &Encoder, proj: &Projector, k: usize, tasks: &[QaExample], mut tick: impl FnMut()) -> Result<Vec<Option<Readback>>> {
+    let decode = |ids: &[u32]| dec.tokenizer.decode(ids, true).map_err(|e| anyhow!("decode: {e}"));
+    let opts = crate::generate::SamplingOptions { max_tokens: k + 4, ..Default::default() };
+    let read = |text: &str| -> Result<String> {
+        let v = proj.forward(&enc.encode(&[text])?.to_device(&dec.device)?)?;
+        let input = prompt::DecoderInput { embeds: dec.behind_start(&v)?.unsqueeze(0)?, positions: 2, compressed_positions: 1 };
+        Ok(crate::generate::generate(dec, &input, &opts, |_| Ok(()))?.text)
+    };
+    let first = |ex: &QaExample| -> Result<Vec<String>> { crate::corpus::chunk_texts(&dec.tokenizer, &ex.passages[0], k) };
+    let mut out = Vec::with_capacity(tasks.len());
+    for (i, ex) in tasks.iter().enumerate() {
+        let answer = decode(&ex.answer)?.trim().to_string();
+        let chunks = first(ex)?;
+        let golds = [answer.clone()];
+        let Some(at) = chunks.iter().position(|c| crate::metrics::contains_any(c, &golds)) else {
+            out.push(None);
+            tick();
+            continue;
+        };
+        let other = (1..tasks.len()).map(|d| &tasks[(i + d) % tasks.len()]).find(|o| o.passages[0] != ex.passages[0]);
+        let Some(other) = other else { bail!("another task's passage is needed: every task has the same first passage") };
+        let theirs = first(other)?;
+        let control = &theirs[at.min(theirs.len() - 1)];
+        out.push(Some(Readback { own: read(&chunks[at])?, other: read(control)?, chunk: chunks[at].clone(), answer }));
+        tick();
+    }
+    Ok(out)
+}
+
 /// The teacher's prompt: earlier turns and passages read as tokens.
 pub fn full_context_prompt(ex: &QaExample) -> Vec<Segment> {
     let full: Vec<Vec<Segment>> = ex.passages.iter().map(|p| vec![Segment::Tokens(p.clone())]).collect();

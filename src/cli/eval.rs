@@ -98,6 +98,29 @@ pub enum EvalCmd {
     /// them as tokens, and REFRAG with no passages / its own / another task's compressed
     /// passages (does the compressed passage's content reach the answer?).
     Answers(AnswersArgs),
+    /// Is the answer in the chunk vector at all? For held-out tasks whose reference answer lies
+    /// within one k-token chunk of the passage, the decoder writes what it reads in that chunk's
+    /// vector alone, and in another task's chunk (the control); share of read-backs holding the
+    /// answer, paired.
+    Readback(ReadbackArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ReadbackArgs {
+    /// Task files (`refrag dataset ... --tasks`; answerable tasks with passages are read).
+    #[arg(long, required = true, num_args = 1.., env = "REFRAG_READBACK_QA")]
+    pub qa: Vec<PathBuf>,
+    /// Tasks read per file, from its start.
+    #[arg(long, default_value_t = 100, env = "REFRAG_READBACK_LIMIT")]
+    pub limit: usize,
+    /// Read-backs printed as examples (the first ones).
+    #[arg(long, default_value_t = 3, env = "REFRAG_READBACK_SHOW")]
+    pub show: usize,
+    #[command(flatten)]
+    pub bootstrap: BootstrapArgs,
+    /// Print one JSON object instead of a table.
+    #[arg(long, env = "REFRAG_JSON")]
+    pub json: bool,
 }
 
 /// The bootstrap of `eval compare` and `eval answers`.
@@ -184,6 +207,7 @@ pub fn run(g: &Global, args: EvalArgs) -> Result<ExitCode> {
         Some(EvalCmd::Perplexity(a)) => perplexity(g, a),
         Some(EvalCmd::Compare(a)) => compare(a),
         Some(EvalCmd::Answers(a)) => answers(g, a),
+        Some(EvalCmd::Readback(a)) => readback(g, a),
         None => match args.conversations.clone() {
             Some(c) => run_conversations(g, &args, &c),
             None => run_questions(g, args),
@@ -384,6 +408,77 @@ fn answers(g: &Global, a: AnswersArgs) -> Result<ExitCode> {
     for (i, name) in differences {
         let (m, lo, hi) = diff(i);
         writeln!(out, "  refrag, {name:<32} {m:>+8.3}   {lo:+.3} .. {hi:+.3}")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn readback(g: &Global, a: ReadbackArgs) -> Result<ExitCode> {
+    if a.limit == 0 {
+        bail!("--limit 0: no tasks to read");
+    }
+    let device = g.device()?;
+    let mut dec = g.load_decoder_with(&device, crate::decoder::Ops::Fused, false)?;
+    let encoder = g.load_encoder(&device)?;
+    let trained = g
+        .trained(&encoder, dec.cfg.hidden, crate::projector::Purpose::Text)?
+        .ok_or_else(|| crate::projector::missing(&g.weights_dirs(crate::projector::Purpose::Text)))?;
+    let k = trained.k.unwrap_or(16);
+    trained.adapt(&mut dec)?;
+    let pools = a.qa.iter().map(|f| crate::sft::QaPool::load(std::slice::from_ref(f), &dec)).collect::<Result<Vec<_>>>()?;
+    let total: usize = pools.iter().map(|p| p.examples.len().min(a.limit)).sum();
+    let pb = crate::progress::bar(g.quiet, total as u64, "tasks");
+    let has = |text: &str, answer: &str| f64::from(u8::from(metrics::contains_any(text, &[answer.to_string()])));
+    // per file and over all: (own, other) answer found; (own, other) read-back F1 against the chunk
+    let mut files = Vec::new();
+    let (mut all, mut shown) = ([Vec::new(), Vec::new(), Vec::new(), Vec::new()], Vec::new());
+    for (f, pool) in a.qa.iter().zip(&pools) {
+        let n = pool.examples.len().min(a.limit);
+        let rows = crate::sft::readback(&dec, &trained.chunk_encoder, &trained.projector, k, &pool.examples[..n], || pb.inc(1))
+            .with_context(|| f.display().to_string())?;
+        let mut cols = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        for r in rows.iter().flatten() {
+            let v = [has(&r.own, &r.answer), has(&r.other, &r.answer), metrics::f1(&r.own, &r.chunk), metrics::f1(&r.other, &r.chunk)];
+            for ((c, a), v) in cols.iter_mut().zip(all.iter_mut()).zip(v) {
+                c.push(v);
+                a.push(v);
+            }
+            if shown.len() < a.show {
+                shown.push(serde_json::json!({"answer": r.answer, "chunk": r.chunk, "own": r.own, "other": r.other}));
+            }
+        }
+        files.push((f.display().to_string(), n, cols));
+    }
+    pb.finish_and_clear();
+    if all[0].is_empty() {
+        bail!("{:?}: no task has its answer within one {k}-token chunk of its passage", a.qa);
+    }
+    let diff = |own: &[f64], other: &[f64]| -> (f64, f64, f64) {
+        let d: Vec<f64> = own.iter().zip(other).map(|(x, y)| x - y).collect();
+        a.bootstrap.interval(&d)
+    };
+    let (m, lo, hi) = diff(&all[0], &all[1]);
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let per: Vec<serde_json::Value> = files
+            .iter()
+            .map(|(f, n, c)| serde_json::json!({"file": f, "tasks": n, "probed": c[0].len(), "answer_own": metrics::mean(&c[0]), "answer_other": metrics::mean(&c[1])}))
+            .collect();
+        let report = serde_json::json!({"weights": trained.dir.display().to_string(), "k": k, "tasks": total, "probed": all[0].len(),
+            "answer_read_back": {"own": metrics::mean(&all[0]), "other": metrics::mean(&all[1]), "difference": m, "interval_95": [lo, hi]},
+            "chunk_f1": {"own": metrics::mean(&all[2]), "other": metrics::mean(&all[3])}, "files": per, "examples": shown, "samples": a.bootstrap.samples});
+        writeln!(out, "{report}")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(out, "weights {} (k = {k}): the chunk that holds the answer, read back from its vector alone (greedy)", trained.dir.display())?;
+    writeln!(out, "{:<24} {:>6} {:>7} {:>10} {:>10} {:>9} {:>9}", "file", "tasks", "probed", "answer own", "other", "F1 own", "other")?;
+    for (f, n, c) in &files {
+        let name = std::path::Path::new(f).file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        writeln!(out, "{name:<24.24} {n:>6} {:>7} {:>9.1}% {:>9.1}% {:>9.3} {:>9.3}", c[0].len(), 100.0 * metrics::mean(&c[0]), 100.0 * metrics::mean(&c[1]), metrics::mean(&c[2]), metrics::mean(&c[3]))?;
+    }
+    writeln!(out, "{:<24} {total:>6} {:>7} {:>9.1}% {:>9.1}% {:>9.3} {:>9.3}", "all", all[0].len(), 100.0 * metrics::mean(&all[0]), 100.0 * metrics::mean(&all[1]), metrics::mean(&all[2]), metrics::mean(&all[3]))?;
+    writeln!(out, "answer read back, own - other: {:+.1} points ({:+.1} .. {:+.1}, 95% bootstrap, {} resamples)", 100.0 * m, 100.0 * lo, 100.0 * hi, a.bootstrap.samples)?;
+    for e in &shown {
+        writeln!(out, "\nanswer: {}\nchunk:  {}\nown:    {}\nother:  {}", e["answer"].as_str().unwrap_or(""), e["chunk"].as_str().unwrap_or("").trim(), e["own"].as_str().unwrap_or("").trim(), e["other"].as_str().unwrap_or("").trim())?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -658,3 +658,35 @@ fn eval_answers_reads_tasks_six_ways() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("nope.jsonl") && err.trim().lines().count() == 1, "{err}");
 }
+
+/// `eval readback`: for held-out tasks whose answer lies within one chunk of the passage, the
+/// decoder writes what it reads in that chunk's vector alone and in another task's. Every probed
+/// chunk holds its answer, the read-back of a chunk's own vector is closer to its text than the
+/// control's (the vector carries its chunk's gist), and the paired difference of the answer's
+/// share comes with an interval around it. `--limit 0` is a one-line error (exit 2).
+#[test]
+fn eval_readback_reads_the_answer_chunk_back_from_its_vector() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = squad_tasks(dir.path());
+    let o = refrag().args(["eval", "readback", "--device", "cpu", "-q", "--json", "--limit", "6", "--show", "6", "--qa"]).arg(&tasks).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((&v["tasks"], &v["k"]), (&6.into(), &16.into()), "{v}");
+    let probed = v["probed"].as_u64().unwrap();
+    assert!(probed >= 1 && probed <= 6, "{v}");
+    let examples = v["examples"].as_array().unwrap();
+    assert_eq!(examples.len() as u64, probed, "{v}");
+    for e in examples {
+        let (answer, chunk) = (e["answer"].as_str().unwrap(), e["chunk"].as_str().unwrap());
+        assert!(refrag::metrics::contains_any(chunk, &[answer.to_string()]), "{e}");
+        assert!(!e["own"].as_str().unwrap().trim().is_empty(), "{e}");
+    }
+    assert!(v["chunk_f1"]["own"].as_f64().unwrap() > v["chunk_f1"]["other"].as_f64().unwrap(), "{v}");
+    let r = &v["answer_read_back"];
+    let (own, other, d) = (r["own"].as_f64().unwrap(), r["other"].as_f64().unwrap(), r["difference"].as_f64().unwrap());
+    assert!((d - (own - other)).abs() < 1e-9 && r["interval_95"][0].as_f64().unwrap() <= d && d <= r["interval_95"][1].as_f64().unwrap(), "{v}");
+    let o = refrag().args(["eval", "readback", "--device", "cpu", "-q", "--limit", "0", "--qa"]).arg(&tasks).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--limit 0") && err.trim().lines().count() == 1, "{err}");
+}
