@@ -673,7 +673,7 @@ fn eval_readback_reads_the_answer_chunk_back_from_its_vector() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!((&v["tasks"], &v["k"]), (&6.into(), &16.into()), "{v}");
     let probed = v["probed"].as_u64().unwrap();
-    assert!(probed >= 1 && probed <= 6, "{v}");
+    assert!((1..=6).contains(&probed), "{v}");
     let examples = v["examples"].as_array().unwrap();
     assert_eq!(examples.len() as u64, probed, "{v}");
     for e in examples {
