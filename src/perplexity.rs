@@ -152,6 +152,14 @@ pub fn nll_after(dec: &Decoder, prefix: &Tensor, targets: &[u32]) -> Result<f64>
     Ok(candle_nn::loss::cross_entropy(&logits, &tgt)?.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64)
 }
 
+/// NLL of each of `targets` after `prefix` (see [`target_logits`]), in order.
+pub fn token_nll_after(dec: &Decoder, prefix: &Tensor, targets: &[u32]) -> Result<Vec<f64>> {
+    let logp = candle_nn::ops::log_softmax(&target_logits(dec, prefix, targets)?.to_dtype(DType::F32)?, D::Minus1)?;
+    let idx = Tensor::new(targets, &dec.device)?.unsqueeze(1)?;
+    let picked = logp.gather(&idx, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+    Ok(picked.into_iter().map(|x| -(x as f64)).collect())
+}
+
 /// Share of `targets` that are the decoder's top-1 prediction after `prefix` (teacher forced).
 pub fn accuracy_after(dec: &Decoder, prefix: &Tensor, targets: &[u32]) -> Result<f64> {
     let pred = target_logits(dec, prefix, targets)?.argmax(D::Minus1)?.to_vec1::<u32>()?;

@@ -396,6 +396,27 @@ pub struct Readback {
     /// What it writes reading the vector of the chunk at the same place in another task's first
     /// passage (the next task whose first passage differs).
     pub other: String,
+    /// Mean NLL of the answer's tokens when the chunk's tokens are read back teacher-forced
+    /// from its own vector, and from the control's (None where the answer's characters could
+    /// not be placed on the chunk's tokens).
+    pub answer_nll: Option<(f64, f64)>,
+}
+
+/// Which of a chunk's tokens carry part of `answer` (the first case-insensitive match of it in
+/// the chunk's text); None when the text does not hold it as written.
+fn answer_token_mask(dec: &Decoder, ids: &[u32], answer: &str) -> Result<Option<Vec<bool>>> {
+    let decode = |ids: &[u32]| dec.tokenizer.decode(ids, false).map_err(|e| anyhow!("decode: {e}"));
+    let text = decode(ids)?.to_lowercase();
+    let Some(start) = text.find(&answer.to_lowercase()) else { return Ok(None) };
+    let end = start + answer.len();
+    let mut mask = Vec::with_capacity(ids.len());
+    let mut from = 0;
+    for j in 0..ids.len() {
+        let to = decode(&ids[..=j])?.len();
+        mask.push(from < end && to > start);
+        from = to;
+    }
+    Ok(mask.iter().any(|m| *m).then_some(mask))
 }
 
 /// For each task whose reference answer lies within one k-token chunk of its first passage, the
@@ -426,7 +447,20 @@ pub fn readback(dec: &Decoder, enc: &Encoder, proj: &Projector, k: usize, tasks:
         let Some(other) = other else { bail!("another task's passage is needed: every task has the same first passage") };
         let theirs = first(other)?;
         let control = &theirs[at.min(theirs.len() - 1)];
-        out.push(Some(Readback { own: read(&chunks[at])?, other: read(control)?, chunk: chunks[at].clone(), answer }));
+        let ids = crate::corpus::chunks(&ex.passages[0], k).nth(at).unwrap_or_default();
+        let answer_nll = match answer_token_mask(dec, ids, &answer)? {
+            Some(mask) => {
+                let nll = |text: &str| -> Result<f64> {
+                    let v = proj.forward(&enc.encode(&[text])?.to_device(&dec.device)?)?;
+                    let per = crate::perplexity::token_nll_after(dec, &v, ids)?;
+                    let on: Vec<f64> = per.iter().zip(&mask).filter(|(_, m)| **m).map(|(x, _)| *x).collect();
+                    Ok(crate::metrics::mean(&on))
+                };
+                Some((nll(&chunks[at])?, nll(control)?))
+            }
+            None => None,
+        };
+        out.push(Some(Readback { own: read(&chunks[at])?, other: read(control)?, chunk: chunks[at].clone(), answer, answer_nll }));
         tick();
     }
     Ok(out)

@@ -431,6 +431,8 @@ fn readback(g: &Global, a: ReadbackArgs) -> Result<ExitCode> {
     // per file and over all: (own, other) answer found; (own, other) read-back F1 against the chunk
     let mut files = Vec::new();
     let (mut all, mut shown) = ([Vec::new(), Vec::new(), Vec::new(), Vec::new()], Vec::new());
+    // answer-token NLL, teacher-forced read-back: (own, other) per task where it was placed
+    let (mut nll_own, mut nll_other) = (Vec::new(), Vec::new());
     for (f, pool) in a.qa.iter().zip(&pools) {
         let n = pool.examples.len().min(a.limit);
         let rows = crate::sft::readback(&dec, &trained.chunk_encoder, &trained.projector, k, &pool.examples[..n], || pb.inc(1))
@@ -441,6 +443,10 @@ fn readback(g: &Global, a: ReadbackArgs) -> Result<ExitCode> {
             for ((c, a), v) in cols.iter_mut().zip(all.iter_mut()).zip(v) {
                 c.push(v);
                 a.push(v);
+            }
+            if let Some((o, t)) = r.answer_nll {
+                nll_own.push(o);
+                nll_other.push(t);
             }
             if shown.len() < a.show {
                 shown.push(serde_json::json!({"answer": r.answer, "chunk": r.chunk, "own": r.own, "other": r.other}));
@@ -457,6 +463,7 @@ fn readback(g: &Global, a: ReadbackArgs) -> Result<ExitCode> {
         a.bootstrap.interval(&d)
     };
     let (m, lo, hi) = diff(&all[0], &all[1]);
+    let (nm, nlo, nhi) = diff(&nll_own, &nll_other);
     let mut out = std::io::stdout().lock();
     if a.json {
         let per: Vec<serde_json::Value> = files
@@ -465,7 +472,9 @@ fn readback(g: &Global, a: ReadbackArgs) -> Result<ExitCode> {
             .collect();
         let report = serde_json::json!({"weights": trained.dir.display().to_string(), "k": k, "tasks": total, "probed": all[0].len(),
             "answer_read_back": {"own": metrics::mean(&all[0]), "other": metrics::mean(&all[1]), "difference": m, "interval_95": [lo, hi]},
-            "chunk_f1": {"own": metrics::mean(&all[2]), "other": metrics::mean(&all[3])}, "files": per, "examples": shown, "samples": a.bootstrap.samples});
+            "chunk_f1": {"own": metrics::mean(&all[2]), "other": metrics::mean(&all[3])},
+            "answer_token_nll": {"tasks": nll_own.len(), "own": metrics::mean(&nll_own), "other": metrics::mean(&nll_other), "difference": nm, "interval_95": [nlo, nhi]},
+            "files": per, "examples": shown, "samples": a.bootstrap.samples});
         writeln!(out, "{report}")?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -477,6 +486,13 @@ fn readback(g: &Global, a: ReadbackArgs) -> Result<ExitCode> {
     }
     writeln!(out, "{:<24} {total:>6} {:>7} {:>9.1}% {:>9.1}% {:>9.3} {:>9.3}", "all", all[0].len(), 100.0 * metrics::mean(&all[0]), 100.0 * metrics::mean(&all[1]), metrics::mean(&all[2]), metrics::mean(&all[3]))?;
     writeln!(out, "answer read back, own - other: {:+.1} points ({:+.1} .. {:+.1}, 95% bootstrap, {} resamples)", 100.0 * m, 100.0 * lo, 100.0 * hi, a.bootstrap.samples)?;
+    writeln!(
+        out,
+        "answer tokens read back teacher-forced ({} tasks): {:.2} nats from its own vector, {:.2} from the other; own - other {nm:+.2} ({nlo:+.2} .. {nhi:+.2})",
+        nll_own.len(),
+        metrics::mean(&nll_own),
+        metrics::mean(&nll_other)
+    )?;
     for e in &shown {
         writeln!(out, "\nanswer: {}\nchunk:  {}\nown:    {}\nother:  {}", e["answer"].as_str().unwrap_or(""), e["chunk"].as_str().unwrap_or("").trim(), e["own"].as_str().unwrap_or("").trim(), e["other"].as_str().unwrap_or("").trim())?;
     }

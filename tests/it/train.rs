@@ -685,6 +685,10 @@ fn eval_readback_reads_the_answer_chunk_back_from_its_vector() {
     let r = &v["answer_read_back"];
     let (own, other, d) = (r["own"].as_f64().unwrap(), r["other"].as_f64().unwrap(), r["difference"].as_f64().unwrap());
     assert!((d - (own - other)).abs() < 1e-9 && r["interval_95"][0].as_f64().unwrap() <= d && d <= r["interval_95"][1].as_f64().unwrap(), "{v}");
+    // the answer's tokens, read back teacher-forced, are likelier from their own chunk's vector
+    let n = &v["answer_token_nll"];
+    assert!(n["tasks"].as_u64().unwrap() >= 1 && n["tasks"].as_u64().unwrap() <= probed, "{v}");
+    assert!(n["own"].as_f64().unwrap() > 0.0 && n["own"].as_f64().unwrap() < n["other"].as_f64().unwrap(), "{v}");
     let o = refrag().args(["eval", "readback", "--device", "cpu", "-q", "--limit", "0", "--qa"]).arg(&tasks).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
