@@ -431,6 +431,14 @@ fn batch_backward(
     Ok((total, main_sum, bow_sum))
 }
 
+/// The auxiliary reconstruction batch of a cpt or sft step (`--recon-weight`): 1 to 16 chunks
+/// of the training text, on the curriculum at `f` of the run.
+fn recon_batch(pool: &TextPool, dec: &Decoder, cfg: &TrainConfig, f: f64, rng: &mut Rng) -> Result<Batch> {
+    let rc = TrainConfig { stage: Stage::Reconstruct, mixed: 0.0, ..cfg.clone() };
+    let l = curriculum_chunks(cfg.max_chunks.min(16), f, rng);
+    make_batch(pool, dec, &rc, l, rng)
+}
+
 fn make_batch(pool: &TextPool, dec: &Decoder, cfg: &TrainConfig, l: usize, rng: &mut Rng) -> Result<Batch> {
     let s = l * cfg.k;
     let o = match cfg.stage {
@@ -871,6 +879,8 @@ fn train_loop(
         let mut grads = GradSum::default();
         let (lv, ntok, l, bsz, parts) = if let (Stage::Sft, Some(qa)) = (cfg.stage, run.qa) {
             let batch = qa.sample(cfg.batch.max(1), &mut rng);
+            // the auxiliary reconstruction batch (--recon-weight), drawn before any pass runs
+            let recon = (cfg.recon_weight > 0.0).then(|| recon_batch(run.train, dec, cfg, f, &mut rng)).transpose()?;
             let teacher = (cfg.distill > 0.0).then_some(run.teacher.unwrap_or(run.decoder));
             // passes of tasks; each pass's loss is a mean over its answer tokens, weighted by
             // their share of the batch's (the step's loss is the mean over all answer tokens)
@@ -890,20 +900,20 @@ fn train_loop(
                 lv += (sce + cfg.distill * skl) * w;
                 (ce, kl) = (ce + sce * w, kl + skl * w);
             }
-            (lv, ntok, 0, batch.len(), vec![("ce", ce), ("kl", kl)])
+            let mut parts = vec![("ce", ce), ("kl", kl)];
+            if let Some(rb) = &recon {
+                let (rl, r, _) = batch_backward(dec, &enc, &proj, &opt, &mut grads, rb, cfg.recon_weight, 0.0, run.micro_tokens)?;
+                lv += rl;
+                parts.push(("recon", r));
+            }
+            (lv, ntok, 0, batch.len(), parts)
         } else {
             let l = curriculum_chunks(cfg.max_chunks, f, &mut rng);
             let batch = make_batch(run.train, dec, cfg, l, &mut rng)?;
             let ntok: usize = batch.targets.iter().map(Vec::len).sum();
             // the auxiliary reconstruction batch is drawn before any pass runs (the draws'
             // order is the checkpointed random stream's)
-            let recon = if cfg.stage == Stage::Cpt && cfg.recon_weight > 0.0 {
-                let rc = TrainConfig { stage: Stage::Reconstruct, mixed: 0.0, ..cfg.clone() };
-                let rl = curriculum_chunks(cfg.max_chunks.min(16), f, &mut rng);
-                Some(make_batch(run.train, dec, &rc, rl, &mut rng)?)
-            } else {
-                None
-            };
+            let recon = (cfg.stage == Stage::Cpt && cfg.recon_weight > 0.0).then(|| recon_batch(run.train, dec, cfg, f, &mut rng)).transpose()?;
             let (mut lv, main, bow) =
                 batch_backward(dec, &enc, &proj, &opt, &mut grads, &batch, 1.0, cfg.bow_weight, run.micro_tokens)?;
             let mut parts = vec![(if recon.is_some() { "cpt" } else { "main" }, main)];

@@ -67,8 +67,8 @@ pub struct TrainArgs {
     /// cpt: tokens predicted after the compressed context.
     #[arg(long, default_value_t = 128, env = "REFRAG_TRAIN_PREDICT_TOKENS")]
     pub predict_tokens: usize,
-    /// cpt: weight of an auxiliary reconstruction loss each step (keeps the chunk vectors'
-    /// content while the decoder learns to continue text; 0 = off).
+    /// cpt, sft: weight of an auxiliary reconstruction loss each step on --text (keeps the
+    /// chunk vectors' content while the decoder learns to continue text or to answer; 0 = off).
     #[arg(long, default_value_t = 0.0, env = "REFRAG_TRAIN_RECON_WEIGHT")]
     pub recon_weight: f64,
     /// reconstruct/cpt: weight of a bag-of-words loss on each chunk vector (its projection,
@@ -243,8 +243,11 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     if !(a.recon_weight.is_finite() && a.recon_weight >= 0.0) {
         bail!("--recon-weight {}: must be 0 or more", a.recon_weight);
     }
-    if a.recon_weight > 0.0 && a.stage != Stage::Cpt {
-        bail!("--recon-weight is for `refrag train cpt`");
+    if a.recon_weight > 0.0 && !matches!(a.stage, Stage::Cpt | Stage::Sft) {
+        bail!("--recon-weight is for `refrag train cpt` and `refrag train sft`");
+    }
+    if a.recon_weight > 0.0 && a.stage == Stage::Sft && a.text.is_empty() {
+        bail!("--recon-weight in `train sft` reconstructs --text FILE...: give the text");
     }
     let bow_weight = a.bow_weight.unwrap_or(if a.stage == Stage::Sft { 0.0 } else { 0.1 });
     if !(bow_weight.is_finite() && bow_weight >= 0.0) || (bow_weight > 0.0 && a.stage == Stage::Sft) {
@@ -354,7 +357,8 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         init_from: a.init.clone(),
         data_note: if a.stage == Stage::Sft {
             let teacher = cfg.teacher_weights.as_ref().map(|d| format!("; teacher: base decoder + {}", d.join(crate::decoder::LORA_FILE).display())).unwrap_or_default();
-            format!("train tasks: {:?}; held-out tasks: {:?}{teacher}", names(&a.qa), names(&a.heldout_qa))
+            let recon = if a.recon_weight > 0.0 { format!("; reconstruction text: {:?}", names(&a.text)) } else { String::new() };
+            format!("train tasks: {:?}; held-out tasks: {:?}{teacher}{recon}", names(&a.qa), names(&a.heldout_qa))
         } else {
             format!("train: {:?}; held out: {:?}", names(&a.text), names(&a.heldout))
         },

@@ -344,6 +344,51 @@ fn sft_steps_lower_the_answer_loss() {
     }
 }
 
+/// `train sft --recon-weight W --text FILE`: each step adds W times a reconstruction loss on
+/// the text (so the chunk vectors keep their content while the reader learns to answer). The
+/// answer terms of the first step are those of a run without it (same tasks, same weights);
+/// the step's loss is the sum; without --text it is a one-line error.
+#[test]
+fn sft_keeps_a_reconstruction_term_on_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = squad_tasks(dir.path());
+    let weights = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
+    let step = |out: &str, extra: &[&str]| -> std::process::Output {
+        refrag()
+            .args(["train", "sft", "--device", "cpu", "-q", "--batch", "2", "--seed", "3", "--steps", "1", "--tokens-per-step", "160", "--max-chunks", "2"])
+            .args(["--encoder-layers", "4", "--decoder-lora", "8", "--distill", "0.5", "--init"])
+            .arg(&weights)
+            .arg("--qa")
+            .arg(&tasks)
+            .args(extra)
+            .arg("--out")
+            .arg(dir.path().join(out))
+            .output()
+            .unwrap()
+    };
+    let row = |out: &str| -> serde_json::Value {
+        let log = std::fs::read_to_string(dir.path().join(out).join("train.jsonl")).unwrap();
+        serde_json::from_str(log.lines().next().unwrap()).unwrap()
+    };
+    let text = fixture("alice_ch1-3.txt");
+    let o = step("plain", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = step("recon", &["--recon-weight", "0.5", "--text", text.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (plain, recon) = (row("plain"), row("recon"));
+    let x = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k}: {v}"));
+    assert!((x(&plain, "ce") - x(&recon, "ce")).abs() < 1e-4 && (x(&plain, "kl") - x(&recon, "kl")).abs() < 1e-4, "{plain} vs {recon}");
+    assert!(plain["recon"].is_null() && x(&recon, "recon") > 0.5, "{recon}");
+    let sum = x(&recon, "ce") + 0.5 * x(&recon, "kl") + 0.5 * x(&recon, "recon");
+    assert!((x(&recon, "loss") - sum).abs() < 1e-3, "{recon}");
+    let card: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("recon/card.json")).unwrap()).unwrap();
+    assert!(card["data"].as_str().unwrap().contains("alice_ch1-3.txt"), "{card}");
+    let o = step("none", &["--recon-weight", "0.5"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--text") && err.trim().lines().count() == 1, "{err}");
+}
+
 /// `train sft --teacher-weights`: the distillation teacher is the decoder with that folder's
 /// adapters folded in. Same student, same batch: the first step's answer cross-entropy is the
 /// same as with the base teacher, its KL is not; the card names the teacher; a folder without
