@@ -128,12 +128,13 @@ impl RagArgs {
     }
 
     /// These options with the share to expand settled: --expand as given (checked), else in
-    /// refrag mode without --budget the share the weights' card recommends, else 0.
+    /// refrag mode without --budget or `--policy none` the share the weights' card recommends,
+    /// else 0.
     pub fn settled(&self, mode: Mode, trained: Option<&crate::projector::Trained>) -> Result<RagArgs> {
         let expand = match self.expand {
             Some(p) if !(0.0..=1.0).contains(&p) => bail!("--expand {p}: must be between 0 and 1"),
             Some(p) => p,
-            None if mode == Mode::Refrag && self.budget.is_none() => trained.and_then(|t| t.expand).unwrap_or(0.0),
+            None if mode == Mode::Refrag && self.budget.is_none() && self.policy != Policy::None => trained.and_then(|t| t.expand).unwrap_or(0.0),
             None => 0.0,
         };
         Ok(RagArgs { expand: Some(expand), ..self.clone() })

@@ -123,7 +123,7 @@ pub struct ReadbackArgs {
     pub json: bool,
 }
 
-/// The bootstrap of `eval compare` and `eval answers`.
+/// The bootstrap of `eval compare`, `eval answers` and `eval readback`.
 #[derive(Args, Debug)]
 pub struct BootstrapArgs {
     /// Bootstrap resamples of the paired differences (95% percentile interval).

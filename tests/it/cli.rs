@@ -351,6 +351,7 @@ fn ask_context_in_refrag_mode_compresses_and_expands() {
     let card = run(&["--mode", "refrag"]);
     let all_chunks = chunks as f64;
     assert_eq!((&card["expand"], &card["policy"], &compressed["expand"]), (&0.25.into(), &"sim-span".into(), &0.0.into()), "{card}");
+    assert_eq!(run(&["--mode", "refrag", "--policy", "none"])["expand"], 0.0, "--policy none expands nothing, and says so");
     let n = card["expanded_chunks"].as_u64().unwrap() as f64;
     assert!((n - 0.25 * all_chunks).abs() <= 1.0, "{card}: {n} of {all_chunks}");
     // a card whose share is not one: one line naming it, exit 2; a card with none: nothing expanded
