@@ -427,9 +427,9 @@ fn answer_token_mask(dec: &Decoder, ids: &[u32], answer: &str) -> Result<Option<
 pub fn readback(dec: &Decoder, enc: &Encoder, proj: &Projector, k: usize, tasks: &[QaExample], mut tick: impl FnMut()) -> Result<Vec<Option<Readback>>> {
     let decode = |ids: &[u32]| dec.tokenizer.decode(ids, true).map_err(|e| anyhow!("decode: {e}"));
     let opts = crate::generate::SamplingOptions { max_tokens: k + 4, ..Default::default() };
-    let read = |text: &str| -> Result<String> {
-        let v = proj.forward(&enc.encode(&[text])?.to_device(&dec.device)?)?;
-        let input = prompt::DecoderInput { embeds: dec.behind_start(&v)?.unsqueeze(0)?, positions: 2, compressed_positions: 1 };
+    let vector = |text: &str| -> Result<Tensor> { Ok(proj.forward(&enc.encode(&[text])?.to_device(&dec.device)?)?) };
+    let read = |v: &Tensor| -> Result<String> {
+        let input = prompt::DecoderInput { embeds: dec.behind_start(v)?.unsqueeze(0)?, positions: 2, compressed_positions: 1 };
         Ok(crate::generate::generate(dec, &input, &opts, |_| Ok(()))?.text)
     };
     let first = |ex: &QaExample| -> Result<Vec<String>> { crate::corpus::chunk_texts(&dec.tokenizer, &ex.passages[0], k) };
@@ -447,20 +447,20 @@ pub fn readback(dec: &Decoder, enc: &Encoder, proj: &Projector, k: usize, tasks:
         let Some(other) = other else { bail!("another task's passage is needed: every task has the same first passage") };
         let theirs = first(other)?;
         let control = &theirs[at.min(theirs.len() - 1)];
+        let (v_own, v_other) = (vector(&chunks[at])?, vector(control)?);
         let ids = crate::corpus::chunks(&ex.passages[0], k).nth(at).unwrap_or_default();
         let answer_nll = match answer_token_mask(dec, ids, &answer)? {
             Some(mask) => {
-                let nll = |text: &str| -> Result<f64> {
-                    let v = proj.forward(&enc.encode(&[text])?.to_device(&dec.device)?)?;
-                    let per = crate::perplexity::token_nll_after(dec, &v, ids)?;
+                let nll = |v: &Tensor| -> Result<f64> {
+                    let per = crate::perplexity::token_nll_after(dec, v, ids)?;
                     let on: Vec<f64> = per.iter().zip(&mask).filter(|(_, m)| **m).map(|(x, _)| *x).collect();
                     Ok(crate::metrics::mean(&on))
                 };
-                Some((nll(&chunks[at])?, nll(control)?))
+                Some((nll(&v_own)?, nll(&v_other)?))
             }
             None => None,
         };
-        out.push(Some(Readback { own: read(&chunks[at])?, other: read(control)?, chunk: chunks[at].clone(), answer, answer_nll }));
+        out.push(Some(Readback { own: read(&v_own)?, other: read(&v_other)?, chunk: chunks[at].clone(), answer, answer_nll }));
         tick();
     }
     Ok(out)
