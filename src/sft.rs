@@ -427,7 +427,7 @@ fn answer_token_mask(dec: &Decoder, ids: &[u32], answer: &str) -> Result<Option<
 pub fn readback(dec: &Decoder, enc: &Encoder, proj: &Projector, k: usize, tasks: &[QaExample], mut tick: impl FnMut()) -> Result<Vec<Option<Readback>>> {
     let decode = |ids: &[u32]| dec.tokenizer.decode(ids, true).map_err(|e| anyhow!("decode: {e}"));
     let opts = crate::generate::SamplingOptions { max_tokens: k + 4, ..Default::default() };
-    let vector = |text: &str| -> Result<Tensor> { Ok(proj.forward(&enc.encode(&[text])?.to_device(&dec.device)?)?) };
+    let vector = |text: &str| -> Result<Tensor> { proj.forward(&enc.encode(&[text])?.to_device(&dec.device)?) };
     let read = |v: &Tensor| -> Result<String> {
         let input = prompt::DecoderInput { embeds: dec.behind_start(v)?.unsqueeze(0)?, positions: 2, compressed_positions: 1 };
         Ok(crate::generate::generate(dec, &input, &opts, |_| Ok(()))?.text)
