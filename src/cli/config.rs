@@ -124,6 +124,27 @@ mod tests {
         assert!(v.contains(&("REFRAG_BENCH_CONTEXTS".into(), "512,2048".into())));
     }
 
+    /// Every flag can be set from the environment and so from the config file.
+    #[test]
+    fn every_option_has_an_environment_variable() {
+        fn missing(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if a.get_long().is_some() && a.get_env().is_none() && !matches!(id, "help" | "version") {
+                    out.push(format!("{path} --{}", a.get_long().unwrap_or(id)));
+                }
+            }
+            for s in cmd.get_subcommands() {
+                missing(s, &format!("{path} {}", s.get_name()), out);
+            }
+        }
+        use clap::CommandFactory;
+        let mut out = Vec::new();
+        missing(&crate::cli::Cli::command(), "refrag", &mut out);
+        assert!(out.is_empty(), "options without an environment variable: {out:?}");
+        assert!(known_vars(&crate::cli::Cli::command()).contains("REFRAG_DATASET_SPLIT"));
+    }
+
     #[test]
     fn typos_and_bad_syntax_name_the_line() {
         let e = parse("device = \"cpu\"\ntopk = 5\n", &known()).unwrap_err().to_string();

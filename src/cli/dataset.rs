@@ -61,18 +61,18 @@ pub struct DatasetArgs {
     pub questions: Option<PathBuf>,
     /// Also write each question with its gold passage as a one-turn task (the format of
     /// `eval --conversations` and `train sft --qa`): answering from given passages, no index.
-    #[arg(long, value_name = "OUT.jsonl")]
+    #[arg(long, value_name = "OUT.jsonl", env = "REFRAG_DATASET_TASKS")]
     pub tasks: Option<PathBuf>,
     /// Keep only one part: `train` or `test`, cut by a stable hash of the SQuAD article title
     /// (whole articles) or of the NQ question, so training never sees a test article.
-    #[arg(long, value_enum, default_value = "all")]
+    #[arg(long, value_enum, default_value = "all", env = "REFRAG_DATASET_SPLIT")]
     pub split: Split,
     /// Share of articles/questions that go to the test part.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.3, env = "REFRAG_DATASET_TEST_SHARE")]
     pub test_share: f64,
     /// In --tasks, add this many other passages (same article for SQuAD, random for NQ) around
     /// the gold one, at a random place: reading with distractors, like top-(N+1) retrieval.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, env = "REFRAG_DATASET_DISTRACTORS")]
     pub distractors: usize,
     /// Print the summary as JSON.
     #[arg(long, env = "REFRAG_JSON")]

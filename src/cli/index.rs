@@ -42,7 +42,7 @@ pub struct IndexArgs {
     pub shard_wait: u64,
     /// Compact the index and build its vector and full-text indexes (after shard workers;
     /// a plain `refrag index` does this itself).
-    #[arg(long, conflicts_with = "shard")]
+    #[arg(long, conflicts_with = "shard", env = "REFRAG_INDEX_FINALIZE")]
     pub finalize: bool,
     /// Print the summary as JSON.
     #[arg(long, env = "REFRAG_JSON")]

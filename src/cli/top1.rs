@@ -12,10 +12,10 @@ pub struct Top1Args {
     /// Text file to read.
     pub text: PathBuf,
     /// Positions to score.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, env = "REFRAG_TOP1_TOKENS")]
     pub tokens: usize,
     /// Compare with a JSON array written by an earlier run; prints the agreement.
-    #[arg(long)]
+    #[arg(long, env = "REFRAG_TOP1_AGAINST")]
     pub against: Option<PathBuf>,
 }
 

@@ -102,8 +102,9 @@ pub struct TrainArgs {
     /// given again (flag, environment or config file) override them, and the changes are named.
     #[arg(long, env = "REFRAG_TRAIN_RESUME")]
     pub resume: bool,
-    /// Checkpoint and stop after this many seconds (go on later with --resume; --resume --steps
-    /// N, N the step reached, writes the weights as they are).
+    /// Checkpoint and stop after this many seconds of training steps (go on later with --resume;
+    /// --resume --steps N, N the step reached, writes the weights as they are). Loading the
+    /// models and tokenizing the text come before the clock starts.
     #[arg(long, env = "REFRAG_TRAIN_MAX_SECONDS")]
     pub max_seconds: Option<f64>,
     /// Top layers of the chunk encoder to train with the projector (0 = projector only).
