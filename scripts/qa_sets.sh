@@ -19,9 +19,9 @@ if [ $# -lt 2 ]; then
   echo "usage: $0 DATA_DIR OUT_DIR [REFRAG_BINARY]" >&2
   exit 2
 fi
-DATA=$(realpath "$1")
+DATA=$(realpath -m "$1")
 OUT=$(realpath -m "$2")
-B=$(realpath "${3:-$(command -v refrag || echo target/release/refrag)}")
+B=$(realpath -m "${3:-$(command -v refrag || echo target/release/refrag)}")
 for f in squad/dev-v1.1.json nq-open-oracle/nq-open-oracle.jsonl.gz mtrag/mtragun_human_generation_reference.jsonl; do
   [ -f "$DATA/$f" ] || { echo "$DATA/$f: not found" >&2; exit 2; }
 done
