@@ -86,7 +86,8 @@ impl Linear {
         let dims = x.dims().to_vec();
         let inner = dims[dims.len() - 1];
         let x2 = x.reshape((rows, inner))?;
-        let mut y = x2.matmul(&self.dense.t()?)?;
+        // training: the gradient flows to the input only (the dense weight is frozen)
+        let mut y = crate::diffops::frozen_linear(&x2, &self.dense)?;
         if let Some(l) = &self.lora {
             let u = x2.to_dtype(DType::F32)?.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
             let dt = y.dtype();
@@ -469,10 +470,12 @@ impl Decoder {
             let y = att.matmul(&v.contiguous()?)?;
             let y = y.transpose(1, 2)?.reshape((b, t, c.hidden))?;
             x = (x + layer.wo.forward(&y, self.quant_rows)?)?;
+            crate::profile::mark(&self.device, "fwd_attention");
             let h = self.rms_norm(&x, &layer.ffn_norm)?;
             let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h, self.quant_rows)?)?;
             let up = layer.w_up.forward(&h, self.quant_rows)?;
             x = (x + layer.w_down.forward(&(gate * up)?, self.quant_rows)?)?;
+            crate::profile::mark(&self.device, "fwd_mlp");
         }
         self.rms_norm(&x, &self.norm)
     }

@@ -23,12 +23,24 @@ enum Grad {
     Softmax,
     /// `tgt` [n, 1] u32, `lse` [n, 1] f32
     CrossEntropy { tgt: Tensor, lse: Tensor },
+    /// `w` [out, in]: the frozen weight of `x w^T`
+    Frozen { w: Tensor },
 }
 
-/// Returns the precomputed fused result; its backward is `grad`'s formula.
+/// Returns the precomputed fused result; its backward is `grad`'s formula. The forward copies
+/// the result into the op's output and lets go of it: the graph keeps the op until the backward
+/// pass, and holding the result too would keep every fused output twice (a softmax's attention
+/// weights, a linear's activations) for the whole pass.
 struct WithGrad {
-    y: Tensor,
+    y: std::sync::Mutex<Option<Tensor>>,
     grad: Grad,
+}
+
+impl WithGrad {
+    fn result(&self) -> Result<Tensor> {
+        let y = self.y.lock().map_err(|_| candle_core::Error::Msg("fused-with-grad: poisoned".into()))?.take();
+        y.ok_or_else(|| candle_core::Error::Msg("fused-with-grad: forward ran twice".into()))
+    }
 }
 
 impl CustomOp1 for WithGrad {
@@ -37,7 +49,8 @@ impl CustomOp1 for WithGrad {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (s, l) = self.y.storage_and_layout();
+        let y = self.result()?;
+        let (s, l) = y.storage_and_layout();
         match &*s {
             Storage::Cpu(c) => Ok((c.try_clone(l)?, l.shape().clone())),
             _ => candle_core::bail!("fused-with-grad: result and input on different devices"),
@@ -46,7 +59,8 @@ impl CustomOp1 for WithGrad {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (s, l) = self.y.storage_and_layout();
+        let y = self.result()?;
+        let (s, l) = y.storage_and_layout();
         match &*s {
             Storage::Cuda(c) => Ok((c.try_clone(l)?, l.shape().clone())),
             _ => candle_core::bail!("fused-with-grad: result and input on different devices"),
@@ -65,6 +79,7 @@ impl CustomOp1 for WithGrad {
                 let p = x32.broadcast_sub(lse)?.exp()?.broadcast_mul(&g)?;
                 p.scatter_add(tgt, &g.neg()?, 1)?.to_dtype(x.dtype())?
             }
+            Grad::Frozen { w } => g.matmul(w)?,
             Grad::Rope { cos, sin } => candle_nn::rotary_emb::rope_i(&g.contiguous()?, cos, &sin.neg()?)?,
             Grad::Rms { w, eps } => {
                 let x32 = x.to_dtype(DType::F32)?;
@@ -91,7 +106,19 @@ fn attach(x: &Tensor, y: Tensor, grad: Grad) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(y);
     }
-    x.apply_op1(WithGrad { y, grad })
+    x.apply_op1(WithGrad { y: std::sync::Mutex::new(Some(y)), grad })
+}
+
+/// `x` [rows, in] times the transpose of a frozen weight `w` [out, in], with a gradient to `x`
+/// only. candle's matmul backward computes a gradient for both operands, so every frozen
+/// decoder matrix cost a second matmul as large as the forward's, and a weight-sized buffer,
+/// for a gradient no optimizer reads.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if op_by_op() || !x.track_op() {
+        return x.matmul(&w.t()?);
+    }
+    let y = x.detach().matmul(&w.t()?)?;
+    attach(x, y, Grad::Frozen { w: w.clone() })
 }
 
 /// RMS norm over the last dimension (fused forward; gradient to `x` only).
@@ -184,6 +211,17 @@ mod tests {
         close(&l1, &l2, 1e-5);
         close(&d1, &d2, 1e-6);
         assert!(d1.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.1);
+        // a frozen linear: the matmul's value and gradient to x, none to the weight
+        let x2 = Var::randn(0f32, 1.0, (6, 8), &dev).unwrap();
+        let w2 = Var::randn(0f32, 1.0, (5, 8), &dev).unwrap();
+        let c2 = Tensor::randn(0f32, 1.0, (6, 5), &dev).unwrap();
+        let y1 = frozen_linear(x2.as_tensor(), w2.as_tensor()).unwrap();
+        let y2 = x2.as_tensor().matmul(&w2.as_tensor().t().unwrap()).unwrap();
+        let g1 = (&y1 * &c2).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&y2 * &c2).unwrap().sum_all().unwrap().backward().unwrap();
+        close(&y1, &y2, 1e-5);
+        close(g1.get(x2.as_tensor()).unwrap(), g2.get(x2.as_tensor()).unwrap(), 1e-5);
+        assert!(g1.get(w2.as_tensor()).is_none() && g2.get(w2.as_tensor()).is_some());
         // untracked input: the plain fused result
         let plain = rms_norm(&c, &w, 1e-5).unwrap();
         assert!(!plain.track_op());

@@ -47,6 +47,7 @@ pub mod options;
 pub mod perplexity;
 pub mod plot;
 pub mod policy;
+pub mod profile;
 pub mod progress;
 pub mod projector;
 pub mod prompt;

@@ -160,6 +160,7 @@ pub fn loss(
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         Some(proj.forward(&enc.encode(&refs)?.to_device(&student.device)?)?)
     };
+    crate::profile::mark(&student.device, "encode");
     let mut row = 0;
     let mut student_prompts = Vec::with_capacity(batch.len());
     for (ex, plan) in batch.iter().zip(&plans) {
@@ -196,7 +197,9 @@ pub fn loss(
         student_prompts.push((task_prompt(ex, history, passages), ex.answer.as_slice()));
     }
     // One batched forward for the students, one for the teachers.
+    crate::profile::mark(&student.device, "assemble");
     let s_logits = answer_logits(student, &student_prompts)?;
+    crate::profile::mark(&student.device, "student");
     let t_logits = match (teacher, distill > 0.0) {
         (Some(t), true) => {
             let prompts: Vec<_> = batch.iter().map(|ex| (full_context_prompt(ex), ex.answer.as_slice())).collect();
@@ -204,6 +207,7 @@ pub fn loss(
         }
         _ => None,
     };
+    crate::profile::mark(&student.device, "teacher");
     let (mut terms, mut ce_sum, mut kl_sum, mut ntok) = (Vec::new(), 0f64, 0f64, 0usize);
     for (i, ex) in batch.iter().enumerate() {
         let n = ex.answer.len();
@@ -223,6 +227,7 @@ pub fn loss(
         ntok += n;
     }
     let total = (Tensor::stack(&terms, 0)?.sum_all()? / ntok.max(1) as f64)?;
+    crate::profile::mark(&student.device, "loss");
     Ok(SftLoss { total, ce: ce_sum / ntok.max(1) as f64, kl: kl_sum / ntok.max(1) as f64, answer_tokens: ntok })
 }
 
