@@ -245,8 +245,9 @@ impl AdamW {
         }
         let device = vars.first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
         let n = offsets[offsets.len() - 1];
+        // two buffers, not one shared: nothing may ever update one in place through the other
         let m = Tensor::zeros(n, DType::F32, &device)?;
-        let v = m.clone();
+        let v = Tensor::zeros(n, DType::F32, &device)?;
         Ok(Self { vars, offsets, m, v, step: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8, wd })
     }
 
