@@ -5,7 +5,7 @@
 //! Median, min and max over repeats after a warm-up (std only: no harness dependency).
 
 use candle_core::{Device, Tensor};
-use refrag::decoder::{Decoder, Ops};
+use refrag::model::decoder::{Decoder, Ops};
 use std::time::Instant;
 
 fn time(name: &str, repeats: usize, mut f: impl FnMut()) {
@@ -18,21 +18,26 @@ fn time(name: &str, repeats: usize, mut f: impl FnMut()) {
         })
         .collect();
     v.sort_by(f64::total_cmp);
-    println!("{name:<44} median {:>9.3} ms   min {:>9.3}   max {:>9.3}   (n = {repeats})", v[v.len() / 2], v[0], v[v.len() - 1]);
+    println!(
+        "{name:<44} median {:>9.3} ms   min {:>9.3}   max {:>9.3}   (n = {repeats})",
+        v[v.len() / 2],
+        v[0],
+        v[v.len() - 1]
+    );
 }
 
 fn main() {
     // `cargo bench -- NAME` runs the benchmarks whose name contains NAME.
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let on = |n: &str| filter.as_deref().is_none_or(|f| n.contains(f));
-    let home = refrag::models::home_dir();
+    let home = refrag::model::cache::home_dir();
     let dev = Device::Cpu;
-    let gguf = refrag::models::resolve_decoder(None, &home, true).expect("decoder");
+    let gguf = refrag::model::cache::resolve_decoder(None, &home, true).expect("decoder");
     let dec = Decoder::load(&gguf, &dev, Ops::Fused, true).expect("load decoder");
-    let enc_dir = refrag::models::resolve_encoder(None, &home, true).expect("encoder");
-    let enc = refrag::encoder::Encoder::load(&enc_dir, &dev).expect("load encoder");
+    let enc_dir = refrag::model::cache::resolve_encoder(None, &home, true).expect("encoder");
+    let enc = refrag::model::encoder::Encoder::load(&enc_dir, &dev).expect("load encoder");
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/alice_ch1-3.txt")).unwrap();
-    let ids = refrag::prompt::tokenize(&dec, &text).unwrap();
+    let ids = refrag::read::prompt::tokenize(&dec, &text).unwrap();
 
     if on("decoder_step") {
         let mut st = dec.new_state(600);
@@ -51,10 +56,11 @@ fn main() {
         });
     }
     if on("projector") {
-        let dirs = refrag::projector::weights_dirs(None, &home, refrag::projector::Purpose::Text);
-        let proj = match refrag::projector::find(&dirs, &enc, dec.cfg.hidden).unwrap() {
+        let dirs = refrag::model::weights::weights_dirs(None, &home, refrag::model::weights::Purpose::Text);
+        let proj = match refrag::model::weights::find(&dirs, &enc, dec.cfg.hidden).unwrap() {
             Some(t) => t.projector,
-            None => refrag::projector::Projector::init(&candle_nn::VarMap::new(), &dev, enc.dim, dec.cfg.hidden).unwrap(),
+            None => refrag::model::projector::Projector::init(&candle_nn::VarMap::new(), &dev, enc.dim, dec.cfg.hidden)
+                .unwrap(),
         };
         let x = Tensor::randn(0f32, 0.05, (128, enc.dim), &dev).unwrap();
         time("projector (128 chunk vectors)", 50, || {
@@ -77,11 +83,14 @@ fn main() {
         let tgt = Tensor::arange(0u32, 4096, &dev).unwrap();
         let hwm = || {
             let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-            s.lines().find(|l| l.starts_with("VmHWM")).map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<f64>().unwrap_or(0.0) / 1024.0).unwrap_or(0.0)
+            s.lines()
+                .find(|l| l.starts_with("VmHWM"))
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<f64>().unwrap_or(0.0) / 1024.0)
+                .unwrap_or(0.0)
         };
         let before = hwm();
         time("cross_entropy fused (4096 x vocab, fwd+bwd)", 5, || {
-            let l = refrag::diffops::cross_entropy(logits.as_tensor(), &tgt).unwrap();
+            let l = refrag::model::diffops::cross_entropy(logits.as_tensor(), &tgt).unwrap();
             let _ = l.backward().unwrap();
         });
         let fused = hwm();
@@ -89,7 +98,11 @@ fn main() {
             let l = candle_nn::loss::cross_entropy(logits.as_tensor(), &tgt).unwrap();
             let _ = l.backward().unwrap();
         });
-        println!("cross_entropy peak memory above the start: fused {:.0} MB, candle {:.0} MB", fused - before, hwm() - before);
+        println!(
+            "cross_entropy peak memory above the start: fused {:.0} MB, candle {:.0} MB",
+            fused - before,
+            hwm() - before
+        );
     }
     #[cfg(feature = "store")]
     if on("store") {
@@ -102,7 +115,7 @@ fn main() {
             .status()
             .expect("run refrag index");
         assert!(st.success());
-        let store = refrag::store::Store::open(db.to_str().unwrap()).unwrap();
+        let store = refrag::index::store::Store::open(db.to_str().unwrap()).unwrap();
         let q = enc.encode(&["Where was Chopin born?"]).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
         time("store_search (top-3 + tokens + chunk vectors)", 30, || {
             let hits = store.search(&q, "Where was Chopin born?", 3, refrag::options::SearchKind::Vector).unwrap();

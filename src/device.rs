@@ -59,7 +59,11 @@ fn tune_cuda(dev: &Device) {
     let mut keep = u64::MAX;
     // SAFETY: a plain driver call on a valid pool; a failure leaves the default setting.
     let r = unsafe {
-        sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut keep as *mut u64 as *mut std::ffi::c_void)
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut keep as *mut u64 as *mut std::ffi::c_void,
+        )
     };
     if r != sys::CUresult::CUDA_SUCCESS {
         tracing::debug!("CUDA memory pool release threshold not set: {r:?}");
@@ -113,7 +117,10 @@ pub fn memory(dev: &Device) -> Option<GpuMemory> {
     let peak_used = attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
     let peak_reserved = attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?;
     // the high watermarks start again from the current values
-    for a in [sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH] {
+    for a in [
+        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+    ] {
         let mut zero = 0u64;
         // SAFETY: resetting a high watermark takes a u64 zero.
         unsafe { sys::cuMemPoolSetAttribute(pool, a, &mut zero as *mut u64 as *mut std::ffi::c_void) };
@@ -124,7 +131,14 @@ pub fn memory(dev: &Device) -> Option<GpuMemory> {
     if r != sys::CUresult::CUDA_SUCCESS {
         return None;
     }
-    Some(GpuMemory { used, reserved, peak_used, peak_reserved, free: free as f64 / 1048576.0, total: total as f64 / 1048576.0 })
+    Some(GpuMemory {
+        used,
+        reserved,
+        peak_used,
+        peak_reserved,
+        free: free as f64 / 1048576.0,
+        total: total as f64 / 1048576.0,
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -198,7 +212,14 @@ mod tests {
 
     #[test]
     fn the_pool_is_trimmed_when_it_holds_half_the_device_or_the_device_is_crowded() {
-        let m = |used: f64, reserved: f64, free: f64| GpuMemory { used, reserved, peak_used: used, peak_reserved: reserved, free, total: 140_000.0 };
+        let m = |used: f64, reserved: f64, free: f64| GpuMemory {
+            used,
+            reserved,
+            peak_used: used,
+            peak_reserved: reserved,
+            free,
+            total: 140_000.0,
+        };
         assert!(pool_too_large(&m(30_000.0, 72_000.0, 68_000.0)), "half the device");
         assert!(!pool_too_large(&m(30_000.0, 40_000.0, 100_000.0)), "room to spare");
         // another process holds most of the device: this pool's 10 GB of unused blocks go back

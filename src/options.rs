@@ -50,3 +50,29 @@ pub enum SearchKind {
     Hybrid,
 }
 
+/// Where the user turn of a RAG question puts the question (`--question-at`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuestionAt {
+    /// As the trained weights that the answers read were trained (their card's
+    /// `question_at`); `after` when no weights are read or their card does not say.
+    #[default]
+    Auto,
+    /// After the passages.
+    After,
+    /// Before the passages only (the paper's order: question, then chunk vectors).
+    Before,
+    /// Before the passages and again after them.
+    Both,
+}
+
+impl QuestionAt {
+    /// The command line's choice, or with `auto` the one the weights that the answers read were
+    /// trained with (`trained`: their card's), else `after`.
+    pub fn resolve(self, trained: Option<QuestionAt>) -> QuestionAt {
+        match self {
+            QuestionAt::Auto => trained.filter(|t| *t != QuestionAt::Auto).unwrap_or(QuestionAt::After),
+            chosen => chosen,
+        }
+    }
+}

@@ -6,10 +6,10 @@ use std::path::Path;
 
 fuzz_target!(|data: &[u8]| {
     for name in ["in.jsonl", "in.txt"] {
-        let Ok(docs) = refrag::corpus::documents_from_bytes(Path::new(name), name, data.to_vec()) else { continue };
+        let Ok(docs) = refrag::index::corpus::documents_from_bytes(Path::new(name), name, data.to_vec()) else { continue };
         for d in docs {
             let (min, max) = (1 + data.len() % 7, 8 + data.len() % 13);
-            let ps = refrag::corpus::passages(&d.text, min, max);
+            let ps = refrag::index::corpus::passages(&d.text, min, max);
             let got: Vec<&str> = ps.iter().flat_map(|p| p.split_whitespace()).collect();
             let want: Vec<&str> = d.text.split_whitespace().collect();
             assert_eq!(got, want, "passages lost or reordered words");

@@ -1,12 +1,13 @@
 //! `refrag ask`: answer one question.
 
 use super::Global;
-use crate::generate::{Generation, SamplingOptions};
-use crate::options::{Mode, Policy, SearchKind};
 #[cfg(feature = "store")]
-use crate::rag::{AskOptions, Engine};
+use crate::index::store::Store;
+use crate::model::weights::Purpose;
+use crate::options::{Mode, Policy, QuestionAt, SearchKind};
 #[cfg(feature = "store")]
-use crate::store::Store;
+use crate::read::engine::{AskOptions, Engine, EngineOptions};
+use crate::read::generate::{Generation, SamplingOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::{IsTerminal, Read, Write};
@@ -91,21 +92,6 @@ pub struct RagArgs {
     pub adapted: bool,
 }
 
-/// Whether the decoder reads with the trained adapters folded in: in refrag mode when the
-/// weights have adapters, in full/none mode with --adapted (an error when they have none).
-pub fn reads_adapted(adapted: bool, mode: Mode, trained: Option<&crate::projector::Trained>) -> Result<bool> {
-    let has = trained.is_some_and(|t| t.decoder_lora.is_some());
-    if adapted && mode != Mode::Refrag && !has {
-        bail!("--adapted: no trained decoder adapters ({}) found; point --weights at a folder that has them", crate::decoder::LORA_FILE);
-    }
-    Ok((mode == Mode::Refrag || adapted) && has)
-}
-
-/// The trained weights' folder when the answers use them (refrag mode, or adapters folded in).
-pub fn weights_read(trained: Option<&crate::projector::Trained>, mode: Mode, adapted: bool) -> Option<std::path::PathBuf> {
-    trained.filter(|_| mode == Mode::Refrag || adapted).map(|t| t.dir.clone())
-}
-
 impl RagArgs {
     /// The share of chunks to expand (0 until [`RagArgs::settled`] has read the card).
     pub fn share(&self) -> f64 {
@@ -123,18 +109,24 @@ impl RagArgs {
     }
 
     /// How these options choose chunks to expand, with the trained policy `net` (for `rl`).
-    pub fn selection<'a>(&self, net: Option<&'a crate::policy::PolicyNet>, seed: u64) -> crate::policy::Selection<'a> {
-        crate::policy::Selection { policy: self.policy, expand: self.share(), budget: self.budget, net, seed }
+    pub fn selection<'a>(
+        &self,
+        net: Option<&'a crate::model::policy::PolicyNet>,
+        seed: u64,
+    ) -> crate::read::policy::Selection<'a> {
+        crate::read::policy::Selection { policy: self.policy, expand: self.share(), budget: self.budget, net, seed }
     }
 
     /// These options with the share to expand settled: --expand as given (checked), else in
     /// refrag mode without --budget or `--policy none` the share the weights' card recommends,
     /// else 0.
-    pub fn settled(&self, mode: Mode, trained: Option<&crate::projector::Trained>) -> Result<RagArgs> {
+    pub fn settled(&self, mode: Mode, trained: Option<&crate::model::weights::Trained>) -> Result<RagArgs> {
         let expand = match self.expand {
             Some(p) if !(0.0..=1.0).contains(&p) => bail!("--expand {p}: must be between 0 and 1"),
             Some(p) => p,
-            None if mode == Mode::Refrag && self.budget.is_none() && self.policy != Policy::None => trained.and_then(|t| t.expand).unwrap_or(0.0),
+            None if mode == Mode::Refrag && self.budget.is_none() && self.policy != Policy::None => {
+                trained.and_then(|t| t.expand).unwrap_or(0.0)
+            }
             None => 0.0,
         };
         Ok(RagArgs { expand: Some(expand), ..self.clone() })
@@ -147,43 +139,17 @@ impl RagArgs {
     /// to expand (the options returned, settled).
     pub fn engine(&self, g: &Global) -> Result<(Engine, Mode, RagArgs)> {
         self.settled(Mode::Full, None)?; // a bad --expand fails before the models load
-        let device = g.device()?;
-        let decoder = g.load_decoder(&device)?;
-        let encoder = g.load_encoder(&device)?;
-        if !crate::store::is_remote(&self.db) && !std::path::Path::new(&self.db).exists() {
-            bail!("{}: no index here; build one with `refrag index PATH --db {}`", self.db, self.db);
-        }
-        let store = Store::open_with(&self.db, &g.storage_options()?)?;
-        let Some(info) = store.info.clone() else {
-            bail!("{}: no index here; build one with `refrag index PATH --db {}`", self.db, self.db);
-        };
-        let trained = g.trained(&encoder, decoder.cfg.hidden, crate::projector::Purpose::Answers)?;
-        // Full context unless asked: it still answers best from what the passages say (see
-        // weights/qa/card.json: compressed chunks alone carry few of their facts).
+                                         // Full context unless asked: it still answers best from what the passages say (see
+                                         // weights/qa/card.json: compressed chunks alone carry few of their facts).
         let mode = self.mode.unwrap_or(Mode::Full);
-        if mode == Mode::Refrag && trained.is_none() {
-            return Err(crate::projector::missing(&g.weights_dirs(crate::projector::Purpose::Answers)));
-        }
-        let chunk_encoder = trained.as_ref().map(|t| &t.chunk_encoder).unwrap_or(&encoder);
-        let now = crate::indexer::index_info(&encoder, chunk_encoder, &decoder.tokenizer_id, self.k.unwrap_or(info.k));
-        info.check(&now, &self.db)?;
-        if mode == Mode::Refrag {
-            info.check_chunks(&now, &self.db)?;
-        }
-        let mut decoder = decoder;
-        let adapted = reads_adapted(self.adapted, mode, trained.as_ref())?;
-        let weights = weights_read(trained.as_ref(), mode, adapted);
-        crate::prompt::use_question_at(trained.as_ref().filter(|_| weights.is_some()).and_then(|t| t.question_at));
-        if let (true, Some(t)) = (adapted, &trained) {
-            t.adapt(&mut decoder)?;
-        }
-        let rag = self.settled(mode, trained.as_ref())?;
-        crate::policy::require(mode == Mode::Refrag && rag.policy == Policy::Rl && rag.expands(), trained.as_ref())?;
-        let (projector, chunk_encoder, policy) = match (mode, trained) {
-            (Mode::Refrag, Some(t)) => (Some(t.projector), Some(t.chunk_encoder), t.policy),
-            _ => (None, None, None),
-        };
-        Ok((Engine { decoder, encoder, store, projector, chunk_encoder, k: info.k, policy, adapted, weights }, mode, rag))
+        let storage_options = g.storage_options()?;
+        let o =
+            EngineOptions { db: &self.db, storage_options: &storage_options, mode, adapted: self.adapted, k: self.k };
+        let engine = Engine::open(&g.loader()?, &o)?;
+        let trained = engine.reading.trained.as_ref();
+        let rag = self.settled(mode, trained)?;
+        crate::read::policy::require(mode == Mode::Refrag && rag.policy == Policy::Rl && rag.expands(), trained)?;
+        Ok((engine, mode, rag))
     }
 
     pub fn options(&self, mode: Mode, sampling: SamplingOptions) -> AskOptions {
@@ -231,9 +197,7 @@ pub fn read_question(arg: Option<&str>) -> Result<String> {
                 bail!("no question given: `refrag ask \"QUESTION\"` or pipe it on stdin");
             }
             let mut s = String::new();
-            std::io::stdin()
-                .read_to_string(&mut s)
-                .context("stdin: the question is not UTF-8 text")?;
+            std::io::stdin().read_to_string(&mut s).context("stdin: the question is not UTF-8 text")?;
             s
         }
         Some(q) => q.to_string(),
@@ -258,43 +222,35 @@ pub fn run(g: &Global, args: AskArgs) -> Result<ExitCode> {
     if args.context.is_empty() {
         return run_index(g, &args, &question, opts);
     }
-    let contexts = args
-        .context
-        .iter()
-        .map(|p| crate::corpus::read_text(p))
-        .collect::<Result<Vec<_>>>()?;
+    let contexts = args.context.iter().map(|p| crate::index::corpus::read_text(p)).collect::<Result<Vec<_>>>()?;
     args.rag.settled(Mode::Full, None)?; // a bad --expand fails before the models load
-    // The files are read as the mode says: tokens (full), projected chunks (refrag, with the
-    // policy's expanded chunks as tokens), or not at all (none).
+                                         // The files are read as the mode says: tokens (full), projected chunks (refrag, with the
+                                         // policy's expanded chunks as tokens), or not at all (none).
     let mode = args.rag.mode.unwrap_or(Mode::Full);
-    let device = g.device()?;
-    let mut decoder = g.load_decoder(&device)?;
+    let ld = g.loader()?;
+    let device = ld.device.clone();
+    let mut decoder = ld.decoder()?;
     let refrag = mode == Mode::Refrag;
-    let encoder = if refrag || args.rag.adapted { Some(g.load_encoder(&device)?) } else { None };
+    let encoder = if refrag || args.rag.adapted { Some(ld.encoder()?) } else { None };
     let trained = match &encoder {
-        Some(e) => g.trained(e, decoder.cfg.hidden, crate::projector::Purpose::Answers)?,
+        Some(e) => ld.trained(e, decoder.cfg.hidden, Purpose::Answers)?,
         None => None,
     };
-    if refrag && trained.is_none() {
-        return Err(crate::projector::missing(&g.weights_dirs(crate::projector::Purpose::Answers)));
-    }
-    let adapted = reads_adapted(args.rag.adapted, mode, trained.as_ref())?;
-    crate::prompt::use_question_at(weights_read(trained.as_ref(), mode, adapted).and(trained.as_ref()).and_then(|t| t.question_at));
-    if let (true, Some(t)) = (adapted, &trained) {
-        t.adapt(&mut decoder)?;
-    }
-    let rag = args.rag.settled(mode, trained.as_ref())?;
-    let compress = trained.as_ref().filter(|_| refrag).map(|t| (&t.chunk_encoder, &t.projector));
-    let select = encoder.as_ref().filter(|_| refrag).map(|e| {
-        (rag.selection(trained.as_ref().and_then(|t| t.policy.as_deref()), opts.seed), e)
-    });
-    let k = args.rag.k.or(trained.as_ref().and_then(|t| t.k)).unwrap_or(16);
-    let reader = crate::chat::Reader { decoder: &decoder, compress, k, select };
-    let turn = crate::chat::GivenTurn { history: vec![], passages: contexts, question: question.clone() };
+    let reading = ld.reading(trained, Purpose::Answers, mode, args.rag.adapted, args.rag.k)?;
+    reading.adapt(&mut decoder)?;
+    let trained = reading.trained.as_ref();
+    let rag = args.rag.settled(mode, trained)?;
+    let select = encoder
+        .as_ref()
+        .filter(|_| refrag)
+        .map(|e| (rag.selection(trained.and_then(|t| t.policy.as_deref()), opts.seed), e));
+    let compress = reading.compressor().filter(|_| refrag);
+    let reader = crate::read::reader::Reader { decoder: &decoder, compress, select, question_at: reading.question_at };
+    let turn = crate::read::reader::GivenTurn { history: vec![], passages: contexts, question: question.clone() };
     let window = decoder.cfg.max_positions.saturating_sub(opts.max_tokens);
     let stream = !args.json;
     let mut out = std::io::stdout().lock();
-    let r = crate::chat::answer_given_streaming(&reader, mode, &turn, window, &opts, |piece| {
+    let r = crate::read::reader::answer_given_streaming(&reader, mode, &turn, window, &opts, |piece| {
         if stream {
             out.write_all(piece.as_bytes())?;
             out.flush()?;
@@ -302,10 +258,14 @@ pub fn run(g: &Global, args: AskArgs) -> Result<ExitCode> {
         Ok(())
     })?;
     if r.passages_kept < turn.passages.len() && !g.quiet {
-        eprintln!("refrag: note: {} of {} --context files fit the window; the rest were left out", r.passages_kept, turn.passages.len());
+        eprintln!(
+            "refrag: note: {} of {} --context files fit the window; the rest were left out",
+            r.passages_kept,
+            turn.passages.len()
+        );
     }
     if args.json {
-        let mut v = answer_json(&r.generation, mode_name(mode), &device);
+        let mut v = answer_json(&r.generation, mode_name(mode), reading.question_at, &device);
         v["policy"] = serde_json::to_value(policy_named(mode, rag.expands(), rag.policy))?;
         v["expand"] = rag.reported_share().into();
         v["expanded_chunks"] = r.chunks_expanded.into();
@@ -335,7 +295,7 @@ fn run_index(g: &Global, args: &AskArgs, question: &str, sampling: SamplingOptio
         Ok(())
     })?;
     if args.json {
-        let mut v = answer_json(&ans.generation, mode_name(mode), &engine.decoder.device);
+        let mut v = answer_json(&ans.generation, mode_name(mode), engine.question_at(), &engine.decoder.device);
         v["sources"] = serde_json::to_value(&ans.sources)?;
         v["retrieval_ms"] = ans.retrieval_ms.into();
         // building the decoder input (policy choice included): part of ttft_ms
@@ -378,7 +338,12 @@ pub fn policy_named(m: Mode, expands: bool, policy: Policy) -> Option<Policy> {
 }
 
 /// The JSON object `ask --json` prints.
-pub fn answer_json(gen: &Generation, mode: &str, device: &candle_core::Device) -> serde_json::Value {
+pub fn answer_json(
+    gen: &Generation,
+    mode: &str,
+    question_at: QuestionAt,
+    device: &candle_core::Device,
+) -> serde_json::Value {
     serde_json::json!({
         "answer": gen.text,
         "mode": mode,
@@ -386,7 +351,7 @@ pub fn answer_json(gen: &Generation, mode: &str, device: &candle_core::Device) -
         "tokens_per_s": gen.tokens_per_s(),
         "prompt_tokens": gen.prompt_positions,
         "decoder_positions": gen.prompt_positions,
-        "question_at": crate::prompt::question_at(),
+        "question_at": question_at,
         "generated_tokens": gen.generated_tokens,
         "kv_cache_bytes": gen.kv_cache_bytes,
         "device": crate::device::name(device),

@@ -52,27 +52,25 @@ pub fn run(g: &Global, args: BenchArgs) -> Result<ExitCode> {
         bail!("--repeats, --batch, --contexts and --k must be positive");
     }
     let text = match &args.text {
-        Some(p) => crate::corpus::read_text(p)?,
+        Some(p) => crate::index::corpus::read_text(p)?,
         None => DEFAULT_TEXT.to_string(),
     };
-    let device = g.device()?;
-    let decoder = g.load_decoder(&device)?;
-    let dense = if args.dense_decode {
-        Some(g.load_decoder_with(&device, crate::decoder::Ops::Fused, false)?)
-    } else {
-        None
-    };
+    let ld = g.loader()?;
+    let device = ld.device.clone();
+    let decoder = ld.decoder()?;
+    let dense = if args.dense_decode { Some(ld.decoder_with(crate::model::decoder::Ops::Fused, false)?) } else { None };
     // Timing does not depend on the weights' values: untrained ones do when none are found.
-    let base = g.load_encoder(&device)?;
+    let base = ld.encoder()?;
     let in_dim = base.dim;
-    let (projector, chunk_encoder) = match g.trained(&base, decoder.cfg.hidden, crate::projector::Purpose::Text)? {
-        // Adapters are not folded in: timing does not depend on the weights' values.
-        Some(t) => (t.projector, t.chunk_encoder),
-        None => {
-            let vm = candle_nn::VarMap::new();
-            (crate::projector::Projector::init(&vm, &device, in_dim, decoder.cfg.hidden)?, base)
-        }
-    };
+    let (projector, chunk_encoder) =
+        match ld.trained(&base, decoder.cfg.hidden, crate::model::weights::Purpose::Text)? {
+            // Adapters are not folded in: timing does not depend on the weights' values.
+            Some(t) => (t.projector, t.chunk_encoder),
+            None => {
+                let vm = candle_nn::VarMap::new();
+                (crate::model::projector::Projector::init(&vm, &device, in_dim, decoder.cfg.hidden)?, base)
+            }
+        };
     let encoder = if args.no_encoder { None } else { Some(chunk_encoder) };
     let peer = match &args.peer {
         Some(cmd) => Some(std::cell::RefCell::new(crate::bench::Peer::start(cmd)?)),
@@ -94,7 +92,7 @@ pub fn run(g: &Global, args: BenchArgs) -> Result<ExitCode> {
     pb.finish_and_clear();
     let dev = crate::device::name(&device);
     if let Some(p) = &args.plot {
-        crate::plot::speedups(&rows, &dev, p)?;
+        crate::bench::plot::speedups(&rows, &dev, p)?;
         if !g.quiet {
             eprintln!("plot written to {}", p.display());
         }
@@ -109,7 +107,16 @@ pub fn run(g: &Global, args: BenchArgs) -> Result<ExitCode> {
         outln!("device: {dev}; batch {}; median of {} runs after a warm-up", args.batch, args.repeats);
         outln!(
             "{:>8} {:<30} {:>9} {:>10} {:>10} {:>9} {:>10} {:>9} {:>10} {:>9}",
-            "context", "variant", "positions", "ttft_ms", "ttit_ms", "speedup", "tok/s", "tput_x", "kv_MiB", "mem_MiB"
+            "context",
+            "variant",
+            "positions",
+            "ttft_ms",
+            "ttit_ms",
+            "speedup",
+            "tok/s",
+            "tput_x",
+            "kv_MiB",
+            "mem_MiB"
         );
         for r in &rows {
             let f = |x: Option<f64>, p: usize| x.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into());

@@ -6,8 +6,8 @@
 
 use super::ask::{RagArgs, SamplingArgs};
 use super::Global;
-use crate::chat::Session;
-use crate::rag::{AskOptions, Engine, Mode};
+use crate::read::chat::Session;
+use crate::read::engine::{AskOptions, Engine, Mode};
 use anyhow::{anyhow, Result};
 use clap::Args;
 use std::io::{BufRead, IsTerminal, Write};
@@ -69,7 +69,11 @@ pub fn run_session(g: &Global, rag: &RagArgs, sampling: &SamplingArgs, sargs: &S
         let mut rl = rustyline::DefaultEditor::new().map_err(|e| anyhow!("line editor: {e}"))?;
         let hist = sargs.history.clone().unwrap_or_else(|| g.home().join("chat_history"));
         let _ = rl.load_history(&hist);
-        eprintln!("refrag chat: mode {}, {} — /help for commands, Ctrl-D to leave", super::ask::mode_name(opts.mode), rag.db);
+        eprintln!(
+            "refrag chat: mode {}, {} — /help for commands, Ctrl-D to leave",
+            super::ask::mode_name(opts.mode),
+            rag.db
+        );
         loop {
             match rl.readline("> ") {
                 Ok(line) => {
@@ -99,7 +103,13 @@ pub fn run_session(g: &Global, rag: &RagArgs, sampling: &SamplingArgs, sargs: &S
 }
 
 /// One input line; false = leave.
-fn handle(engine: &Engine, session: &mut Session, opts: &mut AskOptions, line: &str, cancel: &AtomicBool) -> Result<bool> {
+fn handle(
+    engine: &Engine,
+    session: &mut Session,
+    opts: &mut AskOptions,
+    line: &str,
+    cancel: &AtomicBool,
+) -> Result<bool> {
     let line = line.trim();
     if line.is_empty() {
         return Ok(true);
@@ -145,7 +155,7 @@ fn handle(engine: &Engine, session: &mut Session, opts: &mut AskOptions, line: &
                 _ => writeln!(out, "/budget N: N decoder positions for the passages")?,
             },
             "mode" => match arg {
-                "refrag" if engine.projector.is_none() => {
+                "refrag" if engine.compressor().is_none() => {
                     writeln!(out, "refrag mode needs the session started with --mode refrag")?
                 }
                 "refrag" | "full" | "none" => {

@@ -51,7 +51,7 @@ pub fn apply(cmd: &clap::Command) -> Result<Option<PathBuf>> {
         }
         return Ok(None);
     }
-    let text = crate::corpus::read_text(&path)?;
+    let text = crate::index::corpus::read_text(&path)?;
     let vars = parse(&text, &known_vars(cmd)).map_err(|e| anyhow!("{}:{e}", path.display()))?;
     for (k, v) in vars {
         if std::env::var_os(&k).is_none() {
@@ -67,18 +67,17 @@ pub fn parse(text: &str, known: &BTreeSet<String>) -> Result<Vec<(String, String
         let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1)).unwrap_or(1);
         anyhow!("{line}: {}", e.message().replace('\n', " "))
     })?;
-    let line_of = |key: &str| {
-        text.lines()
-            .position(|l| l.trim_start().starts_with(key))
-            .map(|n| n + 1)
-            .unwrap_or(1)
-    };
+    let line_of = |key: &str| text.lines().position(|l| l.trim_start().starts_with(key)).map(|n| n + 1).unwrap_or(1);
     let mut out = Vec::new();
     let mut put = |key: &str, var: String, v: &toml::Value| -> Result<()> {
         if !known.contains(&var) {
-            bail!("{}: unknown setting `{key}` (no option reads {var})", line_of(key.rsplit('.').next().unwrap_or(key)));
+            bail!(
+                "{}: unknown setting `{key}` (no option reads {var})",
+                line_of(key.rsplit('.').next().unwrap_or(key))
+            );
         }
-        let s = scalar(v).ok_or_else(|| anyhow!("{}: `{key}` must be a string, number, boolean or list of them", line_of(key)))?;
+        let s = scalar(v)
+            .ok_or_else(|| anyhow!("{}: `{key}` must be a string, number, boolean or list of them", line_of(key)))?;
         out.push((var, s));
         Ok(())
     };
@@ -112,12 +111,16 @@ mod tests {
     use super::*;
 
     fn known() -> BTreeSet<String> {
-        ["REFRAG_DEVICE", "REFRAG_TOP_K", "REFRAG_TRAIN_LR", "REFRAG_BENCH_CONTEXTS"].iter().map(|s| s.to_string()).collect()
+        ["REFRAG_DEVICE", "REFRAG_TOP_K", "REFRAG_TRAIN_LR", "REFRAG_BENCH_CONTEXTS"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     }
 
     #[test]
     fn keys_map_to_variables() {
-        let v = parse("device = \"cpu\"\ntop-k = 5\n[train]\nlr = 1e-4\n[bench]\ncontexts = [512, 2048]\n", &known()).unwrap();
+        let v = parse("device = \"cpu\"\ntop-k = 5\n[train]\nlr = 1e-4\n[bench]\ncontexts = [512, 2048]\n", &known())
+            .unwrap();
         assert!(v.contains(&("REFRAG_DEVICE".into(), "cpu".into())));
         assert!(v.contains(&("REFRAG_TOP_K".into(), "5".into())));
         assert!(v.contains(&("REFRAG_TRAIN_LR".into(), "0.0001".into())));

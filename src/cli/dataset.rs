@@ -119,10 +119,14 @@ pub fn run(_g: &Global, a: DatasetArgs) -> Result<ExitCode> {
                     let id = format!("{}-{}", title.replace(' ', "_"), i + 1);
                     docs.push(json!({"id": id, "title": title, "text": p["context"]}));
                     for q in p["qas"].as_array().into_iter().flatten() {
-                        let answers: Vec<&str> = q["answers"].as_array().into_iter().flatten()
-                            .filter_map(|a| a["text"].as_str()).collect();
+                        let answers: Vec<&str> =
+                            q["answers"].as_array().into_iter().flatten().filter_map(|a| a["text"].as_str()).collect();
                         let mut uniq: Vec<&str> = Vec::new();
-                        for x in answers { if !uniq.contains(&x) { uniq.push(x); } }
+                        for x in answers {
+                            if !uniq.contains(&x) {
+                                uniq.push(x);
+                            }
+                        }
                         let impossible = q["is_impossible"].as_bool().unwrap_or(false);
                         qs.push(json!({"id": q["id"], "question": q["question"], "answers": uniq,
                                        "gold_doc": id, "answerable": !impossible}));
@@ -132,13 +136,18 @@ pub fn run(_g: &Global, a: DatasetArgs) -> Result<ExitCode> {
         }
         Kind::NqOracle => {
             for (n, line) in text.lines().enumerate() {
-                if line.trim().is_empty() { continue; }
-                let v: Value = serde_json::from_str(line).map_err(|e| anyhow!("{name}:{}: malformed JSON: {e}", n + 1))?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let v: Value =
+                    serde_json::from_str(line).map_err(|e| anyhow!("{name}:{}: malformed JSON: {e}", n + 1))?;
                 let id = format!("nq-{}", n + 1);
                 if !in_split(v["question"].as_str().unwrap_or(&id), a.split, a.test_share) {
                     continue;
                 }
-                let ctx = v["ctxs"].as_array().and_then(|c| c.iter().find(|x| x["isgold"].as_bool() == Some(true)).or(c.first()))
+                let ctx = v["ctxs"]
+                    .as_array()
+                    .and_then(|c| c.iter().find(|x| x["isgold"].as_bool() == Some(true)).or(c.first()))
                     .ok_or_else(|| anyhow!("{name}:{}: no ctxs", n + 1))?;
                 docs.push(json!({"id": id, "title": ctx["title"], "text": ctx["text"]}));
                 qs.push(json!({"id": id, "question": v["question"], "answers": v["answers"], "gold_doc": id}));
@@ -146,7 +155,8 @@ pub fn run(_g: &Global, a: DatasetArgs) -> Result<ExitCode> {
         }
     }
     if let Kind::Hotpot | Kind::Mtrag = a.kind {
-        let (d, q, t) = if matches!(a.kind, Kind::Hotpot) { hotpot(&text, &name, &a)? } else { mtrag(&text, &name, &a)? };
+        let (d, q, t) =
+            if matches!(a.kind, Kind::Hotpot) { hotpot(&text, &name, &a)? } else { mtrag(&text, &name, &a)? };
         docs = d;
         qs = q;
         given_tasks = t;
@@ -159,8 +169,12 @@ pub fn run(_g: &Global, a: DatasetArgs) -> Result<ExitCode> {
         bail!("{name}: no documents found");
     }
     let write = |p: &PathBuf, rows: &[Value]| -> Result<()> {
-        let mut w = std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?);
-        for r in rows { writeln!(w, "{r}")?; }
+        let mut w = std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?,
+        );
+        for r in rows {
+            writeln!(w, "{r}")?;
+        }
         w.flush()?;
         Ok(())
     };
@@ -174,12 +188,21 @@ pub fn run(_g: &Global, a: DatasetArgs) -> Result<ExitCode> {
         write(p, t)?;
     }
     if a.json {
-        outln!("{}", serde_json::json!({"documents": docs.len(), "corpus": a.corpus, "questions": qs.len(),
-            "questions_file": a.questions, "tasks_file": a.tasks}));
+        outln!(
+            "{}",
+            serde_json::json!({"documents": docs.len(), "corpus": a.corpus, "questions": qs.len(),
+            "questions_file": a.questions, "tasks_file": a.tasks})
+        );
     } else {
         let to = |p: &Option<PathBuf>| p.as_ref().map(|p| format!(" -> {}", p.display())).unwrap_or_default();
-        outln!("{} documents{}, {} questions{}{}", docs.len(), to(&a.corpus), qs.len(), to(&a.questions),
-            a.tasks.as_ref().map(|p| format!(", tasks -> {}", p.display())).unwrap_or_default());
+        outln!(
+            "{} documents{}, {} questions{}{}",
+            docs.len(),
+            to(&a.corpus),
+            qs.len(),
+            to(&a.questions),
+            a.tasks.as_ref().map(|p| format!(", tasks -> {}", p.display())).unwrap_or_default()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -200,8 +223,11 @@ fn cloze(text: &str, a: &DatasetArgs) -> (Vec<Value>, Vec<Value>) {
     for (n, block) in text.replace("\r\n", "\n").split("\n\n").enumerate() {
         let lines: Vec<&str> = block.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
         let Some(first) = lines.first() else { continue };
-        let titled = lines.len() > 1 && first.split_whitespace().count() <= 12 && !first.ends_with(['.', '?', '!', ':', ';', ',']);
-        let (title, body) = if titled { (first.to_string(), lines[1..].join(" ")) } else { (String::new(), lines.join(" ")) };
+        let titled = lines.len() > 1
+            && first.split_whitespace().count() <= 12
+            && !first.ends_with(['.', '?', '!', ':', ';', ',']);
+        let (title, body) =
+            if titled { (first.to_string(), lines[1..].join(" ")) } else { (String::new(), lines.join(" ")) };
         let words = body.split_whitespace().count();
         if !(30..=300).contains(&words) {
             continue;
@@ -211,8 +237,9 @@ fn cloze(text: &str, a: &DatasetArgs) -> (Vec<Value>, Vec<Value>) {
             continue;
         }
         let seed = Sha256::digest(id.as_bytes());
-        let mut r = crate::train::Rng(u64::from_le_bytes(seed[..8].try_into().unwrap()));
-        let mut picks: Vec<(String, String)> = sentences(&body).into_iter().filter_map(|s| blank_one(s, &mut r)).collect();
+        let mut r = crate::rng::Rng(u64::from_le_bytes(seed[..8].try_into().unwrap()));
+        let mut picks: Vec<(String, String)> =
+            sentences(&body).into_iter().filter_map(|s| blank_one(s, &mut r)).collect();
         if picks.is_empty() {
             continue;
         }
@@ -228,7 +255,10 @@ fn sentences(body: &str) -> Vec<&str> {
     let b = body.as_bytes();
     let (mut out, mut start) = (Vec::new(), 0);
     for i in 1..b.len().saturating_sub(1) {
-        if matches!(b[i - 1], b'.' | b'?' | b'!') && b[i] == b' ' && (b[i + 1].is_ascii_uppercase() || b[i + 1].is_ascii_digit()) {
+        if matches!(b[i - 1], b'.' | b'?' | b'!')
+            && b[i] == b' '
+            && (b[i + 1].is_ascii_uppercase() || b[i + 1].is_ascii_digit())
+        {
             out.push(body[start..i].trim());
             start = i + 1;
         }
@@ -239,7 +269,7 @@ fn sentences(body: &str) -> Vec<&str> {
 
 /// One sentence with one span blanked: (sentence with the blank, the span), or None when it has
 /// no eligible span or is too short or too long.
-fn blank_one(sentence: &str, r: &mut crate::train::Rng) -> Option<(String, String)> {
+fn blank_one(sentence: &str, r: &mut crate::rng::Rng) -> Option<(String, String)> {
     let words: Vec<&str> = sentence.split_whitespace().collect();
     if !(8..=40).contains(&words.len()) {
         return None;
@@ -255,7 +285,12 @@ fn blank_one(sentence: &str, r: &mut crate::train::Rng) -> Option<(String, Strin
             i += 1;
         } else if capital(words[i]) {
             let mut j = i + 1;
-            while j < words.len() && j - i < 4 && capital(words[j]) && !number(words[j]) && !words[j - 1].ends_with([',', ';', ':', '.']) {
+            while j < words.len()
+                && j - i < 4
+                && capital(words[j])
+                && !number(words[j])
+                && !words[j - 1].ends_with([',', ';', ':', '.'])
+            {
                 j += 1;
             }
             spans.push((i, j));
@@ -276,7 +311,10 @@ fn blank_one(sentence: &str, r: &mut crate::train::Rng) -> Option<(String, Strin
     let (i, j) = spans[r.below(spans.len())];
     // keep the punctuation around the span outside the blank
     let lead: String = words[i].chars().take_while(|c| !c.is_alphanumeric()).collect();
-    let trail: String = { let t: Vec<char> = words[j - 1].chars().rev().take_while(|c| !c.is_alphanumeric()).collect(); t.into_iter().rev().collect() };
+    let trail: String = {
+        let t: Vec<char> = words[j - 1].chars().rev().take_while(|c| !c.is_alphanumeric()).collect();
+        t.into_iter().rev().collect()
+    };
     let span = words[i..j].join(" ");
     let answer = span[lead.len()..span.len() - trail.len()].to_string();
     let mut out: Vec<String> = words[..i].iter().map(|w| w.to_string()).collect();
@@ -295,7 +333,10 @@ fn hotpot(text: &str, name: &str, a: &DatasetArgs) -> Result<Imported> {
     let (mut docs, mut qs, mut tasks) = (Vec::new(), Vec::new(), Vec::new());
     for (n, r) in rows.iter().enumerate() {
         let question = r["question"].as_str().ok_or_else(|| anyhow!("{name}: record {n} has no \"question\""))?;
-        let id = r["_id"].as_str().map(String::from).unwrap_or_else(|| format!("hotpot-{}", r["id"].as_i64().unwrap_or(n as i64)));
+        let id = r["_id"]
+            .as_str()
+            .map(String::from)
+            .unwrap_or_else(|| format!("hotpot-{}", r["id"].as_i64().unwrap_or(n as i64)));
         if !in_split(&id, a.split, a.test_share) {
             continue;
         }
@@ -329,11 +370,12 @@ fn hotpot(text: &str, name: &str, a: &DatasetArgs) -> Result<Imported> {
             (_, Value::String(x)) => vec![json!(x)],
             _ => vec![],
         };
-        let mut gold: Vec<&str> = r["supporting_facts"].as_array().into_iter().flatten().filter_map(|f| f[0].as_str()).collect();
+        let mut gold: Vec<&str> =
+            r["supporting_facts"].as_array().into_iter().flatten().filter_map(|f| f[0].as_str()).collect();
         gold.dedup();
         qs.push(json!({"id": id, "question": question, "answers": answers, "gold_docs": gold}));
         let passages = paras.iter().map(|(t, b)| (json!(t), json!(format!("{t}. {b}"))));
-        tasks.push(crate::chat::one_turn_task(&json!(id), &json!(question), passages, &answers, true));
+        tasks.push(crate::read::tasks::one_turn_task(&json!(id), &json!(question), passages, &answers, true));
     }
     Ok((docs, qs, Some(tasks)))
 }
@@ -348,7 +390,7 @@ fn mtrag(text: &str, name: &str, a: &DatasetArgs) -> Result<Imported> {
         }
         let at = format!("{name}:{}", n + 1);
         let v: Value = serde_json::from_str(line).map_err(|e| anyhow!("{at}: malformed JSON: {e}"))?;
-        let task = crate::chat::parse_task(line, &at)?;
+        let task = crate::read::tasks::parse_task(line, &at)?;
         if !in_split(&task.id, a.split, a.test_share) {
             continue;
         }
@@ -372,17 +414,23 @@ fn mtrag(text: &str, name: &str, a: &DatasetArgs) -> Result<Imported> {
 /// order fixed by the question id.
 fn tasks_of(docs: &[Value], qs: &[Value], distractors: usize) -> Vec<Value> {
     use sha2::{Digest, Sha256};
-    let text: std::collections::HashMap<&str, &Value> = docs.iter().filter_map(|d| Some((d["id"].as_str()?, &d["text"]))).collect();
+    let text: std::collections::HashMap<&str, &Value> =
+        docs.iter().filter_map(|d| Some((d["id"].as_str()?, &d["text"]))).collect();
     let ids: Vec<&str> = docs.iter().filter_map(|d| d["id"].as_str()).collect();
     let group = |id: &str| id.rsplit_once('-').map_or(id, |(g, _)| g).to_string();
     qs.iter()
         .filter_map(|q| {
             let gold = q["gold_doc"].as_str()?;
             let seed = Sha256::digest(q["id"].to_string().as_bytes());
-            let mut r = crate::train::Rng(u64::from_le_bytes(seed[..8].try_into().unwrap()));
+            let mut r = crate::rng::Rng(u64::from_le_bytes(seed[..8].try_into().unwrap()));
             // Same-group passages first (SQuAD article), else any.
-            let same: Vec<&str> = ids.iter().copied().filter(|i| *i != gold && group(i) == group(gold) && !gold.starts_with("nq-")).collect();
-            let pool: Vec<&str> = if same.len() >= distractors { same } else { ids.iter().copied().filter(|i| *i != gold).collect() };
+            let same: Vec<&str> = ids
+                .iter()
+                .copied()
+                .filter(|i| *i != gold && group(i) == group(gold) && !gold.starts_with("nq-"))
+                .collect();
+            let pool: Vec<&str> =
+                if same.len() >= distractors { same } else { ids.iter().copied().filter(|i| *i != gold).collect() };
             let mut pool = pool;
             let mut picked = Vec::new();
             while picked.len() < distractors && !pool.is_empty() {
@@ -391,7 +439,13 @@ fn tasks_of(docs: &[Value], qs: &[Value], distractors: usize) -> Vec<Value> {
             picked.insert(r.below(picked.len() + 1), gold);
             let passages = picked.iter().map(|i| (json!(i), text.get(i).copied().cloned().unwrap_or(Value::Null)));
             let answers = q["answers"].as_array().map(Vec::as_slice).unwrap_or_default();
-            Some(crate::chat::one_turn_task(&q["id"], &q["question"], passages, answers, q["answerable"].as_bool() != Some(false)))
+            Some(crate::read::tasks::one_turn_task(
+                &q["id"],
+                &q["question"],
+                passages,
+                answers,
+                q["answerable"].as_bool() != Some(false),
+            ))
         })
         .collect()
 }

@@ -1,8 +1,8 @@
 //! `refrag doctor`: what works here and what does not, each with the fix.
 
 use super::Global;
-use crate::models::ALL;
-use crate::store::Store;
+use crate::index::store::Store;
+use crate::model::cache::ALL;
 use anyhow::Result;
 use clap::Args;
 use std::process::ExitCode;
@@ -32,134 +32,47 @@ struct Check {
     detail: String,
 }
 
+/// The checks so far, in order.
+#[derive(Default)]
+struct Checks(Vec<Check>);
+
+impl Checks {
+    fn add(&mut self, status: Status, what: &str, detail: String) {
+        self.0.push(Check { status, what: what.into(), detail });
+    }
+}
+
+/// What asking loads, as asking would: the decoder tokenizer's id, the decoder's hidden size and
+/// the encoder.
+type Loaded = (String, usize, crate::model::encoder::Encoder);
+
 pub fn run(g: &Global, a: DoctorArgs) -> Result<ExitCode> {
-    let mut checks = Vec::new();
-    let mut add = |status, what: &str, detail: String| checks.push(Check { status, what: what.into(), detail });
-
+    let mut checks = Checks::default();
     match super::config::path() {
-        Some((p, _)) if p.exists() => add(Status::Ok, "config", format!("{} (read)", p.display())),
-        Some((p, _)) => add(Status::Ok, "config", format!("none ({} would be read)", p.display())),
-        None => add(Status::Ok, "config", "none".into()),
+        Some((p, _)) if p.exists() => checks.add(Status::Ok, "config", format!("{} (read)", p.display())),
+        Some((p, _)) => checks.add(Status::Ok, "config", format!("none ({} would be read)", p.display())),
+        None => checks.add(Status::Ok, "config", "none".into()),
     }
-
-    let home = g.home();
-    for spec in ALL {
-        let overridden = match spec.role {
-            "decoder" => g.decoder.as_ref(),
-            _ => g.encoder.as_ref(),
-        };
-        match overridden {
-            Some(p) if p.exists() => add(Status::Ok, spec.role, format!("{} (given; not the pinned model)", p.display())),
-            Some(p) => add(Status::Fail, spec.role, format!("{}: not found", p.display())),
-            None => match spec.verify(&home) {
-                Ok(()) => add(Status::Ok, spec.role, format!("{} verified in {}", spec.name, spec.dir(&home).display())),
-                Err(e) => add(Status::Fail, spec.role, super::one_line(&e)),
-            },
-        }
-    }
-
-    let cuda_built = cfg!(feature = "cuda");
-    let cuda = if !cuda_built {
-        "CUDA not compiled in (build with --features cuda)".to_string()
-    } else if candle_core::utils::cuda_is_available() {
-        match candle_core::Device::new_cuda(0) {
-            Ok(_) => "CUDA device 0 usable".into(),
-            Err(e) => format!("CUDA compiled in but device 0 fails: {e}"),
-        }
-    } else {
-        "CUDA compiled in but no driver/device found".into()
-    };
-    let device = match g.device() {
-        Ok(d) => {
-            add(Status::Ok, "device", format!("--device {} -> {}; {cuda}", g.device, crate::device::name(&d)));
-            Some(d)
-        }
-        Err(e) => {
-            add(Status::Fail, "device", format!("{}; {cuda}", super::one_line(&e)));
+    check_models(g, &mut checks);
+    let device = check_device(g, &mut checks);
+    let loader = device.as_ref().and_then(|_| g.loader().ok());
+    let loaded: Option<Loaded> = loader.as_ref().and_then(|ld| {
+        let gguf = crate::model::cache::resolve_decoder(g.decoder.as_deref(), &g.home(), true).ok()?;
+        let (_, tok_id) = crate::model::gguf_tokenizer::load(&gguf).ok()?;
+        let hidden = crate::model::decoder::hidden_size(&gguf).ok()?;
+        let enc = ld.encoder().ok()?;
+        Some((tok_id, hidden, enc))
+    });
+    let trained = match (&loaded, &loader) {
+        (Some((_, hidden, enc)), Some(ld)) => check_weights(ld, enc, *hidden, &mut checks),
+        _ => {
+            checks.add(Status::Fail, "models", "cannot load the decoder tokenizer or the encoder (see above)".into());
             None
         }
     };
-
-    // Load what asking needs, as asking would.
-    let loaded = device.as_ref().and_then(|d| {
-        let gguf = crate::models::resolve_decoder(g.decoder.as_deref(), &home, true).ok()?;
-        let (_, tok_id) = crate::gguf_tokenizer::load(&gguf).ok()?;
-        let hidden = crate::decoder::hidden_size(&gguf).ok()?;
-        let enc = g.load_encoder(d).ok()?;
-        Some((tok_id, hidden, enc))
-    });
-    let mut trained = None;
-    if let Some((_, hidden, enc)) = &loaded {
-        match g.trained(enc, *hidden, crate::projector::Purpose::Answers) {
-            Ok(Some(t)) => {
-                let expands = t.expand.filter(|p| *p > 0.0).map(|p| format!("{:.0}% of chunks expanded unless --expand says otherwise", 100.0 * p));
-                let parts = [
-                    Some("projector"),
-                    (t.chunk_encoder.id != enc.id).then_some("encoder layers"),
-                    t.decoder_lora.as_ref().map(|_| "decoder adapters"),
-                    t.policy.as_ref().map(|_| "expansion policy"),
-                    match t.question_at {
-                        Some(crate::prompt::QuestionAt::Both) => Some("question read before and after the passages"),
-                        Some(crate::prompt::QuestionAt::Before) => Some("question read before the passages"),
-                        _ => None,
-                    },
-                    expands.as_deref(),
-                ];
-                let parts: Vec<&str> = parts.into_iter().flatten().collect();
-                // Questions and text may read different folders (weights/qa vs weights/).
-                let text = g.weights_dirs(crate::projector::Purpose::Text).into_iter().find(|d| d.join(crate::projector::FILE).exists());
-                let text = match text {
-                    Some(d) if d != t.dir => format!("; for text (perplexity, bench, train): {}", d.display()),
-                    _ => String::new(),
-                };
-                let (k, parts) = (t.k.map(|k| k.to_string()).unwrap_or("?".into()), parts.join(", "));
-                add(Status::Ok, "weights", format!("for questions: {} (k = {k}; {parts}){text}", t.dir.display()));
-                if let Some(why) = &t.stale_policy {
-                    add(Status::Warn, "policy", format!("--policy rl is unavailable: {why}"));
-                }
-                trained = Some(t);
-            }
-            Ok(None) => add(Status::Warn, "weights", "no trained weights found: --mode refrag is unavailable (see `refrag train`)".into()),
-            Err(e) => add(Status::Fail, "weights", super::one_line(&e)),
-        }
-    } else {
-        add(Status::Fail, "models", "cannot load the decoder tokenizer or the encoder (see above)".into());
-    }
-
-    let local_missing = !crate::store::is_remote(&a.db) && !std::path::Path::new(&a.db).exists();
-    if local_missing {
-        add(Status::Warn, "index", format!("{}: no index yet (build one with `refrag index PATH --db {}`)", a.db, a.db));
-    } else {
-        match g.storage_options().and_then(|o| Store::open_with(&a.db, &o)) {
-            Err(e) => add(Status::Fail, "index", super::one_line(&e)),
-            Ok(store) => match (&store.info, &loaded) {
-                (None, _) => add(Status::Fail, "index", format!("{}: exists but holds no refrag index", a.db)),
-                (Some(info), Some((tok_id, _, enc))) => {
-                    let rows = store.rows().unwrap_or(0);
-                    let chunk_enc = trained.as_ref().map(|t| &t.chunk_encoder).unwrap_or(enc);
-                    let now = crate::indexer::index_info(enc, chunk_enc, tok_id, info.k);
-                    let summary = format!(
-                        "{}: {rows} passages, k = {}, schema v{}, {:.1} MiB; encoder {}, chunk encoder {}",
-                        a.db,
-                        info.k,
-                        info.schema_version,
-                        store.disk_bytes() as f64 / (1 << 20) as f64,
-                        info.encoder,
-                        info.chunk_encoder
-                    );
-                    match (info.check(&now, &a.db), info.check_chunks(&now, &a.db)) {
-                        (Err(e), _) => add(Status::Fail, "index", format!("{summary}; {}", super::one_line(&e))),
-                        (Ok(()), Err(e)) => add(Status::Warn, "index", format!("{summary}; --mode full works, --mode refrag does not: {}", super::one_line(&e))),
-                        (Ok(()), Ok(())) => add(Status::Ok, "index", summary),
-                    }
-                }
-                (Some(info), None) => add(Status::Warn, "index", format!("{}: k = {}; not checked against the models (they did not load)", a.db, info.k)),
-            },
-        }
-    }
-
-    let failed = checks.iter().any(|c| c.status == Status::Fail);
-    for c in &checks {
+    check_index(g, &a.db, loaded.as_ref(), trained.as_ref(), &mut checks);
+    let failed = checks.0.iter().any(|c| c.status == Status::Fail);
+    for c in &checks.0 {
         if a.json {
             outln!("{}", serde_json::to_string(c)?);
         } else {
@@ -172,4 +85,164 @@ pub fn run(g: &Global, a: DoctorArgs) -> Result<ExitCode> {
         }
     }
     Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// The base models: given files exist, pinned ones are in the cache and verify.
+fn check_models(g: &Global, checks: &mut Checks) {
+    let home = g.home();
+    for spec in ALL {
+        let overridden = match spec.role {
+            "decoder" => g.decoder.as_ref(),
+            _ => g.encoder.as_ref(),
+        };
+        match overridden {
+            Some(p) if p.exists() => {
+                checks.add(Status::Ok, spec.role, format!("{} (given; not the pinned model)", p.display()))
+            }
+            Some(p) => checks.add(Status::Fail, spec.role, format!("{}: not found", p.display())),
+            None => match spec.verify(&home) {
+                Ok(()) => checks.add(
+                    Status::Ok,
+                    spec.role,
+                    format!("{} verified in {}", spec.name, spec.dir(&home).display()),
+                ),
+                Err(e) => checks.add(Status::Fail, spec.role, super::one_line(&e)),
+            },
+        }
+    }
+}
+
+/// The device --device names, and whether CUDA is built in and usable.
+fn check_device(g: &Global, checks: &mut Checks) -> Option<candle_core::Device> {
+    let cuda_built = cfg!(feature = "cuda");
+    let cuda = if !cuda_built {
+        "CUDA not compiled in (build with --features cuda)".to_string()
+    } else if candle_core::utils::cuda_is_available() {
+        match candle_core::Device::new_cuda(0) {
+            Ok(_) => "CUDA device 0 usable".into(),
+            Err(e) => format!("CUDA compiled in but device 0 fails: {e}"),
+        }
+    } else {
+        "CUDA compiled in but no driver/device found".into()
+    };
+    match g.device() {
+        Ok(d) => {
+            checks.add(Status::Ok, "device", format!("--device {} -> {}; {cuda}", g.device, crate::device::name(&d)));
+            Some(d)
+        }
+        Err(e) => {
+            checks.add(Status::Fail, "device", format!("{}; {cuda}", super::one_line(&e)));
+            None
+        }
+    }
+}
+
+/// The trained weights for questions (and for text, where they differ).
+fn check_weights(
+    ld: &crate::model::load::Loader,
+    enc: &crate::model::encoder::Encoder,
+    hidden: usize,
+    checks: &mut Checks,
+) -> Option<crate::model::weights::Trained> {
+    match ld.trained(enc, hidden, crate::model::weights::Purpose::Answers) {
+        Ok(Some(t)) => {
+            let expands = t
+                .expand
+                .filter(|p| *p > 0.0)
+                .map(|p| format!("{:.0}% of chunks expanded unless --expand says otherwise", 100.0 * p));
+            let parts = [
+                Some("projector"),
+                (t.chunk_encoder.id != enc.id).then_some("encoder layers"),
+                t.decoder_lora.as_ref().map(|_| "decoder adapters"),
+                t.policy.as_ref().map(|_| "expansion policy"),
+                match t.question_at {
+                    Some(crate::options::QuestionAt::Both) => Some("question read before and after the passages"),
+                    Some(crate::options::QuestionAt::Before) => Some("question read before the passages"),
+                    _ => None,
+                },
+                expands.as_deref(),
+            ];
+            let parts: Vec<&str> = parts.into_iter().flatten().collect();
+            // Questions and text may read different folders (weights/qa vs weights/).
+            let text = ld
+                .weights_dirs(crate::model::weights::Purpose::Text)
+                .into_iter()
+                .find(|d| d.join(crate::model::projector::FILE).exists());
+            let text = match text {
+                Some(d) if d != t.dir => format!("; for text (perplexity, bench, train): {}", d.display()),
+                _ => String::new(),
+            };
+            let (k, parts) = (t.k.map(|k| k.to_string()).unwrap_or("?".into()), parts.join(", "));
+            checks.add(Status::Ok, "weights", format!("for questions: {} (k = {k}; {parts}){text}", t.dir.display()));
+            if let Some(why) = &t.stale_policy {
+                checks.add(Status::Warn, "policy", format!("--policy rl is unavailable: {why}"));
+            }
+            Some(t)
+        }
+        Ok(None) => {
+            checks.add(
+                Status::Warn,
+                "weights",
+                "no trained weights found: --mode refrag is unavailable (see `refrag train`)".into(),
+            );
+            None
+        }
+        Err(e) => {
+            checks.add(Status::Fail, "weights", super::one_line(&e));
+            None
+        }
+    }
+}
+
+/// The index at `db`: there, readable, and built with the models (and chunk encoder) in use.
+fn check_index(
+    g: &Global,
+    db: &str,
+    loaded: Option<&Loaded>,
+    trained: Option<&crate::model::weights::Trained>,
+    checks: &mut Checks,
+) {
+    let local_missing = !crate::index::store::is_remote(db) && !std::path::Path::new(db).exists();
+    if local_missing {
+        checks.add(
+            Status::Warn,
+            "index",
+            format!("{}: no index yet (build one with `refrag index PATH --db {}`)", db, db),
+        );
+    } else {
+        match g.storage_options().and_then(|o| Store::open_with(db, &o)) {
+            Err(e) => checks.add(Status::Fail, "index", super::one_line(&e)),
+            Ok(store) => match (&store.info, loaded) {
+                (None, _) => checks.add(Status::Fail, "index", format!("{}: exists but holds no refrag index", db)),
+                (Some(info), Some((tok_id, _, enc))) => {
+                    let rows = store.rows().unwrap_or(0);
+                    let chunk_enc = trained.map(|t| &t.chunk_encoder).unwrap_or(enc);
+                    let now = crate::index::indexer::index_info(enc, chunk_enc, tok_id, info.k);
+                    let summary = format!(
+                        "{}: {rows} passages, k = {}, schema v{}, {:.1} MiB; encoder {}, chunk encoder {}",
+                        db,
+                        info.k,
+                        info.schema_version,
+                        store.disk_bytes() as f64 / (1 << 20) as f64,
+                        info.encoder,
+                        info.chunk_encoder
+                    );
+                    match (info.check(&now, db), info.check_chunks(&now, db)) {
+                        (Err(e), _) => checks.add(Status::Fail, "index", format!("{summary}; {}", super::one_line(&e))),
+                        (Ok(()), Err(e)) => checks.add(
+                            Status::Warn,
+                            "index",
+                            format!("{summary}; --mode full works, --mode refrag does not: {}", super::one_line(&e)),
+                        ),
+                        (Ok(()), Ok(())) => checks.add(Status::Ok, "index", summary),
+                    }
+                }
+                (Some(info), None) => checks.add(
+                    Status::Warn,
+                    "index",
+                    format!("{}: k = {}; not checked against the models (they did not load)", db, info.k),
+                ),
+            },
+        }
+    }
 }

@@ -1,8 +1,9 @@
 //! `refrag index`: build or update an index.
 
 use super::Global;
-use crate::indexer::{self, IndexOptions};
-use crate::store::{Store, WriteLock};
+use crate::index::indexer::{self, IndexOptions};
+use crate::index::lock::WriteLock;
+use crate::index::store::Store;
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -72,22 +73,24 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
     }
     // Read and check every input before touching the index.
     let mut warnings = Vec::new();
-    let files = crate::corpus::collect_files(&args.paths)?;
-    let docs = crate::corpus::load(&files, &mut warnings)?;
+    let files = crate::index::corpus::collect_files(&args.paths)?;
+    let docs = crate::index::corpus::load(&files, &mut warnings)?;
     for w in &warnings {
         if !g.quiet {
             eprintln!("refrag: warning: {w}");
         }
     }
-    let device = g.device()?;
-    let gguf = crate::models::resolve_decoder(g.decoder.as_deref(), &g.home(), g.quiet)?;
-    let (tokenizer, tokenizer_id) = crate::gguf_tokenizer::load(&gguf)?;
-    let encoder = g.load_encoder(&device)?;
+    let ld = g.loader()?;
+    let device = ld.device.clone();
+    let gguf = crate::model::cache::resolve_decoder(g.decoder.as_deref(), &g.home(), g.quiet)?;
+    let (tokenizer, tokenizer_id) = crate::model::gguf_tokenizer::load(&gguf)?;
+    let encoder = ld.encoder()?;
     let lock = if args.shard.is_some() { WriteLock::Shared } else { WriteLock::Exclusive };
-    let _lock = crate::store::lock_for_writing(&args.db, lock)?;
+    let _lock = crate::index::lock::lock_for_writing(&args.db, lock)?;
     let mut store = Store::open_with(&args.db, &g.storage_options()?)?;
     // Chunk vectors come from the trained chunk encoder when trained weights are in use.
-    let trained = g.trained(&encoder, crate::decoder::hidden_size(&gguf)?, crate::projector::Purpose::Answers)?;
+    let trained =
+        ld.trained(&encoder, crate::model::decoder::hidden_size(&gguf)?, crate::model::weights::Purpose::Answers)?;
     let chunk_encoder = trained.map(|t| t.chunk_encoder).unwrap_or_else(|| encoder.clone());
     let info = indexer::index_info(&encoder, &chunk_encoder, &tokenizer_id, args.k);
     store.prepare_write(&info)?;
@@ -139,7 +142,7 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
 /// `refrag index --finalize`: compact and build the search indexes of an existing index.
 fn finalize(g: &Global, args: &IndexArgs) -> Result<ExitCode> {
     let start = std::time::Instant::now();
-    let _lock = crate::store::lock_for_writing(&args.db, WriteLock::Exclusive)?;
+    let _lock = crate::index::lock::lock_for_writing(&args.db, WriteLock::Exclusive)?;
     let store = Store::open_with(&args.db, &g.storage_options()?)?;
     if store.info.is_none() {
         bail!("{}: no refrag index to finalize; build one with `refrag index PATH --db {}`", args.db, args.db);
@@ -151,7 +154,10 @@ fn finalize(g: &Global, args: &IndexArgs) -> Result<ExitCode> {
     let bytes = store.disk_bytes();
     let seconds = start.elapsed().as_secs_f64();
     if args.json {
-        outln!("{}", serde_json::json!({"finalized": true, "rows_total": rows, "bytes_on_disk": bytes, "seconds": seconds}));
+        outln!(
+            "{}",
+            serde_json::json!({"finalized": true, "rows_total": rows, "bytes_on_disk": bytes, "seconds": seconds})
+        );
     } else {
         outln!("finalized: {rows} passages, {:.1} MiB, in {seconds:.1} s", bytes as f64 / (1 << 20) as f64);
     }

@@ -16,9 +16,9 @@ mod bench;
 mod chat;
 pub mod config;
 mod dataset;
+pub mod docs;
 #[cfg(feature = "store")]
 mod doctor;
-pub mod docs;
 mod eval;
 #[cfg(feature = "store")]
 mod index;
@@ -74,14 +74,20 @@ pub struct Global {
     /// Object-store option for --db s3://, gs://, az:// (repeatable KEY=VALUE, e.g.
     /// aws_endpoint=http://127.0.0.1:9000, aws_region=eu-west-1, allow_http=true); credentials
     /// also come from the standard environment variables (AWS_ACCESS_KEY_ID, ...).
-    #[arg(long = "storage-option", value_name = "KEY=VALUE", global = true, env = "REFRAG_STORAGE_OPTIONS", value_delimiter = ',')]
+    #[arg(
+        long = "storage-option",
+        value_name = "KEY=VALUE",
+        global = true,
+        env = "REFRAG_STORAGE_OPTIONS",
+        value_delimiter = ','
+    )]
     pub storage_options: Vec<String>,
     /// Where a question with passages puts the question: `after` the passages, `before` them (the
     /// paper's order), or `both` before and after them (the copy after keeps it next to the
     /// answer). `auto`: as the trained weights that the answers read were trained (their
     /// card.json's question_at; the shipped weights/qa: both), `after` for the base decoder.
     #[arg(long, global = true, env = "REFRAG_QUESTION_AT", value_enum, default_value = "auto")]
-    pub question_at: crate::prompt::QuestionAt,
+    pub question_at: crate::options::QuestionAt,
     /// No progress bars or notes on stderr.
     #[arg(short, long, global = true, env = "REFRAG_QUIET")]
     pub quiet: bool,
@@ -92,21 +98,13 @@ pub struct Global {
 
 impl Global {
     pub fn home(&self) -> PathBuf {
-        self.home.clone().unwrap_or_else(crate::models::home_dir)
+        self.home.clone().unwrap_or_else(crate::model::cache::home_dir)
     }
     pub fn device(&self) -> Result<candle_core::Device> {
         crate::device::parse(&self.device)
     }
-    /// Load the decoder (pulling the pinned model on first need).
-    pub fn load_decoder(&self, device: &candle_core::Device) -> Result<crate::decoder::Decoder> {
-        self.load_decoder_with(device, crate::decoder::Ops::Fused, true)
-    }
-    pub fn load_decoder_with(
-        &self,
-        device: &candle_core::Device,
-        ops: crate::decoder::Ops,
-        keep_quant: bool,
-    ) -> Result<crate::decoder::Decoder> {
+    /// The library's loader, with --device and --dtype checked.
+    pub fn loader(&self) -> Result<crate::model::load::Loader> {
         use candle_core::DType;
         let dtype = match self.dtype.as_str() {
             "auto" => None,
@@ -115,28 +113,16 @@ impl Global {
             "f16" => Some(DType::F16),
             d => anyhow::bail!("--dtype {d}: expected auto, f32, bf16 or f16"),
         };
-        let path = crate::models::resolve_decoder(self.decoder.as_deref(), &self.home(), self.quiet)?;
-        let t = std::time::Instant::now();
-        let d = crate::decoder::Decoder::load_as(&path, device, dtype, ops, keep_quant)?;
-        tracing::info!("decoder {} loaded on {} as {:?} in {:.2} s", path.display(), crate::device::name(device), d.dtype, t.elapsed().as_secs_f64());
-        Ok(d)
-    }
-    /// Trained weights from --weights or the default folders for `purpose`; None when there are
-    /// none (an explicit --weights folder without them is an error).
-    pub fn trained(&self, encoder: &crate::encoder::Encoder, hidden: usize, purpose: crate::projector::Purpose) -> Result<Option<crate::projector::Trained>> {
-        let dirs = self.weights_dirs(purpose);
-        match crate::projector::find(&dirs, encoder, hidden)? {
-            Some(t) => {
-                tracing::info!("trained weights from {} (chunk encoder {})", t.dir.display(), t.chunk_encoder.id);
-                Ok(Some(t))
-            }
-            None if self.weights.is_some() => Err(crate::projector::missing(&dirs)),
-            None => Ok(None),
-        }
-    }
-    /// The folders searched for trained weights for `purpose`.
-    pub fn weights_dirs(&self, purpose: crate::projector::Purpose) -> Vec<std::path::PathBuf> {
-        crate::projector::weights_dirs(self.weights.as_deref(), &self.home(), purpose)
+        Ok(crate::model::load::Loader {
+            device: self.device()?,
+            dtype,
+            home: self.home(),
+            decoder: self.decoder.clone(),
+            encoder: self.encoder.clone(),
+            weights: self.weights.clone(),
+            question_at: self.question_at,
+            quiet: self.quiet,
+        })
     }
     /// --storage-option pairs, checked.
     pub fn storage_options(&self) -> Result<Vec<(String, String)>> {
@@ -147,13 +133,6 @@ impl Global {
                 _ => anyhow::bail!("--storage-option {kv}: expected KEY=VALUE"),
             })
             .collect()
-    }
-    /// Load the encoder (pulling the pinned model on first need).
-    pub fn load_encoder(&self, device: &candle_core::Device) -> Result<crate::encoder::Encoder> {
-        let dir = crate::models::resolve_encoder(self.encoder.as_deref(), &self.home(), self.quiet)?;
-        let e = crate::encoder::Encoder::load(&dir, device)?;
-        tracing::info!("encoder {} ({})", dir.display(), e.id);
-        Ok(e)
     }
 }
 
@@ -245,7 +224,6 @@ fn init_logging(g: &Global) {
 
 fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<ExitCode> {
     init_logging(&cli.global);
-    crate::prompt::request_question_at(cli.global.question_at);
     match cli.cmd {
         Cmd::Bench(args) => bench::run(&cli.global, args),
         Cmd::Train(mut args) => {
@@ -280,18 +258,13 @@ pub fn one_line(e: &anyhow::Error) -> String {
             other => other.to_string(),
         }
     }
-    let parts: Vec<String> = e
-        .chain()
-        .map(|c| c.downcast_ref::<candle_core::Error>().map_or_else(|| c.to_string(), candle))
-        .collect();
+    let parts: Vec<String> =
+        e.chain().map(|c| c.downcast_ref::<candle_core::Error>().map_or_else(|| c.to_string(), candle)).collect();
     parts.join(": ").split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! `refrag models pull|list|verify`.
 
 use super::Global;
-use crate::models::{self, ALL};
+use crate::model::cache::{self, ALL};
 use anyhow::Result;
 use clap::Subcommand;
 use std::path::PathBuf;

@@ -20,10 +20,11 @@ pub struct Top1Args {
 }
 
 pub fn run(g: &Global, a: Top1Args) -> Result<ExitCode> {
-    let device = g.device()?;
-    let decoder = g.load_decoder(&device)?;
-    let text = crate::corpus::read_text(&a.text)?;
-    let mut ids = crate::prompt::tokenize(&decoder, &text)?;
+    let ld = g.loader()?;
+    let device = ld.device.clone();
+    let decoder = ld.decoder()?;
+    let text = crate::index::corpus::read_text(&a.text)?;
+    let mut ids = crate::read::prompt::tokenize(&decoder, &text)?;
     ids.truncate(a.tokens);
     let emb = decoder.embed_tokens(&ids)?.unsqueeze(0)?;
     let mut st = decoder.new_state(ids.len());

@@ -1,7 +1,8 @@
 //! `refrag train reconstruct|cpt|sft|policy`.
 
 use super::Global;
-use crate::train::{self, Stage, TextPool, TrainConfig, TrainRun};
+use crate::train::data::TextPool;
+use crate::train::{self, Stage, TrainConfig, TrainRun};
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -151,45 +152,55 @@ fn train_policy(g: &Global, a: &TrainArgs) -> Result<ExitCode> {
     if !(0.0..=1.0).contains(&a.expand) || a.s == 0 || !a.s.is_multiple_of(a.k) {
         bail!("--expand must be in [0, 1] and --s a positive multiple of --k");
     }
-    let device = g.device()?;
-    let mut decoder = g.load_decoder_with(&device, crate::decoder::Ops::Differentiable, false)?;
-    let encoder = g.load_encoder(&device)?;
+    let ld = g.loader()?;
+    let device = ld.device.clone();
+    let mut decoder = ld.decoder_with(crate::model::decoder::Ops::Differentiable, false)?;
+    let encoder = ld.encoder()?;
     // with --qa the policy learns on the weights that answer questions (weights/qa)
-    let purpose = if a.qa.is_empty() { crate::projector::Purpose::Text } else { crate::projector::Purpose::Answers };
-    let Some(trained) = g.trained(&encoder, decoder.cfg.hidden, purpose)? else {
-        return Err(crate::projector::missing(&g.weights_dirs(purpose)));
+    let purpose =
+        if a.qa.is_empty() { crate::model::weights::Purpose::Text } else { crate::model::weights::Purpose::Answers };
+    let Some(trained) = ld.trained(&encoder, decoder.cfg.hidden, purpose)? else {
+        return Err(crate::model::weights::missing(&ld.weights_dirs(purpose)));
     };
     if let Some(k) = trained.k.filter(|&k| k != a.k) {
         bail!("--k {}: the weights in {} were trained with k = {k}", a.k, trained.dir.display());
     }
-    crate::prompt::use_question_at(trained.question_at);
+    let question_at = ld.question_at(Some(&trained));
     trained.adapt(&mut decoder)?;
     let (text, tasks);
     let episodes = if a.qa.is_empty() {
         text = TextPool::load(&a.text, &decoder)?;
-        crate::policy::Episodes::Text(&text)
+        crate::train::policy::Episodes::Text(&text)
     } else {
-        tasks = crate::sft::QaPool::load(&a.qa, &decoder)?;
+        tasks = crate::train::sft::QaPool::load(&a.qa, &decoder)?;
         if !g.quiet {
             eprintln!("training tasks: {} in {} files", tasks.examples.len(), a.qa.len());
         }
-        crate::policy::Episodes::Tasks(&tasks)
+        crate::train::policy::Episodes::Tasks(&tasks)
     };
     let files = if a.qa.is_empty() { &a.text } else { &a.qa };
-    let names: Vec<String> = files.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()).collect();
-    let run = crate::policy::PolicyTrain {
+    let names: Vec<String> =
+        files.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()).collect();
+    let run = crate::train::policy::PolicyTrain {
         decoder: &decoder,
-        chunk_encoder: &trained.chunk_encoder,
+        compressor: crate::model::compressor::Compressor::new(&trained.chunk_encoder, &trained.projector, a.k),
         query_encoder: &encoder,
-        projector: &trained.projector,
-        k: a.k,
         episodes,
+        question_at,
         out: &a.out,
         quiet: g.quiet,
         data_note: format!("train: {names:?}; weights: {}", trained.dir.display()),
     };
-    let net = crate::policy::PolicyConfig { in_dim: encoder.dim, width: 128, heads: 4, layers: 2, condition: a.condition, interact: a.condition, span: a.span };
-    let cfg = crate::policy::PolicyTrainConfig {
+    let net = crate::model::policy::PolicyConfig {
+        in_dim: encoder.dim,
+        width: 128,
+        heads: 4,
+        layers: 2,
+        condition: a.condition,
+        interact: a.condition,
+        span: a.span,
+    };
+    let cfg = crate::train::policy::PolicyTrainConfig {
         steps: a.steps,
         s: a.s,
         o: a.predict_tokens,
@@ -201,7 +212,7 @@ fn train_policy(g: &Global, a: &TrainArgs) -> Result<ExitCode> {
         seed: a.seed,
         query_tokens: a.query_tokens,
     };
-    let card = crate::policy::train(&run, net, &cfg)?;
+    let card = crate::train::policy::train(&run, net, &cfg)?;
     outln!("{}", serde_json::to_string_pretty(&card)?);
     Ok(ExitCode::SUCCESS)
 }
@@ -217,7 +228,11 @@ pub fn given(m: &clap::ArgMatches) -> std::collections::BTreeSet<String> {
 
 /// A resumed run's settings: the checkpoint's, except those given now (`given`, as option
 /// ids); returns them and the given ones that differ from the checkpoint, as `--flag new (was old)`.
-fn resumed_config(now: &TrainConfig, ck: &TrainConfig, given: &std::collections::BTreeSet<String>) -> Result<(TrainConfig, Vec<String>)> {
+fn resumed_config(
+    now: &TrainConfig,
+    ck: &TrainConfig,
+    given: &std::collections::BTreeSet<String>,
+) -> Result<(TrainConfig, Vec<String>)> {
     let now_v = serde_json::to_value(now)?;
     let mut out = serde_json::to_value(ck)?;
     let mut changed = Vec::new();
@@ -259,12 +274,14 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     }
     // answers are trained with the question where --question-at says (auto: as --init's card)
     let init_layout = match &a.init {
-        Some(d) => crate::prompt::card_question_at(d)?,
+        Some(d) => crate::model::weights::Card::read(d)?.question_at,
         None => None,
     };
-    crate::prompt::use_question_at(init_layout);
+    let question_at = g.question_at.resolve(init_layout);
     let init_scale = match &a.init {
-        Some(d) if d.join(crate::projector::FILE).exists() => Some(crate::projector::stored_in_scale(&d.join(crate::projector::FILE))?),
+        Some(d) if d.join(crate::model::projector::FILE).exists() => {
+            Some(crate::model::projector::stored_in_scale(&d.join(crate::model::projector::FILE))?)
+        }
         _ => None,
     };
     if let (Some(x), Some(y)) = (a.input_scale, init_scale) {
@@ -279,22 +296,23 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         if a.stage != Stage::Sft || a.distill <= 0.0 {
             bail!("--teacher-weights is for `refrag train sft` with --distill above 0");
         }
-        if !dir.join(crate::decoder::LORA_FILE).is_file() {
-            bail!("--teacher-weights {}: no {} in it", dir.display(), crate::decoder::LORA_FILE);
+        if !dir.join(crate::model::decoder::LORA_FILE).is_file() {
+            bail!("--teacher-weights {}: no {} in it", dir.display(), crate::model::decoder::LORA_FILE);
         }
     }
-    let device = g.device()?;
-    let decoder = g.load_decoder_with(&device, crate::decoder::Ops::Differentiable, false)?;
-    let encoder = g.load_encoder(&device)?;
+    let ld = g.loader()?;
+    let device = ld.device.clone();
+    let decoder = ld.decoder_with(crate::model::decoder::Ops::Differentiable, false)?;
+    let encoder = ld.encoder()?;
     let input_scale = a.input_scale.or(init_scale).unwrap_or((encoder.dim as f64).sqrt());
     if a.stage == Stage::Sft && a.qa.is_empty() {
         bail!("train sft needs --qa FILE (tasks: `refrag dataset squad FILE --split train --tasks OUT.jsonl`)");
     }
     let pool = if a.text.is_empty() { TextPool::empty() } else { TextPool::load(&a.text, &decoder)? };
     let held = if a.heldout.is_empty() { None } else { Some(TextPool::load(&a.heldout, &decoder)?) };
-    let qa = if a.stage == Stage::Sft { Some(crate::sft::QaPool::load(&a.qa, &decoder)?) } else { None };
+    let qa = if a.stage == Stage::Sft { Some(crate::train::sft::QaPool::load(&a.qa, &decoder)?) } else { None };
     let qa_held = if a.stage == Stage::Sft && !a.heldout_qa.is_empty() {
-        Some(crate::sft::QaPool::load(&a.heldout_qa, &decoder)?)
+        Some(crate::train::sft::QaPool::load(&a.heldout_qa, &decoder)?)
     } else {
         None
     };
@@ -304,7 +322,9 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
             None => eprintln!("training text: {} tokens in {} files", pool.tokens(), a.text.len()),
         }
     }
-    let names = |v: &[PathBuf]| v.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()).collect::<Vec<_>>();
+    let names = |v: &[PathBuf]| {
+        v.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()).collect::<Vec<_>>()
+    };
     let mut cfg = TrainConfig {
         stage: a.stage,
         k: a.k,
@@ -329,7 +349,7 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         teacher_weights: a.teacher_weights.clone(),
     };
     // --resume continues with the checkpoint's settings, except options given now
-    if let Some(ck) = a.resume.then(|| train::checkpoint_config(&a.out)).flatten() {
+    if let Some(ck) = a.resume.then(|| train::checkpoint::checkpoint_config(&a.out)).flatten() {
         let (c, changed) = resumed_config(&cfg, &ck, &a.given)?;
         cfg = c;
         if !changed.is_empty() && !g.quiet {
@@ -340,7 +360,7 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         Some(dir) => {
             // a copy of the loaded decoder (folding replaces the copy's matrices, not the base's)
             let mut t = decoder.clone();
-            t.merge_lora(&dir.join(crate::decoder::LORA_FILE))?;
+            t.merge_lora(&dir.join(crate::model::decoder::LORA_FILE))?;
             Some(t)
         }
         None => None,
@@ -357,8 +377,16 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         micro_tokens: a.micro_tokens,
         init_from: a.init.clone(),
         data_note: if a.stage == Stage::Sft {
-            let teacher = cfg.teacher_weights.as_ref().map(|d| format!("; teacher: base decoder + {}", d.join(crate::decoder::LORA_FILE).display())).unwrap_or_default();
-            let recon = if a.recon_weight > 0.0 { format!("; reconstruction text: {:?}", names(&a.text)) } else { String::new() };
+            let teacher = cfg
+                .teacher_weights
+                .as_ref()
+                .map(|d| format!("; teacher: base decoder + {}", d.join(crate::model::decoder::LORA_FILE).display()))
+                .unwrap_or_default();
+            let recon = if a.recon_weight > 0.0 {
+                format!("; reconstruction text: {:?}", names(&a.text))
+            } else {
+                String::new()
+            };
             format!("train tasks: {:?}; held-out tasks: {:?}{teacher}{recon}", names(&a.qa), names(&a.heldout_qa))
         } else {
             format!("train: {:?}; held out: {:?}", names(&a.text), names(&a.heldout))
@@ -366,8 +394,9 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         qa: qa.as_ref(),
         qa_heldout: qa_held.as_ref(),
         teacher: teacher.as_ref(),
+        question_at,
     };
-    let card = train::train(&run, &cfg).map_err(|e| train::out_of_memory_hint(e, &a.out))?;
+    let card = train::train(&run, &cfg).map_err(|e| train::oom::out_of_memory_hint(e, &a.out))?;
     outln!("{}", serde_json::to_string_pretty(&card)?);
     Ok(ExitCode::SUCCESS)
 }

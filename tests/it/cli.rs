@@ -21,10 +21,8 @@ fn ask_with_context_file_answers_from_it() {
 #[test]
 fn bad_input_is_one_line_and_exit_2() {
     let out = refrag().args(["ask", "--context", "/nonexistent/file.txt", "q"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = one_line_error(&out);
     assert!(err.starts_with("refrag: /nonexistent/file.txt"), "{err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("bin.txt");
@@ -35,10 +33,16 @@ fn bad_input_is_one_line_and_exit_2() {
 
     let fake = dir.path().join("fake.gguf");
     std::fs::write(&fake, b"GGUF but not really").unwrap();
-    let out = refrag().args(["ask", "--decoder"]).arg(&fake).args(["--context"]).arg(fixture("corpus/warsaw-1.txt")).arg("q").output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("fake.gguf") && err.trim_end().lines().count() == 1, "{err}");
+    let out = refrag()
+        .args(["ask", "--decoder"])
+        .arg(&fake)
+        .args(["--context"])
+        .arg(fixture("corpus/warsaw-1.txt"))
+        .arg("q")
+        .output()
+        .unwrap();
+    let err = one_line_error(&out);
+    assert!(err.contains("fake.gguf"), "{err}");
 
     let out = refrag().args(["ask", "--no-such-flag"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -52,8 +56,8 @@ fn man_pages_match_the_cli() {
     let pages = refrag::cli::docs::man_pages().unwrap();
     assert!(pages.len() >= 6);
     for (name, text) in pages {
-        let committed = std::fs::read(dir.join(&name))
-            .unwrap_or_else(|_| panic!("man/{name} missing: run `refrag man man`"));
+        let committed =
+            std::fs::read(dir.join(&name)).unwrap_or_else(|_| panic!("man/{name} missing: run `refrag man man`"));
         assert!(committed == text, "man/{name} is stale: run `refrag man man`");
     }
 }
@@ -134,13 +138,17 @@ fn doctor_reports_and_exits_by_health() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
     let checks: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let status = |what: &str| checks.iter().find(|c| c["what"] == what).map(|c| c["status"].as_str().unwrap().to_string());
+    let status =
+        |what: &str| checks.iter().find(|c| c["what"] == what).map(|c| c["status"].as_str().unwrap().to_string());
     assert_eq!(status("decoder").as_deref(), Some("ok"));
     assert_eq!(status("encoder").as_deref(), Some("ok"));
     assert_eq!(status("index").as_deref(), Some("warn"));
     // the shipped weights: weights/qa for questions, weights/ for text
     let weights = checks.iter().find(|c| c["what"] == "weights").unwrap().to_string().replace("\\\\", "/");
-    assert!(weights.contains("weights/qa (k = 16") && weights.contains("for text (perplexity, bench, train)"), "{weights}");
+    assert!(
+        weights.contains("weights/qa (k = 16") && weights.contains("for text (perplexity, bench, train)"),
+        "{weights}"
+    );
     assert!(weights.contains("expansion policy") && status("policy").is_none(), "{weights}");
     assert!(weights.contains("question read before and after the passages"), "{weights}");
     let file = dir.path().join("file");
@@ -243,8 +251,15 @@ fn dataset_cloze_blanks_a_span_of_its_passage() {
     let make = |file: &str, extra: &[&str], name: &str| -> (std::process::Output, std::path::PathBuf) {
         let q = dir.path().join(format!("{name}.q.jsonl"));
         let t = dir.path().join(format!("{name}.t.jsonl"));
-        let out = refrag().args(["dataset", "cloze", "--questions"]).arg(&q).arg("--tasks").arg(&t)
-            .args(extra).arg(fixture(file)).output().unwrap();
+        let out = refrag()
+            .args(["dataset", "cloze", "--questions"])
+            .arg(&q)
+            .arg("--tasks")
+            .arg(&t)
+            .args(extra)
+            .arg(fixture(file))
+            .output()
+            .unwrap();
         (out, q)
     };
     let rows = |p: &std::path::Path| -> Vec<serde_json::Value> {
@@ -334,24 +349,42 @@ fn ask_context_in_refrag_mode_compresses_and_expands() {
     let span = run(&["--mode", "refrag", "--expand", "0.5", "--policy", "sim-span"]);
     assert_eq!(default["expanded_chunks"], expanded["expanded_chunks"]);
     assert_eq!((&default["answer"], pos(&default)), (&span["answer"], pos(&span)));
-    assert_eq!((&default["policy"], &expanded["policy"], &compressed["policy"]), (&"sim-span".into(), &"sim".into(), &serde_json::Value::Null));
+    assert_eq!(
+        (&default["policy"], &expanded["policy"], &compressed["policy"]),
+        (&"sim-span".into(), &"sim".into(), &serde_json::Value::Null)
+    );
     // --budget N: as many chunks as keep the passages within N positions
     let all = run(&["--mode", "refrag", "--budget", "100000"]);
     let chunks = all["expanded_chunks"].as_u64().unwrap();
     assert!(chunks >= 20 && pos(&all) + 30 > pos(&full), "{all} vs {full}");
     assert_eq!(run(&["--mode", "refrag", "--budget", "3"])["expanded_chunks"], 0);
     let b = run(&["--mode", "refrag", "--budget", &(chunks + 5 * 15).to_string()]);
-    assert_eq!((&b["expanded_chunks"], &b["policy"], &b["expand"]), (&5.into(), &"sim-span".into(), &serde_json::Value::Null));
+    assert_eq!(
+        (&b["expanded_chunks"], &b["policy"], &b["expand"]),
+        (&5.into(), &"sim-span".into(), &serde_json::Value::Null)
+    );
     let grown = pos(&b) - pos(&compressed);
     assert!(grown > 5 * 8 && grown <= 5 * 15, "{b} vs {compressed}");
-    let out = refrag().args(["ask", "--device", "cpu", "--mode", "refrag", "--expand", "0.5", "--budget", "50", "--context"])
-        .arg(fixture("corpus/warsaw-2.txt")).arg("Who was Chopin?").output().unwrap();
+    let out = refrag()
+        .args(["ask", "--device", "cpu", "--mode", "refrag", "--expand", "0.5", "--budget", "50", "--context"])
+        .arg(fixture("corpus/warsaw-2.txt"))
+        .arg("Who was Chopin?")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     // without --expand, the share the weights' card recommends (weights/qa: 0.25, sim-span)
     let card = run(&["--mode", "refrag"]);
     let all_chunks = chunks as f64;
-    assert_eq!((&card["expand"], &card["policy"], &compressed["expand"]), (&0.25.into(), &"sim-span".into(), &0.0.into()), "{card}");
-    assert_eq!(run(&["--mode", "refrag", "--policy", "none"])["expand"], 0.0, "--policy none expands nothing, and says so");
+    assert_eq!(
+        (&card["expand"], &card["policy"], &compressed["expand"]),
+        (&0.25.into(), &"sim-span".into(), &0.0.into()),
+        "{card}"
+    );
+    assert_eq!(
+        run(&["--mode", "refrag", "--policy", "none"])["expand"],
+        0.0,
+        "--policy none expands nothing, and says so"
+    );
     let n = card["expanded_chunks"].as_u64().unwrap() as f64;
     assert!((n - 0.25 * all_chunks).abs() <= 1.0, "{card}: {n} of {all_chunks}");
     // a card whose share is not one: one line naming it, exit 2; a card with none: nothing expanded
@@ -363,11 +396,16 @@ fn ask_context_in_refrag_mode_compresses_and_expands() {
     }
     let text = std::fs::read_to_string(dir.path().join("card.json")).unwrap();
     std::fs::write(dir.path().join("card.json"), text.replace("\"expand\": 0.25", "\"expand\": 2")).unwrap();
-    let out = refrag().args(["ask", "--device", "cpu", "--mode", "refrag", "--weights"]).arg(dir.path())
-        .arg("--context").arg(fixture("corpus/warsaw-2.txt")).arg("Who was Chopin?").output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("card.json") && err.contains("expand") && err.trim().lines().count() == 1, "{err}");
+    let out = refrag()
+        .args(["ask", "--device", "cpu", "--mode", "refrag", "--weights"])
+        .arg(dir.path())
+        .arg("--context")
+        .arg(fixture("corpus/warsaw-2.txt"))
+        .arg("Who was Chopin?")
+        .output()
+        .unwrap();
+    let err = one_line_error(&out);
+    assert!(err.contains("card.json") && err.contains("expand"), "{err}");
     std::fs::write(dir.path().join("card.json"), text.replace("\"expand\": 0.25,", "")).unwrap();
     let w = dir.path().to_str().unwrap();
     assert_eq!(run(&["--mode", "refrag", "--weights", w])["expanded_chunks"], 0);
@@ -378,7 +416,10 @@ fn ask_context_in_refrag_mode_compresses_and_expands() {
 /// base decoder; a choice on the command line wins.
 #[test]
 fn the_question_is_read_where_the_weights_were_trained_to_find_it() {
-    let card: serde_json::Value = serde_json::from_slice(&std::fs::read(env!("CARGO_MANIFEST_DIR").to_string() + "/weights/qa/card.json").unwrap()).unwrap();
+    let card: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(env!("CARGO_MANIFEST_DIR").to_string() + "/weights/qa/card.json").unwrap(),
+    )
+    .unwrap();
     assert_eq!(card["question_at"], "both", "the shipped weights/qa were trained with the question on both sides");
     let run = |extra: &[&str]| ask_chopin("4", extra);
     let pos = |v: &serde_json::Value| v["decoder_positions"].as_u64().unwrap();
@@ -388,8 +429,14 @@ fn the_question_is_read_where_the_weights_were_trained_to_find_it() {
     let adapted = run(&["--mode", "full", "--adapted"]);
     let full_both = run(&["--mode", "full", "--question-at", "both"]);
     let before = run(&["--mode", "refrag", "--expand", "0", "--question-at", "before"]);
-    assert_eq!((&compressed["question_at"], &after["question_at"], &before["question_at"]), (&"both".into(), &"after".into(), &"before".into()));
-    assert_eq!((&full["question_at"], &adapted["question_at"], &full_both["question_at"]), (&"after".into(), &"both".into(), &"both".into()));
+    assert_eq!(
+        (&compressed["question_at"], &after["question_at"], &before["question_at"]),
+        (&"both".into(), &"after".into(), &"before".into())
+    );
+    assert_eq!(
+        (&full["question_at"], &adapted["question_at"], &full_both["question_at"]),
+        (&"after".into(), &"both".into(), &"both".into())
+    );
     // the copy in front costs the same positions in either reading: "Question: Who was Chopin?\n\n"
     let extra = pos(&compressed) - pos(&after);
     assert!((5..=15).contains(&extra), "{compressed} vs {after}");
@@ -405,13 +452,20 @@ fn the_question_is_read_where_the_weights_were_trained_to_find_it() {
         let f = f.unwrap().path();
         std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
     }
-    let card = std::fs::read_to_string(dir.path().join("card.json")).unwrap().replace("\"question_at\": \"both\"", "\"question_at\": \"middle\"");
+    let card = std::fs::read_to_string(dir.path().join("card.json"))
+        .unwrap()
+        .replace("\"question_at\": \"both\"", "\"question_at\": \"middle\"");
     std::fs::write(dir.path().join("card.json"), card).unwrap();
-    let out = refrag().args(["ask", "--device", "cpu", "--mode", "refrag", "--weights"]).arg(dir.path())
-        .arg("--context").arg(fixture("corpus/warsaw-2.txt")).arg("Who was Chopin?").output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("card.json") && err.contains("middle") && err.trim().lines().count() == 1, "{err}");
+    let out = refrag()
+        .args(["ask", "--device", "cpu", "--mode", "refrag", "--weights"])
+        .arg(dir.path())
+        .arg("--context")
+        .arg(fixture("corpus/warsaw-2.txt"))
+        .arg("Who was Chopin?")
+        .output()
+        .unwrap();
+    let err = one_line_error(&out);
+    assert!(err.contains("card.json") && err.contains("middle"), "{err}");
 }
 
 /// HotpotQA and MTRAG importers: corpus, questions with gold ids, tasks.
@@ -451,10 +505,17 @@ fn dataset_hotpot_and_mtrag() {
                 assert_eq!(tasks.len(), 3);
                 // answerable turns have their reference passages as gold; the unanswerable one none
                 for x in &qs {
-                    assert_eq!(x["answerable"].as_bool().unwrap(), !x["gold_docs"].as_array().unwrap().is_empty(), "{x}");
+                    assert_eq!(
+                        x["answerable"].as_bool().unwrap(),
+                        !x["gold_docs"].as_array().unwrap().is_empty(),
+                        "{x}"
+                    );
                 }
                 assert_eq!(qs.iter().filter(|x| x["answerable"] == false).count(), 1);
-                assert_eq!(qs[0]["question"].as_str().unwrap(), tasks[0]["input"].as_array().unwrap().last().unwrap()["text"]);
+                assert_eq!(
+                    qs[0]["question"].as_str().unwrap(),
+                    tasks[0]["input"].as_array().unwrap().last().unwrap()["text"]
+                );
             }
         }
         for x in &qs {
@@ -477,13 +538,23 @@ fn eval_compare_pairs_answers_by_id() {
     };
     // base: 20 questions at F1 0.2; new: the same in reverse order plus one more, F1 +0.1 on
     // the even ids, contains on the first five
-    let mut rows: Vec<String> = (0..20).map(|i| format!(r#"{{"id":"q{i}","f1":0.2,"em":0.0,"contains_gold":false}}"#)).collect();
+    let mut rows: Vec<String> =
+        (0..20).map(|i| format!(r#"{{"id":"q{i}","f1":0.2,"em":0.0,"contains_gold":false}}"#)).collect();
     // a question without an answer is left out of the pairing, as eval's F1 leaves it out
     rows.push(r#"{"id":"u","f1":0.0,"em":0.0,"contains_gold":false,"unanswerable":true}"#.into());
     let base = write("base.jsonl", rows);
     let new = write(
         "new.jsonl",
-        (0..21).rev().map(|i| format!(r#"{{"id":"q{i}","f1":{},"em":0.0,"contains_gold":{}}}"#, if i % 2 == 0 { 0.3 } else { 0.2 }, i < 5)).collect(),
+        (0..21)
+            .rev()
+            .map(|i| {
+                format!(
+                    r#"{{"id":"q{i}","f1":{},"em":0.0,"contains_gold":{}}}"#,
+                    if i % 2 == 0 { 0.3 } else { 0.2 },
+                    i < 5
+                )
+            })
+            .collect(),
     );
     let compare = |b: &std::path::Path, n: &std::path::Path, json: bool| {
         let mut c = refrag();
@@ -496,7 +567,11 @@ fn eval_compare_pairs_answers_by_id() {
     let o = compare(&base, &new, true);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!((v["questions"].as_u64(), v["only_in_new"].as_u64(), v["only_in_base"].as_u64()), (Some(20), Some(1), Some(0)), "{v}");
+    assert_eq!(
+        (v["questions"].as_u64(), v["only_in_new"].as_u64(), v["only_in_base"].as_u64()),
+        (Some(20), Some(1), Some(0)),
+        "{v}"
+    );
     let f1 = &v["metrics"]["f1"];
     let d = f1["difference"].as_f64().unwrap();
     assert!((d - 0.05).abs() < 1e-9 && (f1["new"].as_f64().unwrap() - 0.25).abs() < 1e-9, "{f1}");
@@ -504,19 +579,28 @@ fn eval_compare_pairs_answers_by_id() {
     assert!(0.0 <= lo && lo < d && d < hi && hi <= 0.1, "{f1}");
     assert!((v["metrics"]["contains_gold"]["difference"].as_f64().unwrap() - 0.25).abs() < 1e-9, "{v}");
     let o = compare(&base, &new, false);
-    assert!(String::from_utf8_lossy(&o.stdout).contains("20 questions paired by id"), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("20 questions paired by id"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     // files it cannot pair: a malformed line (named by file and line), no common ids, unequal lists
-    let bad = write("bad.jsonl", vec![r#"{"id":"q0","f1":0.1}"#.into(), r#"{"id":"q1","f1":0.1}"#.into(), "{not json".into()]);
+    let bad = write(
+        "bad.jsonl",
+        vec![r#"{"id":"q0","f1":0.1}"#.into(), r#"{"id":"q1","f1":0.1}"#.into(), "{not json".into()],
+    );
     let other = write("other.jsonl", vec![r#"{"id":"x","f1":0.1}"#.into()]);
     let retrieval = write("retrieval.jsonl", (0..20).map(|i| format!(r#"{{"id":"q{i}","sources":[]}}"#)).collect());
     for (o, want) in [
         (compare(&base, &bad, false), "bad.jsonl:3"),
         (compare(&base, &retrieval, false), "no answer scores"),
         (compare(&base, &other, false), "no question ids in common"),
-        (refrag().args(["eval", "compare", "--base"]).arg(&base).arg(&base).arg("--new").arg(&new).output().unwrap(), "--base has 2 files"),
+        (
+            refrag().args(["eval", "compare", "--base"]).arg(&base).arg(&base).arg("--new").arg(&new).output().unwrap(),
+            "--base has 2 files",
+        ),
     ] {
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{err}");
-        assert!(err.contains(want) && err.trim().lines().count() == 1, "{err}");
+        let err = one_line_error(&o);
+        assert!(err.contains(want), "{err}");
     }
 }

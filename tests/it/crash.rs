@@ -2,7 +2,7 @@
 //! half-visible, the index stays readable, and re-running the same command completes it exactly.
 
 use crate::common::*;
-use refrag::store::Store;
+use refrag::index::store::Store;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
@@ -43,7 +43,7 @@ fn index_survives_sigkill_at_random_points() {
     assert_eq!(expected.len(), 24);
     let total: usize = expected.values().sum();
 
-    let mut rng = refrag::train::Rng(7);
+    let mut rng = refrag::rng::Rng(7);
     let mut killed = 0;
     let (mut committed_docs_seen, mut reruns) = (0usize, 0usize);
     // kills land in 10-70% of the run's length; a run that finishes first (the reference run
@@ -66,7 +66,11 @@ fn index_survives_sigkill_at_random_points() {
             let c = counts(&db);
             committed_docs_seen += c.len();
             for (doc, n) in c {
-                assert_eq!(Some(&n), expected.get(&doc), "round {round}: {doc} has {n} passages after a kill at {at:?}");
+                assert_eq!(
+                    Some(&n),
+                    expected.get(&doc),
+                    "round {round}: {doc} has {n} passages after a kill at {at:?}"
+                );
             }
         }
         if round % 4 == 0 {
@@ -77,7 +81,12 @@ fn index_survives_sigkill_at_random_points() {
                     .arg("Who is Alice?")
                     .output()
                     .unwrap();
-                assert_eq!(out.status.code(), Some(0), "round {round}: ask after a kill: {}", String::from_utf8_lossy(&out.stderr));
+                assert_eq!(
+                    out.status.code(),
+                    Some(0),
+                    "round {round}: ask after a kill: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
             // The same command again finishes the job: nothing lost, nothing twice.
             let out = index_cmd(&db, &docs).output().unwrap();

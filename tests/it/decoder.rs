@@ -1,7 +1,7 @@
 use crate::common::*;
-use refrag::decoder::{Decoder, Ops};
 use candle_core::{quantized::gguf_file, Device, IndexOp, Tensor, D};
 use candle_transformers::models::quantized_llama::ModelWeights;
+use refrag::model::decoder::{Decoder, Ops};
 
 fn alice_ids(n: usize) -> Vec<u32> {
     let text = std::fs::read_to_string(fixture("alice_ch1-3.txt")).unwrap();
@@ -34,7 +34,7 @@ fn embeddings_forward_agrees_with_quantized_llama() {
         let logits = reference.forward(&x, pos).unwrap();
         want.push(logits.flatten_all().unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap());
     }
-    let top1 = |d: &refrag::decoder::Decoder| {
+    let top1 = |d: &refrag::model::decoder::Decoder| {
         let emb = d.embed_tokens(&ids).unwrap().unsqueeze(0).unwrap();
         let mut st = d.new_state(n);
         let hidden = d.forward(&emb, &mut st).unwrap();
@@ -42,7 +42,8 @@ fn embeddings_forward_agrees_with_quantized_llama() {
     };
     let rate = |got: &[u32]| got.iter().zip(&want).filter(|(a, b)| a == b).count() as f64 / n as f64;
 
-    let mut quant = refrag::decoder::Decoder::load(&path, &Device::Cpu, refrag::decoder::Ops::Fused, true).unwrap();
+    let mut quant =
+        refrag::model::decoder::Decoder::load(&path, &Device::Cpu, refrag::model::decoder::Ops::Fused, true).unwrap();
     quant.quant_rows = usize::MAX;
     let q = rate(&top1(&quant));
     let stepwise = {
@@ -104,7 +105,15 @@ fn kv_cache_and_batch_match_a_single_pass() {
     let mut st = d.new_state(20);
     let only_b = d.logits(&d.forward(&b.unsqueeze(0).unwrap(), &mut st).unwrap()).unwrap();
     let diff = (both.i(1).unwrap() - only_b.squeeze(0).unwrap())
-        .unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-3, "batch row differs by {diff}");
 }
 
@@ -112,19 +121,31 @@ fn kv_cache_and_batch_match_a_single_pass() {
 /// an `Embeds` segment gives the same result as feeding the tokens.
 #[test]
 fn embeds_segments_are_positions_like_tokens() {
-    use refrag::prompt::{assemble, Segment};
+    use refrag::read::prompt::{assemble, Segment};
     let d = decoder();
     let ids = alice_ids(24);
     let as_tokens = assemble(d, &[Segment::Tokens(ids.clone())]).unwrap();
     let as_embeds = assemble(
         d,
-        &[Segment::Tokens(ids[..8].to_vec()), Segment::Embeds(d.embed_tokens(&ids[8..16]).unwrap()), Segment::Tokens(ids[16..].to_vec())],
+        &[
+            Segment::Tokens(ids[..8].to_vec()),
+            Segment::Embeds(d.embed_tokens(&ids[8..16]).unwrap()),
+            Segment::Tokens(ids[16..].to_vec()),
+        ],
     )
     .unwrap();
     assert_eq!(as_embeds.positions, 24);
     assert_eq!(as_embeds.compressed_positions, 8);
-    let diff = (as_tokens.embeds - as_embeds.embeds).unwrap().abs().unwrap().flatten_all().unwrap()
-        .max(0).unwrap().to_scalar::<f32>().unwrap();
+    let diff = (as_tokens.embeds - as_embeds.embeds)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert_eq!(diff, 0.0);
 }
 

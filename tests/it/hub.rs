@@ -43,7 +43,7 @@ fn serve(dir: PathBuf, repo: &'static str) -> String {
                     let _ = w.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
                     return;
                 };
-                let etag = refrag::models::hex(&<sha2::Sha256 as sha2::Digest>::digest(&data));
+                let etag = refrag::model::cache::hex(&<sha2::Sha256 as sha2::Digest>::digest(&data));
                 let (a, b) = range.unwrap_or((0, data.len() - 1));
                 let b = b.min(data.len() - 1);
                 let head = format!(
@@ -64,7 +64,7 @@ fn serve(dir: PathBuf, repo: &'static str) -> String {
 /// and an index built with the local copy is readable with the hub id (same weights).
 #[test]
 fn encoder_from_a_hub_id() {
-    let local = refrag::models::resolve_encoder(None, &home(), true).unwrap();
+    let local = refrag::model::cache::resolve_encoder(None, &home(), true).unwrap();
     let endpoint = serve(local.clone(), "test-org/minilm");
     let tmp = tempfile::tempdir().unwrap();
     let db = tmp.path().join("db");
@@ -89,9 +89,9 @@ fn encoder_from_a_hub_id() {
     let out = ask("test-org/minilm");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let snap = hf_home.join("hub/models--test-org--minilm/snapshots").join(COMMIT);
-    for f in refrag::hub::ENCODER_FILES {
-        let got = refrag::models::sha256_file(&snap.join(f)).unwrap();
-        assert_eq!(got, refrag::models::sha256_file(&local.join(f)).unwrap(), "{f}");
+    for f in refrag::model::hub::ENCODER_FILES {
+        let got = refrag::model::cache::sha256_file(&snap.join(f)).unwrap();
+        assert_eq!(got, refrag::model::cache::sha256_file(&local.join(f)).unwrap(), "{f}");
     }
     // An id the hub does not have: one line, exit 2.
     let out = ask("test-org/missing");

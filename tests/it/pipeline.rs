@@ -16,13 +16,7 @@ fn index(db: &Path, extra: &[&str]) -> serde_json::Value {
 }
 
 fn ask(db: &Path, q: &str, extra: &[&str]) -> (std::process::ExitStatus, serde_json::Value, String) {
-    let out = refrag()
-        .args(["ask", "--device", "cpu", "--json", "--db"])
-        .arg(db)
-        .args(extra)
-        .arg(q)
-        .output()
-        .unwrap();
+    let out = refrag().args(["ask", "--device", "cpu", "--json", "--db"]).arg(db).args(extra).arg(q).output().unwrap();
     let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
     (out.status, v, String::from_utf8_lossy(&out.stderr).to_string())
 }
@@ -62,7 +56,11 @@ fn index_reindex_ask_eval() {
     assert!(input_ms > 0.0 && input_ms < v["ttft_ms"].as_f64().unwrap(), "{v}");
 
     // Hybrid search (vector + BM25 fused by rank) finds the passage naming the garden.
-    let (st, v, err) = ask(&db, "Where is the Tomb of the Unknown Soldier?", &["--mode", "full", "--search", "hybrid", "--top-k", "2", "--max-tokens", "4"]);
+    let (st, v, err) = ask(
+        &db,
+        "Where is the Tomb of the Unknown Soldier?",
+        &["--mode", "full", "--search", "hybrid", "--top-k", "2", "--max-tokens", "4"],
+    );
     assert!(st.success(), "{err}");
     assert_eq!(v["sources"][0]["doc_id"], "warsaw-2.txt", "{v}");
 
@@ -78,7 +76,7 @@ fn index_reindex_ask_eval() {
     let w = dir.path().join("weights");
     std::fs::create_dir_all(&w).unwrap();
     let vm = candle_nn::VarMap::new();
-    refrag::projector::Projector::init(&vm, &candle_core::Device::Cpu, 384, 576).unwrap();
+    refrag::model::projector::Projector::init(&vm, &candle_core::Device::Cpu, 384, 576).unwrap();
     vm.save(w.join("projector.safetensors")).unwrap();
     let (st, _, err) = ask(&db, "Who was Chopin?", &["--mode", "refrag", "--weights", w.to_str().unwrap()]);
     assert_eq!(st.code(), Some(2), "{err}");
@@ -157,7 +155,20 @@ fn index_reindex_ask_eval() {
     // answers (weights/qa unless --weights), reported as such; the answers change.
     let adapted = |extra: &[&str]| {
         let out = refrag()
-            .args(["eval", "--device", "cpu", "--json", "--mode", "full", "--adapted", "--top-k", "1", "--max-tokens", "16", "--db"])
+            .args([
+                "eval",
+                "--device",
+                "cpu",
+                "--json",
+                "--mode",
+                "full",
+                "--adapted",
+                "--top-k",
+                "1",
+                "--max-tokens",
+                "16",
+                "--db",
+            ])
             .arg(&db)
             .arg("--questions")
             .arg(&good)
@@ -172,7 +183,11 @@ fn index_reindex_ask_eval() {
     assert_eq!(a["adapted"], true, "{a}");
     assert!(a["weights"].as_str().unwrap_or_default().replace('\\', "/").ends_with("weights/qa"), "{a}");
     let answers = |f: &str| -> Vec<String> {
-        std::fs::read_to_string(dir.path().join(f)).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["answer"].to_string()).collect()
+        std::fs::read_to_string(dir.path().join(f))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["answer"].to_string())
+            .collect()
     };
     assert_ne!(answers("adapted.jsonl"), answers("answers.jsonl"), "the adapters must change the reading");
     // weights without adapters: a one-line error, exit 2
@@ -210,10 +225,18 @@ fn index_reindex_ask_eval() {
     let (qa, ca) = (dir.path().join("qa.jsonl"), dir.path().join("ca.jsonl"));
     let read = ["--max-tokens", "8", "--top-k", "2"];
     for (mode, extra) in [("full", &[][..]), ("refrag", &["--expand", "0.25", "--policy", "sim"][..])] {
-        let q = run(&[&read[..], &["--mode", mode, "--db", db_s, "--questions", good_s, "--out", qa.to_str().unwrap()], extra].concat());
-        let c = run(&[&read[..], &["--mode", mode, "--conversations", tasks_s, "--out", ca.to_str().unwrap()], extra].concat());
+        let q = run(&[
+            &read[..],
+            &["--mode", mode, "--db", db_s, "--questions", good_s, "--out", qa.to_str().unwrap()],
+            extra,
+        ]
+        .concat());
+        let c =
+            run(&[&read[..], &["--mode", mode, "--conversations", tasks_s, "--out", ca.to_str().unwrap()], extra]
+                .concat());
         let (ql, cl) = (lines(&qa), lines(&ca));
-        let pos = |v: &[serde_json::Value]| v.iter().map(|l| l["decoder_positions"].as_u64().unwrap()).collect::<Vec<_>>();
+        let pos =
+            |v: &[serde_json::Value]| v.iter().map(|l| l["decoder_positions"].as_u64().unwrap()).collect::<Vec<_>>();
         assert_eq!(pos(&ql), pos(&cl), "{mode}: the same prompt sizes");
         if mode == "full" {
             let ans = |v: &[serde_json::Value]| v.iter().map(|l| l["answer"].to_string()).collect::<Vec<_>>();
@@ -224,12 +247,17 @@ fn index_reindex_ask_eval() {
         } else {
             // TTFT counts building the input (the policy's choice and the projection)
             for l in &ql {
-                assert!(l["input_ms"].as_f64().unwrap() > 0.0 && l["ttft_ms"].as_f64().unwrap() >= l["input_ms"].as_f64().unwrap(), "{l}");
+                assert!(
+                    l["input_ms"].as_f64().unwrap() > 0.0
+                        && l["ttft_ms"].as_f64().unwrap() >= l["input_ms"].as_f64().unwrap(),
+                    "{l}"
+                );
             }
             assert_eq!(q["policy"], "sim", "{q}");
             assert_eq!(c["policy"], "sim", "{c}");
             // each answer line says how many chunks went back to tokens, the same both ways
-            let exp = |v: &[serde_json::Value]| v.iter().map(|l| l["expanded_chunks"].as_u64().unwrap()).collect::<Vec<_>>();
+            let exp =
+                |v: &[serde_json::Value]| v.iter().map(|l| l["expanded_chunks"].as_u64().unwrap()).collect::<Vec<_>>();
             assert_eq!(exp(&ql), exp(&cl));
             assert_eq!(exp(&cl).iter().sum::<u64>(), c["chunks_expanded"].as_u64().unwrap(), "{c}");
             assert!(exp(&cl).iter().all(|&n| n > 0), "{cl:?}");
@@ -313,7 +341,19 @@ fn eval_conversations_adapted_full_reading() {
     let dir = tempfile::tempdir().unwrap();
     let run = |weights: &std::path::Path| {
         let out = refrag()
-            .args(["eval", "--device", "cpu", "--json", "--max-tokens", "4", "--limit", "1", "--mode", "full", "--adapted"])
+            .args([
+                "eval",
+                "--device",
+                "cpu",
+                "--json",
+                "--max-tokens",
+                "4",
+                "--limit",
+                "1",
+                "--mode",
+                "full",
+                "--adapted",
+            ])
             .arg("--weights")
             .arg(weights)
             .arg("--conversations")

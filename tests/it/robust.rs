@@ -2,7 +2,7 @@
 //! index left exactly as it was; two writers never corrupt an index.
 
 use crate::common::*;
-use refrag::store::Store;
+use refrag::index::store::Store;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -37,10 +37,18 @@ fn bad_inputs_are_refused_and_leave_the_index_as_it_was() {
     bad("malformed.jsonl", b"{\"id\":\"x\",\"text\":\"fine\"}\n{\"id\": oops\n", "malformed.jsonl:2");
     bad("nested.jsonl", format!("{}{}\n", "[".repeat(4000), "]".repeat(4000)).as_bytes(), "nested.jsonl:1");
     bad("notext.jsonl", b"{\"id\":\"x\",\"title\":\"no text\"}\n", "notext.jsonl:1: missing \"text\"");
-    bad("dups.jsonl", b"{\"id\":\"x\",\"text\":\"one\"}\n{\"id\":\"x\",\"text\":\"two\"}\n", "dups.jsonl:2: duplicate document id");
+    bad(
+        "dups.jsonl",
+        b"{\"id\":\"x\",\"text\":\"one\"}\n{\"id\":\"x\",\"text\":\"two\"}\n",
+        "dups.jsonl:2: duplicate document id",
+    );
     // Paths inside documents are data: nothing is opened or followed.
     let untrusted = dir.path().join("untrusted.jsonl");
-    std::fs::write(&untrusted, b"{\"id\":\"/etc/passwd\",\"title\":\"../../x\",\"text\":\"file:///etc/shadow $(rm -rf /) ../../secret\"}\n").unwrap();
+    std::fs::write(
+        &untrusted,
+        b"{\"id\":\"/etc/passwd\",\"title\":\"../../x\",\"text\":\"file:///etc/shadow $(rm -rf /) ../../secret\"}\n",
+    )
+    .unwrap();
     assert!(index(&db, &untrusted).status.success());
     let after = counts(&db);
     assert_eq!(after.get("/etc/passwd"), Some(&1));

@@ -2,7 +2,8 @@
 //! checkpoint (with the settings it started with) and finishes with every step logged once.
 
 use crate::common::*;
-use refrag::decoder::{Decoder, Ops};
+use refrag::model::decoder::{Decoder, Ops};
+use refrag::options::QuestionAt;
 use std::path::{Path, PathBuf};
 
 /// A copy of a shipped weights folder (under the crate root) in `dir`, without its policy.
@@ -18,7 +19,15 @@ fn shipped_without_policy(dir: &Path, which: &str) -> PathBuf {
 
 /// `train policy` on CPU with `args`, on the weights in `w` and into `w`; its card.
 fn train_policy(w: &Path, args: &[&str]) -> serde_json::Value {
-    let o = refrag().args(["train", "policy", "--device", "cpu", "-q"]).args(args).arg("--weights").arg(w).arg("--out").arg(w).output().unwrap();
+    let o = refrag()
+        .args(["train", "policy", "--device", "cpu", "-q"])
+        .args(args)
+        .arg("--weights")
+        .arg(w)
+        .arg("--out")
+        .arg(w)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&std::fs::read(w.join("policy.json")).unwrap()).unwrap()
 }
@@ -26,7 +35,8 @@ fn train_policy(w: &Path, args: &[&str]) -> serde_json::Value {
 /// The fixture SQuAD file as one-turn tasks (`dataset squad --tasks`), in `dir`.
 fn squad_tasks(dir: &Path) -> PathBuf {
     let tasks = dir.join("tasks.jsonl");
-    let out = refrag().args(["dataset", "squad", "--tasks"]).arg(&tasks).arg(fixture("squad_tiny.json")).output().unwrap();
+    let out =
+        refrag().args(["dataset", "squad", "--tasks"]).arg(&tasks).arg(fixture("squad_tiny.json")).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     tasks
 }
@@ -37,7 +47,21 @@ fn training_pauses_and_resumes_from_its_checkpoint() {
     let out = dir.path().join("w");
     let text = fixture("alice_ch1-3.txt");
     let first = refrag()
-        .args(["train", "reconstruct", "--device", "cpu", "-q", "--steps", "3", "--tokens-per-step", "128", "--max-chunks", "2", "--checkpoint-every", "10"])
+        .args([
+            "train",
+            "reconstruct",
+            "--device",
+            "cpu",
+            "-q",
+            "--steps",
+            "3",
+            "--tokens-per-step",
+            "128",
+            "--max-chunks",
+            "2",
+            "--checkpoint-every",
+            "10",
+        ])
         .args(["--lr", "5e-4", "--max-seconds", "0", "--input-scale", "7", "--bow-weight", "0.3", "--text"])
         .arg(&text)
         .arg("--out")
@@ -58,7 +82,13 @@ fn training_pauses_and_resumes_from_its_checkpoint() {
         std::fs::copy(&f, kept.join(f.file_name().unwrap())).unwrap();
     }
     assert!(first["keep"].as_str().unwrap().contains("--resume --steps 1"), "{first}");
-    let o = refrag().args(["train", "reconstruct", "--device", "cpu", "-q", "--resume", "--steps", "1", "--text"]).arg(&text).arg("--out").arg(&kept).output().unwrap();
+    let o = refrag()
+        .args(["train", "reconstruct", "--device", "cpu", "-q", "--resume", "--steps", "1", "--text"])
+        .arg(&text)
+        .arg("--out")
+        .arg(&kept)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let card: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(card["steps"], 1);
@@ -80,7 +110,9 @@ fn training_pauses_and_resumes_from_its_checkpoint() {
     assert!(err.contains("--steps 4 (was 3)") && !err.contains("--lr"), "{err}");
     let done: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(done["steps"], 4);
-    for (key, want) in [("input_scale", 7.0), ("bow_weight", 0.3), ("lr", 5e-4), ("tokens_per_step", 128.0), ("max_chunks", 2.0)] {
+    for (key, want) in
+        [("input_scale", 7.0), ("bow_weight", 0.3), ("lr", 5e-4), ("tokens_per_step", 128.0), ("max_chunks", 2.0)]
+    {
         assert_eq!(done["config"][key].as_f64(), Some(want), "{key}");
     }
     assert!(out.join("projector.safetensors").exists());
@@ -101,8 +133,34 @@ fn a_few_training_steps_lower_the_loss() {
     let text = fixture("alice_ch1-3.txt");
     let nll = |steps: &str, out: &str| -> f64 {
         let o = refrag()
-            .args(["train", "cpt", "--device", "cpu", "-q", "--tokens-per-step", "160", "--max-chunks", "2", "--predict-tokens", "16"])
-            .args(["--encoder-layers", "2", "--decoder-lora", "4", "--lr", "2e-3", "--warmup", "0", "--seed", "5", "--steps", steps, "--text"])
+            .args([
+                "train",
+                "cpt",
+                "--device",
+                "cpu",
+                "-q",
+                "--tokens-per-step",
+                "160",
+                "--max-chunks",
+                "2",
+                "--predict-tokens",
+                "16",
+            ])
+            .args([
+                "--encoder-layers",
+                "2",
+                "--decoder-lora",
+                "4",
+                "--lr",
+                "2e-3",
+                "--warmup",
+                "0",
+                "--seed",
+                "5",
+                "--steps",
+                steps,
+                "--text",
+            ])
             .arg(&text)
             .arg("--heldout")
             .arg(&text) // scored on a fixed batch of the same text: this tests optimisation, not generalisation
@@ -131,11 +189,37 @@ fn a_run_grows_lower_rank_adapters_it_starts_from() {
     let text = fixture("alice_ch1-3.txt");
     let run = |rank: &str, init: Option<&str>, out: &str| -> f64 {
         let mut c = refrag();
-        c.args(["train", "cpt", "--device", "cpu", "-q", "--tokens-per-step", "160", "--max-chunks", "2", "--predict-tokens", "16"])
-            .args(["--encoder-layers", "1", "--decoder-lora", rank, "--lr", "1e-3", "--warmup", "0", "--seed", "9", "--steps", "1", "--text"])
-            .arg(&text)
-            .arg("--out")
-            .arg(dir.path().join(out));
+        c.args([
+            "train",
+            "cpt",
+            "--device",
+            "cpu",
+            "-q",
+            "--tokens-per-step",
+            "160",
+            "--max-chunks",
+            "2",
+            "--predict-tokens",
+            "16",
+        ])
+        .args([
+            "--encoder-layers",
+            "1",
+            "--decoder-lora",
+            rank,
+            "--lr",
+            "1e-3",
+            "--warmup",
+            "0",
+            "--seed",
+            "9",
+            "--steps",
+            "1",
+            "--text",
+        ])
+        .arg(&text)
+        .arg("--out")
+        .arg(dir.path().join(out));
         if let Some(i) = init {
             c.arg("--init").arg(dir.path().join(i));
         }
@@ -149,11 +233,26 @@ fn a_run_grows_lower_rank_adapters_it_starts_from() {
     let same = run("4", Some("r4"), "again4");
     let grown = run("8", Some("r4"), "grown8");
     assert!((same - grown).abs() < 1e-4, "first-step loss {same} (rank 4) vs {grown} (grown to 8)");
-    let t = candle_core::safetensors::load(dir.path().join("grown8/decoder_lora.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let t =
+        candle_core::safetensors::load(dir.path().join("grown8/decoder_lora.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
     assert_eq!(t["blk.0.attn_q.lora_a"].dims()[0], 8);
     // a rank cannot shrink: one line, exit 2
     let o = refrag()
-        .args(["train", "cpt", "--device", "cpu", "-q", "--encoder-layers", "1", "--decoder-lora", "2", "--steps", "1", "--text"])
+        .args([
+            "train",
+            "cpt",
+            "--device",
+            "cpu",
+            "-q",
+            "--encoder-layers",
+            "1",
+            "--decoder-lora",
+            "2",
+            "--steps",
+            "1",
+            "--text",
+        ])
         .arg(&text)
         .arg("--init")
         .arg(dir.path().join("grown8"))
@@ -161,9 +260,8 @@ fn a_run_grows_lower_rank_adapters_it_starts_from() {
         .arg(dir.path().join("shrunk"))
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("rank 8") && err.trim().lines().count() == 1, "{err}");
+    let err = one_line_error(&o);
+    assert!(err.contains("rank 8"), "{err}");
 }
 
 /// A step split into passes (`--micro-tokens`: one sample per pass here) makes the same update
@@ -175,8 +273,31 @@ fn a_step_split_into_passes_makes_the_same_update() {
     let run = |micro: &str| -> (Vec<serde_json::Value>, Vec<f32>) {
         let out = dir.path().join(format!("m{micro}"));
         let o = refrag()
-            .args(["train", "cpt", "--device", "cpu", "-q", "--tokens-per-step", "160", "--max-chunks", "2", "--predict-tokens", "16"])
-            .args(["--encoder-layers", "1", "--decoder-lora", "2", "--recon-weight", "1", "--bow-weight", "0.1", "--lr", "1e-3"])
+            .args([
+                "train",
+                "cpt",
+                "--device",
+                "cpu",
+                "-q",
+                "--tokens-per-step",
+                "160",
+                "--max-chunks",
+                "2",
+                "--predict-tokens",
+                "16",
+            ])
+            .args([
+                "--encoder-layers",
+                "1",
+                "--decoder-lora",
+                "2",
+                "--recon-weight",
+                "1",
+                "--bow-weight",
+                "0.1",
+                "--lr",
+                "1e-3",
+            ])
             .args(["--seed", "3", "--steps", "2", "--micro-tokens", micro, "--text"])
             .arg(fixture("alice_ch1-3.txt"))
             .arg("--out")
@@ -225,7 +346,21 @@ fn an_sft_step_split_into_passes_makes_the_same_update() {
     let run = |micro: &str| -> serde_json::Value {
         let out = dir.path().join(format!("s{micro}"));
         let o = refrag()
-            .args(["train", "sft", "--device", "cpu", "-q", "--batch", "3", "--steps", "1", "--encoder-layers", "4", "--decoder-lora", "8"])
+            .args([
+                "train",
+                "sft",
+                "--device",
+                "cpu",
+                "-q",
+                "--batch",
+                "3",
+                "--steps",
+                "1",
+                "--encoder-layers",
+                "4",
+                "--decoder-lora",
+                "8",
+            ])
             .args(["--mixed", "0.3", "--seed", "4", "--micro-tokens", micro, "--init"])
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa"))
             .arg("--qa")
@@ -248,7 +383,22 @@ fn an_sft_step_split_into_passes_makes_the_same_update() {
 /// `eval perplexity --json` over two windows of Alice (s = 128, o = 32, k = 16): its rows.
 fn perplexity_rows(extra: &[&std::ffi::OsStr]) -> Vec<serde_json::Value> {
     let o = refrag()
-        .args(["eval", "perplexity", "--device", "cpu", "-q", "--json", "--s", "128", "--o", "32", "--k", "16", "--windows", "2"])
+        .args([
+            "eval",
+            "perplexity",
+            "--device",
+            "cpu",
+            "-q",
+            "--json",
+            "--s",
+            "128",
+            "--o",
+            "32",
+            "--k",
+            "16",
+            "--windows",
+            "2",
+        ])
         .args(extra)
         .arg("--text")
         .arg(fixture("alice_ch1-3.txt"))
@@ -269,7 +419,15 @@ fn perplexity_table_has_every_reading() {
     assert_eq!(r["target_tokens"], 64);
     let (none, full) = (r["nll_none"].as_f64().unwrap(), r["nll_full"].as_f64().unwrap());
     assert!(full < none, "context must help: none {none}, full {full}");
-    for key in ["nll_last", "nll_refrag", "nll_none_adapted", "gap_closed_refrag", "nll_refrag_other", "nll_full_adapted", "gap_closed_adapted"] {
+    for key in [
+        "nll_last",
+        "nll_refrag",
+        "nll_none_adapted",
+        "gap_closed_refrag",
+        "nll_refrag_other",
+        "nll_full_adapted",
+        "gap_closed_adapted",
+    ] {
         assert!(r[key].as_f64().unwrap().is_finite(), "{key}: {r}");
     }
     // the controls are other readings, not copies of REFRAG's or the base decoder's
@@ -291,7 +449,22 @@ fn policy_trains_and_is_read_beside_the_heuristics() {
     let dir = tempfile::tempdir().unwrap();
     let w = shipped_without_policy(dir.path(), "weights");
     let text = fixture("alice_ch1-3.txt");
-    let card = train_policy(&w, &["--steps", "3", "--s", "128", "--predict-tokens", "16", "--group", "3", "--condition", "--text", text.to_str().unwrap()]);
+    let card = train_policy(
+        &w,
+        &[
+            "--steps",
+            "3",
+            "--s",
+            "128",
+            "--predict-tokens",
+            "16",
+            "--group",
+            "3",
+            "--condition",
+            "--text",
+            text.to_str().unwrap(),
+        ],
+    );
     assert_eq!(card["steps_done"], 3);
     assert_eq!(std::fs::read_to_string(w.join("policy_train.jsonl")).unwrap().lines().count(), 3);
     let extra = ["--expand", "0.5", "--policy", "random,ppl-desc,ppl-asc,rl", "--weights"].map(std::ffi::OsStr::new);
@@ -314,7 +487,9 @@ fn sft_steps_lower_the_answer_loss() {
     let weights = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
     let nll = |steps: &str, out: &str| -> f64 {
         let o = refrag()
-            .args(["train", "sft", "--device", "cpu", "-q", "--batch", "2", "--lr", "3e-4", "--warmup", "0", "--seed", "3"])
+            .args([
+                "train", "sft", "--device", "cpu", "-q", "--batch", "2", "--lr", "3e-4", "--warmup", "0", "--seed", "3",
+            ])
             .args(["--encoder-layers", "4", "--decoder-lora", "8", "--distill", "0.5", "--steps", steps, "--init"])
             .arg(&weights)
             .arg("--qa")
@@ -355,7 +530,23 @@ fn sft_keeps_a_reconstruction_term_on_text() {
     let weights = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
     let step = |out: &str, extra: &[&str]| -> std::process::Output {
         refrag()
-            .args(["train", "sft", "--device", "cpu", "-q", "--batch", "2", "--seed", "3", "--steps", "1", "--tokens-per-step", "160", "--max-chunks", "2"])
+            .args([
+                "train",
+                "sft",
+                "--device",
+                "cpu",
+                "-q",
+                "--batch",
+                "2",
+                "--seed",
+                "3",
+                "--steps",
+                "1",
+                "--tokens-per-step",
+                "160",
+                "--max-chunks",
+                "2",
+            ])
             .args(["--encoder-layers", "4", "--decoder-lora", "8", "--distill", "0.5", "--init"])
             .arg(&weights)
             .arg("--qa")
@@ -377,16 +568,19 @@ fn sft_keeps_a_reconstruction_term_on_text() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (plain, recon) = (row("plain"), row("recon"));
     let x = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k}: {v}"));
-    assert!((x(&plain, "ce") - x(&recon, "ce")).abs() < 1e-4 && (x(&plain, "kl") - x(&recon, "kl")).abs() < 1e-4, "{plain} vs {recon}");
+    assert!(
+        (x(&plain, "ce") - x(&recon, "ce")).abs() < 1e-4 && (x(&plain, "kl") - x(&recon, "kl")).abs() < 1e-4,
+        "{plain} vs {recon}"
+    );
     assert!(plain["recon"].is_null() && x(&recon, "recon") > 0.5, "{recon}");
     let sum = x(&recon, "ce") + 0.5 * x(&recon, "kl") + 0.5 * x(&recon, "recon");
     assert!((x(&recon, "loss") - sum).abs() < 1e-3, "{recon}");
-    let card: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("recon/card.json")).unwrap()).unwrap();
+    let card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("recon/card.json")).unwrap()).unwrap();
     assert!(card["data"].as_str().unwrap().contains("alice_ch1-3.txt"), "{card}");
     let o = step("none", &["--recon-weight", "0.5"]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("--text") && err.trim().lines().count() == 1, "{err}");
+    let err = one_line_error(&o);
+    assert!(err.contains("--text"), "{err}");
 }
 
 /// `train sft --teacher-weights`: the distillation teacher is the decoder with that folder's
@@ -400,7 +594,8 @@ fn sft_distils_from_a_fine_tuned_teacher() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let step_with = |out: &str, teacher: Option<&Path>, extra: &[&str]| -> std::process::Output {
         let mut c = refrag();
-        c.args(["train", "sft", "--device", "cpu", "-q", "--batch", "2", "--steps", "1", "--seed", "5"]).args(extra)
+        c.args(["train", "sft", "--device", "cpu", "-q", "--batch", "2", "--steps", "1", "--seed", "5"])
+            .args(extra)
             .args(["--encoder-layers", "4", "--decoder-lora", "8", "--init"])
             .arg(root.join("weights"))
             .arg("--qa")
@@ -440,9 +635,8 @@ fn sft_distils_from_a_fine_tuned_teacher() {
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     let o = step("bad", Some(&empty));
-    assert_eq!(o.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("--teacher-weights") && err.contains("decoder_lora.safetensors") && err.trim().lines().count() == 1, "{err}");
+    let err = one_line_error(&o);
+    assert!(err.contains("--teacher-weights") && err.contains("decoder_lora.safetensors"), "{err}");
     assert!(!dir.path().join("bad").join("train.jsonl").exists());
 }
 
@@ -450,20 +644,23 @@ fn sft_distils_from_a_fine_tuned_teacher() {
 /// answer logits equal those of the row read alone (padding never reaches a real position).
 #[test]
 fn batched_answer_logits_equal_one_at_a_time() {
-    use refrag::prompt::Segment;
+    use refrag::read::prompt::Segment;
     let dec = decoder();
-    let ids = |t: &str| refrag::prompt::tokenize(dec, t).unwrap();
+    let ids = |t: &str| refrag::read::prompt::tokenize(dec, t).unwrap();
     let p1 = vec![vec![Segment::Tokens(ids("Marie Curie was born in Warsaw in 1867 and moved to Paris."))]];
-    let p2 = vec![vec![Segment::Tokens(ids("The Nile flows north."))], vec![Segment::Tokens(ids("It ends in the Mediterranean Sea near Alexandria, a city founded by Alexander."))]];
+    let p2 = vec![
+        vec![Segment::Tokens(ids("The Nile flows north."))],
+        vec![Segment::Tokens(ids("It ends in the Mediterranean Sea near Alexandria, a city founded by Alexander."))],
+    ];
     let (a1, a2) = (ids("Warsaw<|im_end|>"), ids("the Mediterranean Sea<|im_end|>"));
     let items = vec![
-        (refrag::prompt::rag("Where was Marie Curie born?", p1), a1.as_slice()),
-        (refrag::prompt::rag("Where does the Nile end?", p2), a2.as_slice()),
+        (refrag::read::prompt::rag("Where was Marie Curie born?", p1, QuestionAt::After), a1.as_slice()),
+        (refrag::read::prompt::rag("Where does the Nile end?", p2, QuestionAt::After), a2.as_slice()),
     ];
-    let batched = refrag::sft::answer_logits(dec, &items).unwrap();
+    let batched = refrag::read::score::answer_logits(dec, &items).unwrap();
     assert_eq!(batched.len(), 2);
     for (i, item) in items.iter().enumerate() {
-        let alone = refrag::sft::answer_logits(dec, std::slice::from_ref(item)).unwrap().remove(0);
+        let alone = refrag::read::score::answer_logits(dec, std::slice::from_ref(item)).unwrap().remove(0);
         assert_eq!(alone.dims(), batched[i].dims());
         assert_eq!(alone.dims()[0], item.1.len());
         let diff = (&alone - &batched[i]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -477,8 +674,32 @@ fn batched_answer_logits_equal_one_at_a_time() {
 fn cpt_adds_a_weighted_reconstruction_term() {
     let dir = tempfile::tempdir().unwrap();
     let o = refrag()
-        .args(["train", "cpt", "--device", "cpu", "-q", "--tokens-per-step", "160", "--max-chunks", "2", "--predict-tokens", "16"])
-        .args(["--encoder-layers", "1", "--decoder-lora", "2", "--warmup", "0", "--steps", "2", "--recon-weight", "0.5", "--text"])
+        .args([
+            "train",
+            "cpt",
+            "--device",
+            "cpu",
+            "-q",
+            "--tokens-per-step",
+            "160",
+            "--max-chunks",
+            "2",
+            "--predict-tokens",
+            "16",
+        ])
+        .args([
+            "--encoder-layers",
+            "1",
+            "--decoder-lora",
+            "2",
+            "--warmup",
+            "0",
+            "--steps",
+            "2",
+            "--recon-weight",
+            "0.5",
+            "--text",
+        ])
         .arg(fixture("alice_ch1-3.txt"))
         .arg("--out")
         .arg(dir.path())
@@ -489,12 +710,14 @@ fn cpt_adds_a_weighted_reconstruction_term() {
     assert_eq!(log.lines().count(), 2);
     for line in log.lines() {
         let r: serde_json::Value = serde_json::from_str(line).unwrap();
-        let (loss, cpt, recon) = (r["loss"].as_f64().unwrap(), r["cpt"].as_f64().unwrap(), r["recon"].as_f64().unwrap());
+        let (loss, cpt, recon) =
+            (r["loss"].as_f64().unwrap(), r["cpt"].as_f64().unwrap(), r["recon"].as_f64().unwrap());
         let bow = r["bow"].as_f64().unwrap(); // on by default (0.1)
         assert!(recon > 0.0 && cpt > 0.0 && bow > 0.0, "{r}");
         assert!((loss - (cpt + 0.5 * recon + 0.1 * bow)).abs() < 1e-3, "{r}");
     }
-    let card: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("card.json")).unwrap()).unwrap();
+    let card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("card.json")).unwrap()).unwrap();
     assert_eq!(card["config"]["recon_weight"], 0.5);
     // from scratch, the projector's input factor defaults to sqrt(384)
     let scale = card["config"]["input_scale"].as_f64().unwrap();
@@ -509,7 +732,19 @@ fn bag_of_words_term_and_input_scale_are_trained_and_kept() {
     let dir = tempfile::tempdir().unwrap();
     let train = |stage: &str, out: &str, extra: &[&str]| {
         refrag()
-            .args(["train", stage, "--device", "cpu", "-q", "--tokens-per-step", "96", "--max-chunks", "1", "--predict-tokens", "16"])
+            .args([
+                "train",
+                stage,
+                "--device",
+                "cpu",
+                "-q",
+                "--tokens-per-step",
+                "96",
+                "--max-chunks",
+                "1",
+                "--predict-tokens",
+                "16",
+            ])
             .args(["--encoder-layers", "1", "--warmup", "0", "--steps", "2", "--bow-weight", "0.25", "--text"])
             .arg(fixture("alice_ch1-3.txt"))
             .arg("--out")
@@ -527,18 +762,18 @@ fn bag_of_words_term_and_input_scale_are_trained_and_kept() {
         assert!(main > 0.0 && bow > 0.0, "{r}");
         assert!((loss - (main + 0.25 * bow)).abs() < 1e-3, "{r}");
     }
-    let stored = refrag::projector::stored_in_scale(&rec.join("projector.safetensors")).unwrap();
+    let stored = refrag::model::projector::stored_in_scale(&rec.join("projector.safetensors")).unwrap();
     assert!((stored - 19.5).abs() < 1e-6, "{stored}");
     let init = rec.to_str().unwrap();
     let o = train("cpt", "cpt", &["--init", init]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let card: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("cpt/card.json")).unwrap()).unwrap();
+    let card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("cpt/card.json")).unwrap()).unwrap();
     assert_eq!(card["config"]["input_scale"], 19.5);
     assert_eq!(card["config"]["bow_weight"], 0.25);
     let o = train("cpt", "bad", &["--init", init, "--input-scale", "1"]);
-    assert_eq!(o.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("--input-scale") && err.trim().lines().count() == 1, "{err}");
+    let err = one_line_error(&o);
+    assert!(err.contains("--input-scale"), "{err}");
 }
 
 /// SFT tasks keep their last earlier turns (as `eval --conversations` reads them: here as tokens
@@ -546,18 +781,41 @@ fn bag_of_words_term_and_input_scale_are_trained_and_kept() {
 #[test]
 fn sft_reads_earlier_turns() {
     let dec = decoder();
-    let pool = refrag::sft::QaPool::load(&[fixture("mtrag_tiny.jsonl")], dec).unwrap();
+    let pool = refrag::train::sft::QaPool::load(&[fixture("mtrag_tiny.jsonl")], dec).unwrap();
     let ex = pool.examples.iter().find(|e| !e.history.is_empty()).expect("a task with earlier turns");
-    assert!(ex.history.len() <= refrag::sft::MAX_HISTORY_TURNS);
-    let bare = refrag::sft::QaExample { history: vec![], question: ex.question.clone(), passages: ex.passages.clone(), answer: ex.answer.clone() };
-    let with = refrag::prompt::positions(dec, &refrag::sft::full_context_prompt(ex)).unwrap();
-    let without = refrag::prompt::positions(dec, &refrag::sft::full_context_prompt(&bare)).unwrap();
+    assert!(ex.history.len() <= refrag::train::sft::MAX_HISTORY_TURNS);
+    let bare = refrag::train::sft::QaExample {
+        history: vec![],
+        question: ex.question.clone(),
+        passages: ex.passages.clone(),
+        answer: ex.answer.clone(),
+    };
+    let with =
+        refrag::read::prompt::positions(dec, &refrag::train::sft::full_context_prompt(ex, QuestionAt::After)).unwrap();
+    let without =
+        refrag::read::prompt::positions(dec, &refrag::train::sft::full_context_prompt(&bare, QuestionAt::After))
+            .unwrap();
     let turns: usize = ex.history.iter().map(|(u, a)| u.len() + a.len()).sum();
     assert!(with > without + turns && with < without + turns + 16 * ex.history.len(), "{with} vs {without} + {turns}");
 
     let dir = tempfile::tempdir().unwrap();
     let o = refrag()
-        .args(["train", "sft", "--device", "cpu", "-q", "--batch", "2", "--steps", "1", "--encoder-layers", "4", "--decoder-lora", "8", "--init"])
+        .args([
+            "train",
+            "sft",
+            "--device",
+            "cpu",
+            "-q",
+            "--batch",
+            "2",
+            "--steps",
+            "1",
+            "--encoder-layers",
+            "4",
+            "--decoder-lora",
+            "8",
+            "--init",
+        ])
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa"))
         .arg("--qa")
         .arg(fixture("mtrag_tiny.jsonl"))
@@ -577,26 +835,39 @@ fn sft_reads_earlier_turns() {
 /// which is what the reward pays the policy for.
 #[test]
 fn answer_reward_reads_expanded_chunks_as_tokens() {
-    use refrag::sft::{answer_nll, full_context_prompt, EncodedTask, QaPool};
+    use refrag::read::score::answer_nll;
+    use refrag::train::sft::{full_context_prompt, EncodedTask, QaPool};
     let dir = tempfile::tempdir().unwrap();
     let tasks = squad_tasks(dir.path());
     let mut dec = Decoder::load(&decoder_path(), &candle_core::Device::Cpu, Ops::Differentiable, false).unwrap();
     let qa = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa");
-    let trained = refrag::projector::find(&[qa], encoder(), dec.cfg.hidden).unwrap().expect("weights/qa");
+    let trained = refrag::model::weights::find(&[qa], encoder(), dec.cfg.hidden).unwrap().expect("weights/qa");
     trained.adapt(&mut dec).unwrap();
     let pool = QaPool::load(&[tasks], &dec).unwrap();
     let (mut compressed, mut expanded) = (0.0, 0.0);
     for ex in pool.examples.iter().take(5) {
-        let t = EncodedTask::new(&dec, &trained.chunk_encoder, &trained.projector, 16, ex).unwrap();
+        let comp = refrag::model::compressor::Compressor::new(&trained.chunk_encoder, &trained.projector, 16);
+        let t = EncodedTask::new(&dec, &comp, QuestionAt::After, ex).unwrap();
         let n = t.raw.dim(0).unwrap();
         assert_eq!(n, ex.passages.iter().map(|p| p.len().div_ceil(16)).sum::<usize>());
         let a = ex.answer.as_slice();
-        let r = answer_nll(&dec, &[(t.prompt(16, &vec![false; n]).unwrap(), a), (t.prompt(16, &vec![true; n]).unwrap(), a), (full_context_prompt(ex), a)]).unwrap();
+        let r = answer_nll(
+            &dec,
+            &[
+                (t.prompt(16, &vec![false; n]).unwrap(), a),
+                (t.prompt(16, &vec![true; n]).unwrap(), a),
+                (full_context_prompt(ex, QuestionAt::After), a),
+            ],
+        )
+        .unwrap();
         assert!((r[1] - r[2]).abs() < 1e-3, "all expanded {} vs full context {}", r[1], r[2]);
         compressed += r[0];
         expanded += r[1];
     }
-    assert!(expanded < compressed, "answer loss read as tokens {expanded} vs compressed {compressed} (sums over 5 tasks)");
+    assert!(
+        expanded < compressed,
+        "answer loss read as tokens {expanded} vs compressed {compressed} (sums over 5 tasks)"
+    );
 }
 
 /// `train policy --qa --condition --span` learns on question tasks with the question-answering
@@ -607,10 +878,21 @@ fn policy_trains_on_answer_reward() {
     let tasks = squad_tasks(dir.path());
     let w = shipped_without_policy(dir.path(), "weights/qa");
     // --span (started from sim-span) needs --condition
-    let o = refrag().args(["train", "policy", "--device", "cpu", "-q", "--span", "--qa"]).arg(&tasks).arg("--weights").arg(&w).arg("--out").arg(&w).output().unwrap();
+    let o = refrag()
+        .args(["train", "policy", "--device", "cpu", "-q", "--span", "--qa"])
+        .arg(&tasks)
+        .arg("--weights")
+        .arg(&w)
+        .arg("--out")
+        .arg(&w)
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--condition"), "{}", String::from_utf8_lossy(&o.stderr));
-    let card = train_policy(&w, &["--steps", "2", "--group", "2", "--expand", "0.25", "--condition", "--span", "--qa", tasks.to_str().unwrap()]);
+    let card = train_policy(
+        &w,
+        &["--steps", "2", "--group", "2", "--expand", "0.25", "--condition", "--span", "--qa", tasks.to_str().unwrap()],
+    );
     assert_eq!(card["steps_done"], 2);
     assert_eq!(card["config"]["span"], true, "{card}");
     assert!(card["what"].as_str().unwrap().contains("reference answer"), "{card}");
@@ -623,7 +905,24 @@ fn policy_trains_on_answer_reward() {
         assert!(r["reward_mean"].as_f64().unwrap() < 0.0, "{r}");
     }
     let o = refrag()
-        .args(["eval", "--device", "cpu", "-q", "--json", "--limit", "2", "--max-tokens", "4", "--mode", "refrag", "--policy", "rl", "--expand", "0.25", "--conversations"])
+        .args([
+            "eval",
+            "--device",
+            "cpu",
+            "-q",
+            "--json",
+            "--limit",
+            "2",
+            "--max-tokens",
+            "4",
+            "--mode",
+            "refrag",
+            "--policy",
+            "rl",
+            "--expand",
+            "0.25",
+            "--conversations",
+        ])
         .arg(&tasks)
         .arg("--weights")
         .arg(&w)
@@ -643,13 +942,31 @@ fn a_policy_for_other_chunk_vectors_is_refused() {
     let w = shipped_without_policy(dir.path(), "weights/qa");
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa");
     std::fs::copy(shipped.join("policy.safetensors"), w.join("policy.safetensors")).unwrap();
-    let mut card: serde_json::Value = serde_json::from_slice(&std::fs::read(shipped.join("policy.json")).unwrap()).unwrap();
+    let mut card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(shipped.join("policy.json")).unwrap()).unwrap();
     card["chunk_encoder"] = "all-minilm-l6-v2@0+trained@0123456789abcdef".into();
     std::fs::write(w.join("policy.json"), serde_json::to_vec(&card).unwrap()).unwrap();
     let tasks = squad_tasks(dir.path());
     let eval = |policy: &str| {
         refrag()
-            .args(["eval", "--device", "cpu", "-q", "--json", "--limit", "1", "--max-tokens", "2", "--mode", "refrag", "--expand", "0.25", "--policy", policy, "--conversations"])
+            .args([
+                "eval",
+                "--device",
+                "cpu",
+                "-q",
+                "--json",
+                "--limit",
+                "1",
+                "--max-tokens",
+                "2",
+                "--mode",
+                "refrag",
+                "--expand",
+                "0.25",
+                "--policy",
+                policy,
+                "--conversations",
+            ])
             .arg(&tasks)
             .arg("--weights")
             .arg(&w)
@@ -657,16 +974,27 @@ fn a_policy_for_other_chunk_vectors_is_refused() {
             .unwrap()
     };
     let o = eval("rl");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("trained@0123456789abcdef") && err.contains("policy.json") && err.lines().count() == 1, "{err}");
+    let err = one_line_error(&o);
+    assert!(err.contains("trained@0123456789abcdef") && err.contains("policy.json"), "{err}");
     let o = eval("sim");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // doctor warns about it
-    let o = refrag().args(["doctor", "--json", "--weights"]).arg(&w).arg("--db").arg(dir.path().join("none")).output().unwrap();
+    let o = refrag()
+        .args(["doctor", "--json", "--weights"])
+        .arg(&w)
+        .arg("--db")
+        .arg(dir.path().join("none"))
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
-    let policy = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|c| c["what"] == "policy");
-    assert!(policy.as_ref().is_some_and(|c| c["status"] == "warn" && c["detail"].to_string().contains("trained@0123456789abcdef")), "{text}");
+    let policy =
+        text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|c| c["what"] == "policy");
+    assert!(
+        policy
+            .as_ref()
+            .is_some_and(|c| c["status"] == "warn" && c["detail"].to_string().contains("trained@0123456789abcdef")),
+        "{text}"
+    );
 }
 
 /// `eval answers` reads held-out tasks six ways with the shipped `weights/qa`: every reading
@@ -677,20 +1005,35 @@ fn a_policy_for_other_chunk_vectors_is_refused() {
 fn eval_answers_reads_tasks_six_ways() {
     let dir = tempfile::tempdir().unwrap();
     let tasks = squad_tasks(dir.path());
-    let o = refrag().args(["eval", "answers", "--device", "cpu", "-q", "--json", "--limit", "6", "--qa"]).arg(&tasks).output().unwrap();
+    let o = refrag()
+        .args(["eval", "answers", "--device", "cpu", "-q", "--json", "--limit", "6", "--qa"])
+        .arg(&tasks)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["tasks"], 6, "{v}");
     assert_eq!(v["k"], 16);
     let nll = |r: &str| v["nll"][r].as_f64().unwrap_or_else(|| panic!("{r}: {v}"));
-    for r in ["none, base decoder", "full, base decoder", "full, adapted decoder", "refrag, no passages", "refrag, own passages", "refrag, another task's passages"] {
+    for r in [
+        "none, base decoder",
+        "full, base decoder",
+        "full, adapted decoder",
+        "refrag, no passages",
+        "refrag, own passages",
+        "refrag, another task's passages",
+    ] {
         assert!(nll(r).is_finite() && nll(r) > 0.0, "{r}: {v}");
     }
     assert!(nll("full, base decoder") < nll("none, base decoder") - 0.1, "{v}");
     let paired = v["paired"].as_object().unwrap();
     assert_eq!(paired.len(), 3, "{v}");
     for (name, d) in paired {
-        let (m, lo, hi) = (d["difference"].as_f64().unwrap(), d["interval_95"][0].as_f64().unwrap(), d["interval_95"][1].as_f64().unwrap());
+        let (m, lo, hi) = (
+            d["difference"].as_f64().unwrap(),
+            d["interval_95"][0].as_f64().unwrap(),
+            d["interval_95"][1].as_f64().unwrap(),
+        );
         assert!(lo <= m && m <= hi, "{name}: {d}");
     }
     // own - no passages is the difference of the two readings' means
@@ -699,9 +1042,8 @@ fn eval_answers_reads_tasks_six_ways() {
 
     let missing = dir.path().join("nope.jsonl");
     let o = refrag().args(["eval", "answers", "--device", "cpu", "-q", "--qa"]).arg(&missing).output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("nope.jsonl") && err.trim().lines().count() == 1, "{err}");
+    let err = one_line_error(&o);
+    assert!(err.contains("nope.jsonl"), "{err}");
 }
 
 /// `eval readback`: for held-out tasks whose answer lies within one chunk of the passage, the
@@ -713,7 +1055,11 @@ fn eval_answers_reads_tasks_six_ways() {
 fn eval_readback_reads_the_answer_chunk_back_from_its_vector() {
     let dir = tempfile::tempdir().unwrap();
     let tasks = squad_tasks(dir.path());
-    let o = refrag().args(["eval", "readback", "--device", "cpu", "-q", "--json", "--limit", "6", "--show", "6", "--qa"]).arg(&tasks).output().unwrap();
+    let o = refrag()
+        .args(["eval", "readback", "--device", "cpu", "-q", "--json", "--limit", "6", "--show", "6", "--qa"])
+        .arg(&tasks)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!((&v["tasks"], &v["k"]), (&6.into(), &16.into()), "{v}");
@@ -723,19 +1069,27 @@ fn eval_readback_reads_the_answer_chunk_back_from_its_vector() {
     assert_eq!(examples.len() as u64, probed, "{v}");
     for e in examples {
         let (answer, chunk) = (e["answer"].as_str().unwrap(), e["chunk"].as_str().unwrap());
-        assert!(refrag::metrics::contains_any(chunk, &[answer.to_string()]), "{e}");
+        assert!(refrag::eval::metrics::contains_any(chunk, &[answer.to_string()]), "{e}");
         assert!(!e["own"].as_str().unwrap().trim().is_empty(), "{e}");
     }
     assert!(v["chunk_f1"]["own"].as_f64().unwrap() > v["chunk_f1"]["other"].as_f64().unwrap(), "{v}");
     let r = &v["answer_read_back"];
     let (own, other, d) = (r["own"].as_f64().unwrap(), r["other"].as_f64().unwrap(), r["difference"].as_f64().unwrap());
-    assert!((d - (own - other)).abs() < 1e-9 && r["interval_95"][0].as_f64().unwrap() <= d && d <= r["interval_95"][1].as_f64().unwrap(), "{v}");
+    assert!(
+        (d - (own - other)).abs() < 1e-9
+            && r["interval_95"][0].as_f64().unwrap() <= d
+            && d <= r["interval_95"][1].as_f64().unwrap(),
+        "{v}"
+    );
     // the answer's tokens, read back teacher-forced, are likelier from their own chunk's vector
     let n = &v["answer_token_nll"];
     assert!(n["tasks"].as_u64().unwrap() >= 1 && n["tasks"].as_u64().unwrap() <= probed, "{v}");
     assert!(n["own"].as_f64().unwrap() > 0.0 && n["own"].as_f64().unwrap() < n["other"].as_f64().unwrap(), "{v}");
-    let o = refrag().args(["eval", "readback", "--device", "cpu", "-q", "--limit", "0", "--qa"]).arg(&tasks).output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("--limit 0") && err.trim().lines().count() == 1, "{err}");
+    let o = refrag()
+        .args(["eval", "readback", "--device", "cpu", "-q", "--limit", "0", "--qa"])
+        .arg(&tasks)
+        .output()
+        .unwrap();
+    let err = one_line_error(&o);
+    assert!(err.contains("--limit 0"), "{err}");
 }

@@ -1,0 +1,178 @@
+//! `refrag index`: documents → passages → decoder tokens → k-token chunks → encoder vectors →
+//! LanceDB, in batches of whole documents (one atomic commit per batch).
+
+use crate::index::corpus::{self, Document};
+use crate::index::info::{IndexInfo, SCHEMA_VERSION};
+use crate::index::schema::Passage;
+use crate::index::store::Store;
+use crate::model::compressor;
+use crate::model::encoder::Encoder;
+use anyhow::{anyhow, Result};
+use std::time::Instant;
+use tokenizers::Tokenizer;
+
+/// Indexing settings.
+#[derive(Debug, Clone)]
+pub struct IndexOptions {
+    pub k: usize,
+    pub min_words: usize,
+    pub max_words: usize,
+    /// Documents per commit.
+    pub batch_docs: usize,
+    pub quiet: bool,
+    /// `Some((i, n))`: index only shard i of n (a worker beside others; appends only, no
+    /// compaction or search indexes: `--finalize` builds them once every shard is in).
+    pub shard: Option<(usize, usize)>,
+    /// With --shard: how long workers other than shard 0 wait for it to create the tables.
+    pub shard_wait: std::time::Duration,
+}
+
+impl IndexOptions {
+    /// Settings that change the stored rows (part of each document's hash).
+    fn fingerprint(&self) -> String {
+        format!("k={};words={}-{}", self.k, self.min_words, self.max_words)
+    }
+}
+
+/// What an index run did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct IndexSummary {
+    /// Documents this run was given (its shard's, with --shard).
+    pub documents: usize,
+    /// Documents left to the other shards.
+    pub other_shards: usize,
+    pub added: usize,
+    pub replaced: usize,
+    pub unchanged: usize,
+    pub passages: usize,
+    pub chunks: usize,
+    pub seconds: f64,
+    pub rows_total: usize,
+    pub bytes_on_disk: u64,
+}
+
+/// What an index built now records; `chunk_encoder` makes the chunk vectors (the retrieval
+/// encoder with trained tensors in place, when trained weights are in use).
+pub fn index_info(encoder: &Encoder, chunk_encoder: &Encoder, tokenizer_id: &str, k: usize) -> IndexInfo {
+    IndexInfo {
+        encoder: encoder.id.clone(),
+        chunk_encoder: chunk_encoder.id.clone(),
+        tokenizer: tokenizer_id.to_string(),
+        k,
+        dim: encoder.dim,
+        schema_version: SCHEMA_VERSION,
+    }
+}
+
+/// Index `docs` into `store`: unchanged documents are skipped, changed ones replaced.
+pub fn index(
+    store: &mut Store,
+    docs: &[Document],
+    tokenizer: &Tokenizer,
+    tokenizer_id: &str,
+    encoder: &Encoder,
+    chunk_encoder: &Encoder,
+    opts: &IndexOptions,
+) -> Result<IndexSummary> {
+    let start = Instant::now();
+    let info = index_info(encoder, chunk_encoder, tokenizer_id, opts.k);
+    store.prepare_write(&info)?;
+    if let Some((i, _)) = opts.shard {
+        store.ensure_tables(&info, i == 0, opts.shard_wait)?;
+    }
+    let existing = store.doc_hashes()?;
+    let fp = opts.fingerprint();
+    let mine: Vec<&Document> = match opts.shard {
+        Some((i, n)) => docs.iter().filter(|d| d.shard(n) == i).collect(),
+        None => docs.iter().collect(),
+    };
+    let mut sum = IndexSummary { documents: mine.len(), other_shards: docs.len() - mine.len(), ..Default::default() };
+    let todo: Vec<(&Document, String)> = mine
+        .into_iter()
+        .map(|d| (d, d.hash(&fp)))
+        .filter(|(d, h)| {
+            let same = existing.get(&d.id) == Some(h);
+            if same {
+                sum.unchanged += 1;
+            }
+            !same
+        })
+        .collect();
+    let pb = crate::progress::bar(opts.quiet, todo.len() as u64, "docs");
+    pb.set_message("indexing");
+    for batch in todo.chunks(opts.batch_docs.max(1)) {
+        let rows = encode_batch(batch, tokenizer, encoder, chunk_encoder, opts)?;
+        let replace: Vec<String> =
+            batch.iter().filter(|(d, _)| existing.contains_key(&d.id)).map(|(d, _)| d.id.clone()).collect();
+        sum.replaced += replace.len();
+        sum.added += batch.len() - replace.len();
+        sum.passages += rows.len();
+        sum.chunks += rows.iter().map(|r| r.chunks.len() / info.dim).sum::<usize>();
+        store.delete_docs(&replace)?;
+        store.add(&rows, &info)?;
+        tracing::debug!("committed {} documents, {} passages", batch.len(), rows.len());
+        pb.inc(batch.len() as u64);
+        pb.set_message(format!("{} passages", sum.passages));
+    }
+    pb.finish_and_clear();
+    if sum.added + sum.replaced > 0 && opts.shard.is_none() {
+        let sp = crate::progress::spinner(opts.quiet, "compacting and building search indexes".into());
+        store.finish()?;
+        sp.finish_and_clear();
+    }
+    sum.rows_total = store.rows()?;
+    sum.bytes_on_disk = store.disk_bytes();
+    sum.seconds = start.elapsed().as_secs_f64();
+    Ok(sum)
+}
+
+/// Passages, tokens and all vectors for a batch of documents.
+fn encode_batch(
+    batch: &[(&Document, String)],
+    tokenizer: &Tokenizer,
+    encoder: &Encoder,
+    chunk_encoder: &Encoder,
+    opts: &IndexOptions,
+) -> Result<Vec<Passage>> {
+    let mut rows = Vec::new();
+    let mut retrieval_texts = Vec::new();
+    for (doc, hash) in batch {
+        for (seq, text) in corpus::passages(&doc.text, opts.min_words, opts.max_words).into_iter().enumerate() {
+            let ids = tokenizer
+                .encode(text.as_str(), false)
+                .map_err(|e| anyhow!("{}: tokenizer: {e}", doc.source))?
+                .get_ids()
+                .to_vec();
+            retrieval_texts.push(if doc.title.is_empty() { text.clone() } else { format!("{}: {}", doc.title, text) });
+            rows.push(Passage {
+                passage_id: format!("{}#{seq}", doc.id),
+                doc_id: doc.id.clone(),
+                seq: seq as i32,
+                title: doc.title.clone(),
+                text,
+                doc_hash: hash.clone(),
+                meta: doc.meta.clone(),
+                vector: vec![],
+                tokens: ids,
+                chunks: vec![],
+            });
+        }
+    }
+    let rt: Vec<&str> = retrieval_texts.iter().map(String::as_str).collect();
+    let pv = encoder.encode(&rt)?.to_vec2::<f32>()?;
+    let ids: Vec<&[u32]> = rows.iter().map(|r| r.tokens.as_slice()).collect();
+    let cv = match compressor::chunk_vectors(chunk_encoder, tokenizer, &ids, opts.k)? {
+        Some(v) => v.to_vec2::<f32>()?,
+        None => vec![],
+    };
+    for (row, v) in rows.iter_mut().zip(pv) {
+        row.vector = v;
+    }
+    let mut cv = cv.into_iter();
+    for row in rows.iter_mut() {
+        for v in cv.by_ref().take(compressor::chunk_count(row.tokens.len(), opts.k)) {
+            row.chunks.extend(v);
+        }
+    }
+    Ok(rows)
+}

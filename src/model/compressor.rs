@@ -1,0 +1,113 @@
+//! The one way passages become chunk vectors (REFRAG, arXiv 2509.01092, section 2): decoder
+//! tokens cut into k-token chunks ([`chunks`]), each chunk encoded into one vector by the chunk
+//! encoder ([`chunk_vectors`]: what an index stores), then projected into the decoder's input
+//! space ([`Compressor`]: what the decoder reads). The indexer, ask, chat, eval, perplexity,
+//! bench and every training stage go through here, so swapping the chunk encoder is a change in
+//! this file.
+
+use crate::model::decoder::Decoder;
+use crate::model::encoder::Encoder;
+use crate::model::projector::Projector;
+use anyhow::{anyhow, Result};
+use candle_core::Tensor;
+use tokenizers::Tokenizer;
+
+/// The k-token chunks of a passage's decoder tokens (the last one may be shorter).
+pub fn chunks(ids: &[u32], k: usize) -> std::slice::Chunks<'_, u32> {
+    ids.chunks(k.max(1))
+}
+
+/// How many chunks a passage of `tokens` decoder tokens has.
+pub fn chunk_count(tokens: usize, k: usize) -> usize {
+    tokens.div_ceil(k.max(1))
+}
+
+/// Each chunk's text (its decoder tokens decoded): what the MiniLM chunk encoder reads.
+pub fn chunk_texts(tokenizer: &Tokenizer, ids: &[u32], k: usize) -> Result<Vec<String>> {
+    chunks(ids, k).map(|c| tokenizer.decode(c, false).map_err(|e| anyhow!("decode: {e}"))).collect()
+}
+
+/// The vectors of chunks given as decoder tokens: [n, encoder dim], one row per chunk, on the
+/// encoder's device; `None` when there are none. The one place the chunk encoder reads chunks.
+pub fn encode_chunks(encoder: &Encoder, tokenizer: &Tokenizer, chunks: &[&[u32]]) -> Result<Option<Tensor>> {
+    if chunks.is_empty() {
+        return Ok(None);
+    }
+    let texts = chunks
+        .iter()
+        .map(|c| tokenizer.decode(c, false).map_err(|e| anyhow!("decode: {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    Ok(Some(encoder.encode(&refs)?))
+}
+
+/// The chunk vectors of passages given as decoder tokens ([`encode_chunks`] of their
+/// [`chunks`], chunk after chunk and passage after passage). Unprojected: what an index stores.
+pub fn chunk_vectors(
+    encoder: &Encoder,
+    tokenizer: &Tokenizer,
+    passages: &[&[u32]],
+    k: usize,
+) -> Result<Option<Tensor>> {
+    let all: Vec<&[u32]> = passages.iter().flat_map(|p| chunks(p, k)).collect();
+    encode_chunks(encoder, tokenizer, &all)
+}
+
+/// A chunk encoder, the projector trained with it, and the chunk size: turns decoder tokens
+/// into projected chunk vectors, one decoder position per k tokens.
+#[derive(Clone, Copy)]
+pub struct Compressor<'a> {
+    pub encoder: &'a Encoder,
+    pub projector: &'a Projector,
+    pub k: usize,
+}
+
+impl<'a> Compressor<'a> {
+    pub fn new(encoder: &'a Encoder, projector: &'a Projector, k: usize) -> Self {
+        Self { encoder, projector, k }
+    }
+
+    /// The unprojected vectors of `chunks` ([`encode_chunks`]), on `dec`'s device.
+    pub fn encode(&self, dec: &Decoder, chunks: &[&[u32]]) -> Result<Option<Tensor>> {
+        encode_chunks(self.encoder, &dec.tokenizer, chunks)?.map(|v| Ok(v.to_device(&dec.device)?)).transpose()
+    }
+
+    /// The unprojected chunk vectors of `passages` ([`chunk_vectors`]), on `dec`'s device.
+    pub fn vectors(&self, dec: &Decoder, passages: &[&[u32]]) -> Result<Option<Tensor>> {
+        let all: Vec<&[u32]> = passages.iter().flat_map(|p| chunks(p, self.k)).collect();
+        self.encode(dec, &all)
+    }
+
+    /// Chunk vectors (from [`Compressor::vectors`] or an index) into the decoder's input space:
+    /// [n, dim] -> [n, hidden] (f32).
+    pub fn project(&self, vectors: &Tensor) -> Result<Tensor> {
+        self.projector.forward(vectors)
+    }
+
+    /// The projected chunk vectors of `passages`: [n, hidden], `None` when there are no chunks.
+    pub fn compress(&self, dec: &Decoder, passages: &[&[u32]]) -> Result<Option<Tensor>> {
+        self.vectors(dec, passages)?.map(|v| self.project(&v)).transpose()
+    }
+
+    /// Text read compressed: tokenized with the decoder's tokenizer, then [`Compressor::compress`].
+    pub fn compress_text(&self, dec: &Decoder, text: &str) -> Result<Option<Tensor>> {
+        let ids = dec.tokenizer.encode(text, false).map_err(|e| anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
+        self.compress(dec, &[&ids])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_the_tokens_in_order() {
+        let ids: Vec<u32> = (0..37).collect();
+        let c: Vec<&[u32]> = chunks(&ids, 16).collect();
+        assert_eq!(c.len(), chunk_count(ids.len(), 16));
+        assert_eq!((c[0].len(), c[2].len()), (16, 5));
+        assert_eq!(c.concat(), ids);
+        assert_eq!(chunk_count(32, 16), 2);
+        assert_eq!(chunk_count(0, 16), 0);
+    }
+}
