@@ -4,7 +4,7 @@
 //! written (or clears the line), Ctrl-D leaves. Otherwise stdin is read as one question (or
 //! slash command) per line, so sessions can be scripted.
 
-use super::ask::{RagArgs, SamplingArgs};
+use super::args::{mode_name, RagArgs, SamplingArgs, SessionArgs};
 use super::Global;
 use crate::read::chat::Session;
 use crate::read::engine::{AskOptions, Engine, Mode};
@@ -24,17 +24,6 @@ pub struct ChatArgs {
     pub sampling: SamplingArgs,
     #[command(flatten)]
     pub session: SessionArgs,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct SessionArgs {
-    /// Most decoder positions per turn (history + passages + question); default: the
-    /// decoder's window. The oldest turns are left out when it is full.
-    #[arg(long, env = "REFRAG_CHAT_WINDOW")]
-    pub window: Option<usize>,
-    /// Line-editor history file. Default: chat_history in the data folder.
-    #[arg(long, env = "REFRAG_CHAT_HISTORY")]
-    pub history: Option<PathBuf>,
 }
 
 const HELP: &str = "\
@@ -69,11 +58,7 @@ pub fn run_session(g: &Global, rag: &RagArgs, sampling: &SamplingArgs, sargs: &S
         let mut rl = rustyline::DefaultEditor::new().map_err(|e| anyhow!("line editor: {e}"))?;
         let hist = sargs.history.clone().unwrap_or_else(|| g.home().join("chat_history"));
         let _ = rl.load_history(&hist);
-        eprintln!(
-            "refrag chat: mode {}, {} — /help for commands, Ctrl-D to leave",
-            super::ask::mode_name(opts.mode),
-            rag.db
-        );
+        eprintln!("refrag chat: mode {}, {} — /help for commands, Ctrl-D to leave", mode_name(opts.mode), rag.db);
         loop {
             match rl.readline("> ") {
                 Ok(line) => {

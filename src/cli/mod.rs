@@ -10,6 +10,7 @@ macro_rules! outln {
     }};
 }
 
+mod args;
 mod ask;
 mod bench;
 #[cfg(feature = "store")]

@@ -256,22 +256,7 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     if a.stage == Stage::Policy {
         return train_policy(g, &a);
     }
-    if !(a.recon_weight.is_finite() && a.recon_weight >= 0.0) {
-        bail!("--recon-weight {}: must be 0 or more", a.recon_weight);
-    }
-    if a.recon_weight > 0.0 && !matches!(a.stage, Stage::Cpt | Stage::Sft) {
-        bail!("--recon-weight is for `refrag train cpt` and `refrag train sft`");
-    }
-    if a.recon_weight > 0.0 && a.stage == Stage::Sft && a.text.is_empty() {
-        bail!("--recon-weight in `train sft` reconstructs --text FILE...: give the text");
-    }
-    let bow_weight = a.bow_weight.unwrap_or(if a.stage == Stage::Sft { 0.0 } else { 0.1 });
-    if !(bow_weight.is_finite() && bow_weight >= 0.0) || (bow_weight > 0.0 && a.stage == Stage::Sft) {
-        bail!("--bow-weight {bow_weight}: must be 0 or more, for reconstruct or cpt");
-    }
-    if a.input_scale.is_some_and(|x| !(x.is_finite() && x > 0.0)) {
-        bail!("--input-scale must be positive");
-    }
+    let bow_weight = check_stage_args(&a)?;
     // answers are trained with the question where --question-at says (auto: as --init's card)
     let init_layout = match &a.init {
         Some(d) => crate::model::weights::Card::read(d)?.question_at,
@@ -287,17 +272,6 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     if let (Some(x), Some(y)) = (a.input_scale, init_scale) {
         if x != y {
             bail!("--input-scale {x}: the --init weights were trained with {y}");
-        }
-    }
-    if !(0.0..1.0).contains(&a.mixed) {
-        bail!("--mixed {}: must be in [0, 1)", a.mixed);
-    }
-    if let Some(dir) = &a.teacher_weights {
-        if a.stage != Stage::Sft || a.distill <= 0.0 {
-            bail!("--teacher-weights is for `refrag train sft` with --distill above 0");
-        }
-        if !dir.join(crate::model::decoder::LORA_FILE).is_file() {
-            bail!("--teacher-weights {}: no {} in it", dir.display(), crate::model::decoder::LORA_FILE);
         }
     }
     let ld = g.loader()?;
@@ -325,29 +299,7 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     let names = |v: &[PathBuf]| {
         v.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()).collect::<Vec<_>>()
     };
-    let mut cfg = TrainConfig {
-        stage: a.stage,
-        k: a.k,
-        steps: a.steps,
-        tokens_per_step: a.tokens_per_step,
-        max_chunks: a.max_chunks,
-        predict_tokens: a.predict_tokens,
-        mixed: a.mixed,
-        lr: a.lr,
-        warmup: a.warmup,
-        weight_decay: a.weight_decay,
-        clip: a.clip,
-        seed: a.seed,
-        checkpoint_every: a.checkpoint_every,
-        encoder_layers: a.encoder_layers,
-        decoder_lora: a.decoder_lora,
-        distill: a.distill,
-        batch: a.batch,
-        recon_weight: a.recon_weight,
-        bow_weight,
-        input_scale,
-        teacher_weights: a.teacher_weights.clone(),
-    };
+    let mut cfg = config(&a, bow_weight, input_scale);
     // --resume continues with the checkpoint's settings, except options given now
     if let Some(ck) = a.resume.then(|| train::checkpoint::checkpoint_config(&a.out)).flatten() {
         let (c, changed) = resumed_config(&cfg, &ck, &a.given)?;
@@ -399,4 +351,65 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     let card = train::train(&run, &cfg).map_err(|e| train::oom::out_of_memory_hint(e, &a.out))?;
     outln!("{}", serde_json::to_string_pretty(&card)?);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The run's settings from the flags (a resumed run then takes its checkpoint's, except those
+/// given again).
+fn config(a: &TrainArgs, bow_weight: f64, input_scale: f64) -> TrainConfig {
+    TrainConfig {
+        stage: a.stage,
+        k: a.k,
+        steps: a.steps,
+        tokens_per_step: a.tokens_per_step,
+        max_chunks: a.max_chunks,
+        predict_tokens: a.predict_tokens,
+        mixed: a.mixed,
+        lr: a.lr,
+        warmup: a.warmup,
+        weight_decay: a.weight_decay,
+        clip: a.clip,
+        seed: a.seed,
+        checkpoint_every: a.checkpoint_every,
+        encoder_layers: a.encoder_layers,
+        decoder_lora: a.decoder_lora,
+        distill: a.distill,
+        batch: a.batch,
+        recon_weight: a.recon_weight,
+        bow_weight,
+        input_scale,
+        teacher_weights: a.teacher_weights.clone(),
+    }
+}
+
+/// The reconstruct/cpt/sft flags checked before anything loads; returns the bag-of-words weight
+/// (default 0.1, 0 for sft).
+fn check_stage_args(a: &TrainArgs) -> Result<f64> {
+    if !(a.recon_weight.is_finite() && a.recon_weight >= 0.0) {
+        bail!("--recon-weight {}: must be 0 or more", a.recon_weight);
+    }
+    if a.recon_weight > 0.0 && !matches!(a.stage, Stage::Cpt | Stage::Sft) {
+        bail!("--recon-weight is for `refrag train cpt` and `refrag train sft`");
+    }
+    if a.recon_weight > 0.0 && a.stage == Stage::Sft && a.text.is_empty() {
+        bail!("--recon-weight in `train sft` reconstructs --text FILE...: give the text");
+    }
+    let bow_weight = a.bow_weight.unwrap_or(if a.stage == Stage::Sft { 0.0 } else { 0.1 });
+    if !(bow_weight.is_finite() && bow_weight >= 0.0) || (bow_weight > 0.0 && a.stage == Stage::Sft) {
+        bail!("--bow-weight {bow_weight}: must be 0 or more, for reconstruct or cpt");
+    }
+    if a.input_scale.is_some_and(|x| !(x.is_finite() && x > 0.0)) {
+        bail!("--input-scale must be positive");
+    }
+    if !(0.0..1.0).contains(&a.mixed) {
+        bail!("--mixed {}: must be in [0, 1)", a.mixed);
+    }
+    if let Some(dir) = &a.teacher_weights {
+        if a.stage != Stage::Sft || a.distill <= 0.0 {
+            bail!("--teacher-weights is for `refrag train sft` with --distill above 0");
+        }
+        if !dir.join(crate::model::decoder::LORA_FILE).is_file() {
+            bail!("--teacher-weights {}: no {} in it", dir.display(), crate::model::decoder::LORA_FILE);
+        }
+    }
+    Ok(bow_weight)
 }

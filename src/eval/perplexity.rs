@@ -206,34 +206,13 @@ pub fn score(
             let want = ((opts.expand * n as f64).round() as usize).min(n);
             let mut chunk_nll = None;
             for (pi, &p) in opts.policies.iter().enumerate() {
-                use crate::options::Policy;
-                let scores: Vec<f64> = match p {
-                    Policy::None => vec![0.0; n],
-                    Policy::Random => {
-                        let mut rng = crate::rng::Rng(0x5eed ^ (st as u64) << 8 ^ pi as u64);
-                        (0..n).map(|_| rng.unit()).collect()
-                    }
-                    Policy::PplDesc | Policy::PplAsc => {
-                        if chunk_nll.is_none() {
-                            chunk_nll = Some(crate::read::policy::chunk_nll(dec, ctx, k)?);
-                        }
-                        let sign = if p == Policy::PplDesc { 1.0 } else { -1.0 };
-                        chunk_nll.as_ref().map(|v| v.iter().map(|x| sign * x).collect()).unwrap_or_default()
-                    }
-                    Policy::Sim | Policy::SimSpan => bail!("--policy sim and sim-span need a question; perplexity readings take random, ppl-desc, ppl-asc, rl"),
-                    Policy::Rl => {
-                        let Some((net, qenc)) = policy else { return Err(crate::read::policy::missing(None)) };
-                        let q = if net.cfg.condition {
-                            let qt = dec.tokenizer.decode(&tgt[..opts.query_tokens.min(o)], false).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
-                            Some(qenc.encode(&[qt.as_str()])?.to_device(&dec.device)?.squeeze(0)?)
-                        } else {
-                            None
-                        };
-                        net.logits(vecs, q.as_ref(), &[n])?.to_vec1::<f32>()?.iter().map(|&x| x as f64).collect()
-                    }
+                let scores =
+                    policy_scores(p, pi, &Window { start: st, ctx, tgt, vecs }, dec, policy, opts, &mut chunk_nll)?;
+                let mask = if p == crate::options::Policy::None {
+                    vec![false; n]
+                } else {
+                    crate::read::policy::top_mask(&scores, want)
                 };
-                let mask =
-                    if p == Policy::None { vec![false; n] } else { crate::read::policy::top_mask(&scores, want) };
                 let prefix = crate::read::policy::mixed_prefix(rd, ctx, k, e, &mask)?;
                 let key = format!("{}@{}", serde_json::to_value(p)?.as_str().unwrap_or("?"), opts.expand);
                 *sc.nll_expanded.entry(key).or_insert(0.0) += nll_after(rd, &prefix, tgt)?;
@@ -259,6 +238,61 @@ pub fn score(
         *v /= n;
     }
     Ok(sc)
+}
+
+/// A window of `eval perplexity`: where it starts, its context and target tokens, its chunk
+/// vectors.
+struct Window<'w> {
+    start: usize,
+    ctx: &'w [u32],
+    tgt: &'w [u32],
+    vecs: &'w Tensor,
+}
+
+/// Each chunk's score under an expansion policy (the highest are expanded); the decoder's
+/// per-chunk NLL is computed once per window (`chunk_nll`) for the perplexity policies.
+fn policy_scores(
+    p: crate::options::Policy,
+    pi: usize,
+    w: &Window,
+    dec: &Decoder,
+    policy: Option<(&crate::model::policy::PolicyNet, &Encoder)>,
+    opts: &PplOptions,
+    chunk_nll: &mut Option<Vec<f64>>,
+) -> Result<Vec<f64>> {
+    use crate::options::Policy;
+    let (n, k, o) = (w.vecs.dim(0)?, opts.k, opts.o);
+    let (ctx, tgt) = (w.ctx, w.tgt);
+    Ok(match p {
+        Policy::None => vec![0.0; n],
+        Policy::Random => {
+            let mut rng = crate::rng::Rng(0x5eed ^ (w.start as u64) << 8 ^ pi as u64);
+            (0..n).map(|_| rng.unit()).collect()
+        }
+        Policy::PplDesc | Policy::PplAsc => {
+            if chunk_nll.is_none() {
+                *chunk_nll = Some(crate::read::policy::chunk_nll(dec, ctx, k)?);
+            }
+            let sign = if p == Policy::PplDesc { 1.0 } else { -1.0 };
+            chunk_nll.as_ref().map(|v| v.iter().map(|x| sign * x).collect()).unwrap_or_default()
+        }
+        Policy::Sim | Policy::SimSpan => {
+            bail!("--policy sim and sim-span need a question; perplexity readings take random, ppl-desc, ppl-asc, rl")
+        }
+        Policy::Rl => {
+            let Some((net, qenc)) = policy else { return Err(crate::read::policy::missing(None)) };
+            let q = if net.cfg.condition {
+                let qt = dec
+                    .tokenizer
+                    .decode(&tgt[..opts.query_tokens.min(o)], false)
+                    .map_err(|e| anyhow::anyhow!("decode: {e}"))?;
+                Some(qenc.encode(&[qt.as_str()])?.to_device(&dec.device)?.squeeze(0)?)
+            } else {
+                None
+            };
+            net.logits(w.vecs, q.as_ref(), &[n])?.to_vec1::<f32>()?.iter().map(|&x| x as f64).collect()
+        }
+    })
 }
 
 #[cfg(test)]

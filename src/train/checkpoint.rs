@@ -2,7 +2,7 @@
 //! decoder adapters) seeded, saved and resumed, started from earlier weights, and written as
 //! the shipped files.
 
-use super::{TrainConfig, TrainRun, DEC_PREFIX, ENC_PREFIX};
+use super::config::{TrainConfig, DEC_PREFIX, ENC_PREFIX};
 use crate::model::decoder::Decoder;
 use crate::model::encoder::Encoder;
 use crate::model::projector::Projector;
@@ -189,14 +189,4 @@ pub(super) fn save_weights(varmap: &VarMap, out: &Path, input_scale: f64) -> Res
         }
     }
     Ok(())
-}
-
-pub(super) fn projector_of(varmap: &VarMap, run: &TrainRun, cfg: &TrainConfig) -> Result<Projector> {
-    let mut p = Projector::new(
-        candle_nn::VarBuilder::from_varmap(varmap, DType::F32, &run.decoder.device),
-        run.encoder.dim,
-        run.decoder.cfg.hidden,
-    )?;
-    p.in_scale = cfg.input_scale;
-    Ok(p)
 }

@@ -1,7 +1,7 @@
 //! Training data: pools of decoder tokens drawn from text files, the curriculum over the number
 //! of chunks, and batches of windows split into passes that fit the device.
 
-use super::{Stage, TrainConfig};
+use super::config::{Stage, TrainConfig};
 use crate::model::compressor::Compressor;
 use crate::model::decoder::Decoder;
 use crate::rng::Rng;

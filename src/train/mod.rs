@@ -20,6 +20,7 @@ pub mod policy;
 pub mod sft;
 
 pub mod checkpoint;
+pub mod config;
 pub mod data;
 pub mod loss;
 pub mod oom;
@@ -28,9 +29,10 @@ pub mod optim;
 mod tests;
 
 use checkpoint::{
-    init_from_weights, projector_of, save_weights, seeded_init, trainable_decoder, trainable_encoder, truncate_log,
-    Checkpoint,
+    init_from_weights, save_weights, seeded_init, trainable_decoder, trainable_encoder, truncate_log, Checkpoint,
 };
+pub use config::{Stage, TrainConfig};
+use config::{DEC_PREFIX, ENC_PREFIX};
 use data::{curriculum_chunks, make_batch, passes, recon_batch, stages, TextPool};
 use loss::{batch_accuracy, batch_backward, batch_loss};
 use oom::{with_oom_retry, OOM_RETRIES};
@@ -42,86 +44,13 @@ use crate::model::encoder::Encoder;
 use crate::model::projector::Projector;
 use crate::options::QuestionAt;
 use crate::rng::Rng;
+use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Var};
 use candle_nn::VarMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stage {
-    Reconstruct,
-    Cpt,
-    /// The selective-expansion policy (see `policy`); trains on top of existing weights.
-    Policy,
-    /// Answering from compressed passages: supervised answers + distillation from full-context
-    /// reading (see `sft`).
-    Sft,
-}
-
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct TrainConfig {
-    pub stage: Stage,
-    pub k: usize,
-    pub steps: usize,
-    /// Target tokens per optimizer step (the batch size adapts to the curriculum's L).
-    pub tokens_per_step: usize,
-    /// Largest number of chunks per sample (the last curriculum stage).
-    pub max_chunks: usize,
-    /// cpt: tokens to predict after the compressed context.
-    pub predict_tokens: usize,
-    /// cpt: fraction of chunks left uncompressed (mixed input).
-    pub mixed: f64,
-    pub lr: f64,
-    pub warmup: f64,
-    pub weight_decay: f64,
-    pub clip: f64,
-    pub seed: u64,
-    pub checkpoint_every: usize,
-    /// Top layers of the chunk encoder that train (0 = projector only).
-    #[serde(default)]
-    pub encoder_layers: usize,
-    /// Rank of the LoRA adapters on every decoder matrix (0 = decoder frozen).
-    #[serde(default)]
-    pub decoder_lora: usize,
-    /// sft: weight of the distillation term (KL to full-context reading).
-    #[serde(default)]
-    pub distill: f64,
-    /// sft: tasks per optimizer step.
-    #[serde(default)]
-    pub batch: usize,
-    /// cpt: weight of an auxiliary reconstruction loss (the window's first chunks read back
-    /// from their vectors, up to 16 chunks, on its own batch each step), so that continual
-    /// pre-training keeps the vectors' content instead of only their style. 0 = off.
-    #[serde(default)]
-    pub recon_weight: f64,
-    /// reconstruct/cpt: weight of a bag-of-words loss on each chunk vector of a batch: its projected
-    /// vector, read through the decoder's final norm and (tied) LM head, should point at the
-    /// chunk's k tokens. A direct content signal for the encoder and projector. 0 = off.
-    #[serde(default)]
-    pub bow_weight: f64,
-    /// Factor on the chunk vector before the projector (see `Projector::in_scale`); 1 for
-    /// weights trained before it existed.
-    #[serde(default = "one")]
-    pub input_scale: f64,
-    /// sft: distil from the base decoder with this folder's adapters folded in (None: the
-    /// base decoder).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub teacher_weights: Option<PathBuf>,
-}
-
-fn one() -> f64 {
-    1.0
-}
-
-/// VarMap prefix of the chunk encoder's trainable tensors.
-const ENC_PREFIX: &str = "enc.";
-/// VarMap prefix of the decoder's adapters.
-const DEC_PREFIX: &str = "dec.";
-
-use crate::rng::Rng;
 
 pub struct TrainRun<'a> {
     pub decoder: &'a Decoder,
@@ -366,6 +295,17 @@ fn card(
         "heldout": scores,
         "seconds_this_run": seconds,
     })
+}
+
+/// The projector over the run's variables, reading chunk vectors at the configured scale.
+fn projector_of(varmap: &VarMap, run: &TrainRun, cfg: &TrainConfig) -> Result<Projector> {
+    let mut p = Projector::new(
+        candle_nn::VarBuilder::from_varmap(varmap, DType::F32, &run.decoder.device),
+        run.encoder.dim,
+        run.decoder.cfg.hidden,
+    )?;
+    p.in_scale = cfg.input_scale;
+    Ok(p)
 }
 
 fn train_loop(

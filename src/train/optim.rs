@@ -1,7 +1,7 @@
 //! AdamW with one flat update over all trainable variables, gradient sums over passes,
 //! global-norm clipping, and the warm-up + cosine learning-rate schedule.
 
-use super::TrainConfig;
+use super::config::TrainConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;

@@ -117,6 +117,86 @@ fn train_fields(cfg: &PolicyTrainConfig, episodes: &Episodes) -> serde_json::Val
     v
 }
 
+/// `group` sequences of `want` chunks sampled from the logits, and their masks over the chunks.
+fn sample_group(logits: &[f64], want: usize, group: usize, rng: &mut Rng) -> (Vec<Vec<usize>>, Vec<Vec<bool>>) {
+    let mut seqs = Vec::with_capacity(group);
+    let mut masks = Vec::with_capacity(group + 1);
+    for _ in 0..group {
+        let seq = sample_sequence(logits, want, rng);
+        let mut mask = vec![false; logits.len()];
+        for &i in &seq {
+            mask[i] = true;
+        }
+        seqs.push(seq);
+        masks.push(mask);
+    }
+    (seqs, masks)
+}
+
+/// The PPO loss of a group: minus the mean over its sequences of min(ratio x advantage,
+/// clip(ratio) x advantage), the ratio against the sequences' log-probabilities when sampled.
+fn clipped_objective(logits: &Tensor, seqs: &[Vec<usize>], adv: &[f64], old: &[f64], clip_eps: f64) -> Result<Tensor> {
+    let mut terms = Vec::new();
+    for ((s, &a), &o) in seqs.iter().zip(adv).zip(old) {
+        let ratio = (sequence_logprob(logits, s)? - o)?.exp()?;
+        let clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)?;
+        terms.push((ratio * a)?.minimum(&(clipped * a)?)?);
+    }
+    Ok((Tensor::stack(&terms, 0)?.mean_all()? * -1.0)?)
+}
+
+/// One context to learn from: its chunk vectors, the query, chunks per passage, and the reward
+/// of any expansion mask.
+struct Episode<'a> {
+    vecs: Tensor,
+    query: Option<Tensor>,
+    sizes: Vec<usize>,
+    reward: RewardFn<'a>,
+}
+
+/// The next episode: a window of text (reward: the next tokens' log-perplexity) or a question
+/// task (reward: the reference answer's); with `condition`, the query the policy reads.
+fn episode<'a>(run: &'a PolicyTrain, cfg: &PolicyTrainConfig, condition: bool, rng: &mut Rng) -> Result<Episode<'a>> {
+    let (dec, comp) = (run.decoder, run.compressor);
+    let encode_query = |text: &str| -> Result<Option<Tensor>> {
+        if !condition {
+            return Ok(None);
+        }
+        Ok(Some(run.query_encoder.encode(&[text])?.to_device(&dec.device)?.squeeze(0)?))
+    };
+    match run.episodes {
+        Episodes::Text(pool) => {
+            let window = pool.window(cfg.s + cfg.o, rng);
+            let (ctx, tgt) = (&window[..cfg.s], &window[cfg.s..]);
+            let vecs = comp.vectors(dec, &[ctx])?.context("a window without chunks")?;
+            let projected = comp.project(&vecs)?;
+            let q = dec
+                .tokenizer
+                .decode(&tgt[..cfg.query_tokens.min(tgt.len())], false)
+                .map_err(|e| anyhow::anyhow!("decode: {e}"))?;
+            let reward = move |masks: &[Vec<bool>]| -> Result<Vec<f64>> {
+                let prefix = |m: &Vec<bool>| mixed_prefix(dec, ctx, comp.k, &projected, m);
+                masks.iter().map(|m| Ok(-crate::read::score::nll_after(dec, &prefix(m)?, tgt)?)).collect()
+            };
+            let n = vecs.dim(0)?;
+            Ok(Episode { query: encode_query(&q)?, vecs, sizes: vec![n], reward: Box::new(reward) })
+        }
+        Episodes::Tasks(pool) => {
+            let ex = pool.sample(1, rng)[0];
+            let task = crate::train::sft::EncodedTask::new(dec, &comp, run.question_at, ex)?;
+            let (vecs, sizes) = (task.raw.clone(), task.sizes.clone());
+            let reward = move |masks: &[Vec<bool>]| -> Result<Vec<f64>> {
+                let items = masks
+                    .iter()
+                    .map(|m| Ok((task.prompt(comp.k, m)?, task.ex.answer.as_slice())))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(crate::read::score::answer_nll(dec, &items)?.into_iter().map(|x| -x).collect())
+            };
+            Ok(Episode { vecs, query: encode_query(&ex.question)?, sizes, reward: Box::new(reward) })
+        }
+    }
+}
+
 /// Train the policy (GRPO group baseline + PPO clipping); writes policy.safetensors/json.
 /// The reward of each expansion mask of a group (one context).
 type RewardFn<'a> = Box<dyn Fn(&[Vec<bool>]) -> Result<Vec<f64>> + 'a>;
@@ -166,70 +246,13 @@ pub fn train(run: &PolicyTrain, net_cfg: PolicyConfig, cfg: &PolicyTrainConfig) 
         std::fs::rename(&tmp, run.out.join(POLICY_CARD))?;
         Ok(card)
     };
-    let encode_query = |text: &str| -> Result<Option<Tensor>> {
-        if !net_cfg.condition {
-            return Ok(None);
-        }
-        Ok(Some(run.query_encoder.encode(&[text])?.to_device(device)?.squeeze(0)?))
-    };
     for step in 0..cfg.steps {
-        // One context: its chunk vectors, the query, and the reward of any expansion mask.
-        let task;
-        let window;
-        let (vecs, query, sizes, reward): (Tensor, Option<Tensor>, Vec<usize>, RewardFn) = match run.episodes {
-            Episodes::Text(pool) => {
-                window = pool.window(cfg.s + cfg.o, &mut rng);
-                let (ctx, tgt) = (&window[..cfg.s], &window[cfg.s..]);
-                let vecs = comp.vectors(dec, &[ctx])?.context("a window without chunks")?;
-                let projected = comp.project(&vecs)?;
-                let q = dec
-                    .tokenizer
-                    .decode(&tgt[..cfg.query_tokens.min(tgt.len())], false)
-                    .map_err(|e| anyhow::anyhow!("decode: {e}"))?;
-                let reward = move |masks: &[Vec<bool>]| -> Result<Vec<f64>> {
-                    masks
-                        .iter()
-                        .map(|m| {
-                            Ok(-crate::read::score::nll_after(
-                                dec,
-                                &mixed_prefix(dec, ctx, comp.k, &projected, m)?,
-                                tgt,
-                            )?)
-                        })
-                        .collect()
-                };
-                let n = vecs.dim(0)?;
-                (vecs, encode_query(&q)?, vec![n], Box::new(reward))
-            }
-            Episodes::Tasks(pool) => {
-                let ex = pool.sample(1, &mut rng)[0];
-                task = crate::train::sft::EncodedTask::new(dec, &comp, run.question_at, ex)?;
-                let t = &task;
-                let reward = move |masks: &[Vec<bool>]| -> Result<Vec<f64>> {
-                    let items = masks
-                        .iter()
-                        .map(|m| Ok((t.prompt(comp.k, m)?, t.ex.answer.as_slice())))
-                        .collect::<Result<Vec<_>>>()?;
-                    Ok(crate::read::score::answer_nll(dec, &items)?.into_iter().map(|x| -x).collect())
-                };
-                (task.raw.clone(), encode_query(&ex.question)?, task.sizes.clone(), Box::new(reward))
-            }
-        };
+        let Episode { vecs, query, sizes, reward } = episode(run, cfg, net_cfg.condition, &mut rng)?;
         let n = vecs.dim(0)?;
         let want = ((cfg.expand * n as f64).round() as usize).clamp(1, n);
         let logits = net.logits(&vecs, query.as_ref(), &sizes)?;
         let lv: Vec<f64> = logits.to_vec1::<f32>()?.iter().map(|&x| x as f64).collect();
-        let mut seqs = Vec::new();
-        let mut masks = Vec::new();
-        for _ in 0..cfg.group {
-            let seq = sample_sequence(&lv, want, &mut rng);
-            let mut mask = vec![false; n];
-            for &i in &seq {
-                mask[i] = true;
-            }
-            seqs.push(seq);
-            masks.push(mask);
-        }
+        let (seqs, mut masks) = sample_group(&lv, want, cfg.group, &mut rng);
         // the policy's own greedy pick is scored with the group (against the group's mean: a
         // random-like baseline), but does not enter the update
         masks.push(top_mask(&lv, want));
@@ -242,14 +265,7 @@ pub fn train(run: &PolicyTrain, net_cfg: PolicyConfig, cfg: &PolicyTrainConfig) 
             seqs.iter().map(|s| Ok(sequence_logprob(&logits, s)?.to_scalar::<f32>()? as f64)).collect::<Result<_>>()?;
         for _ in 0..cfg.epochs {
             let logits = net.logits(&vecs, query.as_ref(), &sizes)?;
-            let mut terms = Vec::new();
-            for ((s, &a), &o) in seqs.iter().zip(&adv).zip(&old) {
-                let ratio = (sequence_logprob(&logits, s)? - o)?.exp()?;
-                let clipped = ratio.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)?;
-                terms.push((ratio * a)?.minimum(&(clipped * a)?)?);
-            }
-            let loss = (Tensor::stack(&terms, 0)?.mean_all()? * -1.0)?;
-            let grads = loss.backward()?;
+            let grads = clipped_objective(&logits, &seqs, &adv, &old, cfg.clip_eps)?.backward()?;
             opt.step(&grads, cfg.lr, 1.0)?;
         }
         let gain = {

@@ -8,6 +8,7 @@ mod crash;
 mod decoder;
 mod encoder;
 mod hub;
+mod layers;
 mod pipeline;
 mod robust;
 mod s3;

@@ -123,38 +123,7 @@ pub fn readback(g: &Global, a: ReadbackArgs) -> Result<ExitCode> {
             .collect::<Result<Vec<_>>>()?;
     let total: usize = pools.iter().map(|p| p.examples.len().min(a.limit)).sum();
     let pb = crate::progress::bar(g.quiet, total as u64, "tasks");
-    let has = |text: &str, answer: &str| f64::from(u8::from(metrics::contains_any(text, &[answer.to_string()])));
-    // per file and over all: (own, other) answer found; (own, other) read-back F1 against the chunk
-    let mut files = Vec::new();
-    let (mut all, mut shown) = ([Vec::new(), Vec::new(), Vec::new(), Vec::new()], Vec::new());
-    // answer-token NLL, teacher-forced read-back: (own, other) per task where it was placed
-    let (mut nll_own, mut nll_other) = (Vec::new(), Vec::new());
-    for (f, pool) in a.qa.iter().zip(&pools) {
-        let n = pool.examples.len().min(a.limit);
-        let rows = crate::eval::readback::readback(&dec, &comp, &pool.examples[..n], || pb.inc(1))
-            .with_context(|| f.display().to_string())?;
-        let mut cols = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
-        for r in rows.iter().flatten() {
-            let v = [
-                has(&r.own, &r.answer),
-                has(&r.other, &r.answer),
-                metrics::f1(&r.own, &r.chunk),
-                metrics::f1(&r.other, &r.chunk),
-            ];
-            for ((c, a), v) in cols.iter_mut().zip(all.iter_mut()).zip(v) {
-                c.push(v);
-                a.push(v);
-            }
-            if let Some((o, t)) = r.answer_nll {
-                nll_own.push(o);
-                nll_other.push(t);
-            }
-            if shown.len() < a.show {
-                shown.push(serde_json::json!({"answer": r.answer, "chunk": r.chunk, "own": r.own, "other": r.other}));
-            }
-        }
-        files.push((f.display().to_string(), n, cols));
-    }
+    let Probed { files, all, nll_own, nll_other, shown } = probe(&dec, &comp, &a, &pools, || pb.inc(1))?;
     pb.finish_and_clear();
     if all[0].is_empty() {
         bail!("{:?}: no task has its answer within one {k}-token chunk of its passage", a.qa);
@@ -237,4 +206,58 @@ pub fn readback(g: &Global, a: ReadbackArgs) -> Result<ExitCode> {
         )?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `eval readback` found, per file and over all files: (own, other) answer read back and
+/// (own, other) read-back F1 against the chunk; the answer tokens' NLL read back teacher-forced
+/// (own, other) where the answer could be placed; the first examples.
+struct Probed {
+    files: Vec<(String, usize, [Vec<f64>; 4])>,
+    all: [Vec<f64>; 4],
+    nll_own: Vec<f64>,
+    nll_other: Vec<f64>,
+    shown: Vec<serde_json::Value>,
+}
+
+/// Read back the answer chunk of the first `a.limit` tasks of each file; `tick` after each task.
+fn probe(
+    dec: &crate::model::decoder::Decoder,
+    comp: &crate::model::compressor::Compressor,
+    a: &ReadbackArgs,
+    pools: &[crate::train::sft::QaPool],
+    mut tick: impl FnMut(),
+) -> Result<Probed> {
+    let has = |text: &str, answer: &str| f64::from(u8::from(metrics::contains_any(text, &[answer.to_string()])));
+    // per file and over all: (own, other) answer found; (own, other) read-back F1 against the chunk
+    let mut files = Vec::new();
+    let (mut all, mut shown) = ([Vec::new(), Vec::new(), Vec::new(), Vec::new()], Vec::new());
+    // answer-token NLL, teacher-forced read-back: (own, other) per task where it was placed
+    let (mut nll_own, mut nll_other) = (Vec::new(), Vec::new());
+    for (f, pool) in a.qa.iter().zip(&pools) {
+        let n = pool.examples.len().min(a.limit);
+        let rows = crate::eval::readback::readback(&dec, &comp, &pool.examples[..n], &mut tick)
+            .with_context(|| f.display().to_string())?;
+        let mut cols = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        for r in rows.iter().flatten() {
+            let v = [
+                has(&r.own, &r.answer),
+                has(&r.other, &r.answer),
+                metrics::f1(&r.own, &r.chunk),
+                metrics::f1(&r.other, &r.chunk),
+            ];
+            for ((c, a), v) in cols.iter_mut().zip(all.iter_mut()).zip(v) {
+                c.push(v);
+                a.push(v);
+            }
+            if let Some((o, t)) = r.answer_nll {
+                nll_own.push(o);
+                nll_other.push(t);
+            }
+            if shown.len() < a.show {
+                shown.push(serde_json::json!({"answer": r.answer, "chunk": r.chunk, "own": r.own, "other": r.other}));
+            }
+        }
+        files.push((f.display().to_string(), n, cols));
+    }
+    Ok(Probed { files, all, nll_own, nll_other, shown })
 }

@@ -1,7 +1,7 @@
 //! `refrag eval`: batch questions from JSONL, with metrics; `refrag eval perplexity`.
 #![cfg_attr(not(feature = "store"), allow(dead_code, unused_imports))]
 
-use super::ask::{mode_name, policy_named, RagArgs, SamplingArgs};
+use super::args::{mode_name, policy_named, RagArgs, SamplingArgs};
 use super::Global;
 
 mod answers;

@@ -4,6 +4,7 @@
 use super::PerplexityArgs;
 use crate::cli::Global;
 use crate::eval::metrics;
+use crate::eval::perplexity::PplScores;
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::process::ExitCode;
@@ -92,40 +93,75 @@ pub fn perplexity(g: &Global, a: PerplexityArgs) -> Result<ExitCode> {
             }
         }
         if !a.json {
-            pb.suspend(|| -> Result<()> {
-                writeln!(out, "perplexity of {} tokens after {} context tokens, k = {k} ({} positions compressed)", a.o, a.s, a.s / k)?;
-                writeln!(out, "{:<28} {:>7} {:>9} {:>9} {:>9} {:>9} {:>11} {:>13}", "text", "windows", "none", "full", format!("last-{}", a.s / k), format!("refrag-{k}"), "gap closed", "none+adapter")?;
-                let p = |x: Option<f64>| x.map(|n| format!("{:.2}", PplScores::ppl(n))).unwrap_or_else(|| "-".into());
-                for r in &rows {
-                    let gc = r.nll_refrag.map(|n| format!("{:.1}%", 100.0 * r.gap_closed(n))).unwrap_or_else(|| "-".into());
-                    writeln!(out, "{:<28} {:>7} {:>9.2} {:>9.2} {:>9.2} {:>9} {:>11} {:>13}", r.text, r.windows, PplScores::ppl(r.nll_none), PplScores::ppl(r.nll_full), PplScores::ppl(r.nll_last), p(r.nll_refrag), gc, p(r.nll_none_adapted))?;
-                }
-                if let Some(r) = rows.last().filter(|r| r.nll_refrag_other.is_some() || r.nll_full_adapted.is_some()) {
-                    let pct = |x: Option<f64>| x.map(|g| format!("{:.1}%", 100.0 * g)).unwrap_or_else(|| "-".into());
-                    writeln!(out, "controls (pooled): refrag-{k} reading another window's chunks {}; adapted decoder none {} / full {}; gap closed within the adapted decoder {}",
-                        p(r.nll_refrag_other), p(r.nll_none_adapted), p(r.nll_full_adapted), pct(r.gap_closed_adapted()))?;
-                }
-                if let Some(r) = rows.last().filter(|r| !r.recon_accuracy.is_empty()) {
-                    let parts: Vec<String> = crate::eval::perplexity::RECON_CHUNKS
-                        .iter()
-                        .filter_map(|n| {
-                            let own = r.recon_accuracy.get(&format!("chunks_{n}"))?;
-                            let other = r.recon_accuracy.get(&format!("chunks_{n}_other"))?;
-                            Some(format!("{n} chunk(s) {:.1}% (another window's vectors {:.1}%)", 100.0 * own, 100.0 * other))
-                        })
-                        .collect();
-                    writeln!(out, "reconstruction token accuracy (pooled): {}", parts.join("; "))?;
-                }
-                if let Some(pooled) = rows.last().filter(|r| !r.nll_expanded.is_empty()) {
-                    writeln!(out, "REFRAG-{k} with {:.0}% of chunks expanded (pooled): policy, perplexity, gap closed", 100.0 * a.expand)?;
-                    for (name, &n) in &pooled.nll_expanded {
-                        writeln!(out, "  {name:<16} {:>9.2} {:>10.1}%", PplScores::ppl(n), 100.0 * pooled.gap_closed(n))?;
-                    }
-                }
-                Ok(())
-            })?;
+            pb.suspend(|| print_table(&mut out, &a, k, &rows))?;
         }
     }
     pb.finish_and_clear();
     Ok(ExitCode::SUCCESS)
+}
+
+/// The readings of each text and pooled, as a table with the controls below it.
+fn print_table(out: &mut impl Write, a: &PerplexityArgs, k: usize, rows: &[PplScores]) -> Result<()> {
+    writeln!(
+        out,
+        "perplexity of {} tokens after {} context tokens, k = {k} ({} positions compressed)",
+        a.o,
+        a.s,
+        a.s / k
+    )?;
+    writeln!(
+        out,
+        "{:<28} {:>7} {:>9} {:>9} {:>9} {:>9} {:>11} {:>13}",
+        "text",
+        "windows",
+        "none",
+        "full",
+        format!("last-{}", a.s / k),
+        format!("refrag-{k}"),
+        "gap closed",
+        "none+adapter"
+    )?;
+    let p = |x: Option<f64>| x.map(|n| format!("{:.2}", PplScores::ppl(n))).unwrap_or_else(|| "-".into());
+    for r in rows {
+        let gc = r.nll_refrag.map(|n| format!("{:.1}%", 100.0 * r.gap_closed(n))).unwrap_or_else(|| "-".into());
+        writeln!(
+            out,
+            "{:<28} {:>7} {:>9.2} {:>9.2} {:>9.2} {:>9} {:>11} {:>13}",
+            r.text,
+            r.windows,
+            PplScores::ppl(r.nll_none),
+            PplScores::ppl(r.nll_full),
+            PplScores::ppl(r.nll_last),
+            p(r.nll_refrag),
+            gc,
+            p(r.nll_none_adapted)
+        )?;
+    }
+    if let Some(r) = rows.last().filter(|r| r.nll_refrag_other.is_some() || r.nll_full_adapted.is_some()) {
+        let pct = |x: Option<f64>| x.map(|g| format!("{:.1}%", 100.0 * g)).unwrap_or_else(|| "-".into());
+        writeln!(out, "controls (pooled): refrag-{k} reading another window's chunks {}; adapted decoder none {} / full {}; gap closed within the adapted decoder {}",
+            p(r.nll_refrag_other), p(r.nll_none_adapted), p(r.nll_full_adapted), pct(r.gap_closed_adapted()))?;
+    }
+    if let Some(r) = rows.last().filter(|r| !r.recon_accuracy.is_empty()) {
+        let parts: Vec<String> = crate::eval::perplexity::RECON_CHUNKS
+            .iter()
+            .filter_map(|n| {
+                let own = r.recon_accuracy.get(&format!("chunks_{n}"))?;
+                let other = r.recon_accuracy.get(&format!("chunks_{n}_other"))?;
+                Some(format!("{n} chunk(s) {:.1}% (another window's vectors {:.1}%)", 100.0 * own, 100.0 * other))
+            })
+            .collect();
+        writeln!(out, "reconstruction token accuracy (pooled): {}", parts.join("; "))?;
+    }
+    if let Some(pooled) = rows.last().filter(|r| !r.nll_expanded.is_empty()) {
+        writeln!(
+            out,
+            "REFRAG-{k} with {:.0}% of chunks expanded (pooled): policy, perplexity, gap closed",
+            100.0 * a.expand
+        )?;
+        for (name, &n) in &pooled.nll_expanded {
+            writeln!(out, "  {name:<16} {:>9.2} {:>10.1}%", PplScores::ppl(n), 100.0 * pooled.gap_closed(n))?;
+        }
+    }
+    Ok(())
 }
