@@ -12,11 +12,7 @@ use anyhow::{bail, Result};
 
 /// The readings of [`answer_readings`], in its order.
 pub const ANSWER_READINGS: [&str; 6] = [
-    "none, base decoder",
-    "full, base decoder",
-    "full, adapted decoder",
-    "refrag, no passages",
-    "refrag, own passages",
+    "none, base decoder", "full, base decoder", "full, adapted decoder", "refrag, no passages", "refrag, own passages",
     "refrag, another task's passages",
 ];
 

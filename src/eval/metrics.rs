@@ -62,12 +62,7 @@ pub fn abstains(pred: &str) -> bool {
     let n = normalize(pred);
     n.is_empty()
         || [
-            "unanswerable",
-            "i don t know",
-            "not mentioned",
-            "no answer",
-            "cannot be answered",
-            "not provided",
+            "unanswerable", "i don t know", "not mentioned", "no answer", "cannot be answered", "not provided",
             "does not mention",
         ]
         .iter()

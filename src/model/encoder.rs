@@ -130,22 +130,11 @@ impl Encoder {
     /// Names of the tensors of the given transformer layers.
     pub fn layer_tensor_names(&self, layers: impl std::ops::RangeBounds<usize>) -> Vec<String> {
         const PARTS: [&str; 16] = [
-            "attention.self.query.weight",
-            "attention.self.query.bias",
-            "attention.self.key.weight",
-            "attention.self.key.bias",
-            "attention.self.value.weight",
-            "attention.self.value.bias",
-            "attention.output.dense.weight",
-            "attention.output.dense.bias",
-            "attention.output.LayerNorm.weight",
-            "attention.output.LayerNorm.bias",
-            "intermediate.dense.weight",
-            "intermediate.dense.bias",
-            "output.dense.weight",
-            "output.dense.bias",
-            "output.LayerNorm.weight",
-            "output.LayerNorm.bias",
+            "attention.self.query.weight", "attention.self.query.bias", "attention.self.key.weight",
+            "attention.self.key.bias", "attention.self.value.weight", "attention.self.value.bias",
+            "attention.output.dense.weight", "attention.output.dense.bias", "attention.output.LayerNorm.weight",
+            "attention.output.LayerNorm.bias", "intermediate.dense.weight", "intermediate.dense.bias",
+            "output.dense.weight", "output.dense.bias", "output.LayerNorm.weight", "output.LayerNorm.bias",
         ];
         (0..self.layers)
             .filter(|i| layers.contains(i))

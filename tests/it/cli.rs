@@ -396,14 +396,7 @@ fn ask_context_in_refrag_mode_compresses_and_expands() {
     }
     let text = std::fs::read_to_string(dir.path().join("card.json")).unwrap();
     std::fs::write(dir.path().join("card.json"), text.replace("\"expand\": 0.25", "\"expand\": 2")).unwrap();
-    let out = refrag()
-        .args(["ask", "--device", "cpu", "--mode", "refrag", "--weights"])
-        .arg(dir.path())
-        .arg("--context")
-        .arg(fixture("corpus/warsaw-2.txt"))
-        .arg("Who was Chopin?")
-        .output()
-        .unwrap();
+    let out = ask_chopin_with(dir.path());
     let err = one_line_error(&out);
     assert!(err.contains("card.json") && err.contains("expand"), "{err}");
     std::fs::write(dir.path().join("card.json"), text.replace("\"expand\": 0.25,", "")).unwrap();
@@ -456,14 +449,7 @@ fn the_question_is_read_where_the_weights_were_trained_to_find_it() {
         .unwrap()
         .replace("\"question_at\": \"both\"", "\"question_at\": \"middle\"");
     std::fs::write(dir.path().join("card.json"), card).unwrap();
-    let out = refrag()
-        .args(["ask", "--device", "cpu", "--mode", "refrag", "--weights"])
-        .arg(dir.path())
-        .arg("--context")
-        .arg(fixture("corpus/warsaw-2.txt"))
-        .arg("Who was Chopin?")
-        .output()
-        .unwrap();
+    let out = ask_chopin_with(dir.path());
     let err = one_line_error(&out);
     assert!(err.contains("card.json") && err.contains("middle"), "{err}");
 }
@@ -603,4 +589,16 @@ fn eval_compare_pairs_answers_by_id() {
         let err = one_line_error(&o);
         assert!(err.contains(want), "{err}");
     }
+}
+
+/// `ask --mode refrag` about Chopin with the weights in `dir`, from the fixture passage.
+fn ask_chopin_with(dir: &std::path::Path) -> std::process::Output {
+    refrag()
+        .args(["ask", "--device", "cpu", "--mode", "refrag", "--weights"])
+        .arg(dir)
+        .arg("--context")
+        .arg(fixture("corpus/warsaw-2.txt"))
+        .arg("Who was Chopin?")
+        .output()
+        .unwrap()
 }

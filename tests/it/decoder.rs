@@ -104,16 +104,7 @@ fn kv_cache_and_batch_match_a_single_pass() {
     let both = d.logits(&d.forward(&batch, &mut st).unwrap()).unwrap();
     let mut st = d.new_state(20);
     let only_b = d.logits(&d.forward(&b.unsqueeze(0).unwrap(), &mut st).unwrap()).unwrap();
-    let diff = (both.i(1).unwrap() - only_b.squeeze(0).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&both.i(1).unwrap(), &only_b.squeeze(0).unwrap());
     assert!(diff < 1e-3, "batch row differs by {diff}");
 }
 
@@ -136,16 +127,7 @@ fn embeds_segments_are_positions_like_tokens() {
     .unwrap();
     assert_eq!(as_embeds.positions, 24);
     assert_eq!(as_embeds.compressed_positions, 8);
-    let diff = (as_tokens.embeds - as_embeds.embeds)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&as_tokens.embeds, &as_embeds.embeds);
     assert_eq!(diff, 0.0);
 }
 
@@ -178,4 +160,9 @@ fn lora_attached_equals_merged() {
     let diff = |p: &Tensor, q: &Tensor| (p - q).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(diff(&a, &m) < 1e-2, "attached vs merged {}", diff(&a, &m));
     assert!(diff(&a, &b) > 0.1, "adapters changed nothing");
+}
+
+/// The largest absolute difference between two tensors of one shape.
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }

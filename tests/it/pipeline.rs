@@ -156,18 +156,8 @@ fn index_reindex_ask_eval() {
     let adapted = |extra: &[&str]| {
         let out = refrag()
             .args([
-                "eval",
-                "--device",
-                "cpu",
-                "--json",
-                "--mode",
-                "full",
-                "--adapted",
-                "--top-k",
-                "1",
-                "--max-tokens",
-                "16",
-                "--db",
+                "eval", "--device", "cpu", "--json", "--mode", "full", "--adapted", "--top-k", "1", "--max-tokens",
+                "16", "--db",
             ])
             .arg(&db)
             .arg("--questions")
@@ -342,17 +332,7 @@ fn eval_conversations_adapted_full_reading() {
     let run = |weights: &std::path::Path| {
         let out = refrag()
             .args([
-                "eval",
-                "--device",
-                "cpu",
-                "--json",
-                "--max-tokens",
-                "4",
-                "--limit",
-                "1",
-                "--mode",
-                "full",
-                "--adapted",
+                "eval", "--device", "cpu", "--json", "--max-tokens", "4", "--limit", "1", "--mode", "full", "--adapted",
             ])
             .arg("--weights")
             .arg(weights)

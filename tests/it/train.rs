@@ -48,19 +48,8 @@ fn training_pauses_and_resumes_from_its_checkpoint() {
     let text = fixture("alice_ch1-3.txt");
     let first = refrag()
         .args([
-            "train",
-            "reconstruct",
-            "--device",
-            "cpu",
-            "-q",
-            "--steps",
-            "3",
-            "--tokens-per-step",
-            "128",
-            "--max-chunks",
-            "2",
-            "--checkpoint-every",
-            "10",
+            "train", "reconstruct", "--device", "cpu", "-q", "--steps", "3", "--tokens-per-step", "128",
+            "--max-chunks", "2", "--checkpoint-every", "10",
         ])
         .args(["--lr", "5e-4", "--max-seconds", "0", "--input-scale", "7", "--bow-weight", "0.3", "--text"])
         .arg(&text)
@@ -134,32 +123,12 @@ fn a_few_training_steps_lower_the_loss() {
     let nll = |steps: &str, out: &str| -> f64 {
         let o = refrag()
             .args([
-                "train",
-                "cpt",
-                "--device",
-                "cpu",
-                "-q",
-                "--tokens-per-step",
-                "160",
-                "--max-chunks",
-                "2",
-                "--predict-tokens",
-                "16",
+                "train", "cpt", "--device", "cpu", "-q", "--tokens-per-step", "160", "--max-chunks", "2",
+                "--predict-tokens", "16",
             ])
             .args([
-                "--encoder-layers",
-                "2",
-                "--decoder-lora",
-                "4",
-                "--lr",
-                "2e-3",
-                "--warmup",
-                "0",
-                "--seed",
-                "5",
-                "--steps",
-                steps,
-                "--text",
+                "--encoder-layers", "2", "--decoder-lora", "4", "--lr", "2e-3", "--warmup", "0", "--seed", "5",
+                "--steps", steps, "--text",
             ])
             .arg(&text)
             .arg("--heldout")
@@ -190,32 +159,12 @@ fn a_run_grows_lower_rank_adapters_it_starts_from() {
     let run = |rank: &str, init: Option<&str>, out: &str| -> f64 {
         let mut c = refrag();
         c.args([
-            "train",
-            "cpt",
-            "--device",
-            "cpu",
-            "-q",
-            "--tokens-per-step",
-            "160",
-            "--max-chunks",
-            "2",
-            "--predict-tokens",
-            "16",
+            "train", "cpt", "--device", "cpu", "-q", "--tokens-per-step", "160", "--max-chunks", "2",
+            "--predict-tokens", "16",
         ])
         .args([
-            "--encoder-layers",
-            "1",
-            "--decoder-lora",
-            rank,
-            "--lr",
-            "1e-3",
-            "--warmup",
-            "0",
-            "--seed",
-            "9",
-            "--steps",
-            "1",
-            "--text",
+            "--encoder-layers", "1", "--decoder-lora", rank, "--lr", "1e-3", "--warmup", "0", "--seed", "9", "--steps",
+            "1", "--text",
         ])
         .arg(&text)
         .arg("--out")
@@ -240,17 +189,7 @@ fn a_run_grows_lower_rank_adapters_it_starts_from() {
     // a rank cannot shrink: one line, exit 2
     let o = refrag()
         .args([
-            "train",
-            "cpt",
-            "--device",
-            "cpu",
-            "-q",
-            "--encoder-layers",
-            "1",
-            "--decoder-lora",
-            "2",
-            "--steps",
-            "1",
+            "train", "cpt", "--device", "cpu", "-q", "--encoder-layers", "1", "--decoder-lora", "2", "--steps", "1",
             "--text",
         ])
         .arg(&text)
@@ -274,28 +213,11 @@ fn a_step_split_into_passes_makes_the_same_update() {
         let out = dir.path().join(format!("m{micro}"));
         let o = refrag()
             .args([
-                "train",
-                "cpt",
-                "--device",
-                "cpu",
-                "-q",
-                "--tokens-per-step",
-                "160",
-                "--max-chunks",
-                "2",
-                "--predict-tokens",
-                "16",
+                "train", "cpt", "--device", "cpu", "-q", "--tokens-per-step", "160", "--max-chunks", "2",
+                "--predict-tokens", "16",
             ])
             .args([
-                "--encoder-layers",
-                "1",
-                "--decoder-lora",
-                "2",
-                "--recon-weight",
-                "1",
-                "--bow-weight",
-                "0.1",
-                "--lr",
+                "--encoder-layers", "1", "--decoder-lora", "2", "--recon-weight", "1", "--bow-weight", "0.1", "--lr",
                 "1e-3",
             ])
             .args(["--seed", "3", "--steps", "2", "--micro-tokens", micro, "--text"])
@@ -347,19 +269,8 @@ fn an_sft_step_split_into_passes_makes_the_same_update() {
         let out = dir.path().join(format!("s{micro}"));
         let o = refrag()
             .args([
-                "train",
-                "sft",
-                "--device",
-                "cpu",
-                "-q",
-                "--batch",
-                "3",
-                "--steps",
-                "1",
-                "--encoder-layers",
-                "4",
-                "--decoder-lora",
-                "8",
+                "train", "sft", "--device", "cpu", "-q", "--batch", "3", "--steps", "1", "--encoder-layers", "4",
+                "--decoder-lora", "8",
             ])
             .args(["--mixed", "0.3", "--seed", "4", "--micro-tokens", micro, "--init"])
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa"))
@@ -384,20 +295,8 @@ fn an_sft_step_split_into_passes_makes_the_same_update() {
 fn perplexity_rows(extra: &[&std::ffi::OsStr]) -> Vec<serde_json::Value> {
     let o = refrag()
         .args([
-            "eval",
-            "perplexity",
-            "--device",
-            "cpu",
-            "-q",
-            "--json",
-            "--s",
-            "128",
-            "--o",
-            "32",
-            "--k",
-            "16",
-            "--windows",
-            "2",
+            "eval", "perplexity", "--device", "cpu", "-q", "--json", "--s", "128", "--o", "32", "--k", "16",
+            "--windows", "2",
         ])
         .args(extra)
         .arg("--text")
@@ -420,12 +319,7 @@ fn perplexity_table_has_every_reading() {
     let (none, full) = (r["nll_none"].as_f64().unwrap(), r["nll_full"].as_f64().unwrap());
     assert!(full < none, "context must help: none {none}, full {full}");
     for key in [
-        "nll_last",
-        "nll_refrag",
-        "nll_none_adapted",
-        "gap_closed_refrag",
-        "nll_refrag_other",
-        "nll_full_adapted",
+        "nll_last", "nll_refrag", "nll_none_adapted", "gap_closed_refrag", "nll_refrag_other", "nll_full_adapted",
         "gap_closed_adapted",
     ] {
         assert!(r[key].as_f64().unwrap().is_finite(), "{key}: {r}");
@@ -531,21 +425,8 @@ fn sft_keeps_a_reconstruction_term_on_text() {
     let step = |out: &str, extra: &[&str]| -> std::process::Output {
         refrag()
             .args([
-                "train",
-                "sft",
-                "--device",
-                "cpu",
-                "-q",
-                "--batch",
-                "2",
-                "--seed",
-                "3",
-                "--steps",
-                "1",
-                "--tokens-per-step",
-                "160",
-                "--max-chunks",
-                "2",
+                "train", "sft", "--device", "cpu", "-q", "--batch", "2", "--seed", "3", "--steps", "1",
+                "--tokens-per-step", "160", "--max-chunks", "2",
             ])
             .args(["--encoder-layers", "4", "--decoder-lora", "8", "--distill", "0.5", "--init"])
             .arg(&weights)
@@ -675,29 +556,11 @@ fn cpt_adds_a_weighted_reconstruction_term() {
     let dir = tempfile::tempdir().unwrap();
     let o = refrag()
         .args([
-            "train",
-            "cpt",
-            "--device",
-            "cpu",
-            "-q",
-            "--tokens-per-step",
-            "160",
-            "--max-chunks",
-            "2",
-            "--predict-tokens",
-            "16",
+            "train", "cpt", "--device", "cpu", "-q", "--tokens-per-step", "160", "--max-chunks", "2",
+            "--predict-tokens", "16",
         ])
         .args([
-            "--encoder-layers",
-            "1",
-            "--decoder-lora",
-            "2",
-            "--warmup",
-            "0",
-            "--steps",
-            "2",
-            "--recon-weight",
-            "0.5",
+            "--encoder-layers", "1", "--decoder-lora", "2", "--warmup", "0", "--steps", "2", "--recon-weight", "0.5",
             "--text",
         ])
         .arg(fixture("alice_ch1-3.txt"))
@@ -733,17 +596,8 @@ fn bag_of_words_term_and_input_scale_are_trained_and_kept() {
     let train = |stage: &str, out: &str, extra: &[&str]| {
         refrag()
             .args([
-                "train",
-                stage,
-                "--device",
-                "cpu",
-                "-q",
-                "--tokens-per-step",
-                "96",
-                "--max-chunks",
-                "1",
-                "--predict-tokens",
-                "16",
+                "train", stage, "--device", "cpu", "-q", "--tokens-per-step", "96", "--max-chunks", "1",
+                "--predict-tokens", "16",
             ])
             .args(["--encoder-layers", "1", "--warmup", "0", "--steps", "2", "--bow-weight", "0.25", "--text"])
             .arg(fixture("alice_ch1-3.txt"))
@@ -801,20 +655,8 @@ fn sft_reads_earlier_turns() {
     let dir = tempfile::tempdir().unwrap();
     let o = refrag()
         .args([
-            "train",
-            "sft",
-            "--device",
-            "cpu",
-            "-q",
-            "--batch",
-            "2",
-            "--steps",
-            "1",
-            "--encoder-layers",
-            "4",
-            "--decoder-lora",
-            "8",
-            "--init",
+            "train", "sft", "--device", "cpu", "-q", "--batch", "2", "--steps", "1", "--encoder-layers", "4",
+            "--decoder-lora", "8", "--init",
         ])
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa"))
         .arg("--qa")
@@ -906,22 +748,8 @@ fn policy_trains_on_answer_reward() {
     }
     let o = refrag()
         .args([
-            "eval",
-            "--device",
-            "cpu",
-            "-q",
-            "--json",
-            "--limit",
-            "2",
-            "--max-tokens",
-            "4",
-            "--mode",
-            "refrag",
-            "--policy",
-            "rl",
-            "--expand",
-            "0.25",
-            "--conversations",
+            "eval", "--device", "cpu", "-q", "--json", "--limit", "2", "--max-tokens", "4", "--mode", "refrag",
+            "--policy", "rl", "--expand", "0.25", "--conversations",
         ])
         .arg(&tasks)
         .arg("--weights")
@@ -950,22 +778,8 @@ fn a_policy_for_other_chunk_vectors_is_refused() {
     let eval = |policy: &str| {
         refrag()
             .args([
-                "eval",
-                "--device",
-                "cpu",
-                "-q",
-                "--json",
-                "--limit",
-                "1",
-                "--max-tokens",
-                "2",
-                "--mode",
-                "refrag",
-                "--expand",
-                "0.25",
-                "--policy",
-                policy,
-                "--conversations",
+                "eval", "--device", "cpu", "-q", "--json", "--limit", "1", "--max-tokens", "2", "--mode", "refrag",
+                "--expand", "0.25", "--policy", policy, "--conversations",
             ])
             .arg(&tasks)
             .arg("--weights")
@@ -1016,12 +830,8 @@ fn eval_answers_reads_tasks_six_ways() {
     assert_eq!(v["k"], 16);
     let nll = |r: &str| v["nll"][r].as_f64().unwrap_or_else(|| panic!("{r}: {v}"));
     for r in [
-        "none, base decoder",
-        "full, base decoder",
-        "full, adapted decoder",
-        "refrag, no passages",
-        "refrag, own passages",
-        "refrag, another task's passages",
+        "none, base decoder", "full, base decoder", "full, adapted decoder", "refrag, no passages",
+        "refrag, own passages", "refrag, another task's passages",
     ] {
         assert!(nll(r).is_finite() && nll(r) > 0.0, "{r}: {v}");
     }
