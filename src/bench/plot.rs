@@ -7,7 +7,7 @@ use plotters::prelude::*;
 use std::path::Path;
 
 /// DejaVu Sans (free licence, assets/DejaVuSans.LICENSE): text without system fonts.
-static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 
 const COLORS: [RGBColor; 6] = [
     RGBColor(31, 119, 180),

@@ -3,9 +3,7 @@
 use super::args::{mode_name, policy_named, RagArgs, SamplingArgs};
 use super::Global;
 use crate::model::weights::Purpose;
-use crate::options::{Mode, Policy, QuestionAt, SearchKind};
-#[cfg(feature = "store")]
-use crate::read::engine::{AskOptions, Engine, EngineOptions};
+use crate::options::{Mode, QuestionAt};
 use crate::read::generate::{Generation, SamplingOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;

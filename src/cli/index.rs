@@ -81,7 +81,6 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
         }
     }
     let ld = g.loader()?;
-    let device = ld.device.clone();
     let gguf = crate::model::cache::resolve_decoder(g.decoder.as_deref(), &g.home(), g.quiet)?;
     let (tokenizer, tokenizer_id) = crate::model::gguf_tokenizer::load(&gguf)?;
     let encoder = ld.encoder()?;

@@ -30,7 +30,7 @@ pub fn run(g: &Global, cmd: ModelsCmd) -> Result<ExitCode> {
     match cmd {
         ModelsCmd::Pull { from } => {
             for spec in ALL {
-                models::pull(&spec, &home, from.as_deref(), g.quiet)?;
+                cache::pull(&spec, &home, from.as_deref(), g.quiet)?;
             }
             Ok(ExitCode::SUCCESS)
         }

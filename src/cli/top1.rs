@@ -21,7 +21,6 @@ pub struct Top1Args {
 
 pub fn run(g: &Global, a: Top1Args) -> Result<ExitCode> {
     let ld = g.loader()?;
-    let device = ld.device.clone();
     let decoder = ld.decoder()?;
     let text = crate::index::corpus::read_text(&a.text)?;
     let mut ids = crate::read::prompt::tokenize(&decoder, &text)?;

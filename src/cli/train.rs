@@ -153,7 +153,6 @@ fn train_policy(g: &Global, a: &TrainArgs) -> Result<ExitCode> {
         bail!("--expand must be in [0, 1] and --s a positive multiple of --k");
     }
     let ld = g.loader()?;
-    let device = ld.device.clone();
     let mut decoder = ld.decoder_with(crate::model::decoder::Ops::Differentiable, false)?;
     let encoder = ld.encoder()?;
     // with --qa the policy learns on the weights that answer questions (weights/qa)
@@ -275,7 +274,6 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         }
     }
     let ld = g.loader()?;
-    let device = ld.device.clone();
     let decoder = ld.decoder_with(crate::model::decoder::Ops::Differentiable, false)?;
     let encoder = ld.encoder()?;
     let input_scale = a.input_scale.or(init_scale).unwrap_or((encoder.dim as f64).sqrt());

@@ -14,7 +14,7 @@ use crate::model::decoder::Decoder;
 use crate::model::encoder::Encoder;
 use crate::read::score::{accuracy_after, nll_after};
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 
 #[derive(Debug, Clone)]
 pub struct PplOptions {

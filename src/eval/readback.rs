@@ -67,9 +67,9 @@ pub fn readback(
     let mut out = Vec::with_capacity(tasks.len());
     for (i, ex) in tasks.iter().enumerate() {
         let answer = decode(&ex.answer)?.trim().to_string();
-        let chunks = first(ex)?;
+        let texts = first(ex)?;
         let golds = [answer.clone()];
-        let Some(at) = chunks.iter().position(|c| crate::eval::metrics::contains_any(c, &golds)) else {
+        let Some(at) = texts.iter().position(|c| crate::eval::metrics::contains_any(c, &golds)) else {
             out.push(None);
             tick();
             continue;
@@ -96,7 +96,7 @@ pub fn readback(
         out.push(Some(Readback {
             own: read(&v_own)?,
             other: read(&v_other)?,
-            chunk: chunks[at].clone(),
+            chunk: texts[at].clone(),
             answer,
             answer_nll,
         }));

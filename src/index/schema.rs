@@ -16,12 +16,13 @@
 //! | tokens      | List<UInt32>                           | the passage's decoder token ids        |
 //! | chunks      | List<FixedSizeList<Float16, dim>>      | one encoder vector per k-token chunk   |
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use arrow_array::builder::{FixedSizeListBuilder, Float16Builder, ListBuilder};
 use arrow_array::types::{Float32Type, UInt32Type};
 use arrow_array::{
     Array, FixedSizeListArray, Float16Array, Float32Array, Int32Array, ListArray, RecordBatch, StringArray, UInt32Array,
 };
+use arrow_schema::{Field, Schema};
 use std::sync::Arc;
 
 /// One passage as stored.

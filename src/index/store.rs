@@ -8,7 +8,7 @@
 use crate::index::info::IndexInfo;
 use crate::index::schema::{from_batch, score_col, str_col, to_batch, Hit, Passage};
 pub use crate::options::SearchKind;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use arrow_array::{RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
 use futures::TryStreamExt;

@@ -207,7 +207,7 @@ impl PolicyNet {
 }
 
 /// Zero the network's own output in an `interact` policy: it then ranks chunks as `sim` does.
-fn start_from_sim(varmap: &VarMap) -> Result<()> {
+pub fn start_from_sim(varmap: &VarMap) -> Result<()> {
     let vars = varmap.data().lock().map_err(|_| anyhow::anyhow!("policy variables poisoned"))?;
     for name in ["head.weight", "head.bias"] {
         if let Some(v) = vars.get(name) {

@@ -5,10 +5,9 @@
 use super::config::{TrainConfig, DEC_PREFIX, ENC_PREFIX};
 use crate::model::decoder::Decoder;
 use crate::model::encoder::Encoder;
-use crate::model::projector::Projector;
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use std::collections::HashMap;
 use std::path::Path;

@@ -6,8 +6,7 @@ use crate::model::compressor::Compressor;
 use crate::model::decoder::Decoder;
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarMap;
+use candle_core::Tensor;
 use std::path::PathBuf;
 
 /// Curriculum stages: 1, 2, 4, … up to `max_chunks`.
@@ -102,7 +101,7 @@ pub(super) struct Batch {
 
 impl Batch {
     /// Rows `r` of this batch (same chunk-slot pattern).
-    fn rows(&self, r: std::ops::Range<usize>) -> Batch {
+    pub(super) fn rows(&self, r: std::ops::Range<usize>) -> Batch {
         Batch {
             keep: self.keep.clone(),
             contexts: self.contexts[r.clone()].to_vec(),
@@ -112,13 +111,13 @@ impl Batch {
     }
 
     /// The chunk vectors of every row's context, [B * L, dim], row after row.
-    fn vectors(&self, dec: &Decoder, comp: &Compressor) -> Result<Tensor> {
+    pub(super) fn vectors(&self, dec: &Decoder, comp: &Compressor) -> Result<Tensor> {
         let rows: Vec<&[u32]> = self.contexts.iter().map(Vec::as_slice).collect();
         comp.vectors(dec, &rows)?.context("a batch without chunks")
     }
 
     /// Row ranges of at most `max_tokens` context and target tokens each ([`passes`]).
-    fn passes(&self, max_tokens: usize) -> Vec<std::ops::Range<usize>> {
+    pub(super) fn passes(&self, max_tokens: usize) -> Vec<std::ops::Range<usize>> {
         let sizes: Vec<usize> = self.contexts.iter().zip(&self.targets).map(|(c, t)| c.len() + t.len()).collect();
         passes(&sizes, max_tokens)
     }
@@ -146,13 +145,13 @@ pub fn passes(sizes: &[usize], max_tokens: usize) -> Vec<std::ops::Range<usize>>
 
 /// The auxiliary reconstruction batch of a cpt or sft step (`--recon-weight`): 1 to 16 chunks
 /// of the training text, on the curriculum at `f` of the run.
-pub(super) fn recon_batch(pool: &TextPool, dec: &Decoder, cfg: &TrainConfig, f: f64, rng: &mut Rng) -> Result<Batch> {
+pub(super) fn recon_batch(pool: &TextPool, cfg: &TrainConfig, f: f64, rng: &mut Rng) -> Result<Batch> {
     let rc = TrainConfig { stage: Stage::Reconstruct, mixed: 0.0, ..cfg.clone() };
     let l = curriculum_chunks(cfg.max_chunks.min(16), f, rng);
-    make_batch(pool, dec, &rc, l, rng)
+    make_batch(pool, &rc, l, rng)
 }
 
-pub(super) fn make_batch(pool: &TextPool, dec: &Decoder, cfg: &TrainConfig, l: usize, rng: &mut Rng) -> Result<Batch> {
+pub(super) fn make_batch(pool: &TextPool, cfg: &TrainConfig, l: usize, rng: &mut Rng) -> Result<Batch> {
     let s = l * cfg.k;
     let o = match cfg.stage {
         Stage::Reconstruct => s,

@@ -7,9 +7,8 @@ use super::oom::with_oom_retry;
 use super::optim::{AdamW, GradSum};
 use crate::model::compressor::Compressor;
 use crate::model::decoder::Decoder;
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarMap;
+use anyhow::Result;
+use candle_core::{DType, Tensor};
 
 /// Loss terms of a reconstruct/cpt step, summed over passes ([`Batch::passes`]) weighted by
 /// their share of rows; each pass's gradients go into `grads` as soon as it is done, so only

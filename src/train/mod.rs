@@ -44,7 +44,6 @@ use crate::model::encoder::Encoder;
 use crate::model::projector::Projector;
 use crate::options::QuestionAt;
 use crate::rng::Rng;
-use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Var};
 use candle_nn::VarMap;
@@ -158,7 +157,7 @@ impl Step<'_, '_> {
         let (run, cfg, dec, comp) = (self.run, self.cfg, self.dec, self.comp);
         let batch = qa.sample(cfg.batch.max(1), rng);
         // the auxiliary reconstruction batch (--recon-weight), drawn before any pass runs
-        let recon = (cfg.recon_weight > 0.0).then(|| recon_batch(run.train, dec, cfg, self.f, rng)).transpose()?;
+        let recon = (cfg.recon_weight > 0.0).then(|| recon_batch(run.train, cfg, self.f, rng)).transpose()?;
         let teacher = (cfg.distill > 0.0).then_some(run.teacher.unwrap_or(run.decoder));
         crate::profile::mark(&dec.device, "batch");
         let ntok: usize = batch.iter().map(|ex| ex.answer.len()).sum();
@@ -195,12 +194,12 @@ impl Step<'_, '_> {
     fn text(&self, opt: &AdamW, grads: &mut GradSum, rng: &mut Rng) -> Result<StepOut> {
         let (run, cfg, dec, comp) = (self.run, self.cfg, self.dec, self.comp);
         let l = curriculum_chunks(cfg.max_chunks, self.f, rng);
-        let batch = make_batch(run.train, dec, cfg, l, rng)?;
+        let batch = make_batch(run.train, cfg, l, rng)?;
         let ntok: usize = batch.targets.iter().map(Vec::len).sum();
         // the auxiliary reconstruction batch is drawn before any pass runs (the draws' order is
         // the checkpointed random stream's)
         let recon = (cfg.stage == Stage::Cpt && cfg.recon_weight > 0.0)
-            .then(|| recon_batch(run.train, dec, cfg, self.f, rng))
+            .then(|| recon_batch(run.train, cfg, self.f, rng))
             .transpose()?;
         crate::profile::mark(&dec.device, "batch");
         let (mut lv, main, bow) = batch_backward(dec, comp, opt, grads, &batch, 1.0, cfg.bow_weight, run.micro_tokens)?;
@@ -236,7 +235,7 @@ fn heldout_scores(
             let mut c = cfg.clone();
             c.tokens_per_step = c.tokens_per_step.min(4096);
             c.mixed = 0.0;
-            let b = make_batch(h, dec, &c, l, &mut r)?;
+            let b = make_batch(h, &c, l, &mut r)?;
             let loss = batch_loss(dec, comp, &b, false)?.0.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             let (acc, other) = if cfg.stage == Stage::Reconstruct {
                 (Some(batch_accuracy(dec, comp, &b, false)?), Some(batch_accuracy(dec, comp, &b, true)?))

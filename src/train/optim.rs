@@ -5,6 +5,7 @@ use super::config::TrainConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
+use std::collections::HashMap;
 use std::path::Path;
 
 /// Learning rate at `step`: linear warm-up, then cosine decay to 10% of the peak.

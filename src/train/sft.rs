@@ -21,7 +21,7 @@ use crate::read::prompt::{self, Segment};
 use crate::read::score::{answer_logits, answer_nll};
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
 use std::path::PathBuf;
 
 /// Most passage tokens read per task (longer passages are cut).

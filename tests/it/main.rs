@@ -1,6 +1,7 @@
 //! Integration tests with the real models (pulled into the model cache on first need) and, for
 //! the CLI, the real binary. One test crate: each test binary links all of lancedb and candle.
 
+mod answers;
 mod chat;
 mod cli;
 mod common;

@@ -15,7 +15,6 @@ pub fn answers(g: &Global, a: AnswersArgs) -> Result<ExitCode> {
         bail!("--limit 0: no tasks to read");
     }
     let ld = g.loader()?;
-    let device = ld.device.clone();
     let base = ld.decoder_with(crate::model::decoder::Ops::Fused, false)?;
     let encoder = ld.encoder()?;
     let trained = ld.require_trained(&encoder, base.cfg.hidden, crate::model::weights::Purpose::Answers)?;
@@ -110,7 +109,6 @@ pub fn readback(g: &Global, a: ReadbackArgs) -> Result<ExitCode> {
         bail!("--limit 0: no tasks to read");
     }
     let ld = g.loader()?;
-    let device = ld.device.clone();
     let mut dec = ld.decoder_with(crate::model::decoder::Ops::Fused, false)?;
     let encoder = ld.encoder()?;
     let trained = ld.require_trained(&encoder, dec.cfg.hidden, crate::model::weights::Purpose::Text)?;
@@ -233,7 +231,7 @@ fn probe(
     let (mut all, mut shown) = ([Vec::new(), Vec::new(), Vec::new(), Vec::new()], Vec::new());
     // answer-token NLL, teacher-forced read-back: (own, other) per task where it was placed
     let (mut nll_own, mut nll_other) = (Vec::new(), Vec::new());
-    for (f, pool) in a.qa.iter().zip(&pools) {
+    for (f, pool) in a.qa.iter().zip(pools) {
         let n = pool.examples.len().min(a.limit);
         let rows = crate::eval::readback::readback(&dec, &comp, &pool.examples[..n], &mut tick)
             .with_context(|| f.display().to_string())?;

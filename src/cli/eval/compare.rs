@@ -3,7 +3,7 @@
 
 use super::CompareArgs;
 use crate::eval::metrics;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use std::io::Write;
 use std::process::ExitCode;
 

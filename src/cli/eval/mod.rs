@@ -297,7 +297,6 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
     let mode = args.rag.mode.unwrap_or(Mode::Full);
     args.rag.settled(Mode::Full, None)?; // a bad --expand fails before the models load
     let ld = g.loader()?;
-    let device = ld.device.clone();
     let mut decoder = ld.decoder()?;
     let encoder = ld.encoder()?;
     let trained = ld.trained(&encoder, decoder.cfg.hidden, crate::model::weights::Purpose::Answers)?;

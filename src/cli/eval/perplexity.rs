@@ -3,9 +3,8 @@
 
 use super::PerplexityArgs;
 use crate::cli::Global;
-use crate::eval::metrics;
 use crate::eval::perplexity::PplScores;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -20,7 +19,6 @@ pub fn perplexity(g: &Global, a: PerplexityArgs) -> Result<ExitCode> {
     let policies: Vec<crate::options::Policy> =
         a.policy.iter().copied().filter(|&p| p != crate::options::Policy::None).collect();
     let ld = g.loader()?;
-    let device = ld.device.clone();
     let decoder = ld.decoder_with(crate::model::decoder::Ops::Fused, false)?;
     if a.s + a.o > decoder.cfg.max_positions {
         bail!("--s {} + --o {} exceed the decoder's {} positions", a.s, a.o, decoder.cfg.max_positions);
