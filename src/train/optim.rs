@@ -21,7 +21,7 @@ pub fn lr_at(cfg: &TrainConfig, step: usize) -> f64 {
 /// Gradients of an optimizer's variables summed over the passes of one step (in its variable
 /// order; None: no gradient reached that variable).
 #[derive(Default)]
-pub struct GradSum(Vec<Option<Tensor>>);
+pub struct GradSum(pub(super) Vec<Option<Tensor>>);
 
 /// AdamW whose moments can be saved and restored.
 ///

@@ -103,7 +103,7 @@ fn policy_trains_and_is_read_beside_the_heuristics() {
     let extra = ["--expand", "0.5", "--policy", "random,ppl-desc,ppl-asc,rl", "--weights"].map(std::ffi::OsStr::new);
     let mut args: Vec<&std::ffi::OsStr> = extra.to_vec();
     args.push(w.as_os_str());
-    let rows = perplexity_rows(&args);
+    let rows = crate::train::perplexity_rows(&args);
     let r = &rows[rows.len() - 1];
     let e = r["nll_expanded"].as_object().unwrap();
     assert_eq!(e.len(), 4, "{r}");

@@ -2,9 +2,6 @@
 //! checkpoint (with the settings it started with) and finishes with every step logged once.
 
 use crate::common::*;
-use refrag::model::decoder::{Decoder, Ops};
-use refrag::options::QuestionAt;
-use std::path::{Path, PathBuf};
 
 #[test]
 fn training_pauses_and_resumes_from_its_checkpoint() {
@@ -225,7 +222,7 @@ fn a_step_split_into_passes_makes_the_same_update() {
 }
 
 /// `eval perplexity --json` over two windows of Alice (s = 128, o = 32, k = 16): its rows.
-fn perplexity_rows(extra: &[&std::ffi::OsStr]) -> Vec<serde_json::Value> {
+pub fn perplexity_rows(extra: &[&std::ffi::OsStr]) -> Vec<serde_json::Value> {
     let o = refrag()
         .args([
             "eval", "perplexity", "--device", "cpu", "-q", "--json", "--s", "128", "--o", "32", "--k", "16",
