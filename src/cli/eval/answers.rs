@@ -233,7 +233,7 @@ fn probe(
     let (mut nll_own, mut nll_other) = (Vec::new(), Vec::new());
     for (f, pool) in a.qa.iter().zip(pools) {
         let n = pool.examples.len().min(a.limit);
-        let rows = crate::eval::readback::readback(&dec, &comp, &pool.examples[..n], &mut tick)
+        let rows = crate::eval::readback::readback(dec, comp, &pool.examples[..n], &mut tick)
             .with_context(|| f.display().to_string())?;
         let mut cols = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
         for r in rows.iter().flatten() {
