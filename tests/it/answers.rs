@@ -119,22 +119,21 @@ fn sft_steps_lower_the_answer_loss() {
     let tasks = squad_tasks(dir.path());
     let weights = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
     let nll = |steps: &str, out: &str| -> f64 {
-        let o = refrag()
-            .args([
-                "train", "sft", "--device", "cpu", "-q", "--batch", "2", "--lr", "3e-4", "--warmup", "0", "--seed", "3",
-            ])
-            .args(["--encoder-layers", "4", "--decoder-lora", "8", "--distill", "0.5", "--steps", steps, "--init"])
-            .arg(&weights)
-            .arg("--qa")
-            .arg(&tasks)
-            .arg("--heldout-qa")
-            .arg(&tasks)
-            .arg("--out")
-            .arg(dir.path().join(out))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let v = json_out(
+            refrag()
+                .args([
+                    "train", "sft", "--device", "cpu", "-q", "--batch", "2", "--lr", "3e-4", "--warmup", "0", "--seed",
+                    "3",
+                ])
+                .args(["--encoder-layers", "4", "--decoder-lora", "8", "--distill", "0.5", "--steps", steps, "--init"])
+                .arg(&weights)
+                .arg("--qa")
+                .arg(&tasks)
+                .arg("--heldout-qa")
+                .arg(&tasks)
+                .arg("--out")
+                .arg(dir.path().join(out)),
+        );
         assert_eq!(v["stage"], "sft");
         let qa = &v["heldout"]["qa"];
         assert_eq!(qa["tasks"], 15);
@@ -404,18 +403,16 @@ fn policy_trains_on_answer_reward() {
         // the reward is minus an answer loss: negative and finite
         assert!(r["reward_mean"].as_f64().unwrap() < 0.0, "{r}");
     }
-    let o = refrag()
-        .args([
-            "eval", "--device", "cpu", "-q", "--json", "--limit", "2", "--max-tokens", "4", "--mode", "refrag",
-            "--policy", "rl", "--expand", "0.25", "--conversations",
-        ])
-        .arg(&tasks)
-        .arg("--weights")
-        .arg(&w)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v = json_out(
+        refrag()
+            .args([
+                "eval", "--device", "cpu", "-q", "--json", "--limit", "2", "--max-tokens", "4", "--mode", "refrag",
+                "--policy", "rl", "--expand", "0.25", "--conversations",
+            ])
+            .arg(&tasks)
+            .arg("--weights")
+            .arg(&w),
+    );
     assert_eq!(v["policy"], "rl", "{v}");
     assert!(v["chunks_expanded"].as_u64().unwrap() > 0, "{v}");
 }
@@ -477,13 +474,9 @@ fn a_policy_for_other_chunk_vectors_is_refused() {
 fn eval_answers_reads_tasks_six_ways() {
     let dir = tempfile::tempdir().unwrap();
     let tasks = squad_tasks(dir.path());
-    let o = refrag()
-        .args(["eval", "answers", "--device", "cpu", "-q", "--json", "--limit", "6", "--qa"])
-        .arg(&tasks)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v = json_out(
+        refrag().args(["eval", "answers", "--device", "cpu", "-q", "--json", "--limit", "6", "--qa"]).arg(&tasks),
+    );
     assert_eq!(v["tasks"], 6, "{v}");
     assert_eq!(v["k"], 16);
     let nll = |r: &str| v["nll"][r].as_f64().unwrap_or_else(|| panic!("{r}: {v}"));
@@ -523,13 +516,11 @@ fn eval_answers_reads_tasks_six_ways() {
 fn eval_readback_reads_the_answer_chunk_back_from_its_vector() {
     let dir = tempfile::tempdir().unwrap();
     let tasks = squad_tasks(dir.path());
-    let o = refrag()
-        .args(["eval", "readback", "--device", "cpu", "-q", "--json", "--limit", "6", "--show", "6", "--qa"])
-        .arg(&tasks)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v = json_out(
+        refrag()
+            .args(["eval", "readback", "--device", "cpu", "-q", "--json", "--limit", "6", "--show", "6", "--qa"])
+            .arg(&tasks),
+    );
     assert_eq!((&v["tasks"], &v["k"]), (&6.into(), &16.into()), "{v}");
     let probed = v["probed"].as_u64().unwrap();
     assert!((1..=6).contains(&probed), "{v}");

@@ -45,3 +45,11 @@ pub fn one_line_error(out: &std::process::Output) -> String {
     assert!(err.starts_with("refrag: ") && err.trim().lines().count() == 1, "one line `refrag: ...` expected: {err}");
     err
 }
+
+/// Run a refrag command that must succeed, and parse the JSON it prints.
+#[track_caller]
+pub fn json_out(cmd: &mut Command) -> serde_json::Value {
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}

@@ -83,24 +83,22 @@ fn a_few_training_steps_lower_the_loss() {
     let dir = tempfile::tempdir().unwrap();
     let text = fixture("alice_ch1-3.txt");
     let nll = |steps: &str, out: &str| -> f64 {
-        let o = refrag()
-            .args([
-                "train", "cpt", "--device", "cpu", "-q", "--tokens-per-step", "160", "--max-chunks", "2",
-                "--predict-tokens", "16",
-            ])
-            .args([
-                "--encoder-layers", "2", "--decoder-lora", "4", "--lr", "2e-3", "--warmup", "0", "--seed", "5",
-                "--steps", steps, "--text",
-            ])
-            .arg(&text)
-            .arg("--heldout")
-            .arg(&text) // scored on a fixed batch of the same text: this tests optimisation, not generalisation
-            .arg("--out")
-            .arg(dir.path().join(out))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let v = json_out(
+            refrag()
+                .args([
+                    "train", "cpt", "--device", "cpu", "-q", "--tokens-per-step", "160", "--max-chunks", "2",
+                    "--predict-tokens", "16",
+                ])
+                .args([
+                    "--encoder-layers", "2", "--decoder-lora", "4", "--lr", "2e-3", "--warmup", "0", "--seed", "5",
+                    "--steps", steps, "--text",
+                ])
+                .arg(&text)
+                .arg("--heldout")
+                .arg(&text) // scored on a fixed batch of the same text: this tests optimisation, not generalisation
+                .arg("--out")
+                .arg(dir.path().join(out)),
+        );
         v["heldout"]["chunks_2"]["nll"].as_f64().unwrap()
     };
     let before = nll("1", "a");
