@@ -100,67 +100,17 @@ pub fn run(_g: &Global, a: DatasetArgs) -> Result<ExitCode> {
     }
     let text = read_all(&a.file)?;
     let name = a.file.display().to_string();
-    let mut docs = Vec::new();
-    let mut qs = Vec::new();
     // Datasets that come as tasks already (MTRAG) keep them as they are.
-    let mut given_tasks: Option<Vec<Value>> = None;
-    match a.kind {
-        Kind::Hotpot | Kind::Mtrag => {}
-        Kind::Cloze => (docs, qs) = cloze(&text, &a),
-        Kind::Squad => {
-            let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{name}: not SQuAD JSON: {e}"))?;
-            let arts = v["data"].as_array().ok_or_else(|| anyhow!("{name}: no \"data\" array"))?;
-            for art in arts {
-                let title = art["title"].as_str().unwrap_or("").replace('_', " ");
-                if !in_split(&title, a.split, a.test_share) {
-                    continue;
-                }
-                for (i, p) in art["paragraphs"].as_array().into_iter().flatten().enumerate() {
-                    let id = format!("{}-{}", title.replace(' ', "_"), i + 1);
-                    docs.push(json!({"id": id, "title": title, "text": p["context"]}));
-                    for q in p["qas"].as_array().into_iter().flatten() {
-                        let answers: Vec<&str> =
-                            q["answers"].as_array().into_iter().flatten().filter_map(|a| a["text"].as_str()).collect();
-                        let mut uniq: Vec<&str> = Vec::new();
-                        for x in answers {
-                            if !uniq.contains(&x) {
-                                uniq.push(x);
-                            }
-                        }
-                        let impossible = q["is_impossible"].as_bool().unwrap_or(false);
-                        qs.push(json!({"id": q["id"], "question": q["question"], "answers": uniq,
-                                       "gold_doc": id, "answerable": !impossible}));
-                    }
-                }
-            }
+    let (docs, qs, mut given_tasks): Imported = match a.kind {
+        Kind::Hotpot => hotpot(&text, &name, &a)?,
+        Kind::Mtrag => mtrag(&text, &name, &a)?,
+        Kind::Cloze => {
+            let (d, q) = cloze(&text, &a);
+            (d, q, None)
         }
-        Kind::NqOracle => {
-            for (n, line) in text.lines().enumerate() {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let v: Value =
-                    serde_json::from_str(line).map_err(|e| anyhow!("{name}:{}: malformed JSON: {e}", n + 1))?;
-                let id = format!("nq-{}", n + 1);
-                if !in_split(v["question"].as_str().unwrap_or(&id), a.split, a.test_share) {
-                    continue;
-                }
-                let ctx = v["ctxs"]
-                    .as_array()
-                    .and_then(|c| c.iter().find(|x| x["isgold"].as_bool() == Some(true)).or(c.first()))
-                    .ok_or_else(|| anyhow!("{name}:{}: no ctxs", n + 1))?;
-                docs.push(json!({"id": id, "title": ctx["title"], "text": ctx["text"]}));
-                qs.push(json!({"id": id, "question": v["question"], "answers": v["answers"], "gold_doc": id}));
-            }
-        }
-    }
-    if let Kind::Hotpot | Kind::Mtrag = a.kind {
-        let (d, q, t) =
-            if matches!(a.kind, Kind::Hotpot) { hotpot(&text, &name, &a)? } else { mtrag(&text, &name, &a)? };
-        docs = d;
-        qs = q;
-        given_tasks = t;
-    }
+        Kind::Squad => squad(&text, &name, &a)?,
+        Kind::NqOracle => nq_oracle(&text, &name, &a)?,
+    };
     if docs.is_empty() && a.split != Split::All {
         let part = if a.split == Split::Train { "train" } else { "test" };
         bail!("{name}: no documents in the {part} part (--test-share {})", a.test_share);
@@ -208,6 +158,61 @@ pub fn run(_g: &Global, a: DatasetArgs) -> Result<ExitCode> {
 }
 
 type Imported = (Vec<Value>, Vec<Value>, Option<Vec<Value>>);
+
+/// SQuAD JSON: each paragraph a document, each question with its paragraph as the gold one
+/// (answers deduplicated; SQuAD 2.0's impossible questions marked unanswerable).
+fn squad(text: &str, name: &str, a: &DatasetArgs) -> Result<Imported> {
+    let (mut docs, mut qs) = (Vec::new(), Vec::new());
+    let v: Value = serde_json::from_str(text).map_err(|e| anyhow!("{name}: not SQuAD JSON: {e}"))?;
+    let arts = v["data"].as_array().ok_or_else(|| anyhow!("{name}: no \"data\" array"))?;
+    for art in arts {
+        let title = art["title"].as_str().unwrap_or("").replace('_', " ");
+        if !in_split(&title, a.split, a.test_share) {
+            continue;
+        }
+        for (i, p) in art["paragraphs"].as_array().into_iter().flatten().enumerate() {
+            let id = format!("{}-{}", title.replace(' ', "_"), i + 1);
+            docs.push(json!({"id": id, "title": title, "text": p["context"]}));
+            for q in p["qas"].as_array().into_iter().flatten() {
+                let answers: Vec<&str> =
+                    q["answers"].as_array().into_iter().flatten().filter_map(|a| a["text"].as_str()).collect();
+                let mut uniq: Vec<&str> = Vec::new();
+                for x in answers {
+                    if !uniq.contains(&x) {
+                        uniq.push(x);
+                    }
+                }
+                let impossible = q["is_impossible"].as_bool().unwrap_or(false);
+                qs.push(json!({"id": q["id"], "question": q["question"], "answers": uniq,
+                               "gold_doc": id, "answerable": !impossible}));
+            }
+        }
+    }
+    Ok((docs, qs, None))
+}
+
+/// NQ-open oracle JSONL: each question with its gold passage (the first one when none is
+/// marked) as a document.
+fn nq_oracle(text: &str, name: &str, a: &DatasetArgs) -> Result<Imported> {
+    let (mut docs, mut qs) = (Vec::new(), Vec::new());
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(line).map_err(|e| anyhow!("{name}:{}: malformed JSON: {e}", n + 1))?;
+        let id = format!("nq-{}", n + 1);
+        if !in_split(v["question"].as_str().unwrap_or(&id), a.split, a.test_share) {
+            continue;
+        }
+        let ctx = v["ctxs"]
+            .as_array()
+            .and_then(|c| c.iter().find(|x| x["isgold"].as_bool() == Some(true)).or(c.first()))
+            .ok_or_else(|| anyhow!("{name}:{}: no ctxs", n + 1))?;
+        docs.push(json!({"id": id, "title": ctx["title"], "text": ctx["text"]}));
+        qs.push(json!({"id": id, "question": v["question"], "answers": v["answers"], "gold_doc": id}));
+    }
+    Ok((docs, qs, None))
+}
 
 /// The blank in a cloze question.
 pub const BLANK: &str = "____";
