@@ -55,7 +55,7 @@ pub fn run(g: &Global, a: DoctorArgs) -> Result<ExitCode> {
     }
     check_models(g, &mut checks);
     let device = check_device(g, &mut checks);
-    let loader = device.as_ref().and_then(|_| g.loader().ok());
+    let loader = device.and_then(|d| g.loader_on(d).ok());
     let loaded: Option<Loaded> = loader.as_ref().and_then(|ld| {
         let gguf = crate::model::cache::resolve_decoder(g.decoder.as_deref(), &g.home(), true).ok()?;
         let (_, tok_id) = crate::model::gguf_tokenizer::load(&gguf).ok()?;

@@ -106,6 +106,10 @@ impl Global {
     }
     /// The library's loader, with --device and --dtype checked.
     pub fn loader(&self) -> Result<crate::model::load::Loader> {
+        self.loader_on(self.device()?)
+    }
+    /// The library's loader on a device already made (with --dtype checked).
+    pub fn loader_on(&self, device: candle_core::Device) -> Result<crate::model::load::Loader> {
         use candle_core::DType;
         let dtype = match self.dtype.as_str() {
             "auto" => None,
@@ -115,7 +119,7 @@ impl Global {
             d => anyhow::bail!("--dtype {d}: expected auto, f32, bf16 or f16"),
         };
         Ok(crate::model::load::Loader {
-            device: self.device()?,
+            device,
             dtype,
             home: self.home(),
             decoder: self.decoder.clone(),

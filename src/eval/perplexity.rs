@@ -211,7 +211,7 @@ pub fn score(
                 let mask = if p == crate::options::Policy::None {
                     vec![false; n]
                 } else {
-                    crate::read::policy::top_mask(&scores, want)
+                    crate::model::policy::top_mask(&scores, want)
                 };
                 let prefix = crate::read::policy::mixed_prefix(rd, ctx, k, e, &mask)?;
                 let key = format!("{}@{}", serde_json::to_value(p)?.as_str().unwrap_or("?"), opts.expand);

@@ -22,9 +22,14 @@ pub fn chunk_count(tokens: usize, k: usize) -> usize {
     tokens.div_ceil(k.max(1))
 }
 
-/// Each chunk's text (its decoder tokens decoded): what the MiniLM chunk encoder reads.
+/// A chunk's text (its decoder tokens decoded): what the MiniLM chunk encoder reads.
+fn chunk_text(tokenizer: &Tokenizer, chunk: &[u32]) -> Result<String> {
+    tokenizer.decode(chunk, false).map_err(|e| anyhow!("decode: {e}"))
+}
+
+/// Each chunk's text.
 pub fn chunk_texts(tokenizer: &Tokenizer, ids: &[u32], k: usize) -> Result<Vec<String>> {
-    chunks(ids, k).map(|c| tokenizer.decode(c, false).map_err(|e| anyhow!("decode: {e}"))).collect()
+    chunks(ids, k).map(|c| chunk_text(tokenizer, c)).collect()
 }
 
 /// The vectors of chunks given as decoder tokens: [n, encoder dim], one row per chunk, on the
@@ -33,10 +38,7 @@ pub fn encode_chunks(encoder: &Encoder, tokenizer: &Tokenizer, chunks: &[&[u32]]
     if chunks.is_empty() {
         return Ok(None);
     }
-    let texts = chunks
-        .iter()
-        .map(|c| tokenizer.decode(c, false).map_err(|e| anyhow!("decode: {e}")))
-        .collect::<Result<Vec<_>>>()?;
+    let texts = chunks.iter().map(|c| chunk_text(tokenizer, c)).collect::<Result<Vec<_>>>()?;
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     Ok(Some(encoder.encode(&refs)?))
 }
@@ -74,8 +76,9 @@ impl<'a> Compressor<'a> {
 
     /// The unprojected chunk vectors of `passages` ([`chunk_vectors`]), on `dec`'s device.
     pub fn vectors(&self, dec: &Decoder, passages: &[&[u32]]) -> Result<Option<Tensor>> {
-        let all: Vec<&[u32]> = passages.iter().flat_map(|p| chunks(p, self.k)).collect();
-        self.encode(dec, &all)
+        chunk_vectors(self.encoder, &dec.tokenizer, passages, self.k)?
+            .map(|v| Ok(v.to_device(&dec.device)?))
+            .transpose()
     }
 
     /// Chunk vectors (from [`Compressor::vectors`] or an index) into the decoder's input space:

@@ -105,6 +105,8 @@ impl Engine {
             bail!("{}: no index here; build one with `refrag index PATH --db {}`", o.db, o.db);
         };
         let trained = loader.trained(&encoder, decoder.cfg.hidden, Purpose::Answers)?;
+        // before the index checks (as `reading` would say it after them): missing weights are
+        // the first thing to fix
         if o.mode == Mode::Refrag && trained.is_none() {
             return Err(crate::model::weights::missing(&loader.weights_dirs(Purpose::Answers)));
         }
@@ -119,11 +121,6 @@ impl Engine {
         let mut decoder = decoder;
         reading.adapt(&mut decoder)?;
         Ok(Engine { decoder, encoder, store, mode: o.mode, reading })
-    }
-
-    /// The chunk size of the index.
-    pub fn k(&self) -> usize {
-        self.reading.k
     }
 
     /// Where a question with passages puts the question.

@@ -6,7 +6,7 @@
 //! per-chunk perplexity, highest first (`ppl-desc`) or lowest first (`ppl-asc`).
 
 use crate::model::decoder::Decoder;
-pub use crate::model::policy::{span_scores, top_mask};
+use crate::model::policy::{span_scores, top_mask};
 use crate::model::policy::{PolicyNet, POLICY_FILE};
 use crate::rng::Rng;
 use anyhow::{bail, Result};

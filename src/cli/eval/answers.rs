@@ -156,28 +156,22 @@ pub fn readback(g: &Global, a: ReadbackArgs) -> Result<ExitCode> {
         "{:<24} {:>6} {:>7} {:>10} {:>10} {:>9} {:>9}",
         "file", "tasks", "probed", "answer own", "other", "F1 own", "other"
     )?;
-    for (f, n, c) in &files {
-        let name = std::path::Path::new(f).file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let mut row = |name: &str, n: usize, c: &[Vec<f64>; 4]| -> Result<()> {
+        let (m0, m1, m2, m3) = (metrics::mean(&c[0]), metrics::mean(&c[1]), metrics::mean(&c[2]), metrics::mean(&c[3]));
+        let probed = c[0].len();
         writeln!(
             out,
-            "{name:<24.24} {n:>6} {:>7} {:>9.1}% {:>9.1}% {:>9.3} {:>9.3}",
-            c[0].len(),
-            100.0 * metrics::mean(&c[0]),
-            100.0 * metrics::mean(&c[1]),
-            metrics::mean(&c[2]),
-            metrics::mean(&c[3])
+            "{name:<24.24} {n:>6} {probed:>7} {:>9.1}% {:>9.1}% {m2:>9.3} {m3:>9.3}",
+            100.0 * m0,
+            100.0 * m1
         )?;
+        Ok(())
+    };
+    for (f, n, c) in &files {
+        let name = std::path::Path::new(f).file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        row(&name, *n, c)?;
     }
-    writeln!(
-        out,
-        "{:<24} {total:>6} {:>7} {:>9.1}% {:>9.1}% {:>9.3} {:>9.3}",
-        "all",
-        all[0].len(),
-        100.0 * metrics::mean(&all[0]),
-        100.0 * metrics::mean(&all[1]),
-        metrics::mean(&all[2]),
-        metrics::mean(&all[3])
-    )?;
+    row("all", total, &all)?;
     writeln!(
         out,
         "answer read back, own - other: {:+.1} points ({:+.1} .. {:+.1}, 95% bootstrap, {} resamples)",
