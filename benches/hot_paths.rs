@@ -57,12 +57,12 @@ fn main() {
     }
     if on("projector") {
         let dirs = refrag::model::weights::weights_dirs(None, &home, refrag::model::weights::Purpose::Text);
-        let proj = match refrag::model::weights::find(&dirs, &enc, dec.cfg.hidden).unwrap() {
+        let proj = match refrag::model::weights::find(&dirs, &enc, &dec).unwrap() {
             Some(t) => t.projector,
             None => refrag::model::projector::Projector::init(&candle_nn::VarMap::new(), &dev, enc.dim, dec.cfg.hidden)
                 .unwrap(),
         };
-        let x = Tensor::randn(0f32, 0.05, (128, enc.dim), &dev).unwrap();
+        let x = Tensor::randn(0f32, 0.05, (128, proj.in_dim), &dev).unwrap();
         time("projector (128 chunk vectors)", 50, || {
             let _ = proj.forward(&x).unwrap();
         });
@@ -72,6 +72,12 @@ fn main() {
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         time("encoder (32 chunks of 16 tokens)", 10, || {
             let _ = enc.encode(&refs).unwrap();
+        });
+        // the chunk encoder grown from the decoder's first 8 layers, on the same chunks
+        let grown = refrag::model::grown::GrownEncoder::new(&dec, 8).unwrap();
+        let chunks: Vec<&[u32]> = ids[..512].chunks(16).collect();
+        time("grown chunk encoder, 8 decoder layers (32 chunks of 16 tokens)", 10, || {
+            let _ = grown.encode(&chunks).unwrap();
         });
     }
     if on("cross_entropy") {

@@ -9,9 +9,8 @@
 
 pub mod plot;
 
-use crate::model::compressor::{self, Compressor};
+use crate::model::compressor::{self, ChunkEncoder, Compressor};
 use crate::model::decoder::Decoder;
-use crate::model::encoder::Encoder;
 use crate::model::projector::Projector;
 use crate::read::prompt::{self, Segment};
 use anyhow::Result;
@@ -48,7 +47,8 @@ pub struct BenchSetup<'a> {
     /// The same decoder without quantized weights: adds a "full-dense" row whose later tokens
     /// run through the dense matrices (to show which decode path is faster).
     pub dense_decoder: Option<&'a Decoder>,
-    pub encoder: Option<&'a Encoder>,
+    /// The chunk encoder (None: the cached rows only).
+    pub encoder: Option<&'a ChunkEncoder>,
     pub projector: &'a Projector,
     /// Text to draw context tokens from (repeated as needed).
     pub text: &'a str,

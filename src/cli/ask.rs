@@ -79,7 +79,7 @@ pub fn run(g: &Global, args: AskArgs) -> Result<ExitCode> {
     let refrag = mode == Mode::Refrag;
     let encoder = if refrag || args.rag.adapted { Some(ld.encoder()?) } else { None };
     let trained = match &encoder {
-        Some(e) => ld.trained(e, decoder.cfg.hidden, Purpose::Answers)?,
+        Some(e) => ld.trained(e, &decoder, Purpose::Answers)?,
         None => None,
     };
     let reading = ld.reading(trained, Purpose::Answers, mode, args.rag.adapted, args.rag.k)?;

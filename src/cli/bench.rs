@@ -62,15 +62,15 @@ pub fn run(g: &Global, args: BenchArgs) -> Result<ExitCode> {
     // Timing does not depend on the weights' values: untrained ones do when none are found.
     let base = ld.encoder()?;
     let in_dim = base.dim;
-    let (projector, chunk_encoder) =
-        match ld.trained(&base, decoder.cfg.hidden, crate::model::weights::Purpose::Text)? {
-            // Adapters are not folded in: timing does not depend on the weights' values.
-            Some(t) => (t.projector, t.chunk_encoder),
-            None => {
-                let vm = candle_nn::VarMap::new();
-                (crate::model::projector::Projector::init(&vm, &device, in_dim, decoder.cfg.hidden)?, base)
-            }
-        };
+    let (projector, chunk_encoder) = match ld.trained(&base, &decoder, crate::model::weights::Purpose::Text)? {
+        // Adapters are not folded in: timing does not depend on the weights' values.
+        Some(t) => (t.projector, t.chunk_encoder),
+        None => {
+            let vm = candle_nn::VarMap::new();
+            let p = crate::model::projector::Projector::init(&vm, &device, in_dim, decoder.cfg.hidden)?;
+            (p, crate::model::compressor::ChunkEncoder::MiniLm(base))
+        }
+    };
     let encoder = if args.no_encoder { None } else { Some(chunk_encoder) };
     let peer = match &args.peer {
         Some(cmd) => Some(std::cell::RefCell::new(crate::bench::Peer::start(cmd)?)),

@@ -7,7 +7,7 @@ use super::Global;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::{json, Value};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -79,18 +79,6 @@ pub struct DatasetArgs {
     pub json: bool,
 }
 
-fn read_all(p: &PathBuf) -> Result<String> {
-    let f = std::fs::File::open(p).with_context(|| format!("{}", p.display()))?;
-    let mut s = String::new();
-    if p.extension().is_some_and(|e| e == "gz") {
-        flate2::read::GzDecoder::new(f).read_to_string(&mut s)
-    } else {
-        std::io::BufReader::new(f).read_to_string(&mut s)
-    }
-    .with_context(|| format!("{}: not UTF-8 text (or a broken gzip stream)", p.display()))?;
-    Ok(s)
-}
-
 pub fn run(_g: &Global, a: DatasetArgs) -> Result<ExitCode> {
     if a.corpus.is_none() && a.questions.is_none() && a.tasks.is_none() {
         bail!("give at least one of --corpus, --questions, --tasks");
@@ -98,7 +86,7 @@ pub fn run(_g: &Global, a: DatasetArgs) -> Result<ExitCode> {
     if !(0.0..=1.0).contains(&a.test_share) {
         bail!("--test-share {}: must be between 0 and 1", a.test_share);
     }
-    let text = read_all(&a.file)?;
+    let text = crate::index::corpus::read_text_gz(&a.file)?;
     let name = a.file.display().to_string();
     // Datasets that come as tasks already (MTRAG) keep them as they are.
     let (docs, qs, mut given_tasks): Imported = match a.kind {

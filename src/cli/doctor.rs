@@ -42,9 +42,8 @@ impl Checks {
     }
 }
 
-/// What asking loads, as asking would: the decoder tokenizer's id, the decoder's hidden size and
-/// the encoder.
-type Loaded = (String, usize, crate::model::encoder::Encoder);
+/// What asking loads, as asking would: the decoder tokenizer's id, the decoder and the encoder.
+type Loaded = (String, crate::model::decoder::Decoder, crate::model::encoder::Encoder);
 
 pub fn run(g: &Global, a: DoctorArgs) -> Result<ExitCode> {
     let mut checks = Checks::default();
@@ -57,14 +56,12 @@ pub fn run(g: &Global, a: DoctorArgs) -> Result<ExitCode> {
     let device = check_device(g, &mut checks);
     let loader = device.and_then(|d| g.loader_on(d).ok());
     let loaded: Option<Loaded> = loader.as_ref().and_then(|ld| {
-        let gguf = crate::model::cache::resolve_decoder(g.decoder.as_deref(), &g.home(), true).ok()?;
-        let (_, tok_id) = crate::model::gguf_tokenizer::load(&gguf).ok()?;
-        let hidden = crate::model::decoder::hidden_size(&gguf).ok()?;
+        let dec = ld.decoder_with(crate::model::decoder::Ops::Fused, false).ok()?;
         let enc = ld.encoder().ok()?;
-        Some((tok_id, hidden, enc))
+        Some((dec.tokenizer_id.clone(), dec, enc))
     });
     let trained = match (&loaded, &loader) {
-        (Some((_, hidden, enc)), Some(ld)) => check_weights(ld, enc, *hidden, &mut checks),
+        (Some((_, dec, enc)), Some(ld)) => check_weights(ld, enc, dec, &mut checks),
         _ => {
             checks.add(Status::Fail, "models", "cannot load the decoder tokenizer or the encoder (see above)".into());
             None
@@ -141,10 +138,10 @@ fn check_device(g: &Global, checks: &mut Checks) -> Option<candle_core::Device> 
 fn check_weights(
     ld: &crate::model::load::Loader,
     enc: &crate::model::encoder::Encoder,
-    hidden: usize,
+    dec: &crate::model::decoder::Decoder,
     checks: &mut Checks,
 ) -> Option<crate::model::weights::Trained> {
-    match ld.trained(enc, hidden, crate::model::weights::Purpose::Answers) {
+    match ld.trained(enc, dec, crate::model::weights::Purpose::Answers) {
         Ok(Some(t)) => {
             let expands = t
                 .expand
@@ -152,7 +149,10 @@ fn check_weights(
                 .map(|p| format!("{:.0}% of chunks expanded unless --expand says otherwise", 100.0 * p));
             let parts = [
                 Some("projector"),
-                (t.chunk_encoder.id != enc.id).then_some("encoder layers"),
+                match &t.chunk_encoder {
+                    crate::model::compressor::ChunkEncoder::MiniLm(e) => (e.id != enc.id).then_some("encoder layers"),
+                    crate::model::compressor::ChunkEncoder::Grown(_) => Some("chunk encoder grown from the decoder"),
+                },
                 t.decoder_lora.as_ref().map(|_| "decoder adapters"),
                 t.policy.as_ref().map(|_| "expansion policy"),
                 match t.question_at {
@@ -216,7 +216,8 @@ fn check_index(
                 (None, _) => checks.add(Status::Fail, "index", format!("{}: exists but holds no refrag index", db)),
                 (Some(info), Some((tok_id, _, enc))) => {
                     let rows = store.rows().unwrap_or(0);
-                    let chunk_enc = trained.map(|t| &t.chunk_encoder).unwrap_or(enc);
+                    let minilm = crate::model::compressor::ChunkEncoder::MiniLm(enc.clone());
+                    let chunk_enc = trained.map(|t| &t.chunk_encoder).unwrap_or(&minilm);
                     let now = crate::index::indexer::index_info(enc, chunk_enc, tok_id, info.k);
                     let summary = format!(
                         "{}: {rows} passages, k = {}, schema v{}, {:.1} MiB; encoder {}, chunk encoder {}",

@@ -81,16 +81,18 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
         }
     }
     let ld = g.loader()?;
-    let gguf = crate::model::cache::resolve_decoder(g.decoder.as_deref(), &g.home(), g.quiet)?;
-    let (tokenizer, tokenizer_id) = crate::model::gguf_tokenizer::load(&gguf)?;
+    // the decoder's tokenizer cuts the chunks; its first layers are a grown chunk encoder's
+    let decoder = ld.decoder_with(crate::model::decoder::Ops::Fused, false)?;
+    let (tokenizer, tokenizer_id) = (&decoder.tokenizer, decoder.tokenizer_id.clone());
     let encoder = ld.encoder()?;
     let lock = if args.shard.is_some() { WriteLock::Shared } else { WriteLock::Exclusive };
     let _lock = crate::index::lock::lock_for_writing(&args.db, lock)?;
     let mut store = Store::open_with(&args.db, &g.storage_options()?)?;
     // Chunk vectors come from the trained chunk encoder when trained weights are in use.
-    let trained =
-        ld.trained(&encoder, crate::model::decoder::hidden_size(&gguf)?, crate::model::weights::Purpose::Answers)?;
-    let chunk_encoder = trained.map(|t| t.chunk_encoder).unwrap_or_else(|| encoder.clone());
+    let trained = ld.trained(&encoder, &decoder, crate::model::weights::Purpose::Answers)?;
+    let chunk_encoder = trained
+        .map(|t| t.chunk_encoder)
+        .unwrap_or_else(|| crate::model::compressor::ChunkEncoder::MiniLm(encoder.clone()));
     let info = indexer::index_info(&encoder, &chunk_encoder, &tokenizer_id, args.k);
     store.prepare_write(&info)?;
     if !args.delete.is_empty() {
@@ -108,7 +110,7 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
         shard: args.shard,
         shard_wait: std::time::Duration::from_secs(args.shard_wait),
     };
-    let sum = indexer::index(&mut store, &docs, &tokenizer, &tokenizer_id, &encoder, &chunk_encoder, &opts)?;
+    let sum = indexer::index(&mut store, &docs, tokenizer, &tokenizer_id, &encoder, &chunk_encoder, &opts)?;
     if args.json {
         outln!("{}", serde_json::to_string(&sum)?);
     } else {

@@ -108,8 +108,8 @@ pub struct TrainArgs {
     /// models and tokenizing the text come before the clock starts.
     #[arg(long, env = "REFRAG_TRAIN_MAX_SECONDS")]
     pub max_seconds: Option<f64>,
-    /// Top layers of the chunk encoder to train with the projector (0 = projector only).
-    /// Trained layers ship as encoder.safetensors (f16, ~3.5 MB per layer).
+    /// Top layers of the MiniLM chunk encoder to train with the projector (0 = projector only;
+    /// 0 with --chunk-layers). Trained layers ship as encoder.safetensors (f16, ~3.5 MB per layer).
     #[arg(long, default_value_t = 4, env = "REFRAG_TRAIN_ENCODER_LAYERS")]
     pub encoder_layers: usize,
     /// Rank of LoRA adapters trained on every decoder matrix (0 = decoder frozen). They ship
@@ -118,6 +118,14 @@ pub struct TrainArgs {
     /// leaving the starting model unchanged.
     #[arg(long, default_value_t = 0, env = "REFRAG_TRAIN_DECODER_LORA")]
     pub decoder_lora: usize,
+    /// Grow the chunk encoder from the decoder's first N layers (its own cased tokens, each
+    /// chunk's states mean-pooled) instead of MiniLM; 0 = MiniLM. Default: --init's, else 0.
+    /// Its adapters ship as chunk_encoder.safetensors.
+    #[arg(long, env = "REFRAG_TRAIN_CHUNK_LAYERS")]
+    pub chunk_layers: Option<usize>,
+    /// Rank of the grown chunk encoder's LoRA adapters on every matrix of its layers.
+    #[arg(long, default_value_t = 32, env = "REFRAG_TRAIN_CHUNK_LORA")]
+    pub chunk_lora: usize,
     /// Start from these weights (a folder, e.g. the reconstruction stage's --out).
     #[arg(long, env = "REFRAG_TRAIN_INIT")]
     pub init: Option<PathBuf>,
@@ -158,7 +166,7 @@ fn train_policy(g: &Global, a: &TrainArgs) -> Result<ExitCode> {
     // with --qa the policy learns on the weights that answer questions (weights/qa)
     let purpose =
         if a.qa.is_empty() { crate::model::weights::Purpose::Text } else { crate::model::weights::Purpose::Answers };
-    let Some(trained) = ld.trained(&encoder, decoder.cfg.hidden, purpose)? else {
+    let Some(trained) = ld.trained(&encoder, &decoder, purpose)? else {
         return Err(crate::model::weights::missing(&ld.weights_dirs(purpose)));
     };
     if let Some(k) = trained.k.filter(|&k| k != a.k) {
@@ -190,8 +198,16 @@ fn train_policy(g: &Global, a: &TrainArgs) -> Result<ExitCode> {
         quiet: g.quiet,
         data_note: format!("train: {names:?}; weights: {}", trained.dir.display()),
     };
+    let in_dim = trained.chunk_encoder.dim();
+    if a.condition && in_dim != encoder.dim {
+        bail!(
+            "--condition compares the question's MiniLM vector with the chunk vectors; the chunk encoder of {} ({}) makes {in_dim}-d vectors",
+            trained.dir.display(),
+            trained.chunk_encoder.kind()
+        );
+    }
     let net = crate::model::policy::PolicyConfig {
-        in_dim: encoder.dim,
+        in_dim,
         width: 128,
         heads: 4,
         layers: 2,
@@ -256,12 +272,13 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
         return train_policy(g, &a);
     }
     let bow_weight = check_stage_args(&a)?;
-    // answers are trained with the question where --question-at says (auto: as --init's card)
-    let init_layout = match &a.init {
-        Some(d) => crate::model::weights::Card::read(d)?.question_at,
-        None => None,
+    let init_card = match &a.init {
+        Some(d) => crate::model::weights::Card::read(d)?,
+        None => crate::model::weights::Card::default(),
     };
-    let question_at = g.question_at.resolve(init_layout);
+    // answers are trained with the question where --question-at says (auto: as --init's card)
+    let question_at = g.question_at.resolve(init_card.question_at);
+    let chunk_layers = a.chunk_layers.or(init_card.chunk_layers).unwrap_or(0);
     let init_scale = match &a.init {
         Some(d) if d.join(crate::model::projector::FILE).exists() => {
             Some(crate::model::projector::stored_in_scale(&d.join(crate::model::projector::FILE))?)
@@ -276,7 +293,9 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     let ld = g.loader()?;
     let decoder = ld.decoder_with(crate::model::decoder::Ops::Differentiable, false)?;
     let encoder = ld.encoder()?;
-    let input_scale = a.input_scale.or(init_scale).unwrap_or((encoder.dim as f64).sqrt());
+    // MiniLM's vectors have unit length, the grown encoder's unit root-mean-square
+    let unit = if chunk_layers > 0 { 1.0 } else { (encoder.dim as f64).sqrt() };
+    let input_scale = a.input_scale.or(init_scale).unwrap_or(unit);
     if a.stage == Stage::Sft && a.qa.is_empty() {
         bail!("train sft needs --qa FILE (tasks: `refrag dataset squad FILE --split train --tasks OUT.jsonl`)");
     }
@@ -297,7 +316,7 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     let names = |v: &[PathBuf]| {
         v.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()).collect::<Vec<_>>()
     };
-    let mut cfg = config(&a, bow_weight, input_scale);
+    let mut cfg = config(&a, bow_weight, input_scale, chunk_layers);
     // --resume continues with the checkpoint's settings, except options given now
     if let Some(ck) = a.resume.then(|| train::checkpoint::checkpoint_config(&a.out)).flatten() {
         let (c, changed) = resumed_config(&cfg, &ck, &a.given)?;
@@ -353,7 +372,9 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
 
 /// The run's settings from the flags (a resumed run then takes its checkpoint's, except those
 /// given again).
-fn config(a: &TrainArgs, bow_weight: f64, input_scale: f64) -> TrainConfig {
+fn config(a: &TrainArgs, bow_weight: f64, input_scale: f64, chunk_layers: usize) -> TrainConfig {
+    // the MiniLM layers do not train beside a grown chunk encoder unless asked (then refused)
+    let minilm_default = chunk_layers > 0 && !a.given.contains("encoder_layers");
     TrainConfig {
         stage: a.stage,
         k: a.k,
@@ -368,8 +389,10 @@ fn config(a: &TrainArgs, bow_weight: f64, input_scale: f64) -> TrainConfig {
         clip: a.clip,
         seed: a.seed,
         checkpoint_every: a.checkpoint_every,
-        encoder_layers: a.encoder_layers,
+        encoder_layers: if minilm_default { 0 } else { a.encoder_layers },
         decoder_lora: a.decoder_lora,
+        chunk_layers,
+        chunk_lora: if chunk_layers > 0 { a.chunk_lora } else { 0 },
         distill: a.distill,
         batch: a.batch,
         recon_weight: a.recon_weight,

@@ -103,6 +103,20 @@ pub fn read_text(path: &Path) -> Result<String> {
     utf8(path, bytes)
 }
 
+/// As [`read_text`], decompressing a file whose name ends in `.gz`.
+pub fn read_text_gz(path: &Path) -> Result<String> {
+    if path.extension().is_none_or(|e| e != "gz") {
+        return read_text(path);
+    }
+    use std::io::Read;
+    let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(f)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("{}: not a gzip file (or a broken one)", path.display()))?;
+    utf8(path, bytes)
+}
+
 fn utf8(path: &Path, bytes: Vec<u8>) -> Result<String> {
     String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();

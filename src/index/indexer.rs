@@ -5,7 +5,7 @@ use crate::index::corpus::{self, Document};
 use crate::index::info::{IndexInfo, SCHEMA_VERSION};
 use crate::index::schema::Passage;
 use crate::index::store::Store;
-use crate::model::compressor;
+use crate::model::compressor::{self, ChunkEncoder};
 use crate::model::encoder::Encoder;
 use anyhow::{anyhow, Result};
 use std::time::Instant;
@@ -53,13 +53,14 @@ pub struct IndexSummary {
 
 /// What an index built now records; `chunk_encoder` makes the chunk vectors (the retrieval
 /// encoder with trained tensors in place, when trained weights are in use).
-pub fn index_info(encoder: &Encoder, chunk_encoder: &Encoder, tokenizer_id: &str, k: usize) -> IndexInfo {
+pub fn index_info(encoder: &Encoder, chunk_encoder: &ChunkEncoder, tokenizer_id: &str, k: usize) -> IndexInfo {
     IndexInfo {
         encoder: encoder.id.clone(),
-        chunk_encoder: chunk_encoder.id.clone(),
+        chunk_encoder: chunk_encoder.id().to_string(),
         tokenizer: tokenizer_id.to_string(),
         k,
         dim: encoder.dim,
+        chunk_dim: chunk_encoder.dim(),
         schema_version: SCHEMA_VERSION,
     }
 }
@@ -71,7 +72,7 @@ pub fn index(
     tokenizer: &Tokenizer,
     tokenizer_id: &str,
     encoder: &Encoder,
-    chunk_encoder: &Encoder,
+    chunk_encoder: &ChunkEncoder,
     opts: &IndexOptions,
 ) -> Result<IndexSummary> {
     let start = Instant::now();
@@ -107,7 +108,7 @@ pub fn index(
         sum.replaced += replace.len();
         sum.added += batch.len() - replace.len();
         sum.passages += rows.len();
-        sum.chunks += rows.iter().map(|r| r.chunks.len() / info.dim).sum::<usize>();
+        sum.chunks += rows.iter().map(|r| r.chunks.len() / info.chunk_dim).sum::<usize>();
         store.delete_docs(&replace)?;
         store.add(&rows, &info)?;
         tracing::debug!("committed {} documents, {} passages", batch.len(), rows.len());
@@ -131,7 +132,7 @@ fn encode_batch(
     batch: &[(&Document, String)],
     tokenizer: &Tokenizer,
     encoder: &Encoder,
-    chunk_encoder: &Encoder,
+    chunk_encoder: &ChunkEncoder,
     opts: &IndexOptions,
 ) -> Result<Vec<Passage>> {
     let mut rows = Vec::new();

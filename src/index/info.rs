@@ -16,7 +16,11 @@ pub struct IndexInfo {
     pub chunk_encoder: String,
     pub tokenizer: String,
     pub k: usize,
+    /// The retrieval vectors' size.
     pub dim: usize,
+    /// The chunk vectors' size (the retrieval vectors' in indexes that do not record it: they
+    /// were MiniLM's).
+    pub chunk_dim: usize,
     pub schema_version: u32,
 }
 
@@ -28,6 +32,7 @@ impl IndexInfo {
             ("tokenizer".into(), self.tokenizer.clone()),
             ("k".into(), self.k.to_string()),
             ("dim".into(), self.dim.to_string()),
+            ("chunk_dim".into(), self.chunk_dim.to_string()),
             ("schema_version".into(), self.schema_version.to_string()),
         ]
     }
@@ -41,6 +46,10 @@ impl IndexInfo {
             tokenizer: get("tokenizer")?,
             k: get("k")?.parse()?,
             dim: get("dim")?.parse()?,
+            chunk_dim: match m.get("chunk_dim") {
+                Some(d) => d.parse()?,
+                None => get("dim")?.parse()?,
+            },
             schema_version: get("schema_version")?.parse()?,
         })
     }

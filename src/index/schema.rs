@@ -14,7 +14,7 @@
 //! | meta        | Utf8                                   | other JSONL fields, as JSON            |
 //! | vector      | FixedSizeList<Float32, dim>            | retrieval vector of the passage        |
 //! | tokens      | List<UInt32>                           | the passage's decoder token ids        |
-//! | chunks      | List<FixedSizeList<Float16, dim>>      | one encoder vector per k-token chunk   |
+//! | chunks      | List<FixedSizeList<Float16, chunk_dim>> | one chunk vector per k-token chunk     |
 
 use anyhow::{anyhow, bail, Context, Result};
 use arrow_array::builder::{FixedSizeListBuilder, Float16Builder, ListBuilder};
@@ -48,7 +48,8 @@ pub struct Hit {
     pub score: f32,
 }
 
-pub(super) fn to_batch(rows: &[Passage], dim: usize) -> Result<RecordBatch> {
+/// Rows into a record batch: retrieval vectors of `dim`, chunk vectors of `chunk_dim`.
+pub(super) fn to_batch(rows: &[Passage], dim: usize, chunk_dim: usize) -> Result<RecordBatch> {
     let s = |f: fn(&Passage) -> &str| Arc::new(StringArray::from_iter_values(rows.iter().map(f)));
     let vector = FixedSizeListArray::from_iter_primitive::<Float32Type, _, _>(
         rows.iter().map(|r| Some(r.vector.iter().map(|&x| Some(x)).collect::<Vec<_>>())),
@@ -57,12 +58,12 @@ pub(super) fn to_batch(rows: &[Passage], dim: usize) -> Result<RecordBatch> {
     let tokens = ListArray::from_iter_primitive::<UInt32Type, _, _>(
         rows.iter().map(|r| Some(r.tokens.iter().map(|&x| Some(x)).collect::<Vec<_>>())),
     );
-    let mut cb = ListBuilder::new(FixedSizeListBuilder::new(Float16Builder::new(), dim as i32));
+    let mut cb = ListBuilder::new(FixedSizeListBuilder::new(Float16Builder::new(), chunk_dim as i32));
     for r in rows {
-        if r.chunks.len() % dim != 0 {
-            bail!("passage {}: chunk vectors are not a multiple of {dim}", r.passage_id);
+        if r.chunks.len() % chunk_dim != 0 {
+            bail!("passage {}: chunk vectors are not a multiple of {chunk_dim}", r.passage_id);
         }
-        for c in r.chunks.chunks(dim) {
+        for c in r.chunks.chunks(chunk_dim) {
             let inner = cb.values();
             for &x in c {
                 inner.values().append_value(half::f16::from_f32(x));

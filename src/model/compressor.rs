@@ -1,16 +1,60 @@
 //! The one way passages become chunk vectors (REFRAG, arXiv 2509.01092, section 2): decoder
 //! tokens cut into k-token chunks ([`chunks`]), each chunk encoded into one vector by the chunk
-//! encoder ([`chunk_vectors`]: what an index stores), then projected into the decoder's input
-//! space ([`Compressor`]: what the decoder reads). The indexer, ask, chat, eval, perplexity,
-//! bench and every training stage go through here, so swapping the chunk encoder is a change in
-//! this file.
+//! encoder ([`ChunkEncoder`], [`chunk_vectors`]: what an index stores), then projected into the
+//! decoder's input space ([`Compressor`]: what the decoder reads). The indexer, ask, chat, eval,
+//! perplexity, bench and every training stage go through here.
 
 use crate::model::decoder::Decoder;
 use crate::model::encoder::Encoder;
+use crate::model::grown::GrownEncoder;
 use crate::model::projector::Projector;
 use anyhow::{anyhow, Result};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use tokenizers::Tokenizer;
+
+/// What turns one k-token chunk into one vector.
+#[derive(Clone)]
+pub enum ChunkEncoder {
+    /// MiniLM (the retrieval encoder, with any trained top layers in place) over each chunk's
+    /// text: 384-d.
+    MiniLm(Encoder),
+    /// The decoder's first layers, with trained adapters, over each chunk's tokens
+    /// ([`GrownEncoder`]): the decoder's hidden size.
+    Grown(GrownEncoder),
+}
+
+impl ChunkEncoder {
+    /// Identity recorded in indexes and policy cards (`NAME@DIGEST[+trained@DIGEST]`).
+    pub fn id(&self) -> &str {
+        match self {
+            ChunkEncoder::MiniLm(e) => &e.id,
+            ChunkEncoder::Grown(g) => &g.id,
+        }
+    }
+
+    /// The size of a chunk vector.
+    pub fn dim(&self) -> usize {
+        match self {
+            ChunkEncoder::MiniLm(e) => e.dim,
+            ChunkEncoder::Grown(g) => g.dim(),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        match self {
+            ChunkEncoder::MiniLm(e) => &e.device,
+            ChunkEncoder::Grown(g) => g.device(),
+        }
+    }
+
+    /// What it is, for people: `MiniLM` or `decoder layers 1-N`.
+    pub fn kind(&self) -> String {
+        match self {
+            ChunkEncoder::MiniLm(_) => "MiniLM".into(),
+            ChunkEncoder::Grown(g) => format!("decoder layers 1-{}", g.layers),
+        }
+    }
+}
 
 /// The k-token chunks of a passage's decoder tokens (the last one may be shorter).
 pub fn chunks(ids: &[u32], k: usize) -> std::slice::Chunks<'_, u32> {
@@ -34,19 +78,28 @@ pub fn chunk_texts(tokenizer: &Tokenizer, ids: &[u32], k: usize) -> Result<Vec<S
 
 /// The vectors of chunks given as decoder tokens: [n, encoder dim], one row per chunk, on the
 /// encoder's device; `None` when there are none. The one place the chunk encoder reads chunks.
-pub fn encode_chunks(encoder: &Encoder, tokenizer: &Tokenizer, chunks: &[&[u32]]) -> Result<Option<Tensor>> {
+pub fn encode_chunks(encoder: &ChunkEncoder, tokenizer: &Tokenizer, chunks: &[&[u32]]) -> Result<Option<Tensor>> {
     if chunks.is_empty() {
         return Ok(None);
     }
+    match encoder {
+        ChunkEncoder::MiniLm(e) => Ok(Some(minilm_vectors(e, tokenizer, chunks)?)),
+        ChunkEncoder::Grown(g) => Ok(Some(g.encode(chunks)?)),
+    }
+}
+
+/// MiniLM's vectors of chunks' texts: [n, 384]. The chunk vectors of the MiniLM chunk encoder,
+/// and what the question-similarity policies compare the question with under any chunk encoder.
+pub fn minilm_vectors(encoder: &Encoder, tokenizer: &Tokenizer, chunks: &[&[u32]]) -> Result<Tensor> {
     let texts = chunks.iter().map(|c| chunk_text(tokenizer, c)).collect::<Result<Vec<_>>>()?;
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    Ok(Some(encoder.encode(&refs)?))
+    encoder.encode(&refs)
 }
 
 /// The chunk vectors of passages given as decoder tokens ([`encode_chunks`] of their
 /// [`chunks`], chunk after chunk and passage after passage). Unprojected: what an index stores.
 pub fn chunk_vectors(
-    encoder: &Encoder,
+    encoder: &ChunkEncoder,
     tokenizer: &Tokenizer,
     passages: &[&[u32]],
     k: usize,
@@ -59,13 +112,13 @@ pub fn chunk_vectors(
 /// into projected chunk vectors, one decoder position per k tokens.
 #[derive(Clone, Copy)]
 pub struct Compressor<'a> {
-    pub encoder: &'a Encoder,
+    pub encoder: &'a ChunkEncoder,
     pub projector: &'a Projector,
     pub k: usize,
 }
 
 impl<'a> Compressor<'a> {
-    pub fn new(encoder: &'a Encoder, projector: &'a Projector, k: usize) -> Self {
+    pub fn new(encoder: &'a ChunkEncoder, projector: &'a Projector, k: usize) -> Self {
         Self { encoder, projector, k }
     }
 

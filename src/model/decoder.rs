@@ -318,6 +318,12 @@ impl Decoder {
     pub fn merge_lora(&mut self, path: &Path) -> Result<()> {
         let t = candle_core::safetensors::load(path, &self.device)
             .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+        self.merge_lora_tensors(&t).with_context(|| format!("{}", path.display()))
+    }
+
+    /// Fold adapters (`{name}.lora_a`, `{name}.lora_b`) into the dense weights; an error when
+    /// none fits or one has the wrong shape.
+    pub fn merge_lora_tensors(&mut self, t: &HashMap<String, Tensor>) -> Result<()> {
         let mut n = 0;
         for (name, o, i) in self.lora_shapes() {
             let (Some(a), Some(b)) = (t.get(&format!("{name}.lora_a")), t.get(&format!("{name}.lora_b"))) else {
@@ -326,8 +332,7 @@ impl Decoder {
             let delta = b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)?;
             if delta.dims() != [o, i] {
                 bail!(
-                    "{}: adapter {name} has shape {:?}, the decoder [{o}, {i}] (trained for another decoder?)",
-                    path.display(),
+                    "adapter {name} has shape {:?}, the decoder [{o}, {i}] (trained for another decoder?)",
                     delta.dims()
                 );
             }
@@ -338,7 +343,7 @@ impl Decoder {
             n += 1;
         }
         if n == 0 {
-            bail!("{}: no decoder adapters in it", path.display());
+            bail!("no decoder adapters in it");
         }
         Ok(())
     }
@@ -400,7 +405,7 @@ impl Decoder {
 
     fn forward_block(&self, embeds: &Tensor, state: &mut KvState) -> Result<Tensor> {
         let pos = state.pos;
-        let out = self.run_layers(embeds, pos, Some(&mut state.caches))?;
+        let out = self.run_layers(embeds, pos, Some(&mut state.caches), true)?;
         state.pos += embeds.dim(1)?;
         Ok(out)
     }
@@ -412,10 +417,40 @@ impl Decoder {
         if len > self.cfg.max_positions {
             bail!("{len} positions exceed the decoder's {}", self.cfg.max_positions);
         }
-        self.run_layers(embeds, 0, None)
+        self.run_layers(embeds, 0, None, true)
     }
 
-    fn run_layers(&self, embeds: &Tensor, pos: usize, mut caches: Option<&mut Vec<KvCache>>) -> Result<Tensor> {
+    /// The residual stream after the last layer, before the final norm, over whole sequences
+    /// from position 0 ([batch, len, hidden]): what a chunk encoder grown from the decoder's
+    /// first layers ([`Decoder::first_layers`]) pools. Differentiable with [`Ops::Differentiable`].
+    pub fn states(&self, embeds: &Tensor) -> Result<Tensor> {
+        self.run_layers(embeds, 0, None, false)
+    }
+
+    /// A decoder of this one's first `n` layers (the same tensors, shared; no adapters of its
+    /// own until [`Decoder::attach_lora`] or [`Decoder::merge_lora_tensors`]).
+    pub fn first_layers(&self, n: usize) -> Result<Decoder> {
+        if n == 0 || n > self.cfg.n_layer {
+            bail!("a chunk encoder of {n} decoder layers: the decoder has {}", self.cfg.n_layer);
+        }
+        let mut d = self.clone();
+        d.layers.truncate(n);
+        for l in &mut d.layers {
+            for lin in [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down] {
+                lin.lora = None;
+            }
+        }
+        d.cfg.n_layer = n;
+        Ok(d)
+    }
+
+    fn run_layers(
+        &self,
+        embeds: &Tensor,
+        pos: usize,
+        mut caches: Option<&mut Vec<KvCache>>,
+        final_norm: bool,
+    ) -> Result<Tensor> {
         let (b, t, _) = embeds.dims3()?;
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
@@ -455,6 +490,9 @@ impl Decoder {
             let up = layer.w_up.forward(&h, self.quant_rows)?;
             x = (x + layer.w_down.forward(&(gate * up)?, self.quant_rows)?)?;
             crate::profile::mark(&self.device, "fwd_mlp");
+        }
+        if !final_norm {
+            return Ok(x);
         }
         self.rms_norm(&x, &self.norm)
     }

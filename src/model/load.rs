@@ -102,12 +102,13 @@ impl Loader {
     }
 
     /// Trained weights from --weights or the default folders for `purpose`; None when there are
-    /// none (an explicit --weights folder without them is an error).
-    pub fn trained(&self, encoder: &Encoder, hidden: usize, purpose: Purpose) -> Result<Option<Trained>> {
+    /// none (an explicit --weights folder without them is an error). `decoder` is the base
+    /// decoder, not yet adapted (a grown chunk encoder shares its first layers).
+    pub fn trained(&self, encoder: &Encoder, decoder: &Decoder, purpose: Purpose) -> Result<Option<Trained>> {
         let dirs = self.weights_dirs(purpose);
-        match weights::find(&dirs, encoder, hidden)? {
+        match weights::find(&dirs, encoder, decoder)? {
             Some(t) => {
-                tracing::info!("trained weights from {} (chunk encoder {})", t.dir.display(), t.chunk_encoder.id);
+                tracing::info!("trained weights from {} (chunk encoder {})", t.dir.display(), t.chunk_encoder.id());
                 Ok(Some(t))
             }
             None if self.weights.is_some() => Err(weights::missing(&dirs)),
@@ -116,8 +117,8 @@ impl Loader {
     }
 
     /// Trained weights for `purpose`, or the error that says where they were looked for.
-    pub fn require_trained(&self, encoder: &Encoder, hidden: usize, purpose: Purpose) -> Result<Trained> {
-        self.trained(encoder, hidden, purpose)?.ok_or_else(|| weights::missing(&self.weights_dirs(purpose)))
+    pub fn require_trained(&self, encoder: &Encoder, decoder: &Decoder, purpose: Purpose) -> Result<Trained> {
+        self.trained(encoder, decoder, purpose)?.ok_or_else(|| weights::missing(&self.weights_dirs(purpose)))
     }
 
     /// The question layout asked for, or with `auto` the one `trained` weights were trained

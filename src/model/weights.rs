@@ -2,7 +2,10 @@
 //! ([`Card`]) and loading them ([`find`]): the projector, the chunk-encoder layers, the decoder
 //! adapters and the expansion policy trained with them.
 
+use crate::model::compressor::ChunkEncoder;
+use crate::model::decoder::Decoder;
 use crate::model::encoder::Encoder;
+use crate::model::grown::GrownEncoder;
 use crate::model::projector::{Projector, FILE};
 use crate::options::QuestionAt;
 use anyhow::{anyhow, bail, Result};
@@ -40,9 +43,9 @@ pub fn weights_dirs(explicit: Option<&Path>, home: &Path, purpose: Purpose) -> V
 /// Trained REFRAG weights: the projector, and the chunk-encoder tensors trained with it.
 pub struct Trained {
     pub projector: Projector,
-    /// The chunk encoder: the retrieval encoder with the trained tensors in place (or the
-    /// retrieval encoder itself when only the projector was trained).
-    pub chunk_encoder: Encoder,
+    /// The chunk encoder: the decoder's first layers with their trained adapters (when the card
+    /// says `chunk_encoder.layers`), else the retrieval encoder with any trained tensors in place.
+    pub chunk_encoder: ChunkEncoder,
     pub dir: PathBuf,
     /// Decoder adapters trained with the projector (fold them in with [`Trained::adapt`]
     /// before reading chunk vectors).
@@ -70,6 +73,9 @@ pub struct Card {
     pub question_at: Option<QuestionAt>,
     /// The share of chunks to expand when --expand is not given.
     pub expand: Option<f64>,
+    /// The chunk encoder is grown from the decoder's first this many layers
+    /// (`"chunk_encoder": {"from": "decoder", "layers": N}`); None: MiniLM.
+    pub chunk_layers: Option<usize>,
 }
 
 impl Card {
@@ -98,24 +104,49 @@ impl Card {
                 _ => bail!("{}: \"expand\": {x} is not a share between 0 and 1", path.display()),
             },
         };
-        Ok(Card { k: v["k"].as_u64().map(|k| k as usize), question_at, expand })
+        let chunk_layers = match v.get("chunk_encoder") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(x) => match x["layers"].as_u64() {
+                Some(n) if n > 0 => Some(n as usize),
+                _ => bail!("{}: \"chunk_encoder\": {x} does not say its decoder layers", path.display()),
+            },
+        };
+        Ok(Card { k: v["k"].as_u64().map(|k| k as usize), question_at, expand, chunk_layers })
     }
 }
 
-/// Find and load trained weights from the first folder that has a projector.
-pub fn find(dirs: &[PathBuf], encoder: &Encoder, out_dim: usize) -> Result<Option<Trained>> {
+/// The chunk encoder of a weights folder whose card is `card`: grown from `decoder` (not yet
+/// adapted) or MiniLM (`encoder`, with the folder's trained layers).
+fn chunk_encoder(d: &Path, card: &Card, encoder: &Encoder, decoder: &Decoder) -> Result<ChunkEncoder> {
+    let grown = d.join(crate::model::grown::FILE);
+    Ok(match card.chunk_layers {
+        Some(n) if grown.exists() => ChunkEncoder::Grown(GrownEncoder::load(decoder, n, &grown)?),
+        Some(n) => ChunkEncoder::Grown(GrownEncoder::new(decoder, n)?),
+        None if grown.exists() => bail!(
+            "{}: its card does not say how many decoder layers the chunk encoder has (\"chunk_encoder\": {{\"layers\": N}})",
+            grown.display()
+        ),
+        None => {
+            let e = d.join(crate::model::encoder::OVERRIDES_FILE);
+            ChunkEncoder::MiniLm(if e.exists() { encoder.with_overrides(&e)? } else { encoder.clone() })
+        }
+    })
+}
+
+/// Find and load trained weights from the first folder that has a projector. `decoder` is the
+/// base decoder (before any adapters are folded in): a grown chunk encoder is its first layers.
+pub fn find(dirs: &[PathBuf], encoder: &Encoder, decoder: &Decoder) -> Result<Option<Trained>> {
     for d in dirs {
         let p = d.join(FILE);
         if p.exists() {
-            let projector = Projector::load(&p, &encoder.device, encoder.dim, out_dim)?;
-            let e = d.join(crate::model::encoder::OVERRIDES_FILE);
-            let chunk_encoder = if e.exists() { encoder.with_overrides(&e)? } else { encoder.clone() };
             let card = Card::read(d)?;
+            let chunk_encoder = chunk_encoder(d, &card, encoder, decoder)?;
+            let projector = Projector::load(&p, &encoder.device, chunk_encoder.dim(), decoder.cfg.hidden)?;
             let lora = d.join(crate::model::decoder::LORA_FILE);
             let decoder_lora = lora.exists().then_some(lora);
             let (mut policy, mut stale_policy) = (None, None);
             if d.join(crate::model::policy::POLICY_FILE).exists() {
-                stale_policy = crate::model::policy::stale_policy(d, &chunk_encoder.id)?;
+                stale_policy = crate::model::policy::stale_policy(d, chunk_encoder.id())?;
                 if stale_policy.is_none() {
                     policy = Some(std::sync::Arc::new(crate::model::policy::PolicyNet::load(d, &encoder.device)?));
                 }

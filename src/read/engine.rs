@@ -4,7 +4,7 @@
 
 use crate::index::schema::Hit;
 use crate::index::store::Store;
-use crate::model::compressor::Compressor;
+use crate::model::compressor::{ChunkEncoder, Compressor};
 use crate::model::decoder::Decoder;
 use crate::model::encoder::Encoder;
 use crate::model::load::{Loader, Reading};
@@ -104,13 +104,14 @@ impl Engine {
         let Some(info) = store.info.clone() else {
             bail!("{}: no index here; build one with `refrag index PATH --db {}`", o.db, o.db);
         };
-        let trained = loader.trained(&encoder, decoder.cfg.hidden, Purpose::Answers)?;
+        let trained = loader.trained(&encoder, &decoder, Purpose::Answers)?;
         // before the index checks (as `reading` would say it after them): missing weights are
         // the first thing to fix
         if o.mode == Mode::Refrag && trained.is_none() {
             return Err(crate::model::weights::missing(&loader.weights_dirs(Purpose::Answers)));
         }
-        let chunk_encoder = trained.as_ref().map(|t| &t.chunk_encoder).unwrap_or(&encoder);
+        let minilm = ChunkEncoder::MiniLm(encoder.clone());
+        let chunk_encoder = trained.as_ref().map(|t| &t.chunk_encoder).unwrap_or(&minilm);
         let now =
             crate::index::indexer::index_info(&encoder, chunk_encoder, &decoder.tokenizer_id, o.k.unwrap_or(info.k));
         info.check(&now, o.db)?;
@@ -183,7 +184,7 @@ impl Engine {
                 let Some(comp) = self.compressor() else {
                     bail!("--mode refrag needs a trained projector (see `refrag train`); use --mode full");
                 };
-                let dim = self.encoder.dim;
+                let dim = comp.encoder.dim();
                 let all: Vec<f32> = hits.iter().flat_map(|h| h.passage.chunks.iter().copied()).collect();
                 n_chunks = all.len() / dim;
                 // the cached chunk vectors, read once: the policy and the projector share them
@@ -200,7 +201,7 @@ impl Engine {
                     net: self.policy(),
                     seed: opts.sampling.seed,
                 };
-                let expand = sel.choose(&self.decoder, comp.k, &tokens, vectors.as_ref(), qvec)?;
+                let expand = sel.choose(&self.decoder, comp.k, &tokens, vectors.as_ref(), qvec, &self.encoder)?;
                 if expand.len() != n_chunks {
                     bail!(
                         "index inconsistency: {n_chunks} chunk vectors for {} chunks (was it built with k = {}?)",

@@ -5,7 +5,9 @@
 //! `crate::train::policy`. Heuristics behind the same interface: random, question similarity, and the decoder's own
 //! per-chunk perplexity, highest first (`ppl-desc`) or lowest first (`ppl-asc`).
 
+use crate::model::compressor::{chunks, minilm_vectors};
 use crate::model::decoder::Decoder;
+use crate::model::encoder::Encoder;
 use crate::model::policy::{span_scores, top_mask};
 use crate::model::policy::{PolicyNet, POLICY_FILE};
 use crate::rng::Rng;
@@ -61,7 +63,9 @@ impl Selection<'_> {
 
     /// Which chunks (in order over all passages; k-token chunks of each passage's tokens) go
     /// back to tokens. `vectors`: the chunks' raw encoder vectors [n, dim]; `qvec`: the
-    /// question's retrieval vector.
+    /// question's retrieval vector, made by `retrieval` (MiniLM): the similarity policies
+    /// compare it with MiniLM vectors of the chunks, made here when `vectors` are another
+    /// chunk encoder's.
     pub fn choose(
         &self,
         decoder: &Decoder,
@@ -69,6 +73,7 @@ impl Selection<'_> {
         passages: &[&[u32]],
         vectors: Option<&Tensor>,
         qvec: &[f32],
+        retrieval: &Encoder,
     ) -> Result<Vec<bool>> {
         use crate::options::Policy;
         let n: usize = passages.iter().map(|p| p.len().div_ceil(k)).sum();
@@ -85,6 +90,14 @@ impl Selection<'_> {
             }
             Policy::Sim | Policy::SimSpan => {
                 let Some(c) = vectors else { return Ok(vec![false; n]) };
+                let minilm;
+                let c = if c.dim(1)? == qvec.len() {
+                    c
+                } else {
+                    let all: Vec<&[u32]> = passages.iter().flat_map(|p| chunks(p, k)).collect();
+                    minilm = minilm_vectors(retrieval, &decoder.tokenizer, &all)?;
+                    &minilm
+                };
                 let q = Tensor::new(qvec, c.device())?.to_dtype(c.dtype())?.unsqueeze(1)?;
                 let sim: Vec<f64> = c.matmul(&q)?.squeeze(1)?.to_dtype(DType::F64)?.to_vec1()?;
                 if self.policy == Policy::SimSpan {

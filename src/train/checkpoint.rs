@@ -2,7 +2,8 @@
 //! decoder adapters) seeded, saved and resumed, started from earlier weights, and written as
 //! the shipped files.
 
-use super::config::{TrainConfig, DEC_PREFIX, ENC_PREFIX};
+use super::config::{TrainConfig, DEC_PREFIX, ENC_PREFIX, GROWN_PREFIX};
+use crate::model::compressor::ChunkEncoder;
 use crate::model::decoder::Decoder;
 use crate::model::encoder::Encoder;
 use crate::rng::Rng;
@@ -83,6 +84,7 @@ pub(super) fn init_from_weights(varmap: &VarMap, dir: &Path) -> Result<()> {
         (crate::model::projector::FILE, ""),
         (crate::model::encoder::OVERRIDES_FILE, ENC_PREFIX),
         (crate::model::decoder::LORA_FILE, DEC_PREFIX),
+        (crate::model::grown::FILE, GROWN_PREFIX),
     ] {
         let p = dir.join(file);
         if p.exists() {
@@ -137,9 +139,23 @@ pub(super) fn vars_with_prefix(varmap: &VarMap, prefix: &str) -> Result<HashMap<
         .collect())
 }
 
-/// The chunk encoder with the run's trainable variables in place of its top layers.
-pub(super) fn trainable_encoder(varmap: &VarMap, base: &Encoder) -> Result<Encoder> {
-    base.with_tensors(vars_with_prefix(varmap, ENC_PREFIX)?, "", crate::model::decoder::Ops::Differentiable)
+/// The chunk encoder with the run's trainable variables: grown from `decoder`'s first
+/// `cfg.chunk_layers` layers with the run's adapters, else MiniLM (`base`) with them in place of
+/// its top layers.
+pub(super) fn trainable_encoder(
+    varmap: &VarMap,
+    cfg: &TrainConfig,
+    base: &Encoder,
+    decoder: &Decoder,
+) -> Result<ChunkEncoder> {
+    if cfg.chunk_layers > 0 {
+        let adapters = vars_with_prefix(varmap, GROWN_PREFIX)?;
+        return Ok(ChunkEncoder::Grown(crate::model::grown::GrownEncoder::trainable(
+            decoder, cfg.chunk_layers, &adapters,
+        )?));
+    }
+    let e = base.with_tensors(vars_with_prefix(varmap, ENC_PREFIX)?, "", crate::model::decoder::Ops::Differentiable)?;
+    Ok(ChunkEncoder::MiniLm(e))
 }
 
 /// The decoder with the run's adapters attached (itself when it has none).
@@ -152,18 +168,30 @@ pub(super) fn trainable_decoder(varmap: &VarMap, base: &Decoder) -> Result<Decod
 /// The size limit of one shipped weights file.
 pub(super) const MAX_SHIPPED_BYTES: usize = 16_000_000;
 
-/// Write the shipped files: projector (f32), trained encoder tensors (f16), decoder adapters
-/// (f32, or f16 where f32 would pass `MAX_SHIPPED_BYTES`).
+/// Adapters as shipped: f32 while that fits the shipped files' size limit, else f16.
+fn shipped_adapters(lora: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+    let bytes: usize = lora.values().map(|t| t.elem_count() * 4).sum();
+    if bytes <= MAX_SHIPPED_BYTES {
+        return Ok(lora);
+    }
+    lora.into_iter().map(|(n, t)| Ok((n, t.to_dtype(DType::F16)?))).collect()
+}
+
+/// Write the shipped files: projector (f32), trained encoder tensors (f16), decoder and grown
+/// chunk-encoder adapters (f32, or f16 where f32 would pass `MAX_SHIPPED_BYTES`).
 pub(super) fn save_weights(varmap: &VarMap, out: &Path, input_scale: f64) -> Result<()> {
     let vars = varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned varmap"))?;
     let mut proj = HashMap::new();
     let mut enc = HashMap::new();
     let mut lora: HashMap<String, Tensor> = HashMap::new();
+    let mut grown: HashMap<String, Tensor> = HashMap::new();
     for (n, v) in vars.iter() {
         if let Some(e) = n.strip_prefix(ENC_PREFIX) {
             enc.insert(e.to_string(), v.as_tensor().to_dtype(DType::F16)?);
         } else if let Some(d) = n.strip_prefix(DEC_PREFIX) {
             lora.insert(d.to_string(), v.as_tensor().clone());
+        } else if let Some(c) = n.strip_prefix(GROWN_PREFIX) {
+            grown.insert(c.to_string(), v.as_tensor().clone());
         } else {
             proj.insert(n.clone(), v.as_tensor().clone());
         }
@@ -172,12 +200,11 @@ pub(super) fn save_weights(varmap: &VarMap, out: &Path, input_scale: f64) -> Res
         proj.insert(crate::model::projector::IN_SCALE.to_string(), Tensor::new(&[input_scale as f32], &Device::Cpu)?);
     }
     candle_core::safetensors::save(&proj, out.join(crate::model::projector::FILE))?;
-    // adapters stay f32 while that fits the shipped files' size limit, else f16 (rank 16 and up)
-    let lora_bytes: usize = lora.values().map(|t| t.elem_count() * 4).sum();
-    if lora_bytes > MAX_SHIPPED_BYTES {
-        lora = lora.into_iter().map(|(n, t)| Ok((n, t.to_dtype(DType::F16)?))).collect::<Result<_>>()?;
-    }
-    for (map, file) in [(enc, crate::model::encoder::OVERRIDES_FILE), (lora, crate::model::decoder::LORA_FILE)] {
+    for (map, file) in [
+        (enc, crate::model::encoder::OVERRIDES_FILE),
+        (shipped_adapters(lora)?, crate::model::decoder::LORA_FILE),
+        (shipped_adapters(grown)?, crate::model::grown::FILE),
+    ] {
         let p = out.join(file);
         if map.is_empty() {
             if p.exists() {

@@ -40,6 +40,12 @@ pub struct TrainConfig {
     /// Rank of the LoRA adapters on every decoder matrix (0 = decoder frozen).
     #[serde(default)]
     pub decoder_lora: usize,
+    /// The chunk encoder is grown from the decoder's first this many layers (0 = MiniLM).
+    #[serde(default)]
+    pub chunk_layers: usize,
+    /// Rank of the grown chunk encoder's LoRA adapters (on every matrix of its layers).
+    #[serde(default)]
+    pub chunk_lora: usize,
     /// sft: weight of the distillation term (KL to full-context reading).
     #[serde(default)]
     pub distill: f64,
@@ -74,3 +80,5 @@ fn one() -> f64 {
 pub const ENC_PREFIX: &str = "enc.";
 /// VarMap prefix of the decoder's adapters.
 pub const DEC_PREFIX: &str = "dec.";
+/// VarMap prefix of the grown chunk encoder's adapters.
+pub const GROWN_PREFIX: &str = "chunk.";

@@ -5,7 +5,7 @@ use super::config::{Stage, TrainConfig};
 use crate::model::compressor::Compressor;
 use crate::model::decoder::Decoder;
 use crate::rng::Rng;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Tensor;
 use std::path::PathBuf;
 
@@ -42,15 +42,22 @@ pub struct TextPool {
 }
 
 impl TextPool {
+    /// Text files (one document each; a Project Gutenberg book's header and footer dropped) or
+    /// JSONL files of `{"text": ...}` records (one document a line), either gzip'd (`.gz`).
+    /// Documents are tokenized in parallel; those under 64 tokens are left out.
     pub fn load(files: &[PathBuf], decoder: &Decoder) -> Result<Self> {
         let mut docs = Vec::new();
         for f in files {
-            let text =
-                std::fs::read_to_string(f).with_context(|| format!("{}: cannot read as UTF-8 text", f.display()))?;
-            let ids = crate::read::prompt::tokenize(decoder, strip_gutenberg(&text))?;
-            if ids.len() >= 64 {
-                docs.push(ids);
-            }
+            let text = crate::index::corpus::read_text_gz(f)?;
+            let name = f.to_string_lossy();
+            let texts: Vec<String> = if name.ends_with(".jsonl") || name.ends_with(".jsonl.gz") {
+                jsonl_texts(f, &text)?
+            } else {
+                vec![strip_gutenberg(&text).to_string()]
+            };
+            let enc =
+                decoder.tokenizer.encode_batch(texts, false).map_err(|e| anyhow!("{}: tokenizer: {e}", f.display()))?;
+            docs.extend(enc.into_iter().map(|e| e.get_ids().to_vec()).filter(|ids| ids.len() >= 64));
         }
         if docs.is_empty() {
             bail!("no training text (give --text FILE… with at least 64 tokens each)");
@@ -79,6 +86,22 @@ impl TextPool {
         let d = self.docs.iter().max_by_key(|d| d.len()).unwrap();
         &d[..n.min(d.len())]
     }
+}
+
+/// The `text` of each record of a JSONL file (blank lines skipped); a line that is not such a
+/// record is an error naming it.
+fn jsonl_texts(path: &std::path::Path, text: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = || anyhow!("{}:{}: not a JSON record with a \"text\" string", path.display(), i + 1);
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|_| bad())?;
+        let Some(t) = v.get("text").and_then(|t| t.as_str()) else { return Err(bad()) };
+        out.push(t.to_string());
+    }
+    Ok(out)
 }
 
 /// The body of a Project Gutenberg file (between its START and END markers), else all of it.

@@ -32,7 +32,7 @@ use checkpoint::{
     init_from_weights, save_weights, seeded_init, trainable_decoder, trainable_encoder, truncate_log, Checkpoint,
 };
 pub use config::{Stage, TrainConfig};
-use config::{DEC_PREFIX, ENC_PREFIX};
+use config::{DEC_PREFIX, ENC_PREFIX, GROWN_PREFIX};
 use data::{curriculum_chunks, make_batch, passes, recon_batch, stages, TextPool};
 use loss::{batch_accuracy, batch_backward, batch_loss};
 use oom::{with_oom_retry, OOM_RETRIES};
@@ -83,9 +83,15 @@ pub fn train(run: &TrainRun, cfg: &TrainConfig) -> Result<serde_json::Value> {
     std::fs::create_dir_all(run.out).with_context(|| format!("{}: cannot create", run.out.display()))?;
     let ck_path = run.out.join("checkpoint.json");
     let mut varmap = VarMap::new();
-    Projector::init(&varmap, device, run.encoder.dim, dec.cfg.hidden)?; // creates the variables
+    Projector::init(&varmap, device, chunk_dim(run, cfg), dec.cfg.hidden)?; // creates the variables
     if cfg.encoder_layers > run.encoder.layers {
         bail!("--encoder-layers {}: the encoder has {} layers", cfg.encoder_layers, run.encoder.layers);
+    }
+    if cfg.chunk_layers > dec.cfg.n_layer {
+        bail!("--chunk-layers {}: the decoder has {} layers", cfg.chunk_layers, dec.cfg.n_layer);
+    }
+    if cfg.chunk_layers > 0 && cfg.encoder_layers > 0 {
+        bail!("--encoder-layers trains MiniLM layers: give 0 with --chunk-layers (the chunk encoder grown from the decoder)");
     }
     {
         let mut vars = varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned varmap"))?;
@@ -93,13 +99,24 @@ pub fn train(run: &TrainRun, cfg: &TrainConfig) -> Result<serde_json::Value> {
             let t = run.encoder.tensor(&n)?.to_device(device)?;
             vars.insert(format!("{ENC_PREFIX}{n}"), Var::from_tensor(&t)?);
         }
-        let r = cfg.decoder_lora;
-        if r > 0 {
-            for (n, o, i) in dec.lora_shapes() {
-                let a = Var::randn(0f32, (1.0 / (i as f64).sqrt()) as f32, (r, i), device)?;
-                vars.insert(format!("{DEC_PREFIX}{n}.lora_a"), a);
-                vars.insert(format!("{DEC_PREFIX}{n}.lora_b"), Var::zeros((o, r), DType::F32, device)?);
+        let mut adapters = |prefix: &str, r: usize, layers: usize| -> Result<()> {
+            if r == 0 {
+                return Ok(());
             }
+            for (n, o, i) in dec.lora_shapes() {
+                let layer = n.strip_prefix("blk.").and_then(|x| x.split_once('.')).and_then(|(l, _)| l.parse().ok());
+                if layer.is_some_and(|l: usize| l >= layers) {
+                    continue;
+                }
+                let a = Var::randn(0f32, (1.0 / (i as f64).sqrt()) as f32, (r, i), device)?;
+                vars.insert(format!("{prefix}{n}.lora_a"), a);
+                vars.insert(format!("{prefix}{n}.lora_b"), Var::zeros((o, r), DType::F32, device)?);
+            }
+            Ok(())
+        };
+        adapters(DEC_PREFIX, cfg.decoder_lora, dec.cfg.n_layer)?;
+        if cfg.chunk_layers > 0 {
+            adapters(GROWN_PREFIX, cfg.chunk_lora, cfg.chunk_layers)?;
         }
     }
     seeded_init(&varmap, cfg.seed)?;
@@ -112,9 +129,11 @@ pub fn train(run: &TrainRun, cfg: &TrainConfig) -> Result<serde_json::Value> {
             || ck.config.k != cfg.k
             || ck.config.encoder_layers != cfg.encoder_layers
             || ck.config.decoder_lora != cfg.decoder_lora
+            || ck.config.chunk_layers != cfg.chunk_layers
+            || ck.config.chunk_lora != cfg.chunk_lora
             || ck.config.input_scale != cfg.input_scale
         {
-            bail!("{}: checkpoint is for another stage, k, --encoder-layers, --decoder-lora or --input-scale; use a new --out", ck_path.display());
+            bail!("{}: checkpoint is for another stage, k, --encoder-layers, --decoder-lora, --chunk-layers, --chunk-lora or --input-scale; use a new --out", ck_path.display());
         }
         varmap.load(run.out.join("checkpoint.safetensors"))?;
         (rng, start_step, tokens_seen) = (ck.rng, ck.step, ck.tokens_seen);
@@ -277,13 +296,25 @@ fn card(
     scores: serde_json::Map<String, serde_json::Value>,
     seconds: f64,
 ) -> serde_json::Value {
+    let encoder_part = match (cfg.chunk_layers, cfg.encoder_layers) {
+        (n, _) if n > 0 => format!(
+            " and a chunk encoder grown from the decoder's first {n} layers (rank-{} LoRA adapters)",
+            cfg.chunk_lora
+        ),
+        (_, n) if n > 0 => format!(" and the top {n} chunk-encoder layers"),
+        _ => String::new(),
+    };
+    let decoder_part = if cfg.decoder_lora > 0 {
+        format!(", with rank-{} LoRA adapters on the decoder", cfg.decoder_lora)
+    } else {
+        "; decoder frozen".into()
+    };
     serde_json::json!({
-        "what": format!(
-            "REFRAG projector (chunk vector -> decoder embedding){}",
-            if cfg.encoder_layers > 0 { format!(" and the top {} chunk-encoder layers", cfg.encoder_layers) } else { String::new() }
-        ) + &if cfg.decoder_lora > 0 { format!(", with rank-{} LoRA adapters on the decoder", cfg.decoder_lora) } else { "; decoder frozen".into() },
+        "what": format!("REFRAG projector (chunk vector -> decoder embedding){encoder_part}{decoder_part}"),
         "stage": cfg.stage,
         "k": cfg.k,
+        "chunk_encoder": (cfg.chunk_layers > 0)
+            .then(|| serde_json::json!({"from": "decoder", "layers": cfg.chunk_layers, "lora": cfg.chunk_lora})),
         "config": cfg,
         "steps": steps,
         "tokens_seen": tokens_seen,
@@ -296,11 +327,21 @@ fn card(
     })
 }
 
+/// The size of the run's chunk vectors: the decoder's hidden size for a grown chunk encoder,
+/// else MiniLM's.
+fn chunk_dim(run: &TrainRun, cfg: &TrainConfig) -> usize {
+    if cfg.chunk_layers > 0 {
+        run.decoder.cfg.hidden
+    } else {
+        run.encoder.dim
+    }
+}
+
 /// The projector over the run's variables, reading chunk vectors at the configured scale.
 fn projector_of(varmap: &VarMap, run: &TrainRun, cfg: &TrainConfig) -> Result<Projector> {
     let mut p = Projector::new(
         candle_nn::VarBuilder::from_varmap(varmap, DType::F32, &run.decoder.device),
-        run.encoder.dim,
+        chunk_dim(run, cfg),
         run.decoder.cfg.hidden,
     )?;
     p.in_scale = cfg.input_scale;
@@ -318,7 +359,7 @@ fn train_loop(
 ) -> Result<serde_json::Value> {
     let dec = &trainable_decoder(&varmap, run.decoder)?;
     let proj = projector_of(&varmap, run, cfg)?;
-    let enc = trainable_encoder(&varmap, run.encoder)?;
+    let enc = trainable_encoder(&varmap, cfg, run.encoder, run.decoder)?;
     let comp = Compressor::new(&enc, &proj, cfg.k);
     let mut log = std::fs::OpenOptions::new().create(true).append(true).open(run.out.join("train.jsonl"))?;
     let pb = crate::progress::bar(run.quiet, cfg.steps as u64, "steps");

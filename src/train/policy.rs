@@ -233,7 +233,7 @@ pub fn train(run: &PolicyTrain, net_cfg: PolicyConfig, cfg: &PolicyTrainConfig) 
             "train": train_fields(cfg, &run.episodes),
             "steps_done": steps,
             "k": comp.k,
-            "chunk_encoder": comp.encoder.id,
+            "chunk_encoder": comp.encoder.id(),
             "query_encoder": run.query_encoder.id,
             "decoder_tokenizer": dec.tokenizer_id,
             "data": run.data_note,

@@ -156,6 +156,8 @@ fn small_config() -> TrainConfig {
         checkpoint_every: 10,
         encoder_layers: 0,
         decoder_lora: 0,
+        chunk_layers: 0,
+        chunk_lora: 0,
         distill: 0.0,
         batch: 0,
         recon_weight: 0.0,

@@ -340,7 +340,7 @@ fn answer_reward_reads_expanded_chunks_as_tokens() {
     let tasks = squad_tasks(dir.path());
     let mut dec = Decoder::load(&decoder_path(), &candle_core::Device::Cpu, Ops::Differentiable, false).unwrap();
     let qa = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa");
-    let trained = refrag::model::weights::find(&[qa], encoder(), dec.cfg.hidden).unwrap().expect("weights/qa");
+    let trained = refrag::model::weights::find(&[qa], encoder(), &dec).unwrap().expect("weights/qa");
     trained.adapt(&mut dec).unwrap();
     let pool = QaPool::load(&[tasks], &dec).unwrap();
     let (mut compressed, mut expanded) = (0.0, 0.0);

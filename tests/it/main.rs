@@ -8,6 +8,7 @@ mod common;
 mod crash;
 mod decoder;
 mod encoder;
+mod grown;
 mod hub;
 mod layers;
 mod pipeline;

@@ -17,7 +17,7 @@ pub fn answers(g: &Global, a: AnswersArgs) -> Result<ExitCode> {
     let ld = g.loader()?;
     let base = ld.decoder_with(crate::model::decoder::Ops::Fused, false)?;
     let encoder = ld.encoder()?;
-    let trained = ld.require_trained(&encoder, base.cfg.hidden, crate::model::weights::Purpose::Answers)?;
+    let trained = ld.require_trained(&encoder, &base, crate::model::weights::Purpose::Answers)?;
     let k = trained.k.unwrap_or(crate::model::load::DEFAULT_K);
     let question_at = ld.question_at(Some(&trained));
     let comp = crate::model::compressor::Compressor::new(&trained.chunk_encoder, &trained.projector, k);
@@ -111,7 +111,7 @@ pub fn readback(g: &Global, a: ReadbackArgs) -> Result<ExitCode> {
     let ld = g.loader()?;
     let mut dec = ld.decoder_with(crate::model::decoder::Ops::Fused, false)?;
     let encoder = ld.encoder()?;
-    let trained = ld.require_trained(&encoder, dec.cfg.hidden, crate::model::weights::Purpose::Text)?;
+    let trained = ld.require_trained(&encoder, &dec, crate::model::weights::Purpose::Text)?;
     let k = trained.k.unwrap_or(crate::model::load::DEFAULT_K);
     let comp = crate::model::compressor::Compressor::new(&trained.chunk_encoder, &trained.projector, k);
     trained.adapt(&mut dec)?;

@@ -299,7 +299,7 @@ fn run_conversations(g: &Global, args: &EvalArgs, path: &std::path::Path) -> Res
     let ld = g.loader()?;
     let mut decoder = ld.decoder()?;
     let encoder = ld.encoder()?;
-    let trained = ld.trained(&encoder, decoder.cfg.hidden, crate::model::weights::Purpose::Answers)?;
+    let trained = ld.trained(&encoder, &decoder, crate::model::weights::Purpose::Answers)?;
     // the decoder reads with the trained adapters folded in: refrag mode, or --adapted
     let reading = ld.reading(trained, crate::model::weights::Purpose::Answers, mode, args.rag.adapted, args.rag.k)?;
     reading.adapt(&mut decoder)?;

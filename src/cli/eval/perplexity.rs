@@ -24,7 +24,7 @@ pub fn perplexity(g: &Global, a: PerplexityArgs) -> Result<ExitCode> {
         bail!("--s {} + --o {} exceed the decoder's {} positions", a.s, a.o, decoder.cfg.max_positions);
     }
     let encoder = ld.encoder()?;
-    let trained = ld.trained(&encoder, decoder.cfg.hidden, crate::model::weights::Purpose::Text)?;
+    let trained = ld.trained(&encoder, &decoder, crate::model::weights::Purpose::Text)?;
     // REFRAG rows read with the adapted decoder (when adapters were trained); the baselines
     // with the base decoder.
     let adapted = match &trained {
