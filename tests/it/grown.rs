@@ -53,7 +53,7 @@ fn grown_encoder_trains_indexes_and_answers() {
         candle_core::safetensors::load(w.join("chunk_encoder.safetensors"), &candle_core::Device::Cpu).unwrap();
     assert_eq!(adapters.len(), 2 * 7 * 2, "two layers, seven matrices, A and B");
     assert!(adapters.contains_key("blk.1.ffn_down.lora_b") && !adapters.contains_key("blk.2.attn_q.lora_a"));
-    let trained = refrag::model::weights::find(&[w.clone()], encoder(), decoder()).unwrap().unwrap();
+    let trained = refrag::model::weights::find(std::slice::from_ref(&w), encoder(), decoder()).unwrap().unwrap();
     assert!(trained.chunk_encoder.id().contains("+trained@"), "{}", trained.chunk_encoder.id());
     assert_eq!(trained.chunk_encoder.dim(), decoder().cfg.hidden);
 
