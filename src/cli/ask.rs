@@ -154,7 +154,9 @@ fn run_index(g: &Global, args: &AskArgs, question: &str, sampling: SamplingOptio
         writeln!(out, "{v}")?;
     } else {
         writeln!(out)?;
-        if ans.sources.is_empty() && opts.top_k > 0 && !g.quiet {
+        // --mode none reads no passages: none found is what it asked for
+        let retrieves = opts.top_k > 0 && mode != Mode::None;
+        if ans.sources.is_empty() && retrieves && !g.quiet {
             eprintln!("refrag: no passages found in {}", args.rag.db);
         }
         if !ans.sources.is_empty() {
@@ -165,7 +167,8 @@ fn run_index(g: &Global, args: &AskArgs, question: &str, sampling: SamplingOptio
         }
     }
     // 1 = no answer: nothing retrieved (where retrieval was asked for) or nothing generated.
-    let nothing = (ans.sources.is_empty() && opts.top_k > 0) || ans.generation.text.trim().is_empty();
+    let retrieves = opts.top_k > 0 && mode != Mode::None;
+    let nothing = (ans.sources.is_empty() && retrieves) || ans.generation.text.trim().is_empty();
     Ok(if nothing { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 

@@ -55,6 +55,11 @@ fn index_reindex_ask_eval() {
     let input_ms = v["input_ms"].as_f64().unwrap();
     assert!(input_ms > 0.0 && input_ms < v["ttft_ms"].as_f64().unwrap(), "{v}");
 
+    // --mode none reads no passages: answering without any is a success, not "nothing found"
+    let (st, v, err) = ask(&db, "What is the capital of Poland?", &["--mode", "none", "--max-tokens", "4"]);
+    assert!(st.success(), "{err}");
+    assert_eq!(v["sources"].as_array().map(Vec::len), Some(0), "{v}");
+
     // Hybrid search (vector + BM25 fused by rank) finds the passage naming the garden.
     let (st, v, err) = ask(
         &db,
