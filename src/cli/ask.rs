@@ -132,6 +132,8 @@ fn run_index(g: &Global, args: &AskArgs, question: &str, sampling: SamplingOptio
     let (engine, mode, rag) = args.rag.engine(g)?;
     let opts = rag.options(mode, sampling);
     let stream = !args.json;
+    // --mode none reads no passages: none found is what it asked for
+    let retrieves = opts.top_k > 0 && mode != Mode::None;
     let mut out = std::io::stdout().lock();
     let ans = engine.answer(question, &opts, |piece| {
         if stream {
@@ -154,8 +156,6 @@ fn run_index(g: &Global, args: &AskArgs, question: &str, sampling: SamplingOptio
         writeln!(out, "{v}")?;
     } else {
         writeln!(out)?;
-        // --mode none reads no passages: none found is what it asked for
-        let retrieves = opts.top_k > 0 && mode != Mode::None;
         if ans.sources.is_empty() && retrieves && !g.quiet {
             eprintln!("refrag: no passages found in {}", args.rag.db);
         }
@@ -167,7 +167,6 @@ fn run_index(g: &Global, args: &AskArgs, question: &str, sampling: SamplingOptio
         }
     }
     // 1 = no answer: nothing retrieved (where retrieval was asked for) or nothing generated.
-    let retrieves = opts.top_k > 0 && mode != Mode::None;
     let nothing = (ans.sources.is_empty() && retrieves) || ans.generation.text.trim().is_empty();
     Ok(if nothing { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }

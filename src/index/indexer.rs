@@ -51,8 +51,8 @@ pub struct IndexSummary {
     pub bytes_on_disk: u64,
 }
 
-/// What an index built now records; `chunk_encoder` makes the chunk vectors (the retrieval
-/// encoder with trained tensors in place, when trained weights are in use).
+/// What an index built now records; `chunk_encoder` makes the chunk vectors (MiniLM, with
+/// trained tensors in place when trained weights are in use, or one grown from the decoder).
 pub fn index_info(encoder: &Encoder, chunk_encoder: &ChunkEncoder, tokenizer_id: &str, k: usize) -> IndexInfo {
     IndexInfo {
         encoder: encoder.id.clone(),

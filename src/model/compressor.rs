@@ -9,7 +9,7 @@ use crate::model::encoder::Encoder;
 use crate::model::grown::GrownEncoder;
 use crate::model::projector::Projector;
 use anyhow::{anyhow, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use tokenizers::Tokenizer;
 
 /// What turns one k-token chunk into one vector.
@@ -37,13 +37,6 @@ impl ChunkEncoder {
         match self {
             ChunkEncoder::MiniLm(e) => e.dim,
             ChunkEncoder::Grown(g) => g.dim(),
-        }
-    }
-
-    pub fn device(&self) -> &Device {
-        match self {
-            ChunkEncoder::MiniLm(e) => &e.device,
-            ChunkEncoder::Grown(g) => g.device(),
         }
     }
 

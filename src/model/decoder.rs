@@ -164,14 +164,6 @@ fn md_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
     Ok(ct.metadata.get(key).with_context(|| format!("GGUF metadata has no {key}"))?.to_u32()? as usize)
 }
 
-/// The embedding size of a GGUF decoder, read from its metadata only (no weights loaded).
-pub fn hidden_size(path: &Path) -> Result<usize> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("{}: cannot open the decoder", path.display()))?;
-    let ct = gguf_file::Content::read(&mut file)
-        .with_context(|| format!("{}: not a usable LLaMA GGUF (truncated or wrong file?)", path.display()))?;
-    md_u32(&ct, "llama.embedding_length")
-}
-
 impl Decoder {
     /// Load a LLaMA-architecture GGUF. `keep_quant` keeps the quantized matrices for decoding.
     pub fn load(path: &Path, device: &Device, ops: Ops, keep_quant: bool) -> Result<Self> {

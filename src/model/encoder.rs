@@ -166,9 +166,8 @@ impl Encoder {
 
     /// This encoder with the trained tensors of a weights file (`encoder.safetensors`) in place.
     pub fn with_overrides(&self, path: &Path) -> Result<Self> {
-        use sha2::{Digest, Sha256};
         let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let digest = crate::model::cache::hex(&Sha256::digest(&bytes)[..8]);
+        let digest = crate::model::cache::short_digest(&bytes);
         let raw = candle_core::safetensors::load_buffer(&bytes, &self.device)
             .with_context(|| format!("{}: not a safetensors file", path.display()))?;
         let mut map = HashMap::new();
@@ -286,7 +285,6 @@ impl Encoder {
 /// Digest of a safetensors header (names, shapes, offsets): cheap and enough to tell two
 /// encoders apart without hashing 90 MB on every start.
 fn safetensors_header_digest(path: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
     use std::io::Read;
     let mut f =
         std::fs::File::open(path).with_context(|| format!("{}: cannot open the encoder weights", path.display()))?;
@@ -298,5 +296,5 @@ fn safetensors_header_digest(path: &Path) -> Result<String> {
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).with_context(|| format!("{}: truncated safetensors header", path.display()))?;
-    Ok(crate::model::cache::hex(&Sha256::digest(&header)[..8]))
+    Ok(crate::model::cache::short_digest(&header))
 }

@@ -87,15 +87,6 @@ pub fn from_gguf(ct: &Content) -> Result<Tokenizer> {
         .map_err(|e| anyhow::anyhow!("cannot build the tokenizer from GGUF metadata: {e}"))
 }
 
-/// Read only the tokenizer of a GGUF file (no weights): (tokenizer, identity digest).
-pub fn load(path: &std::path::Path) -> Result<(Tokenizer, String)> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot open the decoder", path.display()))?;
-    let ct = Content::read(&mut f)
-        .with_context(|| format!("{}: not a GGUF file (truncated or wrong file?)", path.display()))?;
-    let tok = from_gguf(&ct).with_context(|| format!("{}", path.display()))?;
-    Ok((tok, digest(&ct)))
-}
-
 /// Short digest identifying the tokenizer (vocabulary and merges) of a GGUF file.
 pub fn digest(ct: &Content) -> String {
     use sha2::{Digest, Sha256};

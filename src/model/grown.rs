@@ -55,9 +55,8 @@ impl GrownEncoder {
 
     /// With the adapters of a weights file folded in (reading).
     pub fn load(base: &Decoder, layers: usize, path: &Path) -> Result<Self> {
-        use sha2::{Digest, Sha256};
         let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let digest = crate::model::cache::hex(&Sha256::digest(&bytes)[..8]);
+        let digest = crate::model::cache::short_digest(&bytes);
         let t = candle_core::safetensors::load_buffer(&bytes, &base.device)
             .with_context(|| format!("{}: not a safetensors file", path.display()))?;
         let mut e = Self::new(base, layers)?;
