@@ -60,7 +60,9 @@ pub struct RagArgs {
     #[arg(long, default_value_t = 3, env = "REFRAG_TOP_K")]
     pub top_k: usize,
     /// What the decoder reads: refrag (chunk vectors), full (passage tokens), none.
-    /// Default: full (refrag uses the trained weights: --weights, else the shipped ones).
+    /// Default for `ask` and `chat` over an index: refrag when the index was built with the
+    /// answer weights (--weights, else the shipped weights/qa), else full; `eval` and
+    /// `ask --context`: full.
     #[arg(long, value_enum, env = "REFRAG_MODE")]
     pub mode: Option<Mode>,
     /// Chunk size in tokens; must match the index (default: the index's).
@@ -133,16 +135,21 @@ impl RagArgs {
 #[cfg(feature = "store")]
 impl RagArgs {
     /// Load models, index and (when present) trained weights; resolve the mode, and the share
-    /// to expand (the options returned, settled).
-    pub fn engine(&self, g: &Global) -> Result<(Engine, Mode, RagArgs)> {
+    /// to expand (the options returned, settled). Without --mode, `answers` (ask, chat) read
+    /// refrag when the index was built with the answer weights: with its card's share expanded
+    /// it answers better than the passages read in full (weights/qa/card.json); `eval` reads
+    /// full context unless told, so that every reading it scores is named.
+    pub fn engine(&self, g: &Global, answers: bool) -> Result<(Engine, Mode, RagArgs)> {
         self.settled(Mode::Full, None)?; // a bad --expand fails before the models load
-                                         // Full context unless asked: it still answers best from what the passages say (see
-                                         // weights/qa/card.json: compressed chunks alone carry few of their facts).
-        let mode = self.mode.unwrap_or(Mode::Full);
+        let mode = if answers { self.mode } else { Some(self.mode.unwrap_or(Mode::Full)) };
         let storage_options = g.storage_options()?;
         let o =
             EngineOptions { db: &self.db, storage_options: &storage_options, mode, adapted: self.adapted, k: self.k };
         let engine = Engine::open(&g.loader()?, &o)?;
+        if let Some(why) = engine.fallback.as_deref().filter(|_| !g.quiet) {
+            eprintln!("refrag: note: {why}");
+        }
+        let mode = engine.mode;
         let trained = engine.reading.trained.as_ref();
         let rag = self.settled(mode, trained)?;
         crate::read::policy::require(mode == Mode::Refrag && rag.policy == Policy::Rl && rag.expands(), trained)?;

@@ -129,7 +129,7 @@ fn run_index(_: &Global, _: &AskArgs, _: &str, _: SamplingOptions) -> Result<Exi
 
 #[cfg(feature = "store")]
 fn run_index(g: &Global, args: &AskArgs, question: &str, sampling: SamplingOptions) -> Result<ExitCode> {
-    let (engine, mode, rag) = args.rag.engine(g)?;
+    let (engine, mode, rag) = args.rag.engine(g, true)?;
     let opts = rag.options(mode, sampling);
     let stream = !args.json;
     // --mode none reads no passages: none found is what it asked for

@@ -42,7 +42,7 @@ pub fn run(g: &Global, a: ChatArgs) -> Result<ExitCode> {
 }
 
 pub fn run_session(g: &Global, rag: &RagArgs, sampling: &SamplingArgs, sargs: &SessionArgs) -> Result<ExitCode> {
-    let (engine, mode, rag) = rag.engine(g)?;
+    let (engine, mode, rag) = rag.engine(g, true)?;
     let mut opts = rag.options(mode, sampling.options()?);
     let window = sargs.window.unwrap_or(engine.decoder.cfg.max_positions).min(engine.decoder.cfg.max_positions);
     let window = window.saturating_sub(opts.sampling.max_tokens);

@@ -12,6 +12,8 @@ use std::process::ExitCode;
 #[derive(Args, Debug)]
 pub struct IndexArgs {
     /// Files and folders: .txt/.md (one document each) and .jsonl ({"id","title","text"} per line).
+    /// Folders are walked as ripgrep walks them (.gitignore respected, hidden entries skipped);
+    /// every other file found is counted as skipped, by reason (`-v` names them).
     #[arg(required_unless_present_any = ["delete", "finalize"])]
     pub paths: Vec<PathBuf>,
     /// Index database (a folder, or an object-store URI).
@@ -48,6 +50,22 @@ pub struct IndexArgs {
     /// Print the summary as JSON.
     #[arg(long, env = "REFRAG_JSON")]
     pub json: bool,
+    /// Folders: also walk hidden files and folders (names starting with a dot).
+    #[arg(long, env = "REFRAG_INDEX_HIDDEN")]
+    pub hidden: bool,
+    /// Folders: do not respect .gitignore, .ignore and git's exclude files.
+    #[arg(long, env = "REFRAG_INDEX_NO_IGNORE")]
+    pub no_ignore: bool,
+    /// Folders: include files matching GLOB, or exclude them with `!GLOB` (gitignore syntax, as
+    /// `rg --glob`; repeatable).
+    #[arg(long, short = 'g', value_name = "GLOB")]
+    pub glob: Vec<String>,
+    /// Folders: follow symbolic links.
+    #[arg(long, short = 'L', env = "REFRAG_INDEX_FOLLOW")]
+    pub follow: bool,
+    /// Folders: skip files larger than this many MiB.
+    #[arg(long, default_value_t = 64, value_name = "MIB", env = "REFRAG_INDEX_MAX_FILE_MIB")]
+    pub max_file_mib: u64,
 }
 
 fn parse_shard(s: &str) -> std::result::Result<(usize, usize), String> {
@@ -73,13 +91,28 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
     }
     // Read and check every input before touching the index.
     let mut warnings = Vec::new();
-    let files = crate::index::corpus::collect_files(&args.paths)?;
-    let docs = crate::index::corpus::load(&files, &mut warnings)?;
+    let walk = crate::index::corpus::WalkOptions {
+        hidden: args.hidden,
+        no_ignore: args.no_ignore,
+        follow: args.follow,
+        globs: args.glob.clone(),
+        max_bytes: args.max_file_mib.saturating_mul(1 << 20),
+    };
+    let mut skipped = Vec::new();
+    let files = crate::index::corpus::collect_files(&args.paths, &walk, &mut skipped)?;
+    let docs = crate::index::corpus::load(&files, &mut warnings, &mut skipped)?;
     for w in &warnings {
         if !g.quiet {
             eprintln!("refrag: warning: {w}");
         }
     }
+    if g.verbose > 0 && !g.quiet {
+        for s in &skipped {
+            let detail = if s.detail.is_empty() { String::new() } else { format!(" ({})", s.detail) };
+            eprintln!("refrag: skipped {}: {}{detail}", s.path.display(), s.reason.name());
+        }
+    }
+    let skipped_by_reason = skip_counts(&skipped);
     let ld = g.loader()?;
     // the decoder's tokenizer cuts the chunks; its first layers are a grown chunk encoder's
     let decoder = ld.decoder_with(crate::model::decoder::Ops::Fused, false)?;
@@ -112,7 +145,10 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
     };
     let sum = indexer::index(&mut store, &docs, tokenizer, &tokenizer_id, &encoder, &chunk_encoder, &opts)?;
     if args.json {
-        outln!("{}", serde_json::to_string(&sum)?);
+        let mut v = serde_json::to_value(&sum)?;
+        v["skipped"] = skipped.len().into();
+        v["skipped_by_reason"] = serde_json::to_value(&skipped_by_reason)?;
+        outln!("{v}");
     } else {
         if let Some((i, n)) = args.shard {
             outln!(
@@ -136,8 +172,26 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
             sum.rows_total,
             sum.bytes_on_disk as f64 / (1 << 20) as f64
         );
+        if !skipped.is_empty() {
+            let parts: Vec<String> = skipped_by_reason.iter().map(|(r, n)| format!("{n} {r}")).collect();
+            outln!(
+                "{} skipped: {}{}",
+                skipped.len(),
+                parts.join(", "),
+                if g.verbose > 0 { "" } else { " (-v names them)" }
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Skipped files counted by reason, in a fixed order.
+fn skip_counts(skipped: &[crate::index::corpus::Skipped]) -> std::collections::BTreeMap<&'static str, usize> {
+    let mut by: std::collections::BTreeMap<crate::index::corpus::SkipReason, usize> = Default::default();
+    for s in skipped {
+        *by.entry(s.reason).or_default() += 1;
+    }
+    by.into_iter().map(|(r, n)| (r.name(), n)).collect()
 }
 
 /// `refrag index --finalize`: compact and build the search indexes of an existing index.

@@ -20,6 +20,8 @@ mod dataset;
 pub mod docs;
 #[cfg(feature = "store")]
 mod doctor;
+#[cfg(feature = "store")]
+mod documents;
 mod eval;
 #[cfg(feature = "store")]
 mod index;
@@ -167,6 +169,10 @@ pub enum Cmd {
     /// Index documents: passages, decoder tokens, chunk vectors, into LanceDB.
     #[cfg(feature = "store")]
     Index(index::IndexArgs),
+    /// The documents of an index: list, remove, count.
+    #[cfg(feature = "store")]
+    #[command(subcommand)]
+    Docs(documents::DocsCmd),
     /// Answer a question from the index (or from --context files).
     Ask(ask::AskArgs),
     /// Talk with your documents: an interactive multi-turn session (history compressed in
@@ -244,6 +250,8 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<ExitCode> {
         Cmd::Doctor(a) => doctor::run(&cli.global, a),
         #[cfg(feature = "store")]
         Cmd::Index(args) => index::run(&cli.global, args),
+        #[cfg(feature = "store")]
+        Cmd::Docs(cmd) => documents::run(&cli.global, cmd),
         Cmd::Ask(args) => ask::run(&cli.global, args),
         #[cfg(feature = "store")]
         Cmd::Chat(a) => chat::run(&cli.global, a),

@@ -51,50 +51,127 @@ const TEXT_EXT: [&str; 3] = ["txt", "md", "markdown"];
 pub struct InputFile {
     pub path: PathBuf,
     pub id: String,
+    /// Found by walking a folder: a file that cannot be read as text is skipped (and counted),
+    /// not an error as for a file named on the command line.
+    pub walked: bool,
 }
 
-/// Expand files and folders (recursively, .txt/.md/.jsonl only, in sorted order).
-pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<InputFile>> {
+/// How folders are walked (as ripgrep walks them: the `ignore` crate).
+#[derive(Debug, Clone)]
+pub struct WalkOptions {
+    /// Also hidden files and folders (names starting with a dot).
+    pub hidden: bool,
+    /// Do not read .gitignore, .ignore and git's exclude files.
+    pub no_ignore: bool,
+    /// Follow symbolic links.
+    pub follow: bool,
+    /// Include (`*.md`) and exclude (`!drafts/**`) globs, gitignore syntax, as `rg --glob`.
+    pub globs: Vec<String>,
+    /// Files larger than this are skipped.
+    pub max_bytes: u64,
+}
+
+impl Default for WalkOptions {
+    fn default() -> Self {
+        WalkOptions { hidden: false, no_ignore: false, follow: false, globs: vec![], max_bytes: 64 << 20 }
+    }
+}
+
+/// Why a file found in a folder was passed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SkipReason {
+    Unsupported,
+    Binary,
+    NotUtf8,
+    TooLarge,
+    Unreadable,
+}
+
+impl SkipReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            SkipReason::Unsupported => "unsupported type",
+            SkipReason::Binary => "binary",
+            SkipReason::NotUtf8 => "not UTF-8",
+            SkipReason::TooLarge => "too large",
+            SkipReason::Unreadable => "unreadable",
+        }
+    }
+}
+
+/// A file passed over, and why (with the error for an unreadable one).
+#[derive(Debug, Clone)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub reason: SkipReason,
+    pub detail: String,
+}
+
+/// Expand files and folders: files named are taken as they are; folders are walked (sorted,
+/// .gitignore/.ignore respected, hidden entries skipped, as `walk` says), keeping .txt, .md and
+/// .jsonl files and recording every other file in `skipped`.
+pub fn collect_files(paths: &[PathBuf], walk: &WalkOptions, skipped: &mut Vec<Skipped>) -> Result<Vec<InputFile>> {
     let mut out = Vec::new();
     for p in paths {
         let meta = std::fs::metadata(p).with_context(|| format!("{}", p.display()))?;
-        if meta.is_dir() {
-            let mut found = Vec::new();
-            walk(p, &mut found)?;
-            out.extend(
-                found
-                    .into_iter()
-                    .map(|f| InputFile { id: f.strip_prefix(p).unwrap_or(&f).to_string_lossy().to_string(), path: f }),
-            );
-        } else {
-            out.push(InputFile { id: p.to_string_lossy().to_string(), path: p.clone() });
+        if !meta.is_dir() {
+            out.push(InputFile { id: p.to_string_lossy().to_string(), path: p.clone(), walked: false });
+            continue;
+        }
+        let mut b = ignore::WalkBuilder::new(p);
+        let respect = !walk.no_ignore;
+        b.hidden(!walk.hidden)
+            .ignore(respect)
+            .git_ignore(respect)
+            .git_exclude(respect)
+            .git_global(respect)
+            .parents(respect)
+            .require_git(false)
+            .follow_links(walk.follow)
+            .sort_by_file_name(|a, b| a.cmp(b));
+        if !walk.globs.is_empty() {
+            let mut o = ignore::overrides::OverrideBuilder::new(p);
+            for g in &walk.globs {
+                o.add(g).with_context(|| format!("--glob {g}"))?;
+            }
+            b.overrides(o.build().context("--glob")?);
+        }
+        for entry in b.build() {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    let path = match &e {
+                        ignore::Error::WithPath { path, .. } => path.clone(),
+                        _ => p.clone(),
+                    };
+                    skipped.push(Skipped { path, reason: SkipReason::Unreadable, detail: e.to_string() });
+                    continue;
+                }
+            };
+            if !entry.file_type().is_some_and(|t| t.is_file()) {
+                continue; // folders; symbolic links unless --follow
+            }
+            let f = entry.into_path();
+            let ext = f.extension().and_then(|x| x.to_str()).unwrap_or("").to_ascii_lowercase();
+            let skip = |reason, detail: String| Skipped { path: f.clone(), reason, detail };
+            if !(TEXT_EXT.contains(&ext.as_str()) || ext == "jsonl") {
+                skipped.push(skip(SkipReason::Unsupported, String::new()));
+                continue;
+            }
+            match std::fs::metadata(&f) {
+                Err(e) => skipped.push(skip(SkipReason::Unreadable, e.to_string())),
+                Ok(m) if m.len() > walk.max_bytes => {
+                    skipped.push(skip(SkipReason::TooLarge, format!("{} bytes", m.len())));
+                }
+                Ok(_) => out.push(InputFile {
+                    id: f.strip_prefix(p).unwrap_or(&f).to_string_lossy().to_string(),
+                    path: f,
+                    walked: true,
+                }),
+            }
         }
     }
     Ok(out)
-}
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .with_context(|| format!("{}", dir.display()))?
-        .collect::<std::io::Result<Vec<_>>>()
-        .with_context(|| format!("{}", dir.display()))?;
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let ft = e.file_type()?;
-        let p = e.path();
-        if ft.is_dir() {
-            if !e.file_name().to_string_lossy().starts_with('.') {
-                walk(&p, out)?;
-            }
-        } else if ft.is_file() {
-            let ext = p.extension().and_then(|x| x.to_str()).unwrap_or("").to_ascii_lowercase();
-            if TEXT_EXT.contains(&ext.as_str()) || ext == "jsonl" {
-                out.push(p);
-            }
-        }
-        // symbolic links inside folders are not followed
-    }
-    Ok(())
 }
 
 /// Read a UTF-8 text file; errors name the file (and the line of a bad byte).
@@ -125,12 +202,31 @@ fn utf8(path: &Path, bytes: Vec<u8>) -> Result<String> {
     })
 }
 
-/// Read every document of these files. Empty documents are skipped with a note in `warnings`.
-pub fn load(files: &[InputFile], warnings: &mut Vec<String>) -> Result<Vec<Document>> {
+/// Read every document of these files. Empty documents are skipped with a note in `warnings`;
+/// a walked file that is not text (binary, not UTF-8) or vanished is recorded in `skipped`.
+pub fn load(files: &[InputFile], warnings: &mut Vec<String>, skipped: &mut Vec<Skipped>) -> Result<Vec<Document>> {
     let mut docs = Vec::new();
     let mut seen: HashMap<String, String> = HashMap::new();
-    for InputFile { path: f, id: file_id } in files {
-        let bytes = std::fs::read(f).with_context(|| format!("{}", f.display()))?;
+    for InputFile { path: f, id: file_id, walked } in files {
+        let bytes = match std::fs::read(f) {
+            Ok(b) => b,
+            Err(e) if *walked => {
+                skipped.push(Skipped { path: f.clone(), reason: SkipReason::Unreadable, detail: e.to_string() });
+                continue;
+            }
+            Err(e) => return Err(anyhow!("{}: {e}", f.display())),
+        };
+        if *walked {
+            let reason = if bytes.contains(&0) {
+                Some(SkipReason::Binary)
+            } else {
+                std::str::from_utf8(&bytes).is_err().then_some(SkipReason::NotUtf8)
+            };
+            if let Some(reason) = reason {
+                skipped.push(Skipped { path: f.clone(), reason, detail: String::new() });
+                continue;
+            }
+        }
         for d in documents_from_bytes(f, file_id, bytes)? {
             if d.text.trim().is_empty() {
                 warnings.push(format!("{}: empty document skipped", d.source));

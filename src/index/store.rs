@@ -28,6 +28,16 @@ const ANN_MIN_ROWS: usize = 5000;
 /// a row id) rather than IVF_HNSW_SQ (~550 bytes a vector with its graph): see docs/scale.md.
 const PQ_MIN_ROWS: usize = 10_000_000;
 
+/// One stored document (`refrag docs list`).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DocEntry {
+    pub id: String,
+    pub title: String,
+    pub passages: usize,
+    pub chunks: usize,
+    pub tokens: usize,
+}
+
 /// A refrag index in a LanceDB database.
 pub struct Store {
     rt: tokio::runtime::Runtime,
@@ -152,6 +162,42 @@ impl Store {
                 }
             }
             Ok(m)
+        })
+    }
+
+    /// Every stored document, sorted by id: its title, passages, chunks and decoder tokens.
+    pub fn documents(&self) -> Result<Vec<DocEntry>> {
+        let (Some(t), Some(info)) = (&self.table, &self.info) else { return Ok(vec![]) };
+        let k = info.k;
+        self.rt.block_on(async {
+            let batches: Vec<RecordBatch> = t
+                .query()
+                .select(lancedb::query::Select::columns(&["doc_id", "title", "tokens"]))
+                .execute()
+                .await?
+                .try_collect()
+                .await?;
+            let mut m: std::collections::BTreeMap<String, DocEntry> = std::collections::BTreeMap::new();
+            for b in &batches {
+                let (ids, titles) = (str_col(b, "doc_id")?, str_col(b, "title")?);
+                let tokens = b
+                    .column_by_name("tokens")
+                    .and_then(|c| c.as_any().downcast_ref::<arrow_array::ListArray>())
+                    .context("index: no tokens column")?;
+                for i in 0..b.num_rows() {
+                    let id = ids.value(i);
+                    let e = m.entry(id.to_string()).or_insert_with(|| DocEntry {
+                        id: id.to_string(),
+                        title: titles.value(i).to_string(),
+                        ..Default::default()
+                    });
+                    let n = tokens.value_length(i) as usize;
+                    e.passages += 1;
+                    e.tokens += n;
+                    e.chunks += crate::model::compressor::chunk_count(n, k);
+                }
+            }
+            Ok(m.into_values().collect())
         })
     }
 

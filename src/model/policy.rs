@@ -308,11 +308,11 @@ mod tests {
         );
     }
 
-    /// The shipped policies load and read: `weights/`'s from before `interact`, `weights/qa`'s with
+    /// The shipped policies load and read: `weights/`'s from before `interact`, `weights/qa-minilm`'s with
     /// `interact` and `span`.
     #[test]
     fn shipped_policies_load() {
-        for dir in ["weights", "weights/qa"] {
+        for dir in ["weights", "weights/qa-minilm"] {
             let d = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
             let net = PolicyNet::load(&d, &Device::Cpu).unwrap();
             let x = Tensor::randn(0f32, 1.0, (7, net.cfg.in_dim), &Device::Cpu).unwrap();

@@ -76,6 +76,9 @@ pub struct Engine {
     pub mode: Mode,
     /// How the answers read: the trained weights, adapters, question layout, and the index's k.
     pub reading: Reading,
+    /// Why a default reading fell back to full context (the index's chunk vectors are not the
+    /// answer weights'), to tell the user.
+    pub fallback: Option<String>,
 }
 
 /// What [`Engine::open`] opens.
@@ -83,7 +86,9 @@ pub struct EngineOptions<'a> {
     /// The index (a folder, or an object-store URI) and its object-store options.
     pub db: &'a str,
     pub storage_options: &'a [(String, String)],
-    pub mode: Mode,
+    /// None: refrag when the index's chunk vectors were made by the answer weights' chunk
+    /// encoder (the measured best reading), else full context.
+    pub mode: Option<Mode>,
     /// Full/none mode read with the trained weights' adapters folded in (LLaMA-FT).
     pub adapted: bool,
     /// The chunk size asked for (checked against the index's).
@@ -93,7 +98,8 @@ pub struct EngineOptions<'a> {
 impl Engine {
     /// Load the models, the index and the trained weights for answers, and settle how the
     /// answers read. Refrag mode needs trained weights and an index built with their chunk
-    /// encoder; an index built with other models is refused with the fix.
+    /// encoder; an index built with other models is refused with the fix. Without a mode, it
+    /// reads refrag when it can and full context otherwise (saying why in `fallback`).
     pub fn open(loader: &Loader, o: &EngineOptions) -> Result<Engine> {
         let decoder = loader.decoder()?;
         let encoder = loader.encoder()?;
@@ -107,7 +113,7 @@ impl Engine {
         let trained = loader.trained(&encoder, &decoder, Purpose::Answers)?;
         // before the index checks (as `reading` would say it after them): missing weights are
         // the first thing to fix
-        if o.mode == Mode::Refrag && trained.is_none() {
+        if o.mode == Some(Mode::Refrag) && trained.is_none() {
             return Err(crate::model::weights::missing(&loader.weights_dirs(Purpose::Answers)));
         }
         let minilm = ChunkEncoder::MiniLm(encoder.clone());
@@ -115,13 +121,21 @@ impl Engine {
         let now =
             crate::index::indexer::index_info(&encoder, chunk_encoder, &decoder.tokenizer_id, o.k.unwrap_or(info.k));
         info.check(&now, o.db)?;
-        if o.mode == Mode::Refrag {
+        let (mode, fallback) = match o.mode {
+            Some(mode) => (mode, None),
+            None => match (&trained, info.check_chunks(&now, o.db)) {
+                (Some(_), Ok(())) => (Mode::Refrag, None),
+                (Some(_), Err(e)) => (Mode::Full, Some(format!("reading the passages in full: {e:#}"))),
+                (None, _) => (Mode::Full, None),
+            },
+        };
+        if mode == Mode::Refrag {
             info.check_chunks(&now, o.db)?;
         }
-        let reading = loader.reading(trained, Purpose::Answers, o.mode, o.adapted, Some(info.k))?;
+        let reading = loader.reading(trained, Purpose::Answers, mode, o.adapted, Some(info.k))?;
         let mut decoder = decoder;
         reading.adapt(&mut decoder)?;
-        Ok(Engine { decoder, encoder, store, mode: o.mode, reading })
+        Ok(Engine { decoder, encoder, store, mode, reading, fallback })
     }
 
     /// Where a question with passages puts the question.

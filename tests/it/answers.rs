@@ -56,7 +56,7 @@ fn an_sft_step_split_into_passes_makes_the_same_update() {
                 "--decoder-lora", "8",
             ])
             .args(["--mixed", "0.3", "--seed", "4", "--micro-tokens", micro, "--init"])
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa"))
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa-minilm"))
             .arg("--qa")
             .arg(&tasks)
             .arg("--out")
@@ -233,10 +233,10 @@ fn sft_distils_from_a_fine_tuned_teacher() {
     };
     let o = step("base", None);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = step("ft", Some(&root.join("weights").join("qa")));
+    let o = step("ft", Some(&root.join("weights").join("qa-minilm")));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let card: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(card["config"]["teacher_weights"].as_str().unwrap().ends_with("qa"), "{card}");
+    assert!(card["config"]["teacher_weights"].as_str().unwrap().ends_with("qa-minilm"), "{card}");
     assert!(card["data"].as_str().unwrap().contains("teacher: base decoder + "), "{card}");
     let (b, f) = (first("base"), first("ft"));
     assert!((b["ce"].as_f64().unwrap() - f["ce"].as_f64().unwrap()).abs() < 1e-6, "{b} {f}");
@@ -244,7 +244,7 @@ fn sft_distils_from_a_fine_tuned_teacher() {
     // the layout: weights/ (the --init) names none, so the question goes after the passages;
     // with --question-at both the same step reads another input, and the card says so
     assert_eq!(card["question_at"], "after", "{card}");
-    let o = step_with("both", Some(&root.join("weights").join("qa")), &["--question-at", "both"]);
+    let o = step_with("both", Some(&root.join("weights").join("qa-minilm")), &["--question-at", "both"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let card: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(card["question_at"], "both", "{card}");
@@ -315,7 +315,7 @@ fn sft_reads_earlier_turns() {
             "train", "sft", "--device", "cpu", "-q", "--batch", "2", "--steps", "1", "--encoder-layers", "4",
             "--decoder-lora", "8", "--init",
         ])
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa"))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa-minilm"))
         .arg("--qa")
         .arg(fixture("mtrag_tiny.jsonl"))
         .arg("--out")
@@ -339,8 +339,8 @@ fn answer_reward_reads_expanded_chunks_as_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let tasks = squad_tasks(dir.path());
     let mut dec = Decoder::load(&decoder_path(), &candle_core::Device::Cpu, Ops::Differentiable, false).unwrap();
-    let qa = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa");
-    let trained = refrag::model::weights::find(&[qa], encoder(), &dec).unwrap().expect("weights/qa");
+    let qa = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa-minilm");
+    let trained = refrag::model::weights::find(&[qa], encoder(), &dec).unwrap().expect("weights/qa-minilm");
     trained.adapt(&mut dec).unwrap();
     let pool = QaPool::load(&[tasks], &dec).unwrap();
     let (mut compressed, mut expanded) = (0.0, 0.0);
@@ -375,7 +375,7 @@ fn answer_reward_reads_expanded_chunks_as_tokens() {
 fn policy_trains_on_answer_reward() {
     let dir = tempfile::tempdir().unwrap();
     let tasks = squad_tasks(dir.path());
-    let w = shipped_without_policy(dir.path(), "weights/qa");
+    let w = shipped_without_policy(dir.path(), "weights/qa-minilm");
     // --span (started from sim-span) needs --condition
     let o = refrag()
         .args(["train", "policy", "--device", "cpu", "-q", "--span", "--qa"])
@@ -422,8 +422,8 @@ fn policy_trains_on_answer_reward() {
 #[test]
 fn a_policy_for_other_chunk_vectors_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let w = shipped_without_policy(dir.path(), "weights/qa");
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa");
+    let w = shipped_without_policy(dir.path(), "weights/qa-minilm");
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa-minilm");
     std::fs::copy(shipped.join("policy.safetensors"), w.join("policy.safetensors")).unwrap();
     let mut card: serde_json::Value =
         serde_json::from_slice(&std::fs::read(shipped.join("policy.json")).unwrap()).unwrap();

@@ -149,7 +149,13 @@ fn doctor_reports_and_exits_by_health() {
         weights.contains("weights/qa (k = 16") && weights.contains("for text (perplexity, bench, train)"),
         "{weights}"
     );
-    assert!(weights.contains("expansion policy") && status("policy").is_none(), "{weights}");
+    // weights/qa: the chunk encoder grown from the decoder, no trained policy (sim-span needs none)
+    assert!(
+        weights.contains("chunk encoder grown from the decoder")
+            && !weights.contains("expansion policy")
+            && status("policy").is_none(),
+        "{weights}"
+    );
     assert!(weights.contains("question read before and after the passages"), "{weights}");
     let file = dir.path().join("file");
     std::fs::write(&file, "x").unwrap();

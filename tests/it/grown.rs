@@ -80,10 +80,23 @@ fn grown_encoder_trains_indexes_and_answers() {
         .args(["ask", "--device", "cpu", "--mode", "refrag", "--max-tokens", "4", "--db"])
         .arg(&db)
         .arg("--weights")
-        .arg(env!("CARGO_MANIFEST_DIR").to_string() + "/weights/qa")
+        .arg(env!("CARGO_MANIFEST_DIR").to_string() + "/weights/qa-minilm")
         .arg("Who was the first female Nobel laureate?")
         .output()
         .unwrap();
     let err = one_line_error(&o);
     assert!(err.contains("re-index"), "{err}");
+    // without --mode, ask over an index of other chunk vectors (the shipped weights/qa are not
+    // these) reads the passages in full and says why
+    let o = refrag()
+        .args(["ask", "--device", "cpu", "--json", "--max-tokens", "4", "--db"])
+        .arg(&db)
+        .arg("Who was the first female Nobel laureate?")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["mode"], "full", "{v}");
+    assert!(err.contains("reading the passages in full") && err.contains("chunk vectors were made by"), "{err}");
 }

@@ -11,6 +11,7 @@ mod encoder;
 mod grown;
 mod hub;
 mod layers;
+mod library;
 mod pipeline;
 mod robust;
 mod s3;

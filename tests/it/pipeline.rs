@@ -107,22 +107,32 @@ fn index_reindex_ask_eval() {
     let expanded = v["expanded_chunks"].as_u64().unwrap();
     assert_eq!(expanded, ((chunks as f64) * 0.25).round() as u64);
     assert!(v["decoder_positions"].as_u64().unwrap() > compressed_positions + expanded * 8);
-    // Every policy behind the same interface expands the same share; the shipped RL policy
-    // reads the cached chunk vectors and the question vector.
-    for policy in ["rl", "ppl-desc", "ppl-asc", "random"] {
+    // Every policy behind the same interface expands the same share (the shipped weights/qa
+    // have no RL policy: `--policy rl` over an index is covered by the MiniLM weights' tests).
+    for policy in ["sim-span", "ppl-desc", "ppl-asc", "random"] {
         let mut a = args.to_vec();
         a.extend(["--expand", "0.25", "--policy", policy]);
         let (st, v, err) = ask(&db, "What year was Casimir Pulaski born in Warsaw?", &a);
         assert!(st.success(), "{policy}: {err}");
         assert_eq!(v["expanded_chunks"].as_u64().unwrap(), expanded, "{policy}");
     }
+    // Without --mode, ask reads compressed (the index was built with the answer weights), with
+    // the share their card recommends expanded.
+    let (st, v, err) =
+        ask(&db, "What year was Casimir Pulaski born in Warsaw?", &["--top-k", "1", "--max-tokens", "4"]);
+    assert!(st.success(), "{err}");
+    assert_eq!(
+        (&v["mode"], &v["expand"], &v["expanded_chunks"]),
+        (&"refrag".into(), &0.25.into(), &expanded.into()),
+        "{v}"
+    );
     // A budget of positions instead of a share: as many chunks as fit, each up to k = 16.
     let budget = (chunks + 2 * 15).to_string();
     let mut a = args.to_vec();
-    a.extend(["--budget", budget.as_str(), "--policy", "rl"]);
+    a.extend(["--budget", budget.as_str(), "--policy", "sim"]);
     let (st, v, err) = ask(&db, "What year was Casimir Pulaski born in Warsaw?", &a);
     assert!(st.success(), "{err}");
-    assert_eq!((&v["expanded_chunks"], &v["policy"]), (&2.into(), &"rl".into()), "{v}");
+    assert_eq!((&v["expanded_chunks"], &v["policy"]), (&2.into(), &"sim".into()), "{v}");
     assert!(v["decoder_positions"].as_u64().unwrap() <= compressed_positions + 2 * 15, "{v}");
 
     // eval: metrics over the fixture questions, plus a malformed line reported and skipped.
@@ -188,7 +198,7 @@ fn index_reindex_ask_eval() {
     // weights without adapters: a one-line error, exit 2
     let bare = dir.path().join("bare");
     std::fs::create_dir_all(&bare).unwrap();
-    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa");
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/qa-minilm");
     for f in ["projector.safetensors", "encoder.safetensors", "card.json"] {
         std::fs::copy(shipped.join(f), bare.join(f)).unwrap();
     }

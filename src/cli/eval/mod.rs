@@ -199,7 +199,7 @@ fn run_questions(g: &Global, args: EvalArgs) -> Result<ExitCode> {
         qs.truncate(l);
     }
     let sampling = args.sampling.options()?;
-    let (engine, mode, rag) = args.rag.engine(g)?;
+    let (engine, mode, rag) = args.rag.engine(g, false)?;
     let opts = rag.options(mode, sampling);
     let mut out = out_file(&args.out)?;
     let mut tasks_out = out_file(&args.tasks)?;
