@@ -58,7 +58,7 @@ pub struct IndexArgs {
     pub no_ignore: bool,
     /// Folders: include files matching GLOB, or exclude them with `!GLOB` (gitignore syntax, as
     /// `rg --glob`; repeatable).
-    #[arg(long, short = 'g', value_name = "GLOB")]
+    #[arg(long, short = 'g', value_name = "GLOB", env = "REFRAG_INDEX_GLOB")]
     pub glob: Vec<String>,
     /// Folders: follow symbolic links.
     #[arg(long, short = 'L', env = "REFRAG_INDEX_FOLLOW")]
