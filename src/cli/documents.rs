@@ -34,14 +34,7 @@ pub struct DocsArgs {
 }
 
 fn open(g: &Global, db: &str) -> Result<Store> {
-    if !crate::index::store::is_remote(db) && !std::path::Path::new(db).exists() {
-        bail!("{db}: no index here; build one with `refrag index PATH --db {db}`");
-    }
-    let store = Store::open_with(db, &g.storage_options()?)?;
-    if store.info.is_none() {
-        bail!("{db}: no index here; build one with `refrag index PATH --db {db}`");
-    }
-    Ok(store)
+    Ok(Store::open_index(db, &g.storage_options()?)?.0)
 }
 
 pub fn run(g: &Global, cmd: DocsCmd) -> Result<ExitCode> {
@@ -72,9 +65,8 @@ pub fn run(g: &Global, cmd: DocsCmd) -> Result<ExitCode> {
             }
         }
         DocsCmd::Stats(a) => {
-            let store = open(g, &a.db)?;
+            let (store, info) = Store::open_index(&a.db, &g.storage_options()?)?;
             let docs = store.documents()?;
-            let info = store.info.as_ref().expect("checked in open");
             let sum = |f: fn(&crate::index::store::DocEntry) -> usize| docs.iter().map(f).sum::<usize>();
             let v = serde_json::json!({
                 "documents": docs.len(),
@@ -98,7 +90,7 @@ pub fn run(g: &Global, cmd: DocsCmd) -> Result<ExitCode> {
                     v["passages"],
                     v["chunks"],
                     info.k,
-                    store.disk_bytes() as f64 / (1 << 20) as f64,
+                    v["bytes_on_disk"].as_f64().unwrap_or_default() / (1 << 20) as f64,
                     info.encoder,
                     info.chunk_encoder
                 );

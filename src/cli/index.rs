@@ -185,13 +185,13 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Skipped files counted by reason, in a fixed order.
+/// Skipped files counted by reason (sorted by its name).
 fn skip_counts(skipped: &[crate::index::corpus::Skipped]) -> std::collections::BTreeMap<&'static str, usize> {
-    let mut by: std::collections::BTreeMap<crate::index::corpus::SkipReason, usize> = Default::default();
+    let mut by = std::collections::BTreeMap::new();
     for s in skipped {
-        *by.entry(s.reason).or_default() += 1;
+        *by.entry(s.reason.name()).or_default() += 1;
     }
-    by.into_iter().map(|(r, n)| (r.name(), n)).collect()
+    by
 }
 
 /// `refrag index --finalize`: compact and build the search indexes of an existing index.

@@ -71,14 +71,8 @@ pub struct WalkOptions {
     pub max_bytes: u64,
 }
 
-impl Default for WalkOptions {
-    fn default() -> Self {
-        WalkOptions { hidden: false, no_ignore: false, follow: false, globs: vec![], max_bytes: 64 << 20 }
-    }
-}
-
 /// Why a file found in a folder was passed over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SkipReason {
     Unsupported,
     Binary,

@@ -102,17 +102,15 @@ impl Store {
         Ok(Self { rt, db, table, uri: uri.to_string(), info })
     }
 
-    /// Open for reading: an index must exist and match `now`.
-    pub fn open_existing(uri: &str, now: &IndexInfo) -> Result<Self> {
+    /// Open for reading: an index must exist there (what it was built with comes back beside it).
+    pub fn open_index(uri: &str, options: &[(String, String)]) -> Result<(Self, IndexInfo)> {
+        let none = || anyhow::anyhow!("{uri}: no index here; build one with `refrag index PATH --db {uri}`");
         if !is_remote(uri) && !std::path::Path::new(uri.strip_prefix("file://").unwrap_or(uri)).exists() {
-            bail!("{uri}: no index here; build one with `refrag index PATH --db {uri}`");
+            return Err(none());
         }
-        let s = Self::open(uri)?;
-        match &s.info {
-            None => bail!("{uri}: no refrag index in this database; build one with `refrag index`"),
-            Some(i) => i.check(now, uri)?,
-        }
-        Ok(s)
+        let s = Self::open_with(uri, options)?;
+        let info = s.info.clone().ok_or_else(none)?;
+        Ok((s, info))
     }
 
     /// Check or record the index identity before writing.

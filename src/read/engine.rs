@@ -103,13 +103,7 @@ impl Engine {
     pub fn open(loader: &Loader, o: &EngineOptions) -> Result<Engine> {
         let decoder = loader.decoder()?;
         let encoder = loader.encoder()?;
-        if !crate::index::store::is_remote(o.db) && !std::path::Path::new(o.db).exists() {
-            bail!("{}: no index here; build one with `refrag index PATH --db {}`", o.db, o.db);
-        }
-        let store = Store::open_with(o.db, o.storage_options)?;
-        let Some(info) = store.info.clone() else {
-            bail!("{}: no index here; build one with `refrag index PATH --db {}`", o.db, o.db);
-        };
+        let (store, info) = Store::open_index(o.db, o.storage_options)?;
         let trained = loader.trained(&encoder, &decoder, Purpose::Answers)?;
         // before the index checks (as `reading` would say it after them): missing weights are
         // the first thing to fix
@@ -121,17 +115,13 @@ impl Engine {
         let now =
             crate::index::indexer::index_info(&encoder, chunk_encoder, &decoder.tokenizer_id, o.k.unwrap_or(info.k));
         info.check(&now, o.db)?;
-        let (mode, fallback) = match o.mode {
-            Some(mode) => (mode, None),
-            None => match (&trained, info.check_chunks(&now, o.db)) {
-                (Some(_), Ok(())) => (Mode::Refrag, None),
-                (Some(_), Err(e)) => (Mode::Full, Some(format!("reading the passages in full: {e:#}"))),
-                (None, _) => (Mode::Full, None),
-            },
+        let (mode, fallback) = match (o.mode, trained.is_some(), info.check_chunks(&now, o.db)) {
+            (Some(Mode::Refrag), _, Err(e)) => return Err(e),
+            (Some(mode), _, _) => (mode, None),
+            (None, true, Ok(())) => (Mode::Refrag, None),
+            (None, true, Err(e)) => (Mode::Full, Some(format!("reading the passages in full: {e:#}"))),
+            (None, false, _) => (Mode::Full, None),
         };
-        if mode == Mode::Refrag {
-            info.check_chunks(&now, o.db)?;
-        }
         let reading = loader.reading(trained, Purpose::Answers, mode, o.adapted, Some(info.k))?;
         let mut decoder = decoder;
         reading.adapt(&mut decoder)?;
