@@ -162,7 +162,7 @@ fn run_index(g: &Global, args: &AskArgs, question: &str, sampling: SamplingOptio
         if !ans.sources.is_empty() {
             writeln!(out, "\nsources:")?;
             for s in &ans.sources {
-                writeln!(out, "  {:.3}  {}  {}", s.score, s.passage_id, s.title)?;
+                writeln!(out, "  {:.3}  {}  {}", s.score, s.label(), s.title)?;
             }
         }
     }

@@ -112,7 +112,7 @@ fn handle(
             "sources" => match session.turns.last() {
                 Some(t) if !t.sources.is_empty() => {
                     for s in &t.sources {
-                        writeln!(out, "  {:.3}  {}  {}", s.score, s.passage_id, s.title)?;
+                        writeln!(out, "  {:.3}  {}  {}", s.score, s.label(), s.title)?;
                     }
                 }
                 _ => writeln!(out, "(no sources yet)")?,

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 #[derive(Subcommand, Debug)]
 pub enum DocsCmd {
-    /// One line per document: id, passages, chunks, title.
+    /// One line per document: id, passages, chunks, when indexed (UTC), title.
     List(DocsArgs),
     /// Remove documents by id, in one commit (readers see all of them or none gone).
     Rm {
@@ -45,7 +45,8 @@ pub fn run(g: &Global, cmd: DocsCmd) -> Result<ExitCode> {
                 if a.json {
                     outln!("{}", serde_json::to_string(d)?);
                 } else {
-                    outln!("{}\t{} passages\t{} chunks\t{}", d.id, d.passages, d.chunks, d.title);
+                    let when = if d.indexed.is_empty() { "-" } else { &d.indexed };
+                    outln!("{}\t{} passages\t{} chunks\t{when}\t{}", d.id, d.passages, d.chunks, d.title);
                 }
             }
         }

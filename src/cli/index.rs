@@ -11,7 +11,8 @@ use std::process::ExitCode;
 
 #[derive(Args, Debug)]
 pub struct IndexArgs {
-    /// Files and folders: .txt/.md (one document each) and .jsonl ({"id","title","text"} per line).
+    /// Files and folders: text (.txt, .rst, .adoc, .org), Markdown, HTML and PDF (one document
+    /// each; PDF through poppler's pdftotext) and .jsonl ({"id","title","text"} per line).
     /// Folders are walked as ripgrep walks them (.gitignore respected, hidden entries skipped);
     /// every other file found is counted as skipped, by reason (`-v` names them).
     #[arg(required_unless_present_any = ["delete", "finalize"])]
@@ -66,6 +67,9 @@ pub struct IndexArgs {
     /// Folders: skip files larger than this many MiB.
     #[arg(long, default_value_t = 64, value_name = "MIB", env = "REFRAG_INDEX_MAX_FILE_MIB")]
     pub max_file_mib: u64,
+    /// Folders: also index source code files (.rs, .py, .js, .go, .c, ... as text).
+    #[arg(long, env = "REFRAG_INDEX_CODE")]
+    pub code: bool,
 }
 
 fn parse_shard(s: &str) -> std::result::Result<(usize, usize), String> {
@@ -97,6 +101,7 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
         follow: args.follow,
         globs: args.glob.clone(),
         max_bytes: args.max_file_mib.saturating_mul(1 << 20),
+        code: args.code,
     };
     let mut skipped = Vec::new();
     let files = crate::index::corpus::collect_files(&args.paths, &walk, &mut skipped)?;
@@ -142,6 +147,7 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
         quiet: g.quiet,
         shard: args.shard,
         shard_wait: std::time::Duration::from_secs(args.shard_wait),
+        indexed_at: indexer::utc_now(),
     };
     let sum = indexer::index(&mut store, &docs, tokenizer, &tokenizer_id, &encoder, &chunk_encoder, &opts)?;
     if args.json {

@@ -1,10 +1,12 @@
 //! Documents in, passages and chunks out.
 //!
-//! Inputs are .txt/.md files (one document each, id = path) and .jsonl files (one document per
-//! line: `{"id","title","text"}`, other fields kept as metadata). Everything is read and
+//! Inputs are files of text, Markdown, HTML and PDF (one document each, id = path; how each is
+//! read: [`formats`]), source files with `--code`, and .jsonl files (one document per line:
+//! `{"id","title","text"}`, other fields kept as metadata). Everything is read and
 //! checked before anything is written, so bad input leaves an index as it was. Paths inside
 //! JSONL are data: nothing in a document is opened or followed.
 
+use super::formats::{self, Kind, Section};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +21,8 @@ pub struct Document {
     pub meta: String,
     /// Where it came from (`file` or `file:line`), for messages.
     pub source: String,
+    /// Where pages or headings start in `text` (empty: one section).
+    pub sections: Vec<Section>,
 }
 
 impl Document {
@@ -30,7 +34,30 @@ impl Document {
             h.update(part.as_bytes());
             h.update([0u8]);
         }
+        // Sections cut passages: a document with them hashes them too (one without hashes as before).
+        for s in &self.sections {
+            h.update(format!("{}:{:?}", s.start, s.at).as_bytes());
+        }
         crate::model::cache::hex(&h.finalize()[..16])
+    }
+
+    /// Its passages (see [`passages`]), each with the page or heading it sits under; a
+    /// passage never spans two sections.
+    pub fn passages(&self, min_words: usize, max_words: usize) -> Vec<(String, Option<&formats::Locator>)> {
+        let mut cuts: Vec<(usize, Option<&formats::Locator>)> = vec![(0, None)];
+        for s in &self.sections {
+            if s.start == 0 {
+                cuts[0].1 = Some(&s.at);
+            } else if s.start < self.text.len() && self.text.is_char_boundary(s.start) {
+                cuts.push((s.start, Some(&s.at)));
+            }
+        }
+        let mut out = Vec::new();
+        for (i, &(start, at)) in cuts.iter().enumerate() {
+            let end = cuts.get(i + 1).map_or(self.text.len(), |c| c.0);
+            out.extend(passages(&self.text[start..end], min_words, max_words).into_iter().map(|p| (p, at)));
+        }
+        out
     }
 
     /// The shard (0..n) this document belongs to: a stable hash of its id, so every worker of
@@ -42,8 +69,6 @@ impl Document {
         (u64::from_le_bytes(d[..8].try_into().unwrap()) % n.max(1) as u64) as usize
     }
 }
-
-const TEXT_EXT: [&str; 3] = ["txt", "md", "markdown"];
 
 /// A file to read and the id its text document gets: the path relative to the folder given
 /// on the command line, or the path as given for a file named directly.
@@ -69,6 +94,8 @@ pub struct WalkOptions {
     pub globs: Vec<String>,
     /// Files larger than this are skipped.
     pub max_bytes: u64,
+    /// Also source files (`formats::CODE`), as text.
+    pub code: bool,
 }
 
 /// Why a file found in a folder was passed over.
@@ -79,6 +106,8 @@ pub enum SkipReason {
     NotUtf8,
     TooLarge,
     Unreadable,
+    /// A PDF whose text could not be read (damaged, encrypted, scanned, or no pdftotext).
+    Pdf,
 }
 
 impl SkipReason {
@@ -89,6 +118,7 @@ impl SkipReason {
             SkipReason::NotUtf8 => "not UTF-8",
             SkipReason::TooLarge => "too large",
             SkipReason::Unreadable => "unreadable",
+            SkipReason::Pdf => "PDF not read",
         }
     }
 }
@@ -102,8 +132,8 @@ pub struct Skipped {
 }
 
 /// Expand files and folders: files named are taken as they are; folders are walked (sorted,
-/// .gitignore/.ignore respected, hidden entries skipped, as `walk` says), keeping .txt, .md and
-/// .jsonl files and recording every other file in `skipped`.
+/// .gitignore/.ignore respected, hidden entries skipped, as `walk` says), keeping the files
+/// [`Kind::of`] knows and recording every other file in `skipped`.
 pub fn collect_files(paths: &[PathBuf], walk: &WalkOptions, skipped: &mut Vec<Skipped>) -> Result<Vec<InputFile>> {
     let mut out = Vec::new();
     for p in paths {
@@ -146,9 +176,8 @@ pub fn collect_files(paths: &[PathBuf], walk: &WalkOptions, skipped: &mut Vec<Sk
                 continue; // folders; symbolic links unless --follow
             }
             let f = entry.into_path();
-            let ext = f.extension().and_then(|x| x.to_str()).unwrap_or("").to_ascii_lowercase();
             let skip = |reason, detail: String| Skipped { path: f.clone(), reason, detail };
-            if !(TEXT_EXT.contains(&ext.as_str()) || ext == "jsonl") {
+            if Kind::of(&f, walk.code).is_none() {
                 skipped.push(skip(SkipReason::Unsupported, String::new()));
                 continue;
             }
@@ -202,6 +231,18 @@ pub fn load(files: &[InputFile], warnings: &mut Vec<String>, skipped: &mut Vec<S
     let mut docs = Vec::new();
     let mut seen: HashMap<String, String> = HashMap::new();
     for InputFile { path: f, id: file_id, walked } in files {
+        if Kind::of(f, true) == Some(Kind::Pdf) {
+            match formats::pdf(f) {
+                Ok(ex) => docs.push(document(f, file_id, ex)),
+                Err(e) if *walked => {
+                    let e = format!("{e:#}");
+                    let detail = e.strip_prefix(&format!("{}: ", f.display())).unwrap_or(&e).to_string();
+                    skipped.push(Skipped { path: f.clone(), reason: SkipReason::Pdf, detail })
+                }
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
         let bytes = match std::fs::read(f) {
             Ok(b) => b,
             Err(e) if *walked => {
@@ -221,35 +262,48 @@ pub fn load(files: &[InputFile], warnings: &mut Vec<String>, skipped: &mut Vec<S
                 continue;
             }
         }
-        for d in documents_from_bytes(f, file_id, bytes)? {
-            if d.text.trim().is_empty() {
-                warnings.push(format!("{}: empty document skipped", d.source));
-                continue;
-            }
-            if let Some(prev) = seen.insert(d.id.clone(), d.source.clone()) {
-                bail!("{}: duplicate document id {:?} (first at {prev})", d.source, d.id);
-            }
-            docs.push(d);
-        }
+        docs.extend(documents_from_bytes(f, file_id, bytes)?);
     }
-    Ok(docs)
+    let mut out = Vec::new();
+    for d in docs {
+        if d.text.trim().is_empty() {
+            warnings.push(format!("{}: empty document skipped", d.source));
+            continue;
+        }
+        if let Some(prev) = seen.insert(d.id.clone(), d.source.clone()) {
+            bail!("{}: duplicate document id {:?} (first at {prev})", d.source, d.id);
+        }
+        out.push(d);
+    }
+    Ok(out)
+}
+
+/// A document of one file's extracted text; metadata records the format's fields.
+fn document(f: &Path, file_id: &str, ex: formats::Extracted) -> Document {
+    Document {
+        id: file_id.to_string(),
+        title: ex.title,
+        text: ex.text,
+        meta: serde_json::Value::Object(ex.meta).to_string(),
+        source: f.display().to_string(),
+        sections: ex.sections,
+    }
 }
 
 /// The documents of one file's bytes: a .jsonl file holds one per line, any other file is one
-/// document whose id is `file_id`. Errors name the file (and line). Nothing here touches the
+/// document whose id is `file_id` (Markdown and HTML read as [`formats`] says). Errors name the file (and line). Nothing here touches the
 /// file system: paths inside documents are data.
 pub fn documents_from_bytes(f: &Path, file_id: &str, bytes: Vec<u8>) -> Result<Vec<Document>> {
     if bytes.contains(&0) {
         bail!("{}: binary file (contains NUL bytes), not text", f.display());
     }
     let text = utf8(f, bytes)?;
-    let is_jsonl = f.extension().and_then(|x| x.to_str()).is_some_and(|x| x.eq_ignore_ascii_case("jsonl"));
-    Ok(if is_jsonl {
-        parse_jsonl(f, &text)?
-    } else {
+    Ok(match Kind::of(f, true) {
+        Some(Kind::Jsonl) => parse_jsonl(f, &text)?,
+        Some(Kind::Markdown) => vec![document(f, file_id, formats::markdown(&text))],
+        Some(Kind::Html) => vec![document(f, file_id, formats::html(&text))],
         // A text file's name is its id, not a title (titles help retrieval; names do not).
-        let source = f.display().to_string();
-        vec![Document { id: file_id.to_string(), title: String::new(), text, meta: "{}".into(), source }]
+        _ => vec![document(f, file_id, formats::Extracted { text, ..Default::default() })],
     })
 }
 
@@ -278,7 +332,8 @@ fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<Document>> {
             None | Some(serde_json::Value::Null) => String::new(),
             _ => bail!("{at}: \"title\" must be a string"),
         };
-        out.push(Document { id, title, text, meta: serde_json::Value::Object(obj).to_string(), source: at });
+        let meta = serde_json::Value::Object(obj).to_string();
+        out.push(Document { id, title, text, meta, source: at, sections: Vec::new() });
     }
     Ok(out)
 }

@@ -1,7 +1,8 @@
 //! `refrag index`: documents → passages → decoder tokens → k-token chunks → encoder vectors →
 //! LanceDB, in batches of whole documents (one atomic commit per batch).
 
-use crate::index::corpus::{self, Document};
+use crate::index::corpus::Document;
+use crate::index::formats::Locator;
 use crate::index::info::{IndexInfo, SCHEMA_VERSION};
 use crate::index::schema::Passage;
 use crate::index::store::Store;
@@ -25,6 +26,8 @@ pub struct IndexOptions {
     pub shard: Option<(usize, usize)>,
     /// With --shard: how long workers other than shard 0 wait for it to create the tables.
     pub shard_wait: std::time::Duration,
+    /// When this run started (UTC, [`utc_now`]), recorded in each new passage's metadata.
+    pub indexed_at: String,
 }
 
 impl IndexOptions {
@@ -138,7 +141,7 @@ fn encode_batch(
     let mut rows = Vec::new();
     let mut retrieval_texts = Vec::new();
     for (doc, hash) in batch {
-        for (seq, text) in corpus::passages(&doc.text, opts.min_words, opts.max_words).into_iter().enumerate() {
+        for (seq, (text, at)) in doc.passages(opts.min_words, opts.max_words).into_iter().enumerate() {
             let ids = tokenizer
                 .encode(text.as_str(), false)
                 .map_err(|e| anyhow!("{}: tokenizer: {e}", doc.source))?
@@ -152,7 +155,7 @@ fn encode_batch(
                 title: doc.title.clone(),
                 text,
                 doc_hash: hash.clone(),
-                meta: doc.meta.clone(),
+                meta: passage_meta(&doc.meta, at, &opts.indexed_at),
                 vector: vec![],
                 tokens: ids,
                 chunks: vec![],
@@ -176,4 +179,38 @@ fn encode_batch(
         }
     }
     Ok(rows)
+}
+
+/// A passage's metadata: its document's, with the page or heading it sits under and when it was
+/// indexed (outside the document's hash: re-indexing an unchanged document keeps its rows).
+fn passage_meta(doc_meta: &str, at: Option<&Locator>, indexed_at: &str) -> String {
+    let mut m = match serde_json::from_str(doc_meta) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    if let Some(at) = at {
+        let (k, v) = at.field();
+        m.insert(k.into(), v);
+    }
+    if !indexed_at.is_empty() {
+        m.insert("indexed".into(), indexed_at.into());
+    }
+    serde_json::Value::Object(m).to_string()
+}
+
+/// Now as UTC `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn utc_now() -> String {
+    let s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (s.div_euclid(86_400), s.rem_euclid(86_400));
+    // civil date from days since 1970-01-01 (Howard Hinnant's algorithm)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }

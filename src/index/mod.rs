@@ -3,6 +3,7 @@
 //! the index was built with: [`info`]; one writer at a time: [`lock`]).
 
 pub mod corpus;
+pub mod formats;
 #[cfg(feature = "store")]
 pub mod indexer;
 pub mod info;

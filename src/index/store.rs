@@ -36,6 +36,8 @@ pub struct DocEntry {
     pub passages: usize,
     pub chunks: usize,
     pub tokens: usize,
+    /// When its passages were written (UTC; empty for an index made before this was recorded).
+    pub indexed: String,
 }
 
 /// A refrag index in a LanceDB database.
@@ -170,14 +172,14 @@ impl Store {
         self.rt.block_on(async {
             let batches: Vec<RecordBatch> = t
                 .query()
-                .select(lancedb::query::Select::columns(&["doc_id", "title", "tokens"]))
+                .select(lancedb::query::Select::columns(&["doc_id", "title", "tokens", "meta"]))
                 .execute()
                 .await?
                 .try_collect()
                 .await?;
             let mut m: std::collections::BTreeMap<String, DocEntry> = std::collections::BTreeMap::new();
             for b in &batches {
-                let (ids, titles) = (str_col(b, "doc_id")?, str_col(b, "title")?);
+                let (ids, titles, metas) = (str_col(b, "doc_id")?, str_col(b, "title")?, str_col(b, "meta")?);
                 let tokens = b
                     .column_by_name("tokens")
                     .and_then(|c| c.as_any().downcast_ref::<arrow_array::ListArray>())
@@ -193,6 +195,10 @@ impl Store {
                     e.passages += 1;
                     e.tokens += n;
                     e.chunks += crate::model::compressor::chunk_count(n, k);
+                    if e.indexed.is_empty() {
+                        let m: serde_json::Value = serde_json::from_str(metas.value(i)).unwrap_or_default();
+                        e.indexed = m.get("indexed").and_then(|x| x.as_str()).unwrap_or("").to_string();
+                    }
                 }
             }
             Ok(m.into_values().collect())

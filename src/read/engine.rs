@@ -37,6 +37,9 @@ pub struct Source {
     pub doc_id: String,
     pub title: String,
     pub score: f32,
+    /// Where in the document: `file.pdf#p12` (a PDF page) or `notes.md#Heading` (the heading
+    /// of an HTML or Markdown section); the document id when it has neither.
+    pub cite: String,
 }
 
 impl From<&Hit> for Source {
@@ -46,7 +49,31 @@ impl From<&Hit> for Source {
             doc_id: h.passage.doc_id.clone(),
             title: h.passage.title.clone(),
             score: h.score,
+            cite: cite(&h.passage.doc_id, &h.passage.meta),
         }
+    }
+}
+
+impl Source {
+    /// How a source is shown: its citation, or the passage id where it has no page or heading.
+    pub fn label(&self) -> &str {
+        if self.cite == self.doc_id {
+            &self.passage_id
+        } else {
+            &self.cite
+        }
+    }
+}
+
+/// A passage's citation from its metadata's `page` or `section`.
+fn cite(doc_id: &str, meta: &str) -> String {
+    let m: serde_json::Value = serde_json::from_str(meta).unwrap_or_default();
+    if let Some(p) = m.get("page").and_then(|p| p.as_u64()) {
+        format!("{doc_id}#p{p}")
+    } else if let Some(s) = m.get("section").and_then(|s| s.as_str()) {
+        format!("{doc_id}#{s}")
+    } else {
+        doc_id.to_string()
     }
 }
 

@@ -8,6 +8,7 @@ mod common;
 mod crash;
 mod decoder;
 mod encoder;
+mod formats;
 mod grown;
 mod hub;
 mod layers;
