@@ -70,6 +70,13 @@ pub struct IndexArgs {
     /// Folders: also index source code files (.rs, .py, .js, .go, .c, ... as text).
     #[arg(long, env = "REFRAG_INDEX_CODE")]
     pub code: bool,
+    /// Folders: only files of this type (ripgrep's types: md, html, pdf, txt, py, rust, ...;
+    /// repeatable; a source type is taken as text without --code).
+    #[arg(long = "type", short = 't', value_name = "TYPE", env = "REFRAG_INDEX_TYPE")]
+    pub types: Vec<String>,
+    /// Folders: not files of this type (repeatable).
+    #[arg(long = "type-not", short = 'T', value_name = "TYPE", env = "REFRAG_INDEX_TYPE_NOT")]
+    pub types_not: Vec<String>,
 }
 
 fn parse_shard(s: &str) -> std::result::Result<(usize, usize), String> {
@@ -102,6 +109,8 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
         globs: args.glob.clone(),
         max_bytes: args.max_file_mib.saturating_mul(1 << 20),
         code: args.code,
+        types: args.types.clone(),
+        types_not: args.types_not.clone(),
     };
     let mut skipped = Vec::new();
     let files = crate::index::corpus::collect_files(&args.paths, &walk, &mut skipped)?;

@@ -96,6 +96,11 @@ pub struct WalkOptions {
     pub max_bytes: u64,
     /// Also source files (`formats::CODE`), as text.
     pub code: bool,
+    /// Only files of these ripgrep file types (`rg --type-list`; e.g. `md`, `html`, `py`): a
+    /// source type asked for is taken as text without `--code`.
+    pub types: Vec<String>,
+    /// Not files of these file types.
+    pub types_not: Vec<String>,
 }
 
 /// Why a file found in a folder was passed over.
@@ -160,6 +165,17 @@ pub fn collect_files(paths: &[PathBuf], walk: &WalkOptions, skipped: &mut Vec<Sk
             }
             b.overrides(o.build().context("--glob")?);
         }
+        if !walk.types.is_empty() || !walk.types_not.is_empty() {
+            let mut tb = ignore::types::TypesBuilder::new();
+            tb.add_defaults();
+            for t in &walk.types {
+                tb.select(t);
+            }
+            for t in &walk.types_not {
+                tb.negate(t);
+            }
+            b.types(tb.build().context("--type")?);
+        }
         for entry in b.build() {
             let entry = match entry {
                 Ok(e) => e,
@@ -177,7 +193,7 @@ pub fn collect_files(paths: &[PathBuf], walk: &WalkOptions, skipped: &mut Vec<Sk
             }
             let f = entry.into_path();
             let skip = |reason, detail: String| Skipped { path: f.clone(), reason, detail };
-            if Kind::of(&f, walk.code).is_none() {
+            if Kind::of(&f, walk.code || !walk.types.is_empty()).is_none() {
                 skipped.push(skip(SkipReason::Unsupported, String::new()));
                 continue;
             }

@@ -88,6 +88,11 @@ fn every_format_is_indexed_cited_and_answered_from() {
     let db2 = dir.path().join("db2");
     let v = ok_json(&index(&db2, &["--code", "-g", "*.rs"], &src));
     assert_eq!(v["documents"], 1, "{v}");
+    // --type picks ripgrep's file types (a source type without --code), --type-not leaves them out
+    let v = ok_json(&index(&dir.path().join("db3"), &["-t", "rust", "-t", "markdown"], &src));
+    assert_eq!(v["documents"], 2, "tool.rs, alice-notes.md: {v}");
+    let v = ok_json(&index(&dir.path().join("db4"), &["-T", "pdf", "-T", "html"], &src));
+    assert_eq!((&v["documents"], &v["skipped"]), (&2.into(), &2.into()), "md, org; tool.rs, photo.png: {v}");
     let err = one_line_error(&index(&db2, &[], &src.join("damaged.pdf")));
     assert!(err.contains("damaged.pdf: PDF cannot be"), "{err}");
 }
