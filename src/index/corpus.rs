@@ -319,7 +319,7 @@ pub fn documents_from_bytes(f: &Path, file_id: &str, bytes: Vec<u8>) -> Result<V
         Some(Kind::Markdown) => vec![document(f, file_id, formats::markdown(&text))],
         Some(Kind::Html) => vec![document(f, file_id, formats::html(&text))],
         // A text file's name is its id, not a title (titles help retrieval; names do not).
-        _ => vec![document(f, file_id, formats::Extracted { text, ..Default::default() })],
+        _ => vec![document(f, file_id, formats::plain(text, f))],
     })
 }
 
@@ -407,4 +407,35 @@ fn split_long(para: &str, max_words: usize) -> Vec<String> {
         start = cut;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_that_vanishes_between_walk_and_read_is_counted_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in ["a.txt", "b.txt"] {
+            std::fs::write(dir.path().join(n), format!("The text of {n}.")).unwrap();
+        }
+        let walk = WalkOptions {
+            hidden: false,
+            no_ignore: false,
+            follow: false,
+            globs: vec![],
+            max_bytes: 1 << 20,
+            code: false,
+            types: vec![],
+            types_not: vec![],
+        };
+        let mut skipped = Vec::new();
+        let files = collect_files(&[dir.path().to_path_buf()], &walk, &mut skipped).unwrap();
+        assert_eq!(files.len(), 2);
+        std::fs::remove_file(dir.path().join("a.txt")).unwrap();
+        let docs = load(&files, &mut Vec::new(), &mut skipped).unwrap();
+        assert_eq!(docs.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["b.txt"]);
+        assert_eq!(skipped.len(), 1);
+        assert_eq!((skipped[0].reason, skipped[0].path.ends_with("a.txt")), (SkipReason::Unreadable, true));
+    }
 }

@@ -10,7 +10,8 @@
 //! - PDF: text per page through poppler's `pdftotext` (installed with poppler-utils); each
 //!   page starts a section, cited as `file.pdf#p12`.
 //! - Plain text (.txt, reStructuredText, AsciiDoc, Org) and, with `index --code`, source files:
-//!   the text as it is.
+//!   the text as it is; the headings of Org (`* ...`), AsciiDoc (`== ...`) and
+//!   reStructuredText (a line underlined with `=`, `-`, `~`, ...) start sections.
 
 use anyhow::{anyhow, bail, Result};
 use std::path::Path;
@@ -144,6 +145,59 @@ fn atx_heading(line: &str) -> Option<String> {
     }
     let h = rest.trim().trim_end_matches('#').trim();
     (!h.is_empty()).then(|| h.to_string())
+}
+
+/// A text file as it is (less Org's `#+KEYWORD` lines); Org, AsciiDoc and reStructuredText
+/// headings start sections; Org's `#+TITLE:` is the title.
+pub fn plain(text: String, path: &Path) -> Extracted {
+    let ext = path.extension().and_then(|x| x.to_str()).unwrap_or("").to_ascii_lowercase();
+    if !matches!(ext.as_str(), "org" | "adoc" | "asciidoc" | "asc" | "rst") {
+        return Extracted { text, ..Default::default() };
+    }
+    let mut out = Extracted::default();
+    let mut prev: Option<(usize, String)> = None;
+    for line in text.split_inclusive('\n') {
+        let l = line.trim_end();
+        if ext == "org" && l.starts_with("#+") {
+            if let Some(t) = l.strip_prefix("#+TITLE:").or_else(|| l.strip_prefix("#+title:")) {
+                out.title = t.trim().to_string();
+            }
+            continue;
+        }
+        let heading = match ext.as_str() {
+            "org" => prefixed_heading(l, '*'),
+            "rst" => {
+                if let Some((start, title)) = prev.take().filter(|(_, title)| rst_underline(l, title)) {
+                    out.sections.push(Section { start, at: Locator::Heading(title.trim().to_string()) });
+                }
+                None
+            }
+            _ => prefixed_heading(l, '='),
+        };
+        if let Some(h) = heading {
+            out.sections.push(Section { start: out.text.len(), at: Locator::Heading(h) });
+        }
+        prev = (!l.trim().is_empty()).then(|| (out.text.len(), l.to_string()));
+        out.text.push_str(line);
+    }
+    out
+}
+
+/// `* Heading` (Org) or `== Heading` (AsciiDoc): marks, a space, the heading.
+fn prefixed_heading(line: &str, mark: char) -> Option<String> {
+    let n = line.len() - line.trim_start_matches(mark).len();
+    let rest = &line[n..];
+    ((1..=6).contains(&n) && rest.starts_with(' ') && !rest.trim().is_empty()).then(|| rest.trim().to_string())
+}
+
+/// A reStructuredText underline: one punctuation character repeated, at least as long as the title.
+fn rst_underline(line: &str, title: &str) -> bool {
+    let mut cs = line.chars();
+    let Some(c) = cs.next() else { return false };
+    "=-~^\"'`#*+:.".contains(c)
+        && cs.all(|x| x == c)
+        && line.chars().count() >= title.trim().chars().count().max(3)
+        && !title.trim_start().starts_with(c)
 }
 
 /// The text of an HTML page.
@@ -350,5 +404,27 @@ mod tests {
         assert_eq!(hs, vec![Locator::Heading("One".into()), Locator::Heading("Two".into())]);
         assert!(e.text[e.sections[1].start..].starts_with("## Two"));
         assert_eq!(markdown("# Only\nbody").sections[0].start, 0);
+    }
+
+    #[test]
+    fn org_asciidoc_and_rst_headings() {
+        let heads = |text: &str, name: &str| -> Vec<(String, String)> {
+            let e = plain(text.to_string(), Path::new(name));
+            e.sections
+                .iter()
+                .map(|s| match &s.at {
+                    Locator::Heading(h) => (h.clone(), e.text[s.start..].lines().next().unwrap().to_string()),
+                    l => panic!("{l:?}"),
+                })
+                .collect()
+        };
+        assert_eq!(plain("#+TITLE: The Org\n".into(), Path::new("a.org")).title, "The Org");
+        let org = heads("#+TITLE: x\n* One\ntext\n** Two\n*bold* text\n", "a.org");
+        assert_eq!(org, [("One".into(), "* One".into()), ("Two".into(), "** Two".into())]);
+        let adoc = heads("= Doc\n\n== Part\ntext\n", "a.adoc");
+        assert_eq!(adoc.iter().map(|h| h.0.as_str()).collect::<Vec<_>>(), ["Doc", "Part"]);
+        let rst = heads("Title\n=====\n\ntext\n\nSub part\n--------\nmore\n\n----\n", "a.rst");
+        assert_eq!(rst, [("Title".into(), "Title".into()), ("Sub part".into(), "Sub part".into())]);
+        assert!(plain("* not a heading in .txt\n".into(), Path::new("a.txt")).sections.is_empty());
     }
 }

@@ -57,6 +57,7 @@ fn every_format_is_indexed_cited_and_answered_from() {
     let by_id = |id: &str| list.iter().find(|d| d["id"] == id).unwrap_or_else(|| panic!("{id} not in {list:?}"));
     assert_eq!(by_id("users-and-groups.html")["title"], "Users and Groups in the Debian System");
     assert_eq!(by_id("alice-notes.md")["title"], "Alice in Wonderland, chapters II and III");
+    assert_eq!(by_id("rabbit-hole.org")["title"], "Down the Rabbit-Hole");
     let pdf = by_id("shared-mime-info-spec.pdf");
     assert!(pdf["passages"].as_u64().unwrap() >= 17, "17 pages, at least a passage each: {pdf}");
     for d in &list {
@@ -71,7 +72,7 @@ fn every_format_is_indexed_cited_and_answered_from() {
             "users-and-groups.html#Chapter 1. Introduction",
         ),
         ("What did Alice cry when she was opening out like the largest telescope?", "alice-notes.md#The Pool of Tears"),
-        ("Why did Alice think the rabbit-hole well was very deep?", "rabbit-hole.org"),
+        ("Why did Alice think the rabbit-hole well was very deep?", "rabbit-hole.org#Down the Rabbit-Hole"),
     ];
     for (q, cite) in cases {
         let v = json_out(
