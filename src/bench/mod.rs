@@ -28,6 +28,8 @@ pub struct Row {
     pub ttft_ms_min: Option<f64>,
     pub ttft_ms_max: Option<f64>,
     pub ttit_ms_median: Option<f64>,
+    /// Time to the whole answer: prefill, the first token and `decode_tokens` more.
+    pub answer_ms_median: Option<f64>,
     pub kv_cache_bytes: Option<usize>,
     /// TTFT of full context divided by this row's TTFT (same L).
     pub speedup: Option<f64>,
@@ -60,9 +62,10 @@ pub struct BenchSetup<'a> {
     pub peer: Option<&'a std::cell::RefCell<Peer>>,
 }
 
-/// An outside engine (e.g. llama.cpp through scripts/llama_cpp_peer.py) run as a child
-/// process: it gets the full-context prompt's token ids as one JSON line and answers with its
-/// own prefill time, so pipe costs are not counted.
+/// An outside engine (llama.cpp through scripts/llama_cpp_peer.py, PyTorch through
+/// scripts/torch_peer.py) run as a child process: it gets the full-context prompt's token ids,
+/// the batch and the greedy steps as one JSON line and answers with its own times, so pipe
+/// costs are not counted.
 pub struct Peer {
     pub name: String,
     child: std::process::Child,
@@ -88,18 +91,21 @@ impl Peer {
         Ok(Self { name, child, out })
     }
 
-    /// The peer's prefill time in ms for `tokens`.
-    fn prefill_ms(&mut self, tokens: &[u32]) -> Result<f64> {
+    /// The peer's times for `batch` copies of `tokens` and `decode` greedy steps: prefill ms
+    /// and, when the peer decodes (llama_cpp_peer.py does not), ms per later token.
+    fn time(&mut self, tokens: &[u32], batch: usize, decode: usize) -> Result<(f64, Option<f64>)> {
         use std::io::{BufRead, Write};
         let stdin = self.child.stdin.as_mut().expect("piped stdin");
-        writeln!(stdin, "{}", serde_json::json!({ "tokens": tokens }))?;
+        writeln!(stdin, "{}", serde_json::json!({ "tokens": tokens, "batch": batch, "decode": decode }))?;
         stdin.flush()?;
         let mut line = String::new();
         if self.out.read_line(&mut line)? == 0 {
             anyhow::bail!("peer {} exited", self.name);
         }
         let v: serde_json::Value = serde_json::from_str(line.trim())?;
-        v["prefill_ms"].as_f64().ok_or_else(|| anyhow::anyhow!("peer {}: no prefill_ms in {line}", self.name))
+        let prefill =
+            v["prefill_ms"].as_f64().ok_or_else(|| anyhow::anyhow!("peer {}: no prefill_ms in {line}", self.name))?;
+        Ok((prefill, v["decode_ms"].as_f64()))
     }
 }
 
@@ -180,7 +186,7 @@ enum Input {
     Cached(Tensor),
     /// The chunks' tokens, encoded and projected in the timed path.
     Encode(usize),
-    /// Timed by the outside peer (prefill only).
+    /// Timed by the outside peer.
     Peer,
 }
 
@@ -252,8 +258,10 @@ fn time_variant(s: &BenchSetup, v: &Variant, segs: &[Segment], ctx: &[u32], full
     let d = s.decoder;
     match &v.input {
         Input::Peer => {
-            let ms = s.peer.expect("peer").borrow_mut().prefill_ms(full_prompt)?;
-            Ok(Sample { ttft: ms, ttit: f64::NAN, kv: 0, total_s: f64::NAN, mem: None })
+            let (ms, per) = s.peer.expect("peer").borrow_mut().time(full_prompt, s.batch, s.decode_tokens)?;
+            let per = per.unwrap_or(f64::NAN);
+            let total_s = (ms + per * s.decode_tokens as f64) / 1e3;
+            Ok(Sample { ttft: ms, ttit: per, kv: 0, total_s, mem: None })
         }
         Input::Tokens if v.dense => {
             time_decode(s.dense_decoder.expect("dense decoder"), segs, s.decode_tokens, s.batch, || Ok(vec![]))
@@ -285,6 +293,7 @@ fn summarize(s: &BenchSetup, v: Variant, context_tokens: usize, full: &mut Optio
         ttft_ms_min: None,
         ttft_ms_max: None,
         ttit_ms_median: None,
+        answer_ms_median: None,
         kv_cache_bytes: None,
         speedup: None,
         batch: s.batch,
@@ -307,11 +316,16 @@ fn summarize(s: &BenchSetup, v: Variant, context_tokens: usize, full: &mut Optio
     row.ttft_ms_min = t.first().copied();
     row.ttft_ms_max = t.last().copied();
     row.speedup = full.map(|f| f.0 / med);
-    if !matches!(v.input, Input::Peer) {
+    // a peer that only prefills (llama.cpp's) has no later tokens, answer time or throughput
+    if !v.samples[0].ttit.is_nan() {
+        let mut a: Vec<f64> = v.samples.iter().map(|x| x.total_s * 1e3).collect();
         row.ttit_ms_median = Some(median(&mut i));
-        row.kv_cache_bytes = Some(v.samples[0].kv);
+        row.answer_ms_median = Some(median(&mut a));
         row.throughput_tok_s = Some(thr);
         row.throughput_speedup = full.map(|f| thr / f.1);
+    }
+    if !matches!(v.input, Input::Peer) {
+        row.kv_cache_bytes = Some(v.samples[0].kv);
         let mut m: Vec<f64> = v.samples.iter().filter_map(|x| x.mem).collect();
         row.peak_mem_mib = (!m.is_empty()).then(|| median(&mut m));
     }

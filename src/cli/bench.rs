@@ -35,8 +35,9 @@ pub struct BenchArgs {
     /// Sequences decoded together (throughput at batch > 1).
     #[arg(long, default_value_t = 1, env = "REFRAG_BENCH_BATCH")]
     pub batch: usize,
-    /// An outside engine timed on the same full-context prompt, e.g.
-    /// "python3 scripts/llama_cpp_peer.py MODEL.gguf" (llama.cpp through llama-cpp-python).
+    /// An outside engine timed on the same full-context prompt: "python3
+    /// scripts/llama_cpp_peer.py MODEL.gguf" (llama.cpp, CPU) or "python3 scripts/torch_peer.py
+    /// MODEL.gguf" (PyTorch + transformers, GPU).
     #[arg(long, env = "REFRAG_BENCH_PEER")]
     pub peer: Option<String>,
     /// Write a PNG plot of the accelerations (TTFT and throughput vs context length per k).
@@ -106,12 +107,13 @@ pub fn run(g: &Global, args: BenchArgs) -> Result<ExitCode> {
     } else {
         outln!("device: {dev}; batch {}; median of {} runs after a warm-up", args.batch, args.repeats);
         outln!(
-            "{:>8} {:<30} {:>9} {:>10} {:>10} {:>9} {:>10} {:>9} {:>10} {:>9}",
+            "{:>8} {:<30} {:>9} {:>10} {:>10} {:>10} {:>9} {:>10} {:>9} {:>10} {:>9}",
             "context",
             "variant",
             "positions",
             "ttft_ms",
             "ttit_ms",
+            "answer_ms",
             "speedup",
             "tok/s",
             "tput_x",
@@ -121,12 +123,13 @@ pub fn run(g: &Global, args: BenchArgs) -> Result<ExitCode> {
         for r in &rows {
             let f = |x: Option<f64>, p: usize| x.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into());
             outln!(
-                "{:>8} {:<30} {:>9} {:>10} {:>10} {:>9} {:>10} {:>9} {:>10} {:>9}",
+                "{:>8} {:<30} {:>9} {:>10} {:>10} {:>10} {:>9} {:>10} {:>9} {:>10} {:>9}",
                 r.context_tokens,
                 r.variant,
                 r.positions,
                 r.ttft_ms_median.map(|v| format!("{v:.1}")).unwrap_or_else(|| "over window".into()),
                 f(r.ttit_ms_median, 2),
+                f(r.answer_ms_median, 1),
                 f(r.speedup, 2),
                 f(r.throughput_tok_s, 1),
                 f(r.throughput_speedup, 2),

@@ -64,6 +64,9 @@ pub struct Tally {
     retrieval_ms: Vec<f64>,
     positions: Vec<f64>,
     input_ms: Vec<f64>,
+    /// Retrieval + TTFT + the later tokens: the time to the whole answer.
+    answer_ms: Vec<f64>,
+    generated: Vec<f64>,
     /// recall[r]: questions whose first gold document ranks within the top r.
     recall: Vec<usize>,
     with_gold: usize,
@@ -146,13 +149,17 @@ fn answer(engine: &Engine, q: &Question, opts: &AskOptions, t: &mut Tally) -> Re
     t.tokens_per_s.push(gen.tokens_per_s());
     t.retrieval_ms.push(ans.retrieval_ms);
     t.input_ms.push(ans.input_ms);
+    let answer_ms = ans.retrieval_ms + gen.ttft_ms() + gen.decode_time.as_secs_f64() * 1e3;
+    t.answer_ms.push(answer_ms);
+    t.generated.push(gen.generated_tokens as f64);
     t.positions.push(gen.prompt_positions as f64);
     let ids: Vec<String> = ans.sources.iter().map(|s| s.doc_id.clone()).collect();
     let line = serde_json::json!({
         "id": q.id, "question": q.question, "answer": gen.text, "gold": q.answers,
         "em": em, "f1": f1, "contains_gold": contains_gold, "sources": ans.sources, "ttft_ms": gen.ttft_ms(),
         "tokens_per_s": gen.tokens_per_s(), "retrieval_ms": ans.retrieval_ms,
-        "input_ms": ans.input_ms, "decoder_positions": gen.prompt_positions, "context_tokens": ans.context_tokens,
+        "input_ms": ans.input_ms, "answer_ms": answer_ms, "generated_tokens": gen.generated_tokens,
+        "decoder_positions": gen.prompt_positions, "context_tokens": ans.context_tokens,
         "chunks": ans.chunks, "expanded_chunks": ans.expanded_chunks,
     });
     Ok((ids, line))
@@ -184,6 +191,8 @@ impl Tally {
                 ("ttft_ms_p95", ttft_p95.into()),
                 ("tokens_per_s_mean", mean(&self.tokens_per_s).into()),
                 ("input_ms_mean", mean(&self.input_ms).into()),
+                ("answer_ms_median", metrics::summary(&self.answer_ms).1.into()),
+                ("generated_tokens_mean", mean(&self.generated).into()),
                 ("decoder_positions_mean", mean(&self.positions).into()),
             ]);
         }

@@ -446,9 +446,10 @@ impl Decoder {
         let (b, t, _) = embeds.dims3()?;
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
+        let c = &self.cfg;
+        let n_rep = c.n_head / c.n_kv_head;
         let mask = if t > 1 { Some(self.causal_mask(t, pos)?) } else { None };
         let mut x = embeds.to_dtype(self.dtype)?;
-        let c = &self.cfg;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.attn_norm)?;
             let q = layer.wq.forward(&h, self.quant_rows)?.reshape((b, t, c.n_head, c.head_dim))?.transpose(1, 2)?;
@@ -461,19 +462,26 @@ impl Decoder {
                 Some(cs) => cs[li].append(&k, &v)?,
                 None => (k, v),
             };
-            let n_rep = c.n_head / c.n_kv_head;
-            let k = candle_transformers::utils::repeat_kv(k, n_rep)?;
-            let v = candle_transformers::utils::repeat_kv(v, n_rep)?;
             let scale = 1.0 / (c.head_dim as f64).sqrt();
-            let mut att = (q.matmul(&k.t()?)? * scale)?;
+            // grouped-query attention: the n_rep query heads of one KV head are read as
+            // n_rep * t rows against its keys, straight from the cache (no copy of K/V per
+            // query head): [b, kv heads, n_rep * t, d]; query head h reads KV head h / n_rep
+            let qg = q.reshape((b, c.n_kv_head, n_rep * t, c.head_dim))?;
+            let mut att = (qg.matmul(&k.t()?)? * scale)?;
             if let Some(m) = &mask {
-                att = att.broadcast_add(m)?;
+                let kv_len = att.dim(3)?;
+                att = att.reshape((b, c.n_kv_head, n_rep, t, kv_len))?.broadcast_add(m)?.reshape((
+                    b,
+                    c.n_kv_head,
+                    n_rep * t,
+                    kv_len,
+                ))?;
             }
             let att = match self.ops {
                 Ops::Fused => candle_nn::ops::softmax_last_dim(&att)?,
                 Ops::Differentiable => crate::model::diffops::softmax_last_dim(&att)?,
             };
-            let y = att.matmul(&v.contiguous()?)?;
+            let y = att.matmul(&v)?.reshape((b, c.n_head, t, c.head_dim))?;
             let y = y.transpose(1, 2)?.reshape((b, t, c.hidden))?;
             x = (x + layer.wo.forward(&y, self.quant_rows)?)?;
             crate::profile::mark(&self.device, "fwd_attention");
@@ -516,12 +524,15 @@ impl Decoder {
         })
     }
 
-    /// Additive causal mask [t, pos + t]: query i sees keys up to pos + i.
+    /// Additive causal mask [t, pos + t]: query i sees keys up to pos + i. Built on the
+    /// device: a host-built mask is t x (pos + t) floats to fill and copy per block (64 MiB at
+    /// 2048 x 8192).
     fn causal_mask(&self, t: usize, pos: usize) -> Result<Tensor> {
-        let kv = pos + t;
-        let data: Vec<f32> =
-            (0..t).flat_map(|i| (0..kv).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })).collect();
-        Ok(Tensor::from_vec(data, (t, kv), &self.device)?.to_dtype(self.dtype)?)
+        let rows = Tensor::arange(pos as u32, (pos + t) as u32, &self.device)?.reshape((t, 1))?;
+        let cols = Tensor::arange(0u32, (pos + t) as u32, &self.device)?.reshape((1, pos + t))?;
+        // -1e30 rather than -inf: 0 x -inf would be NaN; exp underflows to 0 all the same
+        let future = cols.broadcast_gt(&rows)?.to_dtype(DType::F32)?.affine(-1e30, 0.0)?;
+        Ok(future.to_dtype(self.dtype)?)
     }
 }
 

@@ -608,3 +608,26 @@ fn ask_chopin_with(dir: &std::path::Path) -> std::process::Output {
         .output()
         .unwrap()
 }
+
+/// `bench` times each reading to its whole answer (prefill, first token, later tokens), and
+/// REFRAG's compressed prefill holds fewer positions than full context.
+#[test]
+fn bench_reports_whole_answer_times() {
+    let out = refrag()
+        .args(["bench", "--device", "cpu", "--contexts", "160", "--k", "16", "--repeats", "1"])
+        .args(["--decode-tokens", "2", "--no-encoder", "--json", "-q"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let row = |name: &str| rows.iter().find(|r| r["variant"] == name).unwrap_or_else(|| panic!("no {name} row"));
+    let (full, refrag) = (row("full"), row("refrag-16-cached"));
+    for r in [full, refrag] {
+        let (ttft, ttit) = (r["ttft_ms_median"].as_f64().unwrap(), r["ttit_ms_median"].as_f64().unwrap());
+        let answer = r["answer_ms_median"].as_f64().unwrap();
+        assert!(ttft > 0.0 && ttit > 0.0, "{r}");
+        assert!(answer >= ttft + ttit, "the answer takes its first and two later tokens: {r}");
+    }
+    assert!(refrag["positions"].as_u64() < full["positions"].as_u64(), "{refrag} vs {full}");
+}
