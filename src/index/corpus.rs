@@ -184,7 +184,9 @@ pub fn collect_files(paths: &[PathBuf], walk: &WalkOptions, skipped: &mut Vec<Sk
                         ignore::Error::WithPath { path, .. } => path.clone(),
                         _ => p.clone(),
                     };
-                    skipped.push(Skipped { path, reason: SkipReason::Unreadable, detail: e.to_string() });
+                    // the OS's words alone: the error's own text repeats the path twice more
+                    let detail = e.io_error().map_or_else(|| e.to_string(), |io| io.to_string());
+                    skipped.push(Skipped { path, reason: SkipReason::Unreadable, detail });
                     continue;
                 }
             };

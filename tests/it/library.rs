@@ -68,6 +68,17 @@ fn folders_are_walked_like_ripgrep_and_every_skip_is_counted() {
     // a file named on the command line is still an error when it is not text
     let err = one_line_error(&index(&db, &[], &src.join("bin.txt")));
     assert!(err.contains("bin.txt: binary file"), "{err}");
+
+    // symbolic links are walked with -L/--follow only; a dangling one is then counted unreadable
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(src.join("a.txt"), src.join("link.txt")).unwrap();
+        std::os::unix::fs::symlink(src.join("gone.txt"), src.join("dangling.txt")).unwrap();
+        let v = json(&index(&db, &["--json", "--max-file-mib", "1"], &src));
+        assert_eq!((&v["documents"], &v["skipped"]), (&2.into(), &4.into()), "links not followed: {v}");
+        let v = json(&index(&dir.path().join("db3"), &["--json", "--max-file-mib", "1", "-L"], &src));
+        assert_eq!((&v["documents"], &v["skipped_by_reason"]["unreadable"]), (&3.into(), &1.into()), "{v}");
+    }
 }
 
 #[test]
