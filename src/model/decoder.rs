@@ -148,8 +148,14 @@ pub struct Decoder {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
+    /// Rotary tables [max_positions, head_dim / 2] for keys.
     cos: Tensor,
     sin: Tensor,
+    /// The same for queries, times the attention scale 1/sqrt(head_dim): rotation is linear in
+    /// the tables, so scaled queries come out of it and the scores need no pass of their own
+    /// (at head_dim 64 the scale is 1/8, exact in floating point: the same bits).
+    cos_q: Tensor,
+    sin_q: Tensor,
     pub dtype: DType,
     pub device: Device,
     pub ops: Ops,
@@ -243,7 +249,10 @@ impl Decoder {
                 ffn_norm: tensor(&format!("blk.{i}.ffn_norm.weight"))?.dequantize(device)?.to_dtype(dtype)?,
             });
         }
-        let (cos, sin) = rope_tables(&cfg, device, dtype)?;
+        let (cos, sin) = rope_tables(&cfg, device, DType::F32)?;
+        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        let (cos_q, sin_q) = ((&cos * scale)?.to_dtype(dtype)?, (&sin * scale)?.to_dtype(dtype)?);
+        let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
         Ok(Self {
             cfg,
             tokenizer,
@@ -253,6 +262,8 @@ impl Decoder {
             lm_head,
             cos,
             sin,
+            cos_q,
+            sin_q,
             dtype,
             device: device.clone(),
             ops,
@@ -446,6 +457,7 @@ impl Decoder {
         let (b, t, _) = embeds.dims3()?;
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
+        let (cos_q, sin_q) = (self.cos_q.narrow(0, pos, t)?, self.sin_q.narrow(0, pos, t)?);
         let c = &self.cfg;
         let n_rep = c.n_head / c.n_kv_head;
         let mask = if t > 1 { Some(self.causal_mask(t, pos)?) } else { None };
@@ -455,19 +467,18 @@ impl Decoder {
             let q = layer.wq.forward(&h, self.quant_rows)?.reshape((b, t, c.n_head, c.head_dim))?.transpose(1, 2)?;
             let k = layer.wk.forward(&h, self.quant_rows)?.reshape((b, t, c.n_kv_head, c.head_dim))?.transpose(1, 2)?;
             let v = layer.wv.forward(&h, self.quant_rows)?.reshape((b, t, c.n_kv_head, c.head_dim))?.transpose(1, 2)?;
-            let q = self.rope(&q.contiguous()?, &cos, &sin)?;
+            let q = self.rope(&q.contiguous()?, &cos_q, &sin_q)?; // scaled by 1/sqrt(head_dim)
             let k = self.rope(&k.contiguous()?, &cos, &sin)?;
             let v = v.contiguous()?;
             let (k, v) = match caches.as_deref_mut() {
                 Some(cs) => cs[li].append(&k, &v)?,
                 None => (k, v),
             };
-            let scale = 1.0 / (c.head_dim as f64).sqrt();
             // grouped-query attention: the n_rep query heads of one KV head are read as
             // n_rep * t rows against its keys, straight from the cache (no copy of K/V per
             // query head): [b, kv heads, n_rep * t, d]; query head h reads KV head h / n_rep
             let qg = q.reshape((b, c.n_kv_head, n_rep * t, c.head_dim))?;
-            let mut att = (qg.matmul(&k.t()?)? * scale)?;
+            let mut att = qg.matmul(&k.t()?)?;
             if let Some(m) = &mask {
                 let kv_len = att.dim(3)?;
                 att = att.reshape((b, c.n_kv_head, n_rep, t, kv_len))?.broadcast_add(m)?.reshape((
