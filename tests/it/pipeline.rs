@@ -162,7 +162,16 @@ fn index_reindex_ask_eval() {
     assert!(s["f1"].as_f64().unwrap() > 0.1, "{s}");
     assert!(s["answer_contains_gold"].as_f64().unwrap() >= 0.25, "{s}");
     assert!(s["recall_at_1"].as_f64().unwrap() >= 0.75, "{s}");
-    assert_eq!(std::fs::read_to_string(&out_file).unwrap().lines().count(), 4);
+    let lines = std::fs::read_to_string(&out_file).unwrap();
+    assert_eq!(lines.lines().count(), 4);
+    // each answer's whole time: retrieval, the first token, every later one
+    for l in lines.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let f = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("no {k}: {v}"));
+        assert!(f("answer_ms") >= f("retrieval_ms") + f("ttft_ms"), "{v}");
+        assert!(v["generated_tokens"].as_u64().unwrap() >= 1, "{v}");
+    }
+    assert!(s["answer_ms_median"].as_f64().unwrap() > 0.0, "{s}");
     assert_eq!(s["adapted"], false, "{s}");
     assert!(s["weights"].is_null(), "the base decoder reads full context: {s}");
 
