@@ -149,7 +149,7 @@ fn answer(engine: &Engine, q: &Question, opts: &AskOptions, t: &mut Tally) -> Re
     t.tokens_per_s.push(gen.tokens_per_s());
     t.retrieval_ms.push(ans.retrieval_ms);
     t.input_ms.push(ans.input_ms);
-    let answer_ms = ans.retrieval_ms + gen.ttft_ms() + gen.decode_time.as_secs_f64() * 1e3;
+    let answer_ms = ans.total_ms();
     t.answer_ms.push(answer_ms);
     t.generated.push(gen.generated_tokens as f64);
     t.positions.push(gen.prompt_positions as f64);

@@ -177,7 +177,9 @@ pub fn plain(text: String, path: &Path) -> Extracted {
         if let Some(h) = heading {
             out.sections.push(Section { start: out.text.len(), at: Locator::Heading(h) });
         }
-        prev = (!l.trim().is_empty()).then(|| (out.text.len(), l.to_string()));
+        if ext == "rst" {
+            prev = (!l.trim().is_empty()).then(|| (out.text.len(), l.to_string()));
+        }
         out.text.push_str(line);
     }
     out

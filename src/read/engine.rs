@@ -93,6 +93,13 @@ pub struct Answer {
     pub input_ms: f64,
 }
 
+impl Answer {
+    /// Time to the whole answer: retrieval, the input, the first token and every later one.
+    pub fn total_ms(&self) -> f64 {
+        self.retrieval_ms + self.generation.ttft_ms() + self.generation.decode_time.as_secs_f64() * 1e3
+    }
+}
+
 /// Loaded models and index.
 pub struct Engine {
     pub decoder: Decoder,
