@@ -159,16 +159,18 @@ fn time_decode(
     let input = prompt::assemble(d, &all)?;
     let embeds = if batch > 1 { input.embeds.repeat((batch, 1, 1))? } else { input.embeds.clone() };
     let mut st = d.new_state(input.positions + decode + 1);
+    crate::profile::start(&d.device);
     let h = d.forward(&embeds, &mut st)?;
+    if let Some(phases) = crate::profile::take() {
+        eprintln!("profile: prefill of {} x {} positions: {phases}", batch, input.positions);
+    }
     let logits = d.logits(&h.i((.., input.positions - 1..input.positions, ..))?)?;
     // one host copy per step for the whole batch
     let mut next = logits.squeeze(1)?.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
     let ttft = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
     for _ in 0..decode {
-        let e = d.embed_tokens(&next)?.unsqueeze(1)?;
-        let h = d.forward(&e, &mut st)?;
-        next = d.logits(&h)?.squeeze(1)?.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+        next = d.step(&mut st, &next)?.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
     }
     let ttit = if decode > 0 { t1.elapsed().as_secs_f64() * 1e3 / decode as f64 } else { 0.0 };
     let total_s = t0.elapsed().as_secs_f64();

@@ -12,7 +12,6 @@
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::kv_cache::KvCache;
 use std::collections::HashMap;
 use std::path::Path;
 use tokenizers::Tokenizer;
@@ -113,10 +112,21 @@ struct Layer {
     ffn_norm: Tensor,
 }
 
-/// Per-sequence state: one preallocated KV cache per layer and the next position.
+/// One layer's keys and values: [batch, kv heads, capacity, head_dim] buffers, allocated at
+/// the first write and written in place.
+#[derive(Default)]
+struct LayerKv {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+/// Per-sequence state: one preallocated KV buffer per layer and the next position.
 pub struct KvState {
-    caches: Vec<KvCache>,
+    layers: Vec<LayerKv>,
+    capacity: usize,
     pub pos: usize,
+    /// Inputs and outputs of the fixed-shape decoding step, made at its first use.
+    fixed: Option<FixedStep>,
 }
 
 impl KvState {
@@ -127,15 +137,83 @@ impl KvState {
     pub fn is_empty(&self) -> bool {
         self.pos == 0
     }
+    /// Positions it can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
     /// Bytes held by keys and values (whole preallocated buffers).
     pub fn bytes(&self) -> usize {
-        self.caches
+        self.layers
             .iter()
-            .flat_map(|c| [c.k_cache().all_data(), c.v_cache().all_data()])
+            .flat_map(|l| [&l.k, &l.v])
             .flatten()
             .map(|t| t.elem_count() * t.dtype().size_in_bytes())
             .sum()
     }
+
+    /// Sequences held (None before the first write).
+    fn batch(&self) -> Option<usize> {
+        self.layers.first()?.k.as_ref().map(|k| k.dim(0).unwrap_or(0))
+    }
+
+    /// Write `k`, `v` ([b, kv heads, t, d]) of layer `li` at position `pos`; the keys and
+    /// values of positions 0..pos + t, as views of the buffers.
+    fn append(&mut self, li: usize, pos: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        if pos + t > self.capacity {
+            bail!("the KV cache holds {} positions; {} were asked for", self.capacity, pos + t);
+        }
+        let layer = &mut self.layers[li];
+        let buffer = |x: &Tensor| -> Result<Tensor> {
+            let mut shape = x.dims().to_vec();
+            shape[2] = self.capacity;
+            Ok(Tensor::zeros(shape, x.dtype(), x.device())?)
+        };
+        if layer.k.is_none() {
+            layer.k = Some(buffer(k)?);
+            layer.v = Some(buffer(v)?);
+        }
+        let (kb, vb) = (layer.k.as_ref().context("keys")?, layer.v.as_ref().context("values")?);
+        kb.slice_set(k, 2, pos)?;
+        vb.slice_set(v, 2, pos)?;
+        Ok((kb.narrow(2, 0, pos + t)?, vb.narrow(2, 0, pos + t)?))
+    }
+}
+
+/// The fixed-shape decoding step's device buffers: every step reads and writes the same
+/// memory, so on CUDA the step is captured once as a graph and replayed (see [`Decoder::step`]).
+struct FixedStep {
+    batch: usize,
+    /// u32 [batch + 1]: the step's tokens, then its position (written before each step).
+    io: Tensor,
+    /// u32 [capacity]: 0, 1, ... (key positions, for the mask).
+    cols: Tensor,
+    /// f32 [batch, vocab]: the step's logits.
+    logits: Tensor,
+    #[cfg(feature = "cuda")]
+    graph: Option<candle_core::cuda_backend::cudarc::driver::CudaGraph>,
+    /// Capture failed once: steps run eagerly on the fixed buffers.
+    #[cfg(feature = "cuda")]
+    uncaptured: bool,
+}
+
+/// How [`Decoder::step_by`] runs a decoding step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepPath {
+    /// A forward of one position per sequence, shapes growing with the cache.
+    Eager,
+    /// Fixed shapes: the position lives on the device, keys and values are written at it, and
+    /// attention reads the whole capacity with later positions masked. On CUDA the step is
+    /// captured as a graph at its first use and replayed (~650 kernel launches become one).
+    Fixed,
+}
+
+/// Rotary rows for the positions a forward reads: keys' and (scaled) queries'.
+struct RopeRows {
+    cos: Tensor,
+    sin: Tensor,
+    cos_q: Tensor,
+    sin_q: Tensor,
 }
 
 /// SmolLM2 (LLaMA) decoder reading embeddings.
@@ -353,7 +431,8 @@ impl Decoder {
 
     /// A fresh KV state able to hold `capacity` positions without reallocating.
     pub fn new_state(&self, capacity: usize) -> KvState {
-        KvState { caches: (0..self.cfg.n_layer).map(|_| KvCache::new(2, capacity.max(1))).collect(), pos: 0 }
+        let layers = (0..self.cfg.n_layer).map(|_| LayerKv::default()).collect();
+        KvState { layers, capacity: capacity.max(1), pos: 0, fixed: None }
     }
 
     /// Token embeddings for `ids`: [len, hidden].
@@ -407,10 +486,136 @@ impl Decoder {
     }
 
     fn forward_block(&self, embeds: &Tensor, state: &mut KvState) -> Result<Tensor> {
-        let pos = state.pos;
-        let out = self.run_layers(embeds, pos, Some(&mut state.caches), true)?;
-        state.pos += embeds.dim(1)?;
+        let (pos, t) = (state.pos, embeds.dim(1)?);
+        let mask = if t > 1 { Some(self.causal_mask(t, pos)?) } else { None };
+        let out = self.run_layers(
+            embeds,
+            &self.rope_rows(pos, t)?,
+            mask.as_ref(),
+            |li, k, v| state.append(li, pos, &k, &v),
+            true,
+        )?;
+        state.pos += t;
         Ok(out)
+    }
+
+    /// One decoding step: each sequence of `state` reads its next token (`tokens`, one per
+    /// sequence). Returns the logits [batch, vocab] (f32). On CUDA the step runs the fixed
+    /// path, captured as a CUDA graph (`REFRAG_CUDA_GRAPH=0`: eager); on the CPU eagerly.
+    pub fn step(&self, state: &mut KvState, tokens: &[u32]) -> Result<Tensor> {
+        let graphs = self.device.is_cuda() && std::env::var("REFRAG_CUDA_GRAPH").map_or(true, |v| v != "0");
+        self.step_by(state, tokens, if graphs { StepPath::Fixed } else { StepPath::Eager })
+    }
+
+    /// [`Decoder::step`] along a chosen path. The fixed path needs a prefilled state (its
+    /// buffers exist); before that it steps eagerly.
+    pub fn step_by(&self, state: &mut KvState, tokens: &[u32], path: StepPath) -> Result<Tensor> {
+        let batch = state.batch();
+        if path == StepPath::Eager || batch.is_none() {
+            let h = self.forward(&self.embed_tokens(tokens)?.unsqueeze(1)?, state)?;
+            return Ok(self.logits(&h)?.squeeze(1)?);
+        }
+        let batch = batch.unwrap_or(0);
+        if tokens.len() != batch {
+            bail!("a step of {} tokens for {batch} sequences", tokens.len());
+        }
+        if state.pos >= state.capacity.min(self.cfg.max_positions) {
+            bail!("the KV cache is full ({} positions)", state.pos);
+        }
+        if state.fixed.as_ref().is_none_or(|f| f.batch != batch) {
+            state.fixed = Some(FixedStep {
+                batch,
+                io: Tensor::zeros(batch + 1, DType::U32, &self.device)?,
+                cols: Tensor::arange(0u32, state.capacity as u32, &self.device)?,
+                logits: Tensor::zeros((batch, self.cfg.vocab), DType::F32, &self.device)?,
+                #[cfg(feature = "cuda")]
+                graph: None,
+                #[cfg(feature = "cuda")]
+                uncaptured: false,
+            });
+        }
+        let fixed = state.fixed.as_ref().context("fixed step")?;
+        let io: Vec<u32> = tokens.iter().copied().chain([state.pos as u32]).collect();
+        fixed.io.slice_set(&Tensor::new(io.as_slice(), &self.device)?, 0, 0)?;
+        self.run_fixed(state)?;
+        state.pos += 1;
+        // a copy: the buffer is the next step's output
+        Ok(state.fixed.as_ref().context("fixed step")?.logits.copy()?)
+    }
+
+    /// The fixed-shape step over `state`'s buffers: reads `io`, writes the keys and values at
+    /// the position and the logits. Only device work, the same kernels and addresses at every
+    /// position: what a CUDA graph can replay.
+    fn fixed_step(&self, state: &KvState) -> Result<()> {
+        let f = state.fixed.as_ref().context("fixed step")?;
+        let c = &self.cfg;
+        let b = f.batch;
+        let pos = f.io.narrow(0, b, 1)?;
+        let x = self.embed.index_select(&f.io.narrow(0, 0, b)?, 0)?.reshape((b, 1, c.hidden))?;
+        let at = |table: &Tensor| -> Result<Tensor> { Ok(table.index_select(&pos, 0)?) };
+        let rows =
+            RopeRows { cos: at(&self.cos)?, sin: at(&self.sin)?, cos_q: at(&self.cos_q)?, sin_q: at(&self.sin_q)? };
+        // later positions (still zeros in the buffers) are masked out: [1, capacity]
+        let later = f.cols.broadcast_gt(&pos)?.to_dtype(DType::F32)?.affine(-1e30, 0.0)?;
+        let mask = later.to_dtype(self.dtype)?.unsqueeze(0)?;
+        let at_pos = pos.reshape((1, 1, 1, 1))?.broadcast_as((b, c.n_kv_head, 1, c.head_dim))?.contiguous()?;
+        let h = self.run_layers(
+            &x,
+            &rows,
+            Some(&mask),
+            |li, k, v| {
+                let layer = &state.layers[li];
+                let (kb, vb) = (layer.k.as_ref().context("keys")?, layer.v.as_ref().context("values")?);
+                kb.scatter_set(&at_pos, &k, 2)?;
+                vb.scatter_set(&at_pos, &v, 2)?;
+                Ok((kb.clone(), vb.clone()))
+            },
+            true,
+        )?;
+        f.logits.slice_set(&self.logits(&h)?.reshape((b, c.vocab))?, 0, 0)?;
+        Ok(())
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn run_fixed(&self, state: &mut KvState) -> Result<()> {
+        self.fixed_step(state)
+    }
+
+    /// On CUDA the first fixed step runs eagerly (filling candle's cache of kernel parameters
+    /// that a capture may not upload), then is captured as a graph; later steps replay it. A
+    /// failed capture is logged once and the steps run eagerly on the same buffers.
+    #[cfg(feature = "cuda")]
+    fn run_fixed(&self, state: &mut KvState) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let Device::Cuda(cuda) = &self.device else { return self.fixed_step(state) };
+        let f = state.fixed.as_mut().context("fixed step")?;
+        if let Some(g) = &f.graph {
+            return Ok(g.launch().map_err(candle_core::Error::wrap)?);
+        }
+        if f.uncaptured {
+            return self.fixed_step(state);
+        }
+        let _params = cuda.enable_cuda_graph_htod_cache();
+        self.fixed_step(state)?;
+        let stream = cuda.cuda_stream();
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(candle_core::Error::wrap)?;
+        let recorded = self.fixed_step(state);
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+        let f = state.fixed.as_mut().context("fixed step")?;
+        match (recorded, graph) {
+            (Ok(()), Ok(Some(g))) => {
+                g.upload().map_err(candle_core::Error::wrap)?;
+                f.graph = Some(g);
+            }
+            (recorded, graph) => {
+                let why = recorded.err().map(|e| e.to_string()).or_else(|| graph.err().map(|e| e.to_string()));
+                tracing::warn!("CUDA graph capture failed ({}); decoding eagerly", why.unwrap_or("no graph".into()));
+                f.uncaptured = true;
+            }
+        }
+        Ok(())
     }
 
     /// Forward over a whole sequence from position 0 without a KV cache: the path training
@@ -420,14 +625,36 @@ impl Decoder {
         if len > self.cfg.max_positions {
             bail!("{len} positions exceed the decoder's {}", self.cfg.max_positions);
         }
-        self.run_layers(embeds, 0, None, true)
+        self.run_layers(
+            embeds,
+            &self.rope_rows(0, len)?,
+            self.mask_from_start(len)?.as_ref(),
+            |_, k, v| Ok((k, v)),
+            true,
+        )
     }
 
     /// The residual stream after the last layer, before the final norm, over whole sequences
     /// from position 0 ([batch, len, hidden]): what a chunk encoder grown from the decoder's
     /// first layers ([`Decoder::first_layers`]) pools. Differentiable with [`Ops::Differentiable`].
     pub fn states(&self, embeds: &Tensor) -> Result<Tensor> {
-        self.run_layers(embeds, 0, None, false)
+        let t = embeds.dim(1)?;
+        self.run_layers(embeds, &self.rope_rows(0, t)?, self.mask_from_start(t)?.as_ref(), |_, k, v| Ok((k, v)), false)
+    }
+
+    fn mask_from_start(&self, t: usize) -> Result<Option<Tensor>> {
+        Ok(if t > 1 { Some(self.causal_mask(t, 0)?) } else { None })
+    }
+
+    /// Rotary rows of positions pos..pos + t.
+    fn rope_rows(&self, pos: usize, t: usize) -> Result<RopeRows> {
+        let rows = |table: &Tensor| table.narrow(0, pos, t);
+        Ok(RopeRows {
+            cos: rows(&self.cos)?,
+            sin: rows(&self.sin)?,
+            cos_q: rows(&self.cos_q)?,
+            sin_q: rows(&self.sin_q)?,
+        })
     }
 
     /// A decoder of this one's first `n` layers (the same tensors, shared; no adapters of its
@@ -447,39 +674,36 @@ impl Decoder {
         Ok(d)
     }
 
+    /// The layers over `embeds` ([b, t, hidden]) at the positions of `rope`, under `mask`
+    /// ([t, keys], additive; None: every key is visible). `kv(layer, k, v)` stores the new keys
+    /// and values ([b, kv heads, t, d]) and gives back all the keys and values to attend to.
     fn run_layers(
         &self,
         embeds: &Tensor,
-        pos: usize,
-        mut caches: Option<&mut Vec<KvCache>>,
+        rope: &RopeRows,
+        mask: Option<&Tensor>,
+        mut kv: impl FnMut(usize, Tensor, Tensor) -> Result<(Tensor, Tensor)>,
         final_norm: bool,
     ) -> Result<Tensor> {
         let (b, t, _) = embeds.dims3()?;
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
-        let (cos_q, sin_q) = (self.cos_q.narrow(0, pos, t)?, self.sin_q.narrow(0, pos, t)?);
         let c = &self.cfg;
         let n_rep = c.n_head / c.n_kv_head;
-        let mask = if t > 1 { Some(self.causal_mask(t, pos)?) } else { None };
         let mut x = embeds.to_dtype(self.dtype)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.attn_norm)?;
             let q = layer.wq.forward(&h, self.quant_rows)?.reshape((b, t, c.n_head, c.head_dim))?.transpose(1, 2)?;
             let k = layer.wk.forward(&h, self.quant_rows)?.reshape((b, t, c.n_kv_head, c.head_dim))?.transpose(1, 2)?;
             let v = layer.wv.forward(&h, self.quant_rows)?.reshape((b, t, c.n_kv_head, c.head_dim))?.transpose(1, 2)?;
-            let q = self.rope(&q.contiguous()?, &cos_q, &sin_q)?; // scaled by 1/sqrt(head_dim)
-            let k = self.rope(&k.contiguous()?, &cos, &sin)?;
-            let v = v.contiguous()?;
-            let (k, v) = match caches.as_deref_mut() {
-                Some(cs) => cs[li].append(&k, &v)?,
-                None => (k, v),
-            };
+            let q = self.rope(&q.contiguous()?, &rope.cos_q, &rope.sin_q)?; // scaled by 1/sqrt(head_dim)
+            let k = self.rope(&k.contiguous()?, &rope.cos, &rope.sin)?;
+            let (k, v) = kv(li, k, v.contiguous()?)?;
+            crate::profile::mark(&self.device, "fwd_qkv");
             // grouped-query attention: the n_rep query heads of one KV head are read as
             // n_rep * t rows against its keys, straight from the cache (no copy of K/V per
             // query head): [b, kv heads, n_rep * t, d]; query head h reads KV head h / n_rep
             let qg = q.reshape((b, c.n_kv_head, n_rep * t, c.head_dim))?;
             let mut att = qg.matmul(&k.t()?)?;
-            if let Some(m) = &mask {
+            if let Some(m) = mask {
                 let kv_len = att.dim(3)?;
                 att = att.reshape((b, c.n_kv_head, n_rep, t, kv_len))?.broadcast_add(m)?.reshape((
                     b,
@@ -488,10 +712,12 @@ impl Decoder {
                     kv_len,
                 ))?;
             }
+            crate::profile::mark(&self.device, "fwd_scores");
             let att = match self.ops {
                 Ops::Fused => candle_nn::ops::softmax_last_dim(&att)?,
                 Ops::Differentiable => crate::model::diffops::softmax_last_dim(&att)?,
             };
+            crate::profile::mark(&self.device, "fwd_softmax");
             let y = att.matmul(&v)?.reshape((b, c.n_head, t, c.head_dim))?;
             let y = y.transpose(1, 2)?.reshape((b, t, c.hidden))?;
             x = (x + layer.wo.forward(&y, self.quant_rows)?)?;

@@ -103,9 +103,7 @@ pub fn generate(
         if ids.len() >= opts.max_tokens || state.pos >= decoder.cfg.max_positions {
             break;
         }
-        let emb = decoder.embed_tokens(&[next])?.unsqueeze(0)?;
-        let h = decoder.forward(&emb, &mut state)?;
-        logits = decoder.logits(&h)?.flatten_all()?;
+        logits = decoder.step(&mut state, &[next])?.flatten_all()?;
     }
     let text = decoder.tokenizer.decode(&ids, true).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
     if text.len() > emitted {

@@ -112,6 +112,37 @@ fn kv_cache_and_batch_match_a_single_pass() {
     assert!(diff < 1e-3, "batch row differs by {diff}");
 }
 
+/// The fixed-shape decoding step (the position on the device, keys and values written at it,
+/// attention over the whole capacity with later positions masked: what CUDA replays as a graph)
+/// gives the eager step's logits, for one sequence and for a batch of two, and fills the cache
+/// the same way (an eager step after fixed ones still agrees).
+#[test]
+fn fixed_steps_match_eager_steps() {
+    use refrag::model::decoder::StepPath;
+    let d = decoder();
+    let ids = alice_ids(48);
+    for batch in [1usize, 2] {
+        let prompt = d.embed_tokens(&ids[..24]).unwrap().unsqueeze(0).unwrap().repeat((batch, 1, 1)).unwrap();
+        let mut eager = d.new_state(40);
+        let mut fixed = d.new_state(40);
+        d.forward(&prompt, &mut eager).unwrap();
+        d.forward(&prompt, &mut fixed).unwrap();
+        for (i, &id) in ids[24..40].iter().enumerate() {
+            // the last step of each sequence goes back to the eager path on the fixed state
+            let path = if i == 15 { StepPath::Eager } else { StepPath::Fixed };
+            let tokens = vec![id; batch];
+            let want = d.step_by(&mut eager, &tokens, StepPath::Eager).unwrap();
+            let got = d.step_by(&mut fixed, &tokens, path).unwrap();
+            assert_eq!(got.dims(), [batch, d.cfg.vocab]);
+            assert_eq!(argmax_rows(&got), argmax_rows(&want), "batch {batch}, step {i}");
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff < 1e-3, "batch {batch}, step {i}: logits differ by {diff}");
+        }
+        assert_eq!(fixed.len(), 40);
+        assert!(d.step_by(&mut fixed, &vec![ids[0]; batch], StepPath::Fixed).is_err(), "a full cache is an error");
+    }
+}
+
 /// A position may hold any embedding: feeding token embeddings through `prompt::assemble` as
 /// an `Embeds` segment gives the same result as feeding the tokens.
 #[test]
