@@ -143,6 +143,32 @@ fn fixed_steps_match_eager_steps() {
     }
 }
 
+/// Q/K/V and gate/up stacked into one matmul each (CUDA's default) give the same logits as
+/// the matrices apart, in prefill and in fixed decoding steps.
+#[test]
+fn fused_projections_match_separate_ones() {
+    use refrag::model::decoder::StepPath;
+    let apart = Decoder::load(&decoder_path(), &Device::Cpu, Ops::Fused, false).unwrap();
+    let mut fused = apart.clone();
+    fused.set_fused(true).unwrap();
+    assert_eq!((apart.fused_layers(), fused.fused_layers()), (0, apart.cfg.n_layer));
+    let ids = alice_ids(24);
+    let run = |d: &Decoder| {
+        let mut st = d.new_state(24);
+        let e = d.embed_tokens(&ids[..20]).unwrap().unsqueeze(0).unwrap();
+        let mut out = vec![d.logits(&d.forward(&e, &mut st).unwrap()).unwrap().squeeze(0).unwrap()];
+        for &id in &ids[20..] {
+            out.push(d.step_by(&mut st, &[id], StepPath::Fixed).unwrap());
+        }
+        Tensor::cat(&out, 0).unwrap()
+    };
+    let (a, f) = (run(&apart), run(&fused));
+    assert_eq!(a.dims(), [24, apart.cfg.vocab]);
+    let diff = max_abs_diff(&a, &f);
+    assert!(diff < 1e-3, "fused projections differ by {diff}");
+    assert_eq!(argmax_rows(&a), argmax_rows(&f));
+}
+
 /// A position may hold any embedding: feeding token embeddings through `prompt::assemble` as
 /// an `Embeds` segment gives the same result as feeding the tokens.
 #[test]
