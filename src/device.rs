@@ -55,6 +55,7 @@ fn tune_cuda(dev: &Device) {
     // SAFETY: refrag runs its tensor work on the thread that created the device, on its one
     // stream; nothing needs cross-stream ordering.
     unsafe { d.disable_event_tracking() };
+    set_blas_workspace(d);
     let Some(pool) = default_pool(dev) else { return };
     let mut keep = u64::MAX;
     // SAFETY: a plain driver call on a valid pool; a failure leaves the default setting.
@@ -68,6 +69,28 @@ fn tune_cuda(dev: &Device) {
     if r != sys::CUresult::CUDA_SUCCESS {
         tracing::debug!("CUDA memory pool release threshold not set: {r:?}");
     }
+}
+
+/// Give cuBLAS a workspace of its own (32 MiB, kept for the process). While a stream is
+/// captured into a CUDA graph cuBLAS does not allocate its default workspace and may fall back
+/// to kernels without split-K, which are slow for decoding's long reductions (attention
+/// weights times values over thousands of keys with 3 rows per head).
+#[cfg(feature = "cuda")]
+fn set_blas_workspace(d: &candle_core::CudaDevice) {
+    use candle_core::cuda_backend::cudarc::{cublas::sys as blas, driver::DevicePtr};
+    const BYTES: usize = 32 << 20;
+    let Ok(ws) = d.alloc_zeros::<u8>(BYTES) else { return };
+    let stream = d.cuda_stream();
+    let status = {
+        let (ptr, _sync) = ws.device_ptr(&stream);
+        // SAFETY: a valid handle and a device buffer of BYTES that is never freed (forgotten below).
+        unsafe { blas::cublasSetWorkspace_v2(*d.cublas_handle().handle(), ptr as *mut std::ffi::c_void, BYTES) }
+    };
+    if status != blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        tracing::debug!("cuBLAS workspace not set: {status:?}");
+        return;
+    }
+    std::mem::forget(ws);
 }
 
 #[cfg(not(feature = "cuda"))]
