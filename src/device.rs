@@ -71,10 +71,9 @@ fn tune_cuda(dev: &Device) {
     }
 }
 
-/// Give cuBLAS a workspace of its own (32 MiB, kept for the process). While a stream is
-/// captured into a CUDA graph cuBLAS does not allocate its default workspace and may fall back
-/// to kernels without split-K, which are slow for decoding's long reductions (attention
-/// weights times values over thousands of keys with 3 rows per head).
+/// Give cuBLAS a workspace of its own (32 MiB, kept for the process), so that its calls
+/// captured into a CUDA graph (decoding steps, `Decoder::step`) have one: cuBLAS does not
+/// allocate its default workspace while a stream is being captured.
 #[cfg(feature = "cuda")]
 fn set_blas_workspace(d: &candle_core::CudaDevice) {
     use candle_core::cuda_backend::cudarc::{cublas::sys as blas, driver::DevicePtr};

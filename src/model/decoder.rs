@@ -845,12 +845,13 @@ impl Decoder {
 }
 
 /// The largest KV capacity decoded through a CUDA graph (`REFRAG_CUDA_GRAPH_MAX`, default
-/// 4096). Measured on an H200 (bf16, batch 1): per token, graph / eager 4.2 / 6.4 ms at 2048
-/// positions, 7.4 / 7.2 at 4096, 12.8 / 10.0 at 8192, where the fixed step's attention over
-/// the whole capacity (softmax and attention-times-values over 9 rows) costs more than the
-/// launches it saves.
+/// 1536 positions). Measured on an H200 (bf16, batch 1, stacked projections, ms per token,
+/// graph / eager): REFRAG-16's caches of 134-518 positions 2.3-2.7 / 3.9-4.1; full context
+/// at 2049 positions 4.4 / 4.2, at 4097 7.5 / 5.9, at 8193 12.5 / 9.4. Over long caches the
+/// fixed step's attention over the whole capacity costs more than the launches it saves
+/// (not a cuBLAS workspace matter: the same with one).
 pub fn graph_max_positions() -> usize {
-    std::env::var("REFRAG_CUDA_GRAPH_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(4096)
+    std::env::var("REFRAG_CUDA_GRAPH_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(1536)
 }
 
 fn rope_tables(cfg: &DecoderConfig, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
