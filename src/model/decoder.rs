@@ -165,7 +165,7 @@ impl KvState {
 
     /// Sequences held (None before the first write).
     fn batch(&self) -> Option<usize> {
-        self.layers.first()?.k.as_ref().map(|k| k.dim(0).unwrap_or(0))
+        Some(self.layers.first()?.k.as_ref()?.dims()[0])
     }
 
     /// Write `k`, `v` ([b, kv heads, t, d]) of layer `li` at position `pos`; the keys and
@@ -538,11 +538,10 @@ impl Decoder {
 
     fn forward_block(&self, embeds: &Tensor, state: &mut KvState) -> Result<Tensor> {
         let (pos, t) = (state.pos, embeds.dim(1)?);
-        let mask = if t > 1 { Some(self.causal_mask(t, pos)?) } else { None };
         let out = self.run_layers(
             embeds,
             &self.rope_rows(pos, t)?,
-            mask.as_ref(),
+            self.causal_mask(t, pos)?.as_ref(),
             |li, k, v| state.append(li, pos, &k, &v),
             true,
         )?;
@@ -555,21 +554,17 @@ impl Decoder {
     /// path, captured as a CUDA graph (`REFRAG_CUDA_GRAPH=0`: eager), for states of up to
     /// [`graph_max_positions`]; otherwise and on the CPU eagerly.
     pub fn step(&self, state: &mut KvState, tokens: &[u32]) -> Result<Tensor> {
-        let graphs = self.device.is_cuda()
-            && std::env::var("REFRAG_CUDA_GRAPH").map_or(true, |v| v != "0")
-            && state.capacity <= graph_max_positions();
+        let graphs = self.device.is_cuda() && state.capacity <= graph_max_positions();
         self.step_by(state, tokens, if graphs { StepPath::Fixed } else { StepPath::Eager })
     }
 
     /// [`Decoder::step`] along a chosen path. The fixed path needs a prefilled state (its
     /// buffers exist); before that it steps eagerly.
     pub fn step_by(&self, state: &mut KvState, tokens: &[u32], path: StepPath) -> Result<Tensor> {
-        let batch = state.batch();
-        if path == StepPath::Eager || batch.is_none() {
+        let Some(batch) = state.batch().filter(|_| path == StepPath::Fixed) else {
             let h = self.forward(&self.embed_tokens(tokens)?.unsqueeze(1)?, state)?;
             return Ok(self.logits(&h)?.squeeze(1)?);
-        }
-        let batch = batch.unwrap_or(0);
+        };
         if tokens.len() != batch {
             bail!("a step of {} tokens for {batch} sequences", tokens.len());
         }
@@ -610,8 +605,7 @@ impl Decoder {
         let rows =
             RopeRows { cos: at(&self.cos)?, sin: at(&self.sin)?, cos_q: at(&self.cos_q)?, sin_q: at(&self.sin_q)? };
         // later positions (still zeros in the buffers) are masked out: [1, capacity]
-        let later = f.cols.broadcast_gt(&pos)?.to_dtype(DType::F32)?.affine(-1e30, 0.0)?;
-        let mask = later.to_dtype(self.dtype)?.unsqueeze(0)?;
+        let mask = self.additive_mask(&f.cols.broadcast_gt(&pos)?)?.unsqueeze(0)?;
         let at_pos = pos.reshape((1, 1, 1, 1))?.broadcast_as((b, c.n_kv_head, 1, c.head_dim))?.contiguous()?;
         let h = self.run_layers(
             &x,
@@ -679,25 +673,26 @@ impl Decoder {
         if len > self.cfg.max_positions {
             bail!("{len} positions exceed the decoder's {}", self.cfg.max_positions);
         }
-        self.run_layers(
-            embeds,
-            &self.rope_rows(0, len)?,
-            self.mask_from_start(len)?.as_ref(),
-            |_, k, v| Ok((k, v)),
-            true,
-        )
+        self.run_from_start(embeds, true)
     }
 
     /// The residual stream after the last layer, before the final norm, over whole sequences
     /// from position 0 ([batch, len, hidden]): what a chunk encoder grown from the decoder's
     /// first layers ([`Decoder::first_layers`]) pools. Differentiable with [`Ops::Differentiable`].
     pub fn states(&self, embeds: &Tensor) -> Result<Tensor> {
-        let t = embeds.dim(1)?;
-        self.run_layers(embeds, &self.rope_rows(0, t)?, self.mask_from_start(t)?.as_ref(), |_, k, v| Ok((k, v)), false)
+        self.run_from_start(embeds, false)
     }
 
-    fn mask_from_start(&self, t: usize) -> Result<Option<Tensor>> {
-        Ok(if t > 1 { Some(self.causal_mask(t, 0)?) } else { None })
+    /// The layers over whole sequences from position 0, without a KV cache.
+    fn run_from_start(&self, embeds: &Tensor, final_norm: bool) -> Result<Tensor> {
+        let t = embeds.dim(1)?;
+        self.run_layers(
+            embeds,
+            &self.rope_rows(0, t)?,
+            self.causal_mask(t, 0)?.as_ref(),
+            |_, k, v| Ok((k, v)),
+            final_norm,
+        )
     }
 
     /// Rotary rows of positions pos..pos + t.
@@ -832,15 +827,22 @@ impl Decoder {
         })
     }
 
-    /// Additive causal mask [t, pos + t]: query i sees keys up to pos + i. Built on the
-    /// device: a host-built mask is t x (pos + t) floats to fill and copy per block (64 MiB at
-    /// 2048 x 8192).
-    fn causal_mask(&self, t: usize, pos: usize) -> Result<Tensor> {
+    /// Additive causal mask [t, pos + t] for t > 1 rows (one row sees every key: None): query
+    /// i sees keys up to pos + i. Built on the device: a host-built mask is t x (pos + t)
+    /// floats to fill and copy per block (64 MiB at 2048 x 8192).
+    fn causal_mask(&self, t: usize, pos: usize) -> Result<Option<Tensor>> {
+        if t <= 1 {
+            return Ok(None);
+        }
         let rows = Tensor::arange(pos as u32, (pos + t) as u32, &self.device)?.reshape((t, 1))?;
         let cols = Tensor::arange(0u32, (pos + t) as u32, &self.device)?.reshape((1, pos + t))?;
-        // -1e30 rather than -inf: 0 x -inf would be NaN; exp underflows to 0 all the same
-        let future = cols.broadcast_gt(&rows)?.to_dtype(DType::F32)?.affine(-1e30, 0.0)?;
-        Ok(future.to_dtype(self.dtype)?)
+        Ok(Some(self.additive_mask(&cols.broadcast_gt(&rows)?)?))
+    }
+
+    /// 0 where `hidden` is 0, -1e30 where it is 1 (u8), in the compute dtype. -1e30 rather
+    /// than -inf: 0 x -inf would be NaN; exp underflows to 0 all the same.
+    fn additive_mask(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.to_dtype(DType::F32)?.affine(-1e30, 0.0)?.to_dtype(self.dtype)?)
     }
 }
 
@@ -850,8 +852,15 @@ impl Decoder {
 /// at 2049 positions 4.4 / 4.2, at 4097 7.5 / 5.9, at 8193 12.5 / 9.4. Over long caches the
 /// fixed step's attention over the whole capacity costs more than the launches it saves
 /// (not a cuBLAS workspace matter: the same with one).
+/// `REFRAG_CUDA_GRAPH=0` makes it 0 (no graphs). Read once.
 pub fn graph_max_positions() -> usize {
-    std::env::var("REFRAG_CUDA_GRAPH_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(1536)
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        if std::env::var("REFRAG_CUDA_GRAPH").is_ok_and(|v| v == "0") {
+            return 0;
+        }
+        std::env::var("REFRAG_CUDA_GRAPH_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(1536)
+    })
 }
 
 fn rope_tables(cfg: &DecoderConfig, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
