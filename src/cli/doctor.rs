@@ -125,12 +125,41 @@ fn check_device(g: &Global, checks: &mut Checks) -> Option<candle_core::Device> 
     match g.device() {
         Ok(d) => {
             checks.add(Status::Ok, "device", format!("--device {} -> {}; {cuda}", g.device, crate::device::name(&d)));
+            if d.is_cuda() && crate::model::attention::enabled() {
+                check_kernels(&d, checks);
+            }
             Some(d)
         }
         Err(e) => {
             checks.add(Status::Fail, "device", format!("{}; {cuda}", super::one_line(&e)));
             None
         }
+    }
+}
+
+/// The fused attention kernel against attention written out in f32, on random inputs.
+fn check_kernels(d: &candle_core::Device, checks: &mut Checks) {
+    // bf16 inputs and output: ~1e-2 is rounding; a wrong tile or mask is off by ~0.1-1
+    const TOLERANCE: f32 = 2e-2;
+    // relative, gradients: P and dS are rounded to bf16 inside the backward kernel
+    const GRAD_TOLERANCE: f32 = 5e-2;
+    let checked = crate::model::attention::parity(d).and_then(|e| Ok((e, crate::model::attention::grad_parity(d)?)));
+    match checked {
+        Ok((e, g)) if e <= TOLERANCE && g <= GRAD_TOLERANCE => checks.add(
+            Status::Ok,
+            "kernels",
+            format!("fused attention agrees with f32 attention (max error {e:.1e}; gradients {g:.1e} relative)"),
+        ),
+        Ok((e, g)) => checks.add(
+            Status::Fail,
+            "kernels",
+            format!("fused attention differs from f32 attention by {e:.1e} (gradients {g:.1e} relative): run with REFRAG_FUSED_ATTENTION=0"),
+        ),
+        Err(e) => checks.add(
+            Status::Fail,
+            "kernels",
+            format!("fused attention fails ({}): run with REFRAG_FUSED_ATTENTION=0", super::one_line(&e)),
+        ),
     }
 }
 

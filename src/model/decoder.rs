@@ -9,6 +9,7 @@
 //! dense tensor (f32 on CPU, bf16 on CUDA) for prefill and training; the quantized original is
 //! kept for decoding steps of a few rows, where it is faster (see README, "Measured").
 
+use crate::model::attention;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -218,6 +219,29 @@ pub enum StepPath {
     /// attention reads the whole capacity with later positions masked. On CUDA the step is
     /// captured as a graph at its first use and replayed (~650 kernel launches become one).
     Fixed,
+}
+
+/// Which keys the query rows of a forward see.
+#[derive(Clone, Copy)]
+enum Visible<'a> {
+    /// Row i (at position pos + i) sees keys 0..=pos + i.
+    Causal { pos: usize },
+    /// The fixed step's one row per sequence sees keys 0..=pos, pos being the u32 on the
+    /// device in `pos` ([1]); `cols`: 0..capacity (u32), to mask the keys past it.
+    UpTo { pos: &'a Tensor, cols: &'a Tensor },
+}
+
+/// How a forward's attention runs ([`Decoder::run_layers`]).
+enum Attend<'a> {
+    /// Scores, mask, softmax and values written out (CPU, training, other head sizes).
+    Materialised { mask: Option<Tensor> },
+    /// The fused prefill kernel ([`crate::model::attention::CausalAttention`]).
+    Prefill { pos: usize },
+    /// The fused decoding kernel ([`crate::model::attention::DecodeAttention`]).
+    Decode { pos: usize, at: Option<&'a Tensor> },
+    /// The fused prefill kernel from position 0 with its backward kernel (training:
+    /// [`crate::model::attention::TrainAttention`]).
+    Train,
 }
 
 /// Rotary rows for the positions a forward reads: keys' and (scaled) queries'.
@@ -522,13 +546,15 @@ impl Decoder {
                 self.cfg.max_positions
             );
         }
-        if len <= PREFILL_BLOCK {
+        // the fused kernel holds no [rows, keys] matrix: one block
+        let block = if self.fused_attention() { usize::MAX } else { PREFILL_BLOCK };
+        if len <= block {
             return self.forward_block(embeds, state);
         }
         let mut outs = Vec::new();
         let mut start = 0;
         while start < len {
-            let n = PREFILL_BLOCK.min(len - start);
+            let n = block.min(len - start);
             // a block of a batch > 1 is strided; the fused kernels need contiguous input
             outs.push(self.forward_block(&embeds.narrow(1, start, n)?.contiguous()?, state)?);
             start += n;
@@ -541,7 +567,7 @@ impl Decoder {
         let out = self.run_layers(
             embeds,
             &self.rope_rows(pos, t)?,
-            self.causal_mask(t, pos)?.as_ref(),
+            Visible::Causal { pos },
             |li, k, v| state.append(li, pos, &k, &v),
             true,
         )?;
@@ -604,13 +630,11 @@ impl Decoder {
         let at = |table: &Tensor| -> Result<Tensor> { Ok(table.index_select(&pos, 0)?) };
         let rows =
             RopeRows { cos: at(&self.cos)?, sin: at(&self.sin)?, cos_q: at(&self.cos_q)?, sin_q: at(&self.sin_q)? };
-        // later positions (still zeros in the buffers) are masked out: [1, capacity]
-        let mask = self.additive_mask(&f.cols.broadcast_gt(&pos)?)?.unsqueeze(0)?;
         let at_pos = pos.reshape((1, 1, 1, 1))?.broadcast_as((b, c.n_kv_head, 1, c.head_dim))?.contiguous()?;
         let h = self.run_layers(
             &x,
             &rows,
-            Some(&mask),
+            Visible::UpTo { pos: &pos, cols: &f.cols },
             |li, k, v| {
                 let layer = &state.layers[li];
                 let (kb, vb) = (layer.k.as_ref().context("keys")?, layer.v.as_ref().context("values")?);
@@ -686,13 +710,7 @@ impl Decoder {
     /// The layers over whole sequences from position 0, without a KV cache.
     fn run_from_start(&self, embeds: &Tensor, final_norm: bool) -> Result<Tensor> {
         let t = embeds.dim(1)?;
-        self.run_layers(
-            embeds,
-            &self.rope_rows(0, t)?,
-            self.causal_mask(t, 0)?.as_ref(),
-            |_, k, v| Ok((k, v)),
-            final_norm,
-        )
+        self.run_layers(embeds, &self.rope_rows(0, t)?, Visible::Causal { pos: 0 }, |_, k, v| Ok((k, v)), final_norm)
     }
 
     /// Rotary rows of positions pos..pos + t.
@@ -724,20 +742,27 @@ impl Decoder {
         Ok(d)
     }
 
-    /// The layers over `embeds` ([b, t, hidden]) at the positions of `rope`, under `mask`
-    /// ([t, keys], additive; None: every key is visible). `kv(layer, k, v)` stores the new keys
-    /// and values ([b, kv heads, t, d]) and gives back all the keys and values to attend to.
+    /// The layers over `embeds` ([b, t, hidden]) at the positions of `rope`, each query row
+    /// seeing the keys `visible` says. `kv(layer, k, v)` stores the new keys and values
+    /// ([b, kv heads, t, d]) and gives back all the keys and values to attend to.
     fn run_layers(
         &self,
         embeds: &Tensor,
         rope: &RopeRows,
-        mask: Option<&Tensor>,
+        visible: Visible,
         mut kv: impl FnMut(usize, Tensor, Tensor) -> Result<(Tensor, Tensor)>,
         final_norm: bool,
     ) -> Result<Tensor> {
         let (b, t, _) = embeds.dims3()?;
         let c = &self.cfg;
         let n_rep = c.n_head / c.n_kv_head;
+        let attend = match visible {
+            Visible::Causal { pos: 0 } if t > 1 && self.fused_attention_with_backward() => Attend::Train,
+            _ if !self.fused_attention() => Attend::Materialised { mask: self.mask(visible, t)? },
+            Visible::Causal { pos } if t > 1 => Attend::Prefill { pos },
+            Visible::Causal { pos } => Attend::Decode { pos, at: None },
+            Visible::UpTo { pos, .. } => Attend::Decode { pos: 0, at: Some(pos) },
+        };
         let mut x = embeds.to_dtype(self.dtype)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.attn_norm)?;
@@ -757,29 +782,15 @@ impl Decoder {
             let k = self.rope(&k.contiguous()?, &rope.cos, &rope.sin)?;
             let (k, v) = kv(li, k, v.contiguous()?)?;
             crate::profile::mark(&self.device, "fwd_qkv");
-            // grouped-query attention: the n_rep query heads of one KV head are read as
-            // n_rep * t rows against its keys, straight from the cache (no copy of K/V per
-            // query head): [b, kv heads, n_rep * t, d]; query head h reads KV head h / n_rep
-            let qg = q.reshape((b, c.n_kv_head, n_rep * t, c.head_dim))?;
-            let mut att = qg.matmul(&k.t()?)?;
-            if let Some(m) = mask {
-                let kv_len = att.dim(3)?;
-                att = att.reshape((b, c.n_kv_head, n_rep, t, kv_len))?.broadcast_add(m)?.reshape((
-                    b,
-                    c.n_kv_head,
-                    n_rep * t,
-                    kv_len,
-                ))?;
-            }
-            crate::profile::mark(&self.device, "fwd_scores");
-            let att = match self.ops {
-                Ops::Fused => candle_nn::ops::softmax_last_dim(&att)?,
-                Ops::Differentiable => crate::model::diffops::softmax_last_dim(&att)?,
+            let y = match &attend {
+                Attend::Materialised { mask } => self.attention(&q, &k, &v, mask.as_ref())?,
+                &Attend::Prefill { pos } => q.apply_op3_no_bwd(&k, &v, &attention::CausalAttention { pos, n_rep })?,
+                Attend::Train => attention::TrainAttention::apply(&q, &k, &v, n_rep)?,
+                &Attend::Decode { pos, at } => {
+                    q.apply_op3_no_bwd(&k, &v, &attention::DecodeAttention { pos, at, n_rep })?
+                }
             };
-            crate::profile::mark(&self.device, "fwd_softmax");
-            let y = att.matmul(&v)?.reshape((b, c.n_head, t, c.head_dim))?;
-            let y = y.transpose(1, 2)?.reshape((b, t, c.hidden))?;
-            x = (x + layer.wo.forward(&y, self.quant_rows)?)?;
+            x = (x + layer.wo.forward(&y.reshape((b, t, c.hidden))?, self.quant_rows)?)?;
             crate::profile::mark(&self.device, "fwd_attention");
             let h = self.rms_norm(&x, &layer.ffn_norm)?;
             let (gate, up) = match &layer.fused {
@@ -800,6 +811,42 @@ impl Decoder {
         self.rms_norm(&x, &self.norm)
     }
 
+    /// Attention written out: scores, `mask` (additive, [t, keys]), softmax, values, for
+    /// queries [b, heads, t, d] over keys and values [b, kv heads, keys, d]. Grouped-query: the
+    /// n_rep query heads of one KV head are read as n_rep * t rows against its keys, straight
+    /// from the cache (no copy of K/V per query head). Returns [b, t, heads, d].
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, heads, t, d) = q.dims4()?;
+        let kv_heads = k.dim(1)?;
+        let qg = q.reshape((b, kv_heads, heads / kv_heads * t, d))?;
+        let mut att = qg.matmul(&k.t()?)?;
+        if let Some(m) = mask {
+            let keys = att.dim(3)?;
+            att = att.reshape((b, kv_heads, heads / kv_heads, t, keys))?.broadcast_add(m)?.reshape((
+                b,
+                kv_heads,
+                heads / kv_heads * t,
+                keys,
+            ))?;
+        }
+        crate::profile::mark(&self.device, "fwd_scores");
+        let att = match self.ops {
+            Ops::Fused => candle_nn::ops::softmax_last_dim(&att)?,
+            Ops::Differentiable => crate::model::diffops::softmax_last_dim(&att)?,
+        };
+        crate::profile::mark(&self.device, "fwd_softmax");
+        Ok(att.matmul(v)?.reshape((b, heads, t, d))?.transpose(1, 2)?)
+    }
+
+    /// The additive mask of `visible` for `t` query rows (None: every key is visible).
+    fn mask(&self, visible: Visible, t: usize) -> Result<Option<Tensor>> {
+        match visible {
+            Visible::Causal { pos } => self.causal_mask(t, pos),
+            // later positions (still zeros in the buffers) are masked out: [1, capacity]
+            Visible::UpTo { pos, cols } => Ok(Some(self.additive_mask(&cols.broadcast_gt(pos)?)?.unsqueeze(0)?)),
+        }
+    }
+
     /// Vocabulary logits (f32) of input embeddings read as if they were final hidden states
     /// (the final norm, then the LM head; SmolLM2 ties the head to the token embeddings): the
     /// tokens an embedding points at.
@@ -810,6 +857,27 @@ impl Decoder {
     /// Vocabulary logits (f32) for hidden states [.., hidden].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(self.lm_head.forward(hidden, self.quant_rows)?.to_dtype(DType::F32)?)
+    }
+
+    /// Whether attention goes through the fused kernels ([`crate::model::attention`]): on
+    /// CUDA, in bf16, at head size 64, for inference (the kernels have no backward pass).
+    fn fused_attention(&self) -> bool {
+        self.device.is_cuda()
+            && self.dtype == DType::BF16
+            && self.ops == Ops::Fused
+            && self.cfg.head_dim == attention::HEAD
+            && self.cfg.n_head <= self.cfg.n_kv_head * attention::MAX_REP
+            && attention::enabled()
+    }
+
+    /// Whether training's causal attention goes through the fused kernels with a backward
+    /// pass: on CUDA, in bf16, at head size 64.
+    fn fused_attention_with_backward(&self) -> bool {
+        self.device.is_cuda()
+            && self.dtype == DType::BF16
+            && self.ops == Ops::Differentiable
+            && self.cfg.head_dim == attention::HEAD
+            && attention::enabled()
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -846,12 +914,12 @@ impl Decoder {
     }
 }
 
-/// The largest KV capacity decoded through a CUDA graph (`REFRAG_CUDA_GRAPH_MAX`, default
-/// 1536 positions). Measured on an H200 (bf16, batch 1, stacked projections, ms per token,
-/// graph / eager): REFRAG-16's caches of 134-518 positions 2.3-2.7 / 3.9-4.1; full context
-/// at 2049 positions 4.4 / 4.2, at 4097 7.5 / 5.9, at 8193 12.5 / 9.4. Over long caches the
-/// fixed step's attention over the whole capacity costs more than the launches it saves
-/// (not a cuBLAS workspace matter: the same with one).
+/// The largest KV capacity decoded through a CUDA graph (`REFRAG_CUDA_GRAPH_MAX`). Default:
+/// every capacity with the fused attention kernels (their decoding kernel reads the position
+/// from the device and skips the keys past it), else 1536 positions. Measured on an H200 (bf16,
+/// batch 1, ms per token, graph / eager): with the kernels, full context at 2049 positions
+/// 2.60 / 3.34, at 4097 2.67 / 4.16, at 8193 2.81 / 3.23; without them the fixed step attends
+/// over the whole capacity: 4.4 / 4.2 at 2049, 12.5 / 9.4 at 8193.
 /// `REFRAG_CUDA_GRAPH=0` makes it 0 (no graphs). Read once.
 pub fn graph_max_positions() -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -859,7 +927,8 @@ pub fn graph_max_positions() -> usize {
         if std::env::var("REFRAG_CUDA_GRAPH").is_ok_and(|v| v == "0") {
             return 0;
         }
-        std::env::var("REFRAG_CUDA_GRAPH_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(1536)
+        let default = if attention::enabled() { usize::MAX } else { 1536 };
+        std::env::var("REFRAG_CUDA_GRAPH_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
     })
 }
 

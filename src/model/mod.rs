@@ -4,6 +4,7 @@
 //! [`weights`], trained weights and their card; [`load`], everything a command reads, settled
 //! once; [`cache`] and [`hub`], the pinned base models.
 
+pub mod attention;
 pub mod cache;
 pub mod compressor;
 pub mod decoder;
