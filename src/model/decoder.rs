@@ -578,9 +578,10 @@ impl Decoder {
     /// One decoding step: each sequence of `state` reads its next token (`tokens`, one per
     /// sequence). Returns the logits [batch, vocab] (f32). On CUDA the step runs the fixed
     /// path, captured as a CUDA graph (`REFRAG_CUDA_GRAPH=0`: eager), for states of up to
-    /// [`graph_max_positions`]; otherwise and on the CPU eagerly.
+    /// [`graph_max_positions`] and when not profiling; otherwise and on the CPU eagerly.
     pub fn step(&self, state: &mut KvState, tokens: &[u32]) -> Result<Tensor> {
-        let graphs = self.device.is_cuda() && state.capacity <= graph_max_positions();
+        // a profile mark waits for the device, which a stream being captured may not do
+        let graphs = self.device.is_cuda() && state.capacity <= graph_max_positions() && !crate::profile::enabled();
         self.step_by(state, tokens, if graphs { StepPath::Fixed } else { StepPath::Eager })
     }
 
