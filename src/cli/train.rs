@@ -103,6 +103,13 @@ pub struct TrainArgs {
     /// given again (flag, environment or config file) override them, and the changes are named.
     #[arg(long, env = "REFRAG_TRAIN_RESUME")]
     pub resume: bool,
+    /// Reconstruction (the reconstruct stage, --recon-weight's term) reads a marker token after
+    /// the chunk vectors, so that the decoder can tell repeating them from continuing after
+    /// them. Without it the reconstruction term of cpt makes the adapted decoder read chunk
+    /// vectors worse than no context (measured, docs/research/2026-12-03-cpt-reconstruction.md).
+    /// Default: --init's (its card's "recon_marker"), else off.
+    #[arg(long, env = "REFRAG_TRAIN_RECON_MARKER")]
+    pub recon_marker: bool,
     /// Checkpoint and stop after this many seconds of training steps (go on later with --resume;
     /// --resume --steps N, N the step reached, writes the weights as they are). Loading the
     /// models and tokenizing the text come before the clock starts.
@@ -279,6 +286,7 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     // answers are trained with the question where --question-at says (auto: as --init's card)
     let question_at = g.question_at.resolve(init_card.question_at);
     let chunk_layers = a.chunk_layers.or(init_card.chunk_layers).unwrap_or(0);
+    let recon_marker = a.recon_marker || init_card.recon_marker;
     let init_scale = match &a.init {
         Some(d) if d.join(crate::model::projector::FILE).exists() => {
             Some(crate::model::projector::stored_in_scale(&d.join(crate::model::projector::FILE))?)
@@ -316,7 +324,7 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
     let names = |v: &[PathBuf]| {
         v.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()).collect::<Vec<_>>()
     };
-    let mut cfg = config(&a, bow_weight, input_scale, chunk_layers);
+    let mut cfg = config(&a, bow_weight, input_scale, chunk_layers, recon_marker);
     // --resume continues with the checkpoint's settings, except options given now
     if let Some(ck) = a.resume.then(|| train::checkpoint::checkpoint_config(&a.out)).flatten() {
         let (c, changed) = resumed_config(&cfg, &ck, &a.given)?;
@@ -372,7 +380,7 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<ExitCode> {
 
 /// The run's settings from the flags (a resumed run then takes its checkpoint's, except those
 /// given again).
-fn config(a: &TrainArgs, bow_weight: f64, input_scale: f64, chunk_layers: usize) -> TrainConfig {
+fn config(a: &TrainArgs, bow_weight: f64, input_scale: f64, chunk_layers: usize, recon_marker: bool) -> TrainConfig {
     // the MiniLM layers do not train beside a grown chunk encoder unless asked (then refused)
     let minilm_default = chunk_layers > 0 && !a.given.contains("encoder_layers");
     TrainConfig {
@@ -396,6 +404,7 @@ fn config(a: &TrainArgs, bow_weight: f64, input_scale: f64, chunk_layers: usize)
         distill: a.distill,
         batch: a.batch,
         recon_weight: a.recon_weight,
+        recon_marker,
         bow_weight,
         input_scale,
         teacher_weights: a.teacher_weights.clone(),

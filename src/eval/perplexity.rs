@@ -29,6 +29,9 @@ pub struct PplOptions {
     /// Tokens of the target's start encoded as the query of a conditioned RL policy (a
     /// stand-in for a question; the decoder never sees them before it scores them).
     pub query_tokens: usize,
+    /// The weights repeat chunk vectors after the reconstruction marker (their card's
+    /// `recon_marker`): the reconstruction rows read it.
+    pub recon_marker: bool,
 }
 
 /// Mean negative log-likelihood per target token, per reading.
@@ -196,8 +199,9 @@ pub fn score(
                 let (_, oe) = &compressed[(wi + 1) % starts.len()];
                 refrag_other += nll_after(rd, oe, tgt)?;
                 for n in RECON_CHUNKS.into_iter().filter(|&n| n <= l) {
-                    let own = accuracy_after(rd, &e.narrow(0, 0, n)?, &ctx[..n * k])?;
-                    let other = accuracy_after(rd, &oe.narrow(0, 0, n)?, &ctx[..n * k])?;
+                    let recon = |v: &Tensor| rd.recon_prefix(&v.narrow(0, 0, n)?, opts.recon_marker);
+                    let own = accuracy_after(rd, &recon(e)?, &ctx[..n * k])?;
+                    let other = accuracy_after(rd, &recon(oe)?, &ctx[..n * k])?;
                     *sc.recon_accuracy.entry(format!("chunks_{n}")).or_insert(0.0) += own;
                     *sc.recon_accuracy.entry(format!("chunks_{n}_other")).or_insert(0.0) += other;
                 }

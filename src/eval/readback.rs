@@ -52,6 +52,7 @@ pub fn readback(
     dec: &Decoder,
     comp: &Compressor,
     tasks: &[QaExample],
+    marker: bool,
     mut tick: impl FnMut(),
 ) -> Result<Vec<Option<Readback>>> {
     let k = comp.k;
@@ -59,8 +60,13 @@ pub fn readback(
     let opts = crate::read::generate::SamplingOptions { max_tokens: k + 4, ..Default::default() };
     let vector = |ids: &[u32]| -> Result<Tensor> { comp.compress(dec, &[ids])?.context("an empty chunk") };
     let read = |v: &Tensor| -> Result<String> {
-        let input =
-            prompt::DecoderInput { embeds: dec.behind_start(v)?.unsqueeze(0)?, positions: 2, compressed_positions: 1 };
+        let prefix = dec.recon_prefix(v, marker)?;
+        let positions = 1 + prefix.dim(0)?;
+        let input = prompt::DecoderInput {
+            embeds: dec.behind_start(&prefix)?.unsqueeze(0)?,
+            positions,
+            compressed_positions: 1,
+        };
         Ok(crate::read::generate::generate(dec, &input, &opts, |_| Ok(()))?.text)
     };
     let first = |ex: &QaExample| -> Result<Vec<String>> { chunk_texts(&dec.tokenizer, &ex.passages[0], k) };
@@ -85,7 +91,7 @@ pub fn readback(
         let answer_nll = match answer_token_mask(dec, ids, &answer)? {
             Some(mask) => {
                 let nll = |v: &Tensor| -> Result<f64> {
-                    let per = crate::read::score::token_nll_after(dec, v, ids)?;
+                    let per = crate::read::score::token_nll_after(dec, &dec.recon_prefix(v, marker)?, ids)?;
                     let on: Vec<f64> = per.iter().zip(&mask).filter(|(_, m)| **m).map(|(x, _)| *x).collect();
                     Ok(crate::eval::metrics::mean(&on))
                 };

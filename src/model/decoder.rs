@@ -20,6 +20,11 @@ use tokenizers::Tokenizer;
 /// `<|endoftext|>`: the position every text reading starts from (see [`Decoder::behind_start`]).
 pub const TEXT_START: u32 = 0;
 
+/// The token read after chunk vectors when the decoder is to repeat them (reconstruction) in
+/// weights trained with `recon_marker`, so that repeating and continuing have different inputs.
+/// A special token of SmolLM2's vocabulary that prose never holds.
+pub const RECON_MARKER: &str = "<jupyter_output>";
+
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DecoderConfig {
@@ -533,6 +538,24 @@ impl Decoder {
             return Ok(start);
         }
         Ok(Tensor::cat(&[&start, &prefix.to_dtype(self.dtype)?], 0)?)
+    }
+
+    /// The embedding of [`RECON_MARKER`]: [1, hidden].
+    pub fn recon_marker(&self) -> Result<Tensor> {
+        let id = self
+            .tokenizer
+            .token_to_id(RECON_MARKER)
+            .with_context(|| format!("the decoder's vocabulary has no {RECON_MARKER} (the reconstruction marker)"))?;
+        self.embed_tokens(&[id])
+    }
+
+    /// The prefix a reconstruction reads: `vectors` ([p, hidden]), then the marker when the
+    /// weights were trained with one.
+    pub fn recon_prefix(&self, vectors: &Tensor, marker: bool) -> Result<Tensor> {
+        if !marker {
+            return Ok(vectors.clone());
+        }
+        Ok(Tensor::cat(&[&vectors.to_dtype(self.dtype)?, &self.recon_marker()?], 0)?)
     }
 
     /// Run `embeds` ([batch, len, hidden]) through the decoder, appending to `state`.

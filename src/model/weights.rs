@@ -61,6 +61,9 @@ pub struct Trained {
     pub question_at: Option<QuestionAt>,
     /// The share of chunks to expand when --expand is not given (card.json's `expand`).
     pub expand: Option<f64>,
+    /// Reconstruction reads the marker token after the chunk vectors (card.json's
+    /// `recon_marker`; see [`crate::model::decoder::RECON_MARKER`]).
+    pub recon_marker: bool,
 }
 
 /// What a weights folder's card.json says that changes how the weights are read. Other fields
@@ -76,6 +79,8 @@ pub struct Card {
     /// The chunk encoder is grown from the decoder's first this many layers
     /// (`"chunk_encoder": {"from": "decoder", "layers": N}`); None: MiniLM.
     pub chunk_layers: Option<usize>,
+    /// The weights were trained to repeat chunk vectors after the reconstruction marker.
+    pub recon_marker: bool,
 }
 
 impl Card {
@@ -111,7 +116,13 @@ impl Card {
                 _ => bail!("{}: \"chunk_encoder\": {x} does not say its decoder layers", path.display()),
             },
         };
-        Ok(Card { k: v["k"].as_u64().map(|k| k as usize), question_at, expand, chunk_layers })
+        let recon_marker = match v.get("recon_marker") {
+            None | Some(serde_json::Value::Null) => false,
+            Some(x) => {
+                x.as_bool().ok_or_else(|| anyhow!("{}: \"recon_marker\": {x} is not true or false", path.display()))?
+            }
+        };
+        Ok(Card { k: v["k"].as_u64().map(|k| k as usize), question_at, expand, chunk_layers, recon_marker })
     }
 }
 
@@ -161,6 +172,7 @@ pub fn find(dirs: &[PathBuf], encoder: &Encoder, decoder: &Decoder) -> Result<Op
                 stale_policy,
                 question_at: card.question_at,
                 expand: card.expand,
+                recon_marker: card.recon_marker,
             }));
         }
     }

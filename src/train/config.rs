@@ -57,6 +57,14 @@ pub struct TrainConfig {
     /// pre-training keeps the vectors' content instead of only their style. 0 = off.
     #[serde(default)]
     pub recon_weight: f64,
+    /// Reconstruction batches (the reconstruct stage, the cpt/sft reconstruction term, their
+    /// held-out scores) read a marker token after the chunk vectors
+    /// ([`crate::model::decoder::RECON_MARKER`]), so that the decoder can tell "repeat the
+    /// chunks" from "continue after them". Without it the two tasks share one input layout and
+    /// the reconstruction term pulls continuation toward repeating (measured: the adapted
+    /// decoder then reads chunk vectors worse than no context).
+    #[serde(default)]
+    pub recon_marker: bool,
     /// reconstruct/cpt: weight of a bag-of-words loss on each chunk vector of a batch: its projected
     /// vector, read through the decoder's final norm and (tied) LM head, should point at the
     /// chunk's k tokens. A direct content signal for the encoder and projector. 0 = off.

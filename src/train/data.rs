@@ -65,6 +65,12 @@ impl TextPool {
         Ok(Self { docs })
     }
 
+    /// A pool of these token streams (tests).
+    #[cfg(test)]
+    pub(super) fn from_docs(docs: Vec<Vec<u32>>) -> Self {
+        Self { docs }
+    }
+
     /// No text (stages that read tasks instead).
     pub fn empty() -> Self {
         Self { docs: Vec::new() }
@@ -120,6 +126,9 @@ pub(super) struct Batch {
     pub(super) contexts: Vec<Vec<u32>>,
     pub(super) targets: Vec<Vec<u32>>,
     pub(super) l: usize,
+    /// a reconstruction batch of a run with `recon_marker`: the marker token is read after the
+    /// chunks, before the targets
+    pub(super) marker: bool,
 }
 
 impl Batch {
@@ -130,6 +139,7 @@ impl Batch {
             contexts: self.contexts[r.clone()].to_vec(),
             targets: self.targets[r].to_vec(),
             l: self.l,
+            marker: self.marker,
         }
     }
 
@@ -185,7 +195,8 @@ pub(super) fn make_batch(pool: &TextPool, cfg: &TrainConfig, l: usize, rng: &mut
     // Which chunk slots stay as tokens: one pattern per batch, so all rows have one length.
     let keep: Vec<bool> =
         (0..l).map(|_| cfg.stage == Stage::Cpt && cfg.mixed > 0.0 && rng.unit() < cfg.mixed).collect();
-    let mut b = Batch { keep, contexts: vec![], targets: vec![], l };
+    let marker = cfg.stage == Stage::Reconstruct && cfg.recon_marker;
+    let mut b = Batch { keep, contexts: vec![], targets: vec![], l, marker };
     for _ in 0..bsz {
         let (ctx, tgt): (Vec<u32>, Vec<u32>) = match cfg.stage {
             Stage::Reconstruct => {

@@ -56,8 +56,9 @@ pub(super) fn batch_backward(
     Ok((total, main_sum, bow_sum))
 }
 
-/// Mean cross-entropy (nats/token) of the targets given the compressed chunks; differentiable
-/// with respect to the projector. The whole batch is assembled slot by slot ([B, .., H] pieces),
+/// Mean cross-entropy (nats/token) of the targets given the compressed chunks (and the
+/// reconstruction marker after them in a marked batch); differentiable with respect to the
+/// projector. The whole batch is assembled slot by slot ([B, .., H] pieces),
 /// so the number of tensor ops does not grow with the batch. With `bow`, also the bag-of-words
 /// loss of the chunk vectors (see `TrainConfig::bow_weight`).
 pub(super) fn batch_loss(dec: &Decoder, comp: &Compressor, b: &Batch, bow: bool) -> Result<(Tensor, Option<Tensor>)> {
@@ -84,6 +85,9 @@ pub(super) fn batch_loss(dec: &Decoder, comp: &Compressor, b: &Batch, bow: bool)
             parts.push(e.narrow(1, j, run)?);
         }
         j += run;
+    }
+    if b.marker {
+        parts.push(dec.recon_marker()?.unsqueeze(0)?.broadcast_as((n, 1, hid))?.contiguous()?);
     }
     let plen: usize = parts.iter().map(|p| p.dim(1)).sum::<candle_core::Result<usize>>()?;
     let tlen = b.targets[0].len();
@@ -118,7 +122,8 @@ pub(super) fn batch_accuracy(dec: &Decoder, comp: &Compressor, b: &Batch, other:
     let (mut right, mut total) = (0.0, 0usize);
     for (i, t) in b.targets.iter().enumerate() {
         let src = if other { (i + 1) % b.targets.len() } else { i };
-        right += crate::read::score::accuracy_after(dec, &e.narrow(0, src * b.l, b.l)?, t)? * t.len() as f64;
+        let prefix = dec.recon_prefix(&e.narrow(0, src * b.l, b.l)?, b.marker)?;
+        right += crate::read::score::accuracy_after(dec, &prefix, t)? * t.len() as f64;
         total += t.len();
     }
     Ok(right / total.max(1) as f64)

@@ -322,6 +322,7 @@ fn card(
         "encoder": run.encoder.id,
         "data": run.data_note,
         "question_at": (cfg.stage == Stage::Sft).then_some(run.question_at),
+        "recon_marker": cfg.recon_marker.then_some(true),
         "heldout": scores,
         "seconds_this_run": seconds,
     })

@@ -161,6 +161,7 @@ fn small_config() -> TrainConfig {
         distill: 0.0,
         batch: 0,
         recon_weight: 0.0,
+        recon_marker: false,
         bow_weight: 0.0,
         input_scale: 1.0,
         teacher_weights: None,
@@ -191,6 +192,7 @@ fn passes_cover_every_row_once_within_the_token_budget() {
         contexts: (0..5).map(|i| row(i)[..32].to_vec()).collect(),
         targets: (0..5).map(|i| row(i)[..16].to_vec()).collect(),
         l: 2,
+        marker: false,
     };
     assert_eq!(b.passes(0), vec![0..5]);
     assert_eq!(b.passes(100), vec![0..2, 2..4, 4..5]);
@@ -209,4 +211,28 @@ fn schedule_warms_up_then_decays() {
     assert!(lr_at(&cfg, 0) < lr_at(&cfg, 3));
     assert!((lr_at(&cfg, 4) - 1e-3).abs() < 1e-9);
     assert!(lr_at(&cfg, 99) < 2e-4 && lr_at(&cfg, 99) >= 1e-4 - 1e-12);
+}
+
+#[test]
+fn only_reconstruction_batches_of_a_marked_run_read_the_marker() {
+    let pool = TextPool::from_docs(vec![(0..400).collect()]);
+    let mut rng = Rng(3);
+    let cfg = |stage, recon_marker| TrainConfig {
+        stage,
+        recon_marker,
+        k: 4,
+        tokens_per_step: 64,
+        predict_tokens: 8,
+        max_chunks: 2,
+        ..small_config()
+    };
+    let marked = |stage, on| make_batch(&pool, &cfg(stage, on), 2, &mut Rng(3)).unwrap().marker;
+    assert!(marked(Stage::Reconstruct, true));
+    assert!(!marked(Stage::Reconstruct, false));
+    assert!(!marked(Stage::Cpt, true), "continuation never reads it");
+    // the reconstruction term of a marked cpt run does, and its rows keep it
+    let b = recon_batch(&pool, &cfg(Stage::Cpt, true), 0.5, &mut rng).unwrap();
+    assert!(b.marker && b.targets[0] == b.contexts[0]);
+    assert!(b.rows(0..1).marker);
+    assert!(!recon_batch(&pool, &cfg(Stage::Cpt, false), 0.5, &mut rng).unwrap().marker);
 }

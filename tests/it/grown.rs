@@ -100,3 +100,53 @@ fn grown_encoder_trains_indexes_and_answers() {
     assert_eq!(v["mode"], "full", "{v}");
     assert!(err.contains("reading the passages in full") && err.contains("chunk vectors were made by"), "{err}");
 }
+
+/// `--recon-marker`: reconstruction reads `<jupyter_output>` after the chunk vectors; the card
+/// records it, weights found from it carry it, a later stage started from them keeps it, and a
+/// card whose field is not a boolean is refused naming the card.
+#[test]
+fn the_reconstruction_marker_is_trained_recorded_and_inherited() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rec, cpt) = (dir.path().join("rec"), dir.path().join("cpt"));
+    let train = |stage: &str, out: &std::path::Path, extra: &[&str]| {
+        json_out(
+            refrag()
+                .args(["train", stage, "--device", "cpu", "-q", "--steps", "1", "--tokens-per-step", "64"])
+                .args(["--max-chunks", "1", "--predict-tokens", "16", "--text"])
+                .arg(fixture("alice_ch1-3.txt"))
+                .args(extra)
+                .arg("--out")
+                .arg(out),
+        )
+    };
+    let card = train("reconstruct", &rec, &["--chunk-layers", "2", "--chunk-lora", "2", "--recon-marker"]);
+    assert_eq!(card["recon_marker"], true, "{card}");
+    assert_eq!(card["config"]["recon_marker"], true, "{card}");
+    let found = refrag::model::weights::find(std::slice::from_ref(&rec), encoder(), decoder()).unwrap().unwrap();
+    assert!(found.recon_marker);
+    // cpt from them with the reconstruction term, the flag not given: kept
+    let init = rec.to_str().unwrap();
+    let card = train("cpt", &cpt, &["--init", init, "--recon-weight", "0.5"]);
+    assert_eq!(card["recon_marker"], true, "{card}");
+    // without the flag anywhere: off, and the card says nothing
+    let plain = dir.path().join("plain");
+    let card = train("reconstruct", &plain, &["--chunk-layers", "2", "--chunk-lora", "2"]);
+    assert!(card["recon_marker"].is_null() && card["config"]["recon_marker"] == false, "{card}");
+    assert!(!refrag::model::weights::find(&[plain], encoder(), decoder()).unwrap().unwrap().recon_marker);
+
+    // the marker is one more position, the embedding of the marker token
+    let d = decoder();
+    let v = d.embed_tokens(&ids("two tokens")).unwrap();
+    let marked = d.recon_prefix(&v, true).unwrap();
+    assert_eq!(marked.dim(0).unwrap(), v.dim(0).unwrap() + 1);
+    let id = d.tokenizer.token_to_id(refrag::model::decoder::RECON_MARKER).unwrap();
+    let last = marked.narrow(0, v.dim(0).unwrap(), 1).unwrap();
+    let want = d.embed_tokens(&[id]).unwrap();
+    let diff = (last - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0);
+    assert_eq!(d.recon_prefix(&v, false).unwrap().dim(0).unwrap(), v.dim(0).unwrap());
+
+    let bad = serde_json::json!({"k": 16, "recon_marker": "yes"});
+    let err = refrag::model::weights::Card::parse(&bad, std::path::Path::new("w/card.json")).unwrap_err();
+    assert!(format!("{err}").contains("w/card.json") && format!("{err}").contains("recon_marker"), "{err}");
+}

@@ -121,7 +121,8 @@ pub fn readback(g: &Global, a: ReadbackArgs) -> Result<ExitCode> {
             .collect::<Result<Vec<_>>>()?;
     let total: usize = pools.iter().map(|p| p.examples.len().min(a.limit)).sum();
     let pb = crate::progress::bar(g.quiet, total as u64, "tasks");
-    let Probed { files, all, nll_own, nll_other, shown } = probe(&dec, &comp, &a, &pools, || pb.inc(1))?;
+    let Probed { files, all, nll_own, nll_other, shown } =
+        probe(&dec, &comp, trained.recon_marker, &a, &pools, || pb.inc(1))?;
     pb.finish_and_clear();
     if all[0].is_empty() {
         bail!("{:?}: no task has its answer within one {k}-token chunk of its passage", a.qa);
@@ -215,6 +216,7 @@ struct Probed {
 fn probe(
     dec: &crate::model::decoder::Decoder,
     comp: &crate::model::compressor::Compressor,
+    marker: bool,
     a: &ReadbackArgs,
     pools: &[crate::train::sft::QaPool],
     mut tick: impl FnMut(),
@@ -227,7 +229,7 @@ fn probe(
     let (mut nll_own, mut nll_other) = (Vec::new(), Vec::new());
     for (f, pool) in a.qa.iter().zip(pools) {
         let n = pool.examples.len().min(a.limit);
-        let rows = crate::eval::readback::readback(dec, comp, &pool.examples[..n], &mut tick)
+        let rows = crate::eval::readback::readback(dec, comp, &pool.examples[..n], marker, &mut tick)
             .with_context(|| f.display().to_string())?;
         let mut cols = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
         for r in rows.iter().flatten() {

@@ -62,6 +62,7 @@ pub fn perplexity(g: &Global, a: PerplexityArgs) -> Result<ExitCode> {
             expand: a.expand,
             policies: policies.clone(),
             query_tokens: a.query_tokens,
+            recon_marker: trained.as_ref().is_some_and(|t| t.recon_marker),
         };
         crate::read::policy::require(
             policies.contains(&crate::options::Policy::Rl) && compress.is_some(),
