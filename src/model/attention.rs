@@ -1,9 +1,26 @@
 //! Fused causal attention on CUDA (src/model/attention.cu): one kernel per layer for prefill
-//! instead of the materialised scores, mask, softmax and values matmuls. Inference only (no
-//! backward pass); bf16, head size 64, grouped-query heads read from the KV cache in place.
-//! `REFRAG_FUSED_ATTENTION=0` turns it off (read once).
+//! instead of the materialised scores, mask, softmax and values matmuls, one (plus a combine)
+//! per decoding step, and a backward kernel for training; bf16, head size 64, grouped-query
+//! heads read from the KV cache in place. `REFRAG_FUSED_ATTENTION=0` turns them off (read once).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
+
+/// The `cpu_fwd` every op here must have: the kernels run on CUDA only.
+macro_rules! cuda_only {
+    () => {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused attention kernel runs on CUDA only")
+        }
+    };
+}
 
 /// Whether the decoder may use the fused attention kernel (`REFRAG_FUSED_ATTENTION=0`: no).
 pub fn enabled() -> bool {
@@ -27,17 +44,7 @@ impl CustomOp3 for CausalAttention {
         "refrag-causal-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused attention kernel runs on CUDA only")
-    }
+    cuda_only!();
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -141,17 +148,7 @@ impl CustomOp3 for TrainAttention {
         "refrag-train-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused attention kernel runs on CUDA only")
-    }
+    cuda_only!();
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -213,17 +210,7 @@ impl CustomOp3 for AttentionBackward {
         "refrag-attention-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused attention kernel runs on CUDA only")
-    }
+    cuda_only!();
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -305,17 +292,7 @@ impl CustomOp3 for DecodeAttention<'_> {
         "refrag-decode-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused attention kernel runs on CUDA only")
-    }
+    cuda_only!();
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
