@@ -44,6 +44,12 @@ pub struct IndexArgs {
     /// the tables.
     #[arg(long, default_value_t = 600, env = "REFRAG_INDEX_SHARD_WAIT")]
     pub shard_wait: u64,
+    /// A new index whose chunk vectors are not MiniLM's (a chunk encoder grown from the
+    /// decoder) stores MiniLM vectors of the chunks' texts too, so that `sim`/`sim-span` need
+    /// no encoder pass at question time; this leaves them out (a smaller index, faster
+    /// indexing, a slower first token with those policies). An existing index keeps its layout.
+    #[arg(long, env = "REFRAG_INDEX_NO_CHUNK_SIMS")]
+    pub no_chunk_sims: bool,
     /// Compact the index and build its vector and full-text indexes (after shard workers;
     /// a plain `refrag index` does this itself).
     #[arg(long, conflicts_with = "shard", env = "REFRAG_INDEX_FINALIZE")]
@@ -157,6 +163,7 @@ pub fn run(g: &Global, args: IndexArgs) -> Result<ExitCode> {
         shard: args.shard,
         shard_wait: std::time::Duration::from_secs(args.shard_wait),
         indexed_at: indexer::utc_now(),
+        chunk_sims: !args.no_chunk_sims,
     };
     let sum = indexer::index(&mut store, &docs, tokenizer, &tokenizer_id, &encoder, &chunk_encoder, &opts)?;
     if args.json {

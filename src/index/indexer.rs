@@ -28,6 +28,10 @@ pub struct IndexOptions {
     pub shard_wait: std::time::Duration,
     /// When this run started (UTC, [`utc_now`]), recorded in each new passage's metadata.
     pub indexed_at: String,
+    /// A new index stores the retrieval encoder's vectors of the chunks' texts when its chunk
+    /// vectors are another encoder's (see [`crate::index::schema`]); an existing index keeps
+    /// its layout.
+    pub chunk_sims: bool,
 }
 
 impl IndexOptions {
@@ -56,6 +60,7 @@ pub struct IndexSummary {
 
 /// What an index built now records; `chunk_encoder` makes the chunk vectors (MiniLM, with
 /// trained tensors in place when trained weights are in use, or one grown from the decoder).
+/// `chunk_sims` is left off: [`index`] sets it from its options and the index found.
 pub fn index_info(encoder: &Encoder, chunk_encoder: &ChunkEncoder, tokenizer_id: &str, k: usize) -> IndexInfo {
     IndexInfo {
         encoder: encoder.id.clone(),
@@ -64,6 +69,7 @@ pub fn index_info(encoder: &Encoder, chunk_encoder: &ChunkEncoder, tokenizer_id:
         k,
         dim: encoder.dim,
         chunk_dim: chunk_encoder.dim(),
+        chunk_sims: false,
         schema_version: SCHEMA_VERSION,
     }
 }
@@ -79,10 +85,14 @@ pub fn index(
     opts: &IndexOptions,
 ) -> Result<IndexSummary> {
     let start = Instant::now();
-    let info = index_info(encoder, chunk_encoder, tokenizer_id, opts.k);
+    let mut info = index_info(encoder, chunk_encoder, tokenizer_id, opts.k);
+    info.chunk_sims = opts.chunk_sims && !matches!(chunk_encoder, ChunkEncoder::MiniLm(_));
     store.prepare_write(&info)?;
     if let Some((i, _)) = opts.shard {
         store.ensure_tables(&info, i == 0, opts.shard_wait)?;
+    }
+    if let Some(found) = &store.info {
+        info.chunk_sims = found.chunk_sims;
     }
     let existing = store.doc_hashes()?;
     let fp = opts.fingerprint();
@@ -105,7 +115,7 @@ pub fn index(
     let pb = crate::progress::bar(opts.quiet, todo.len() as u64, "docs");
     pb.set_message("indexing");
     for batch in todo.chunks(opts.batch_docs.max(1)) {
-        let rows = encode_batch(batch, tokenizer, encoder, chunk_encoder, opts)?;
+        let rows = encode_batch(batch, tokenizer, encoder, chunk_encoder, opts, info.chunk_sims)?;
         let replace: Vec<String> =
             batch.iter().filter(|(d, _)| existing.contains_key(&d.id)).map(|(d, _)| d.id.clone()).collect();
         sum.replaced += replace.len();
@@ -137,6 +147,7 @@ fn encode_batch(
     encoder: &Encoder,
     chunk_encoder: &ChunkEncoder,
     opts: &IndexOptions,
+    sims: bool,
 ) -> Result<Vec<Passage>> {
     let mut rows = Vec::new();
     let mut retrieval_texts = Vec::new();
@@ -159,24 +170,34 @@ fn encode_batch(
                 vector: vec![],
                 tokens: ids,
                 chunks: vec![],
+                sims: vec![],
             });
         }
     }
     let rt: Vec<&str> = retrieval_texts.iter().map(String::as_str).collect();
     let pv = encoder.encode(&rt)?.to_vec2::<f32>()?;
     let ids: Vec<&[u32]> = rows.iter().map(|r| r.tokens.as_slice()).collect();
-    let cv = match compressor::chunk_vectors(chunk_encoder, tokenizer, &ids, opts.k)? {
-        Some(v) => v.to_vec2::<f32>()?,
-        None => vec![],
+    let cv = compressor::chunk_vectors(chunk_encoder, tokenizer, &ids, opts.k)?;
+    let sv = if sims {
+        let all: Vec<&[u32]> = ids.iter().flat_map(|p| compressor::chunks(p, opts.k)).collect();
+        (!all.is_empty()).then(|| compressor::minilm_vectors(encoder, tokenizer, &all)).transpose()?
+    } else {
+        None
     };
     for (row, v) in rows.iter_mut().zip(pv) {
         row.vector = v;
     }
-    let mut cv = cv.into_iter();
+    let per_row = |v: Option<candle_core::Tensor>| -> Result<Vec<Vec<f32>>> {
+        Ok(match v {
+            Some(v) => v.to_vec2::<f32>()?,
+            None => vec![],
+        })
+    };
+    let (mut cv, mut sv) = (per_row(cv)?.into_iter(), per_row(sv)?.into_iter());
     for row in rows.iter_mut() {
-        for v in cv.by_ref().take(compressor::chunk_count(row.tokens.len(), opts.k)) {
-            row.chunks.extend(v);
-        }
+        let n = compressor::chunk_count(row.tokens.len(), opts.k);
+        row.chunks = cv.by_ref().take(n).flatten().collect();
+        row.sims = sv.by_ref().take(n).flatten().collect();
     }
     Ok(rows)
 }

@@ -21,6 +21,10 @@ pub struct IndexInfo {
     /// The chunk vectors' size (the retrieval vectors' in indexes that do not record it: they
     /// were MiniLM's).
     pub chunk_dim: usize,
+    /// Whether the passages table stores the retrieval encoder's vector of each chunk's text
+    /// (`chunk_sims`; not in indexes that do not record it). An index keeps its layout when
+    /// documents are added.
+    pub chunk_sims: bool,
     pub schema_version: u32,
 }
 
@@ -33,6 +37,7 @@ impl IndexInfo {
             ("k".into(), self.k.to_string()),
             ("dim".into(), self.dim.to_string()),
             ("chunk_dim".into(), self.chunk_dim.to_string()),
+            ("chunk_sims".into(), self.chunk_sims.to_string()),
             ("schema_version".into(), self.schema_version.to_string()),
         ]
     }
@@ -49,6 +54,10 @@ impl IndexInfo {
             chunk_dim: match m.get("chunk_dim") {
                 Some(d) => d.parse()?,
                 None => get("dim")?.parse()?,
+            },
+            chunk_sims: match m.get("chunk_sims") {
+                Some(v) => v.parse().map_err(|_| anyhow!("index metadata: chunk_sims is {v:?}, not true or false"))?,
+                None => false,
             },
             schema_version: get("schema_version")?.parse()?,
         })

@@ -15,6 +15,11 @@
 //! | vector      | FixedSizeList<Float32, dim>            | retrieval vector of the passage        |
 //! | tokens      | List<UInt32>                           | the passage's decoder token ids        |
 //! | chunks      | List<FixedSizeList<Float16, chunk_dim>> | one chunk vector per k-token chunk     |
+//! | chunk_sims  | List<FixedSizeList<Float16, dim>>      | optional: the retrieval encoder's vector of each chunk's text |
+//!
+//! `chunk_sims` exists when the chunk vectors are not the retrieval encoder's (a chunk encoder
+//! grown from the decoder): the question-similarity policies compare the question with them,
+//! which would otherwise run the retrieval encoder over every retrieved chunk at question time.
 
 use anyhow::{anyhow, bail, Context, Result};
 use arrow_array::builder::{FixedSizeListBuilder, Float16Builder, ListBuilder};
@@ -37,8 +42,11 @@ pub struct Passage {
     pub meta: String,
     pub vector: Vec<f32>,
     pub tokens: Vec<u32>,
-    /// Chunk vectors, row-major [n_chunks, dim].
+    /// Chunk vectors, row-major [n_chunks, chunk_dim].
     pub chunks: Vec<f32>,
+    /// The retrieval encoder's vectors of the chunks' texts, row-major [n_chunks, dim]; empty
+    /// when the index does not store them.
+    pub sims: Vec<f32>,
 }
 
 /// A retrieved passage and its score (higher is better).
@@ -48,8 +56,9 @@ pub struct Hit {
     pub score: f32,
 }
 
-/// Rows into a record batch: retrieval vectors of `dim`, chunk vectors of `chunk_dim`.
-pub(super) fn to_batch(rows: &[Passage], dim: usize, chunk_dim: usize) -> Result<RecordBatch> {
+/// Rows into a record batch: retrieval vectors of `dim`, chunk vectors of `chunk_dim`, and the
+/// `chunk_sims` column when `sims`.
+pub(super) fn to_batch(rows: &[Passage], dim: usize, chunk_dim: usize, sims: bool) -> Result<RecordBatch> {
     let s = |f: fn(&Passage) -> &str| Arc::new(StringArray::from_iter_values(rows.iter().map(f)));
     let vector = FixedSizeListArray::from_iter_primitive::<Float32Type, _, _>(
         rows.iter().map(|r| Some(r.vector.iter().map(|&x| Some(x)).collect::<Vec<_>>())),
@@ -58,22 +67,8 @@ pub(super) fn to_batch(rows: &[Passage], dim: usize, chunk_dim: usize) -> Result
     let tokens = ListArray::from_iter_primitive::<UInt32Type, _, _>(
         rows.iter().map(|r| Some(r.tokens.iter().map(|&x| Some(x)).collect::<Vec<_>>())),
     );
-    let mut cb = ListBuilder::new(FixedSizeListBuilder::new(Float16Builder::new(), chunk_dim as i32));
-    for r in rows {
-        if r.chunks.len() % chunk_dim != 0 {
-            bail!("passage {}: chunk vectors are not a multiple of {chunk_dim}", r.passage_id);
-        }
-        for c in r.chunks.chunks(chunk_dim) {
-            let inner = cb.values();
-            for &x in c {
-                inner.values().append_value(half::f16::from_f32(x));
-            }
-            inner.append(true);
-        }
-        cb.append(true);
-    }
-    let chunks = cb.finish();
-    let cols: Vec<(&str, Arc<dyn Array>)> = vec![
+    let chunks = f16_lists(rows, |r| r.chunks.as_slice(), chunk_dim, "chunk vectors")?;
+    let mut cols: Vec<(&str, Arc<dyn Array>)> = vec![
         ("passage_id", s(|r| &r.passage_id)),
         ("doc_id", s(|r| &r.doc_id)),
         ("seq", Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.seq)))),
@@ -85,10 +80,42 @@ pub(super) fn to_batch(rows: &[Passage], dim: usize, chunk_dim: usize) -> Result
         ("tokens", Arc::new(tokens)),
         ("chunks", Arc::new(chunks)),
     ];
+    if sims {
+        cols.push(("chunk_sims", Arc::new(f16_lists(rows, |r| r.sims.as_slice(), dim, "chunk text vectors")?)));
+    }
     let schema = Arc::new(Schema::new(
         cols.iter().map(|(n, a)| Field::new(*n, a.data_type().clone(), false)).collect::<Vec<_>>(),
     ));
     Ok(RecordBatch::try_new(schema, cols.into_iter().map(|c| c.1).collect())?)
+}
+
+/// One list of `width`-wide f16 vectors per row (`field(row)`, row-major f32).
+fn f16_lists(rows: &[Passage], field: fn(&Passage) -> &[f32], width: usize, what: &str) -> Result<ListArray> {
+    let mut b = ListBuilder::new(FixedSizeListBuilder::new(Float16Builder::new(), width as i32));
+    for r in rows {
+        let v = field(r);
+        if !v.len().is_multiple_of(width) {
+            bail!("passage {}: {what} are not a multiple of {width}", r.passage_id);
+        }
+        for c in v.chunks(width) {
+            let inner = b.values();
+            for &x in c {
+                inner.values().append_value(half::f16::from_f32(x));
+            }
+            inner.append(true);
+        }
+        b.append(true);
+    }
+    Ok(b.finish())
+}
+
+/// Row `i` of a column of [`f16_lists`], flattened to f32.
+fn f16_list(col: &ListArray, i: usize, name: &str) -> Result<Vec<f32>> {
+    let c = col.value(i);
+    let c = c.as_any().downcast_ref::<FixedSizeListArray>().with_context(|| format!("{name} type"))?;
+    let v = c.values();
+    let v = v.as_any().downcast_ref::<Float16Array>().with_context(|| format!("{name} values type"))?;
+    Ok(v.values().iter().map(|x| x.to_f32()).collect())
 }
 
 pub(super) fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> Result<&'a T> {
@@ -115,6 +142,10 @@ pub(super) fn from_batch(b: &RecordBatch) -> Result<Vec<Passage>> {
     let vector = col::<FixedSizeListArray>(b, "vector")?;
     let tokens = col::<ListArray>(b, "tokens")?;
     let chunks = col::<ListArray>(b, "chunks")?;
+    let sims = match b.column_by_name("chunk_sims") {
+        Some(_) => Some(col::<ListArray>(b, "chunk_sims")?),
+        None => None,
+    };
     let seq = col::<Int32Array>(b, "seq")?;
     let mut out = Vec::with_capacity(b.num_rows());
     for i in 0..b.num_rows() {
@@ -122,10 +153,6 @@ pub(super) fn from_batch(b: &RecordBatch) -> Result<Vec<Passage>> {
         let v = v.as_any().downcast_ref::<Float32Array>().context("vector type")?;
         let t = tokens.value(i);
         let t = t.as_any().downcast_ref::<UInt32Array>().context("tokens type")?;
-        let c = chunks.value(i);
-        let c = c.as_any().downcast_ref::<FixedSizeListArray>().context("chunks type")?;
-        let cv = c.values();
-        let cv = cv.as_any().downcast_ref::<Float16Array>().context("chunk values type")?;
         out.push(Passage {
             passage_id: str_col(b, "passage_id")?.value(i).to_string(),
             doc_id: str_col(b, "doc_id")?.value(i).to_string(),
@@ -136,7 +163,8 @@ pub(super) fn from_batch(b: &RecordBatch) -> Result<Vec<Passage>> {
             meta: str_col(b, "meta")?.value(i).to_string(),
             vector: v.values().to_vec(),
             tokens: t.values().to_vec(),
-            chunks: cv.values().iter().map(|x| x.to_f32()).collect(),
+            chunks: f16_list(chunks, i, "chunks")?,
+            sims: sims.map(|s| f16_list(s, i, "chunk_sims")).transpose()?.unwrap_or_default(),
         });
     }
     Ok(out)

@@ -210,7 +210,7 @@ impl Store {
         if rows.is_empty() {
             return Ok(());
         }
-        let batch = to_batch(rows, info.dim, info.chunk_dim)?;
+        let batch = to_batch(rows, info.dim, info.chunk_dim, info.chunk_sims)?;
         let table = self.rt.block_on(async {
             match &self.table {
                 Some(t) => {
@@ -242,7 +242,7 @@ impl Store {
             return Ok(());
         }
         let (meta, table) = if create {
-            let schema = to_batch(&[], info.dim, info.chunk_dim)?.schema();
+            let schema = to_batch(&[], info.dim, info.chunk_dim, info.chunk_sims)?.schema();
             self.rt
                 .block_on(async {
                     let meta = create_meta(&self.db, info, lancedb::database::CreateTableMode::Overwrite).await?;

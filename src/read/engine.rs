@@ -231,6 +231,14 @@ impl Engine {
                 } else {
                     None
                 };
+                // the index's MiniLM vectors of the chunks' texts, when it stores them
+                let sdim = self.encoder.dim;
+                let stored: Vec<f32> = hits.iter().flat_map(|h| h.passage.sims.iter().copied()).collect();
+                let sims = if n_chunks > 0 && stored.len() == n_chunks * sdim {
+                    Some(Tensor::from_vec(stored, (n_chunks, sdim), &self.decoder.device)?)
+                } else {
+                    None
+                };
                 let tokens: Vec<&[u32]> = hits.iter().map(|h| h.passage.tokens.as_slice()).collect();
                 let sel = crate::read::policy::Selection {
                     policy: opts.policy,
@@ -239,7 +247,8 @@ impl Engine {
                     net: self.policy(),
                     seed: opts.sampling.seed,
                 };
-                let expand = sel.choose(&self.decoder, comp.k, &tokens, vectors.as_ref(), qvec, &self.encoder)?;
+                let expand =
+                    sel.choose(&self.decoder, comp.k, &tokens, vectors.as_ref(), sims.as_ref(), qvec, &self.encoder)?;
                 if expand.len() != n_chunks {
                     bail!(
                         "index inconsistency: {n_chunks} chunk vectors for {} chunks (was it built with k = {}?)",

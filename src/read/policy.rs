@@ -64,14 +64,16 @@ impl Selection<'_> {
     /// Which chunks (in order over all passages; k-token chunks of each passage's tokens) go
     /// back to tokens. `vectors`: the chunks' raw encoder vectors [n, dim]; `qvec`: the
     /// question's retrieval vector, made by `retrieval` (MiniLM): the similarity policies
-    /// compare it with MiniLM vectors of the chunks, made here when `vectors` are another
-    /// chunk encoder's.
+    /// compare it with MiniLM vectors of the chunks' texts: `vectors` when they are MiniLM's,
+    /// else `sims` when given (an index stores them), else made here.
+    #[allow(clippy::too_many_arguments)]
     pub fn choose(
         &self,
         decoder: &Decoder,
         k: usize,
         passages: &[&[u32]],
         vectors: Option<&Tensor>,
+        sims: Option<&Tensor>,
         qvec: &[f32],
         retrieval: &Encoder,
     ) -> Result<Vec<bool>> {
@@ -93,6 +95,8 @@ impl Selection<'_> {
                 let minilm;
                 let c = if c.dim(1)? == qvec.len() {
                     c
+                } else if let Some(s) = sims {
+                    s
                 } else {
                     let all: Vec<&[u32]> = passages.iter().flat_map(|p| chunks(p, k)).collect();
                     minilm = minilm_vectors(retrieval, &decoder.tokenizer, &all)?;

@@ -99,7 +99,7 @@ pub fn answer_given_streaming(
                 }
                 _ => Vec::new(),
             };
-            let expand = sel.choose(dec, comp.k, &refs, vectors.as_ref(), &qvec, qenc)?;
+            let expand = sel.choose(dec, comp.k, &refs, vectors.as_ref(), None, &qvec, qenc)?;
             expanded = expand.iter().filter(|&&e| e).count();
             let projected = vectors.as_ref().map(|v| comp.project(v)).transpose()?;
             passages = crate::read::policy::mixed_segments(&refs, comp.k, &expand, projected.as_ref())?;

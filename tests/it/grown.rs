@@ -31,8 +31,9 @@ fn grown_vectors_are_per_chunk_and_batch_independent() {
 }
 
 /// `train reconstruct --chunk-layers 2` ships the grown encoder's adapters with a card that
-/// names it; `refrag index` then stores 576-d chunk vectors made by it and `ask --mode refrag`
-/// reads them; an index built with MiniLM chunk vectors is refused in refrag mode with the fix.
+/// names it; `refrag index` then stores 576-d chunk vectors made by it (and MiniLM vectors of
+/// the chunks' texts, which `sim-span` reads) and `ask --mode refrag` reads them; an index built
+/// with MiniLM chunk vectors is refused in refrag mode with the fix.
 #[test]
 fn grown_encoder_trains_indexes_and_answers() {
     let dir = tempfile::tempdir().unwrap();
@@ -75,6 +76,43 @@ fn grown_encoder_trains_indexes_and_answers() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // the index stores MiniLM's vectors of the chunks' texts beside the grown chunk vectors
+    let q = "Who was the first female Nobel laureate?";
+    let (store, info) = refrag::index::store::Store::open_index(db.to_str().unwrap(), &[]).unwrap();
+    assert!(info.chunk_sims, "{info:?}");
+    let qv = encoder().encode(&[q]).unwrap().to_vec2::<f32>().unwrap().remove(0);
+    let hit = store.search(&qv, q, 1, refrag::options::SearchKind::Vector).unwrap().remove(0).passage;
+    let chunks: Vec<&[u32]> = refrag::model::compressor::chunks(&hit.tokens, 16).collect();
+    let want = refrag::model::compressor::minilm_vectors(encoder(), &decoder().tokenizer, &chunks).unwrap();
+    let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(hit.sims.len(), want.len(), "{} chunks of {} values", chunks.len(), encoder().dim);
+    let err = hit.sims.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(err < 2e-3, "stored chunk text vectors differ from MiniLM's by {err}");
+    drop(store);
+    // sim-span reads them instead of encoding the chunks again: the same choice and answer as
+    // over an index without them (`--no-chunk-sims`, where they are computed at question time)
+    let bare = dir.path().join("bare");
+    let mut c = refrag();
+    c.args(["index", "--device", "cpu", "-q", "--json", "--no-chunk-sims", "--db"]).arg(&bare).arg("--weights").arg(&w);
+    json_out(c.arg(fixture("corpus")));
+    assert!(!refrag::index::store::Store::open_index(bare.to_str().unwrap(), &[]).unwrap().1.chunk_sims);
+    let ask = |db: &std::path::Path| {
+        json_out(
+            refrag()
+                .args(["ask", "--device", "cpu", "--json", "--mode", "refrag", "--policy", "sim-span"])
+                .args(["--expand", "0.25", "--max-tokens", "4", "--db"])
+                .arg(db)
+                .arg("--weights")
+                .arg(&w)
+                .arg(q),
+        )
+    };
+    let (stored, computed) = (ask(&db), ask(&bare));
+    assert!(stored["expanded_chunks"].as_u64().unwrap() > 0, "{stored}");
+    assert_eq!(stored["expanded_chunks"], computed["expanded_chunks"], "{stored} {computed}");
+    assert_eq!(stored["answer"], computed["answer"], "{stored} {computed}");
+
     // the same index read with MiniLM's chunk vectors: refused with the fix
     let o = refrag()
         .args(["ask", "--device", "cpu", "--mode", "refrag", "--max-tokens", "4", "--db"])
