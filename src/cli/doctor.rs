@@ -128,6 +128,9 @@ fn check_device(g: &Global, checks: &mut Checks) -> Option<candle_core::Device> 
             if d.is_cuda() && crate::model::attention::enabled() {
                 check_kernels(&d, checks);
             }
+            if d.is_cuda() && crate::model::elementwise::enabled() {
+                check_elementwise(&d, checks);
+            }
             Some(d)
         }
         Err(e) => {
@@ -161,6 +164,26 @@ fn check_kernels(d: &candle_core::Device, checks: &mut Checks) {
             format!("fused attention fails ({}): run with REFRAG_FUSED_ATTENTION=0", super::one_line(&e)),
         ),
     }
+}
+
+/// The fused elementwise kernels (`REFRAG_FUSED_ELEMENTWISE=1`) against candle's ops.
+fn check_elementwise(d: &candle_core::Device, checks: &mut Checks) {
+    // bf16 outputs of size ~1-4: one rounding step is ~1.6e-2
+    const TOLERANCE: f32 = 3e-2;
+    let (status, what) = match crate::model::elementwise::parity(d) {
+        Ok(e) if e <= TOLERANCE => {
+            (Status::Ok, format!("fused add-norm and silu-mul agree with candle's ops (max error {e:.1e})"))
+        }
+        Ok(e) => (
+            Status::Fail,
+            format!("fused add-norm/silu-mul differ from candle's ops by {e:.1e}: unset REFRAG_FUSED_ELEMENTWISE"),
+        ),
+        Err(e) => (
+            Status::Fail,
+            format!("fused add-norm/silu-mul fail ({}): unset REFRAG_FUSED_ELEMENTWISE", super::one_line(&e)),
+        ),
+    };
+    checks.add(status, "kernels", what);
 }
 
 /// The trained weights for questions (and for text, where they differ).

@@ -787,9 +787,13 @@ impl Decoder {
             Visible::Causal { pos } => Attend::Decode { pos, at: None },
             Visible::UpTo { pos, .. } => Attend::Decode { pos: 0, at: Some(pos) },
         };
+        let fuse = self.fused_elementwise();
         let mut x = embeds.to_dtype(self.dtype)?;
+        // the residual stream is x + pending: each layer's last output is added by the next norm
+        let mut pending: Option<Tensor> = None;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = self.rms_norm(&x, &layer.attn_norm)?;
+            let h;
+            (x, h) = self.add_norm(&x, pending.take(), &layer.attn_norm, fuse)?;
             let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
                 Ok(lin.forward(&h, self.quant_rows)?.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?)
             };
@@ -814,25 +818,53 @@ impl Decoder {
                     q.apply_op3_no_bwd(&k, &v, &attention::DecodeAttention { pos, at, n_rep })?
                 }
             };
-            x = (x + layer.wo.forward(&y.reshape((b, t, c.hidden))?, self.quant_rows)?)?;
+            let out = layer.wo.forward(&y.reshape((b, t, c.hidden))?, self.quant_rows)?;
             crate::profile::mark(&self.device, "fwd_attention");
-            let h = self.rms_norm(&x, &layer.ffn_norm)?;
-            let (gate, up) = match &layer.fused {
+            let h;
+            (x, h) = self.add_norm(&x, Some(out), &layer.ffn_norm, fuse)?;
+            let act = match &layer.fused {
+                Some(f) if fuse => crate::model::elementwise::silu_mul(&f.gate_up.forward(&h, self.quant_rows)?)?,
                 Some(f) => {
                     let gu = f.gate_up.forward(&h, self.quant_rows)?;
                     let n = gu.dim(D::Minus1)? / 2;
-                    (gu.narrow(D::Minus1, 0, n)?, gu.narrow(D::Minus1, n, n)?)
+                    (candle_nn::ops::silu(&gu.narrow(D::Minus1, 0, n)?)? * gu.narrow(D::Minus1, n, n)?)?
                 }
-                None => (layer.w_gate.forward(&h, self.quant_rows)?, layer.w_up.forward(&h, self.quant_rows)?),
+                None => {
+                    let gate = layer.w_gate.forward(&h, self.quant_rows)?;
+                    (candle_nn::ops::silu(&gate)? * layer.w_up.forward(&h, self.quant_rows)?)?
+                }
             };
-            let gate = candle_nn::ops::silu(&gate)?;
-            x = (x + layer.w_down.forward(&(gate * up)?, self.quant_rows)?)?;
+            pending = Some(layer.w_down.forward(&act, self.quant_rows)?);
             crate::profile::mark(&self.device, "fwd_mlp");
         }
         if !final_norm {
-            return Ok(x);
+            return Ok(match pending {
+                Some(p) => (x + p)?,
+                None => x,
+            });
         }
-        self.rms_norm(&x, &self.norm)
+        Ok(self.add_norm(&x, pending, &self.norm, fuse)?.1)
+    }
+
+    /// `x + y` (when there is a `y`) and its norm with `w`: one kernel when `fuse`
+    /// ([`crate::model::elementwise`]), else the add and [`Decoder::rms_norm`].
+    fn add_norm(&self, x: &Tensor, y: Option<Tensor>, w: &Tensor, fuse: bool) -> Result<(Tensor, Tensor)> {
+        let x = match y {
+            Some(y) if fuse => return Ok(crate::model::elementwise::add_rms_norm(x, &y, w, self.cfg.rms_eps)?),
+            Some(y) => (x + y)?,
+            None => x.clone(),
+        };
+        let h = self.rms_norm(&x, w)?;
+        Ok((x, h))
+    }
+
+    /// Whether [`Decoder::run_layers`] uses the fused elementwise kernels: on CUDA in bf16
+    /// inference when `REFRAG_FUSED_ELEMENTWISE=1`.
+    fn fused_elementwise(&self) -> bool {
+        self.ops == Ops::Fused
+            && self.dtype == DType::BF16
+            && self.device.is_cuda()
+            && crate::model::elementwise::enabled()
     }
 
     /// Attention written out: scores, `mask` (additive, [t, keys]), softmax, values, for

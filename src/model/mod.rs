@@ -9,6 +9,7 @@ pub mod cache;
 pub mod compressor;
 pub mod decoder;
 pub mod diffops;
+pub mod elementwise;
 pub mod encoder;
 pub mod gguf_tokenizer;
 pub mod grown;

@@ -240,3 +240,12 @@ fn fused_attention_kernels_match_f32_attention() {
     let backward = refrag::model::attention::grad_parity(&device).unwrap();
     assert!(backward < 5e-2, "backward: relative error {backward}");
 }
+
+/// On a CUDA build with a GPU: the fused add-norm and silu-mul kernels agree with candle's ops
+/// to bf16 rounding (`REFRAG_FUSED_ELEMENTWISE=1` puts them in the decoder's forward).
+#[test]
+fn fused_elementwise_kernels_match_candle_ops() {
+    let Ok(device) = Device::new_cuda(0) else { return };
+    let e = refrag::model::elementwise::parity(&device).unwrap();
+    assert!(e < 3e-2, "max error {e}");
+}
