@@ -264,7 +264,7 @@ impl CustomOp3 for AttentionBackward {
         };
         // SAFETY: the arguments match the kernel's signature; the bounds were checked above.
         unsafe { launch.launch(cfg) }.w()?;
-        drop((dq, dk, dv));
+        drop(launch);
         Ok((candle_core::CudaStorage::wrap_cuda_slice(grads, dev), Shape::from(nq + 2 * nk)))
     }
 }
@@ -373,7 +373,7 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 #[cfg(feature = "cuda")]
 fn strides(l: &Layout) -> Result<[i64; 3]> {
     let s = l.stride();
-    if s[3] != 1 || l.start_offset() % 8 != 0 || s[..3].iter().any(|x| x % 8 != 0) {
+    if s[3] != 1 || !l.start_offset().is_multiple_of(8) || s[..3].iter().any(|x| x % 8 != 0) {
         candle_core::bail!("fused attention: rows must be contiguous and 16-byte aligned ({:?})", s);
     }
     Ok([s[0] as i64, s[1] as i64, s[2] as i64])

@@ -46,7 +46,7 @@ impl CustomOp1 for SiluMul {
 
         let dims = l.shape().dims();
         let two_f = *dims.last().unwrap_or(&0);
-        if !l.is_contiguous() || two_f % 2 != 0 {
+        if !l.is_contiguous() || !two_f.is_multiple_of(2) {
             bail!("fused silu-mul: a contiguous [.., 2f] input, got {:?} (strides {:?})", dims, l.stride());
         }
         let (f, rows) = (two_f / 2, l.shape().elem_count() / two_f.max(1));
