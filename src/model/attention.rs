@@ -5,23 +5,6 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 
-/// The `cpu_fwd` every op here must have: the kernels run on CUDA only.
-macro_rules! cuda_only {
-    () => {
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("the fused attention kernel runs on CUDA only")
-        }
-    };
-}
-
 /// Whether the decoder may use the fused attention kernel (`REFRAG_FUSED_ATTENTION=0`: no).
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -44,7 +27,7 @@ impl CustomOp3 for CausalAttention {
         "refrag-causal-attention"
     }
 
-    cuda_only!();
+    cuda_only!(op3, "the fused attention kernel");
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -148,7 +131,7 @@ impl CustomOp3 for TrainAttention {
         "refrag-train-attention"
     }
 
-    cuda_only!();
+    cuda_only!(op3, "the fused attention kernel");
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -210,7 +193,7 @@ impl CustomOp3 for AttentionBackward {
         "refrag-attention-backward"
     }
 
-    cuda_only!();
+    cuda_only!(op3, "the fused attention kernel");
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -292,7 +275,7 @@ impl CustomOp3 for DecodeAttention<'_> {
         "refrag-decode-attention"
     }
 
-    cuda_only!();
+    cuda_only!(op3, "the fused attention kernel");
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(

@@ -33,9 +33,7 @@ impl CustomOp1 for SiluMul {
         "refrag-silu-mul"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused silu-mul kernel runs on CUDA only")
-    }
+    cuda_only!(op1, "the fused silu-mul kernel");
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, gu: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
@@ -79,17 +77,7 @@ impl CustomOp3 for AddRmsNorm {
         "refrag-add-rms-norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused add-norm kernel runs on CUDA only")
-    }
+    cuda_only!(op3, "the fused add-norm kernel");
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(

@@ -4,6 +4,29 @@
 //! [`weights`], trained weights and their card; [`load`], everything a command reads, settled
 //! once; [`cache`] and [`hub`], the pinned base models.
 
+/// The `cpu_fwd` of a candle custom op whose kernel runs on CUDA only (`op1` or `op3` inputs):
+/// an error naming the kernel.
+macro_rules! cuda_only {
+    (op1, $what:literal) => {
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!(concat!($what, " runs on CUDA only"))
+        }
+    };
+    (op3, $what:literal) => {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!(concat!($what, " runs on CUDA only"))
+        }
+    };
+}
+
 pub mod attention;
 pub mod cache;
 pub mod compressor;

@@ -231,9 +231,15 @@ impl Engine {
                 } else {
                     None
                 };
-                // the index's MiniLM vectors of the chunks' texts, when it stores them
+                // the index's MiniLM vectors of the chunks' texts, when it stores them and the
+                // policy compares them with the question
                 let sdim = self.encoder.dim;
-                let stored: Vec<f32> = hits.iter().flat_map(|h| h.passage.sims.iter().copied()).collect();
+                let similarity = matches!(opts.policy, crate::options::Policy::Sim | crate::options::Policy::SimSpan);
+                let stored: Vec<f32> = if similarity {
+                    hits.iter().flat_map(|h| h.passage.sims.iter().copied()).collect()
+                } else {
+                    vec![]
+                };
                 let sims = if n_chunks > 0 && stored.len() == n_chunks * sdim {
                     Some(Tensor::from_vec(stored, (n_chunks, sdim), &self.decoder.device)?)
                 } else {
