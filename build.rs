@@ -1,11 +1,12 @@
 //! With the `cuda` feature: compiles the decoder's CUDA kernels (src/model/attention.cu, the
-//! fused attention; src/model/elementwise.cu, fused elementwise ops) to PTX with nvcc, for the
+//! fused attention; src/model/elementwise.cu, fused elementwise ops;
+//! src/model/diffops.cu, training kernels with a backward) to PTX with nvcc, for the
 //! compute capability in CUDA_COMPUTE_CAP (default 80: the attention kernel's bf16 tensor-core
 //! instructions need sm_80 or newer).
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: [&str; 2] = ["attention", "elementwise"];
+const KERNELS: [&str; 3] = ["attention", "diffops", "elementwise"];
 
 fn main() {
     for k in KERNELS {

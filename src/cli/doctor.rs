@@ -166,7 +166,7 @@ fn check_kernels(d: &candle_core::Device, checks: &mut Checks) {
     }
 }
 
-/// The fused elementwise kernels (`REFRAG_FUSED_ELEMENTWISE=1`) against candle's ops.
+/// The fused elementwise kernels (on by default on CUDA) against candle's ops.
 fn check_elementwise(d: &candle_core::Device, checks: &mut Checks) {
     // bf16 outputs of size ~1-4: one rounding step is ~1.6e-2
     const TOLERANCE: f32 = 3e-2;
@@ -176,12 +176,23 @@ fn check_elementwise(d: &candle_core::Device, checks: &mut Checks) {
         }
         Ok(e) => (
             Status::Fail,
-            format!("fused add-norm/silu-mul differ from candle's ops by {e:.1e}: unset REFRAG_FUSED_ELEMENTWISE"),
+            format!("fused add-norm/silu-mul differ from candle's ops by {e:.1e}: set REFRAG_FUSED_ELEMENTWISE=0"),
         ),
         Err(e) => (
             Status::Fail,
-            format!("fused add-norm/silu-mul fail ({}): unset REFRAG_FUSED_ELEMENTWISE", super::one_line(&e)),
+            format!("fused add-norm/silu-mul fail ({}): set REFRAG_FUSED_ELEMENTWISE=0", super::one_line(&e)),
         ),
+    };
+    checks.add(status, "kernels", what);
+    let (status, what) = match crate::model::diffops::parity(d) {
+        Ok(e) if e <= TOLERANCE => {
+            (Status::Ok, format!("training cross-entropy and norm gradients agree with f32 (relative error {e:.1e})"))
+        }
+        Ok(e) => (
+            Status::Fail,
+            format!("training kernels differ from f32 by {e:.1e}: set REFRAG_OP_BY_OP=1 to train without them"),
+        ),
+        Err(e) => (Status::Fail, format!("training kernels fail ({}): set REFRAG_OP_BY_OP=1", super::one_line(&e))),
     };
     checks.add(status, "kernels", what);
 }

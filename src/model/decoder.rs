@@ -54,6 +54,11 @@ const PREFILL_BLOCK: usize = 2048;
 
 /// File name of trained decoder adapters inside a weights folder.
 pub const LORA_FILE: &str = "decoder_lora.safetensors";
+
+/// Positions times layers run by differentiable forwards (training's decoder and grown chunk
+/// encoder): `refrag train` divides the step's share by the decoder's depth and the step's
+/// time for its positions per second (the training-speed figure of issue #36).
+pub static TRAIN_LAYER_POSITIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// The matrices of each layer that take LoRA adapters.
 pub const LORA_TARGETS: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
 
@@ -94,9 +99,12 @@ impl Linear {
         // training: the gradient flows to the input only (the dense weight is frozen)
         let mut y = crate::model::diffops::frozen_linear(&x2, &self.dense)?;
         if let Some(l) = &self.lora {
-            let u = x2.to_dtype(DType::F32)?.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
-            let dt = y.dtype();
-            y = (y + u.to_dtype(dt)?)?;
+            // in the activations' dtype (bf16 on CUDA; the adapters stay f32 for the optimizer):
+            // f32 copies of every adapted layer's input and output gradient cost more than
+            // the rank-r matmuls themselves
+            let dt = x2.dtype();
+            let u = x2.matmul(&l.a.to_dtype(dt)?.t()?)?.matmul(&l.b.to_dtype(dt)?.t()?)?;
+            y = (y + u)?;
         }
         let mut out = dims;
         let last = out.len() - 1;
@@ -734,6 +742,10 @@ impl Decoder {
     /// The layers over whole sequences from position 0, without a KV cache.
     fn run_from_start(&self, embeds: &Tensor, final_norm: bool) -> Result<Tensor> {
         let t = embeds.dim(1)?;
+        if self.ops == Ops::Differentiable {
+            let n = (embeds.dim(0)? * t * self.layers.len()) as u64;
+            TRAIN_LAYER_POSITIONS.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
         self.run_layers(embeds, &self.rope_rows(0, t)?, Visible::Causal { pos: 0 }, |_, k, v| Ok((k, v)), final_norm)
     }
 
@@ -859,7 +871,7 @@ impl Decoder {
     }
 
     /// Whether [`Decoder::run_layers`] uses the fused elementwise kernels: on CUDA in bf16
-    /// inference when `REFRAG_FUSED_ELEMENTWISE=1`.
+    /// inference unless `REFRAG_FUSED_ELEMENTWISE=0`.
     fn fused_elementwise(&self) -> bool {
         self.ops == Ops::Fused
             && self.dtype == DType::BF16
@@ -912,7 +924,13 @@ impl Decoder {
 
     /// Vocabulary logits (f32) for hidden states [.., hidden].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden, self.quant_rows)?.to_dtype(DType::F32)?)
+        Ok(self.head(hidden)?.to_dtype(DType::F32)?)
+    }
+
+    /// Vocabulary logits in the decoder's dtype (bf16 on CUDA): what training's cross-entropy
+    /// reads, without an f32 copy of its largest tensor.
+    pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden, self.quant_rows)
     }
 
     /// Whether attention goes through the fused kernels ([`crate::model::attention`]): on

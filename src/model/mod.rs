@@ -12,6 +12,11 @@ macro_rules! cuda_only {
             candle_core::bail!(concat!($what, " runs on CUDA only"))
         }
     };
+    (op2, $what:literal) => {
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!(concat!($what, " runs on CUDA only"))
+        }
+    };
     (op3, $what:literal) => {
         fn cpu_fwd(
             &self,

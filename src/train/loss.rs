@@ -96,7 +96,7 @@ pub(super) fn batch_loss(dec: &Decoder, comp: &Compressor, b: &Batch, bow: bool)
     crate::profile::mark(&dec.device, "assemble");
     let h = dec.forward_train(&x)?;
     let h = h.narrow(1, plen - 1, tlen)?.reshape((n * tlen, hid))?;
-    let logits = dec.logits(&h)?;
+    let logits = dec.head(&h)?;
     let tgt = Tensor::from_vec(b.targets.concat(), n * tlen, &dec.device)?;
     let ce = crate::model::diffops::cross_entropy(&logits, &tgt)?;
     crate::profile::mark(&dec.device, "logits+ce");

@@ -28,6 +28,7 @@ pub mod optim;
 #[cfg(test)]
 mod tests;
 
+use crate::model::decoder::TRAIN_LAYER_POSITIONS;
 use checkpoint::{
     init_from_weights, save_weights, seeded_init, trainable_decoder, trainable_encoder, truncate_log, Checkpoint,
 };
@@ -382,6 +383,7 @@ fn train_loop(
         let ts = Instant::now();
         crate::profile::start(&dec.device);
         let retries_before = OOM_RETRIES.load(std::sync::atomic::Ordering::Relaxed);
+        let layer_positions_before = TRAIN_LAYER_POSITIONS.load(std::sync::atomic::Ordering::Relaxed);
         let mut grads = GradSum::default();
         let st = Step { run, cfg, dec, comp: &comp, f };
         let StepOut { loss: lv, tokens: ntok, chunks: l, batch: bsz, parts } = match (cfg.stage, run.qa) {
@@ -397,9 +399,13 @@ fn train_loop(
         }
         tokens_seen += ntok as u64;
         step += 1;
-        let tps = ntok as f64 / ts.elapsed().as_secs_f64();
+        let secs = ts.elapsed().as_secs_f64();
+        // whole-decoder equivalents: a chunk encoder's position through 8 layers counts 8/30
+        let layer_positions = TRAIN_LAYER_POSITIONS.load(std::sync::atomic::Ordering::Relaxed) - layer_positions_before;
+        let positions = layer_positions as f64 / dec.cfg.n_layer.max(1) as f64;
         let mut rec = serde_json::json!({"step": step, "loss": lv, "lr": lr, "grad_norm": gnorm, "chunks": l,
-            "batch": bsz, "tokens_per_s": tps, "tokens_seen": tokens_seen});
+            "batch": bsz, "tokens_per_s": ntok as f64 / secs, "tokens_seen": tokens_seen,
+            "positions_per_s": (positions / secs).round()});
         for (name, v) in parts {
             rec[name] = v.into();
         }

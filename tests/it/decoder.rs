@@ -242,10 +242,19 @@ fn fused_attention_kernels_match_f32_attention() {
 }
 
 /// On a CUDA build with a GPU: the fused add-norm and silu-mul kernels agree with candle's ops
-/// to bf16 rounding (`REFRAG_FUSED_ELEMENTWISE=1` puts them in the decoder's forward).
+/// to bf16 rounding (the decoder's forward uses them on CUDA unless `REFRAG_FUSED_ELEMENTWISE=0`).
 #[test]
 fn fused_elementwise_kernels_match_candle_ops() {
     let Ok(device) = Device::new_cuda(0) else { return };
     let e = refrag::model::elementwise::parity(&device).unwrap();
     assert!(e < 3e-2, "max error {e}");
+}
+
+/// On a CUDA build with a GPU: the training kernels (bf16 cross-entropy forward and backward,
+/// rms-norm backward) agree with the same ops in f32 to bf16 rounding.
+#[test]
+fn training_kernels_match_f32_ops() {
+    let Ok(device) = Device::new_cuda(0) else { return };
+    let e = refrag::model::diffops::parity(&device).unwrap();
+    assert!(e < 3e-2, "relative error {e}");
 }
