@@ -129,11 +129,13 @@ fn kernels(x: &Tensor) -> bool {
     cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == DType::BF16 && !op_by_op()
 }
 
-/// `y` must own its storage exactly (a fresh kernel result, as here): the forward copies it whole.
+/// The op's forward hands on `y`'s storage from its start: a view into a larger storage (a
+/// narrowed tensor) is copied into one of its own first.
 fn attach(x: &Tensor, y: Tensor, grad: Grad) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(y);
     }
+    let y = if y.is_contiguous() && y.layout().start_offset() == 0 { y } else { y.force_contiguous()? };
     x.apply_op1(WithGrad { y: std::sync::Mutex::new(Some(y)), grad })
 }
 
@@ -187,7 +189,8 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let tgt = targets.to_dtype(DType::U32)?.contiguous()?;
         // [lse; loss], f32
         let out = logits.detach().contiguous()?.apply_op2_no_bwd(&tgt, &CeForward)?;
-        let rows = out.narrow(0, n, n)?.copy()?;
+        // a storage of its own (`copy` would keep the whole [2n] storage and an offset)
+        let rows = out.narrow(0, n, n)?.force_contiguous()?;
         return attach(logits, rows, Grad::CrossEntropy { tgt, lse: out.narrow(0, 0, n)? })?.mean_all();
     }
     let x = logits.detach().to_dtype(DType::F32)?;
@@ -379,8 +382,15 @@ pub fn parity(device: &candle_core::Device) -> anyhow::Result<f32> {
     };
     let mut worst = 0f32;
     let (n, v) = (37, 1000);
-    let logits = (Tensor::randn(0f32, 3.0, (n, v), device)?).to_dtype(DType::BF16)?;
     let tgt = Tensor::rand(0f32, v as f32, n, device)?.to_dtype(DType::U32)?;
+    // the targets' logits raised well above the rest, so that a loss far below the log-sum-exp
+    // tells a wrong half of the kernel's [lse; loss] apart
+    let hit = Tensor::zeros((n, v), DType::F32, device)?.scatter_add(
+        &tgt.unsqueeze(1)?,
+        &Tensor::full(8f32, (n, 1), device)?,
+        1,
+    )?;
+    let logits = (Tensor::randn(0f32, 3.0, (n, v), device)? + hit)?.to_dtype(DType::BF16)?;
     let one = Tensor::ones((), DType::F32, device)?;
     let (l1, d1) = grad_of(&logits, &one, &|t| cross_entropy(t, &tgt))?;
     let (l2, d2) = grad_of(&logits.to_dtype(DType::F32)?, &one, &|t| cross_entropy(t, &tgt))?;
@@ -457,6 +467,12 @@ mod tests {
         // untracked input: the plain fused result
         let plain = rms_norm(&c, &w, 1e-5).unwrap();
         assert!(!plain.track_op());
+        // a result that is a view into a larger storage (the cross-entropy kernel's loss half of
+        // [lse; loss]) is handed on as the view, not as the storage's start
+        let both = Tensor::new(&[1f32, 2., 3., 10., 20., 30.], &dev).unwrap();
+        let x3 = Var::randn(0f32, 1.0, 3, &dev).unwrap();
+        let y3 = attach(x3.as_tensor(), both.narrow(0, 3, 3).unwrap(), Grad::Softmax).unwrap();
+        assert_eq!(y3.to_vec1::<f32>().unwrap(), [10., 20., 30.]);
     }
 
     /// The parity check that `refrag doctor` runs on the GPU runs here too (the op-by-op path
