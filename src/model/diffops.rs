@@ -189,9 +189,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let tgt = targets.to_dtype(DType::U32)?.contiguous()?;
         // [lse; loss], f32
         let out = logits.detach().contiguous()?.apply_op2_no_bwd(&tgt, &CeForward)?;
-        // a storage of its own (`copy` would keep the whole [2n] storage and an offset)
-        let rows = out.narrow(0, n, n)?.force_contiguous()?;
-        return attach(logits, rows, Grad::CrossEntropy { tgt, lse: out.narrow(0, 0, n)? })?.mean_all();
+        return attach(logits, out.narrow(0, n, n)?, Grad::CrossEntropy { tgt, lse: out.narrow(0, 0, n)? })?.mean_all();
     }
     let x = logits.detach().to_dtype(DType::F32)?;
     let m = x.max_keepdim(1)?;
