@@ -14,7 +14,7 @@ use crate::model::decoder::Decoder;
 use crate::model::projector::Projector;
 use crate::read::prompt::{self, Segment};
 use anyhow::Result;
-use candle_core::{IndexOp, Tensor};
+use candle_core::Tensor;
 use std::time::Instant;
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -160,13 +160,12 @@ fn time_decode(
     let embeds = if batch > 1 { input.embeds.repeat((batch, 1, 1))? } else { input.embeds.clone() };
     let mut st = d.new_state(input.positions + decode + 1);
     crate::profile::start(&d.device);
-    let h = d.forward(&embeds, &mut st)?;
+    let logits = d.prefill(&embeds, &mut st)?;
     if let Some(phases) = crate::profile::take() {
         eprintln!("profile: prefill of {} x {} positions: {phases}", batch, input.positions);
     }
-    let logits = d.logits(&h.i((.., input.positions - 1..input.positions, ..))?)?;
     // one host copy per step for the whole batch
-    let mut next = logits.squeeze(1)?.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+    let mut next = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
     let ttft = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
     for _ in 0..decode {

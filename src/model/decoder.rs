@@ -10,6 +10,7 @@
 //! kept for decoding steps of a few rows, where it is faster (see README, "Measured").
 
 use crate::model::attention;
+use crate::model::elementwise::DecodeQkv;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -153,6 +154,9 @@ pub struct KvState {
     pub pos: usize,
     /// Inputs and outputs of the fixed-shape decoding step, made at its first use.
     fixed: Option<FixedStep>,
+    /// Held while the keys and values are a captured prefill's buffers ([`Decoder::prefill`]):
+    /// that prefill is not replayed into them until this state is dropped.
+    lease: Option<std::sync::Arc<()>>,
 }
 
 impl KvState {
@@ -234,6 +238,54 @@ pub enum StepPath {
     Fixed,
 }
 
+/// A CUDA graph (cudarc's holds raw driver handles, so it is neither `Send` nor `Sync`).
+#[cfg(feature = "cuda")]
+struct Graph(candle_core::cuda_backend::cudarc::driver::CudaGraph);
+// SAFETY: a graph executable may be launched from any thread of its context (cudarc binds the
+// context on launch); refrag launches one only under the `Mutex` of [`PrefillGraphs`].
+#[cfg(feature = "cuda")]
+unsafe impl Send for Graph {}
+
+/// One prefill shape's device buffers (and, on CUDA, its captured graph): every replay reads
+/// `input` and `last` and writes the keys, values and `logits` in place.
+struct PrefillGraph {
+    batch: usize,
+    /// Rows run: the prompt's positions rounded up to [`PREFILL_ROWS`].
+    rows: usize,
+    /// Positions the keys and values hold (rows, then room to decode).
+    capacity: usize,
+    /// [batch, rows, hidden]: the prompt's embeddings, then whatever the last prompt left
+    /// (rows after the prompt are never seen by it: attention is causal).
+    input: Tensor,
+    /// u32 [1]: the prompt's last row, whose logits come out.
+    last: Tensor,
+    /// f32 [batch, vocab].
+    logits: Tensor,
+    /// Per layer: keys and values, [batch, kv heads, capacity, head_dim].
+    kv: Vec<(Tensor, Tensor)>,
+    /// Cloned into the state that reads the buffers (see [`KvState::lease`]).
+    lease: std::sync::Arc<()>,
+    #[cfg(feature = "cuda")]
+    graph: Option<Graph>,
+}
+
+/// Prefills of fixed shapes, kept per decoder across prompts (see [`Decoder::prefill`]). A
+/// clone of the decoder starts with none (its weights may change).
+#[derive(Default)]
+struct PrefillGraphs(std::sync::Mutex<Vec<PrefillGraph>>);
+
+impl Clone for PrefillGraphs {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+/// A fixed-shape prefill pads the prompt to a multiple of this many rows: prompts of nearby
+/// lengths share one graph.
+const PREFILL_ROWS: usize = 64;
+/// Shapes kept at once (each holds its keys and values: ~23 KB per position at batch 1).
+const PREFILL_SHAPES: usize = 16;
+
 /// Which keys the query rows of a forward see.
 #[derive(Clone, Copy)]
 enum Visible<'a> {
@@ -293,6 +345,8 @@ pub struct Decoder {
     pub quant_rows: usize,
     /// See [`Decoder::set_fused`].
     fuse_projections: bool,
+    /// Captured prefills, emptied whenever the weights change.
+    prefills: PrefillGraphs,
 }
 
 fn md_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
@@ -400,6 +454,7 @@ impl Decoder {
             tokenizer_id,
             quant_rows: QUANT_MAX_ROWS,
             fuse_projections: device.is_cuda() && std::env::var("REFRAG_FUSED").map_or(true, |v| v != "0"),
+            prefills: PrefillGraphs::default(),
         };
         decoder.fuse()?;
         Ok(decoder)
@@ -422,6 +477,8 @@ impl Decoder {
     /// Stack the matrices of [`Decoder::set_fused`] (layers with adapters kept apart or
     /// quantized copies are left apart). Called again after any change to the weights.
     fn fuse(&mut self) -> Result<()> {
+        // a captured prefill read the old weights
+        self.prefills = PrefillGraphs::default();
         let on = self.fuse_projections;
         for l in &mut self.layers {
             let parts = [&l.wq, &l.wk, &l.wv, &l.w_gate, &l.w_up];
@@ -520,7 +577,7 @@ impl Decoder {
     /// A fresh KV state able to hold `capacity` positions without reallocating.
     pub fn new_state(&self, capacity: usize) -> KvState {
         let layers = (0..self.cfg.n_layer).map(|_| LayerKv::default()).collect();
-        KvState { layers, capacity: capacity.max(1), pos: 0, fixed: None }
+        KvState { layers, capacity: capacity.max(1), pos: 0, fixed: None, lease: None }
     }
 
     /// Token embeddings for `ids`: [len, hidden].
@@ -599,7 +656,10 @@ impl Decoder {
             embeds,
             &self.rope_rows(pos, t)?,
             Visible::Causal { pos },
-            |li, k, v| state.append(li, pos, &k, &v),
+            |li, new| {
+                let (k, v) = new.context("the keys and values of a prefill")?;
+                state.append(li, pos, &k, &v)
+            },
             true,
         )?;
         state.pos += t;
@@ -667,11 +727,14 @@ impl Decoder {
             &x,
             &rows,
             Visible::UpTo { pos: &pos, cols: &f.cols },
-            |li, k, v| {
+            |li, new| {
                 let layer = &state.layers[li];
                 let (kb, vb) = (layer.k.as_ref().context("keys")?, layer.v.as_ref().context("values")?);
-                kb.scatter_set(&at_pos, &k, 2)?;
-                vb.scatter_set(&at_pos, &v, 2)?;
+                // None: the fused kernel writes them
+                if let Some((k, v)) = new {
+                    kb.scatter_set(&at_pos, &k, 2)?;
+                    vb.scatter_set(&at_pos, &v, 2)?;
+                }
                 Ok((kb.clone(), vb.clone()))
             },
             true,
@@ -685,40 +748,186 @@ impl Decoder {
         self.fixed_step(state)
     }
 
-    /// On CUDA the first fixed step runs eagerly (filling candle's cache of kernel parameters
-    /// that a capture may not upload), then is captured as a graph; later steps replay it. A
-    /// failed capture is logged once and the steps run eagerly on the same buffers.
+    /// On CUDA the first fixed step runs eagerly and is captured ([`Decoder::capture`]); later
+    /// steps replay the graph. A failed capture is logged once and the steps run eagerly on the
+    /// same buffers.
     #[cfg(feature = "cuda")]
     fn run_fixed(&self, state: &mut KvState) -> Result<()> {
-        use candle_core::cuda_backend::cudarc::driver::sys;
-        let Device::Cuda(cuda) = &self.device else { return self.fixed_step(state) };
-        let f = state.fixed.as_mut().context("fixed step")?;
+        let f = state.fixed.as_ref().context("fixed step")?;
         if let Some(g) = &f.graph {
             return Ok(g.launch().map_err(candle_core::Error::wrap)?);
         }
         if f.uncaptured {
             return self.fixed_step(state);
         }
+        let graph = self.capture(|| self.fixed_step(state))?;
+        let f = state.fixed.as_mut().context("fixed step")?;
+        f.uncaptured = graph.is_none();
+        f.graph = graph.map(|g| g.0);
+        Ok(())
+    }
+
+    /// Run `work` (device work only, the same kernels and addresses every time) eagerly, then
+    /// capture it as a CUDA graph: the eager run fills candle's cache of kernel parameters, which
+    /// a capture may not upload, and leaves its outputs in place. None (logged) where the
+    /// capture fails or the device is not CUDA; `work`'s outputs stand either way.
+    #[cfg(feature = "cuda")]
+    fn capture(&self, work: impl Fn() -> Result<()>) -> Result<Option<Graph>> {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let Device::Cuda(cuda) = &self.device else {
+            work()?;
+            return Ok(None);
+        };
+        let start = std::time::Instant::now();
         let _params = cuda.enable_cuda_graph_htod_cache();
-        self.fixed_step(state)?;
+        work()?;
         let stream = cuda.cuda_stream();
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(candle_core::Error::wrap)?;
-        let recorded = self.fixed_step(state);
+        let recorded = work();
         let graph = stream.end_capture(sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
-        let f = state.fixed.as_mut().context("fixed step")?;
         match (recorded, graph) {
             (Ok(()), Ok(Some(g))) => {
                 g.upload().map_err(candle_core::Error::wrap)?;
-                f.graph = Some(g);
+                tracing::info!("ran and captured a CUDA graph in {:.1} ms", start.elapsed().as_secs_f64() * 1e3);
+                Ok(Some(Graph(g)))
             }
             (recorded, graph) => {
                 let why = recorded.err().map(|e| e.to_string()).or_else(|| graph.err().map(|e| e.to_string()));
-                tracing::warn!("CUDA graph capture failed ({}); decoding eagerly", why.unwrap_or("no graph".into()));
-                f.uncaptured = true;
+                tracing::warn!("CUDA graph capture failed ({}); running eagerly", why.unwrap_or("no graph".into()));
+                Ok(None)
             }
         }
+    }
+
+    /// Prefill `embeds` ([batch, len, hidden]) into `state`; the logits (f32, [batch, vocab])
+    /// of its last position. On CUDA a prompt into a fresh state of up to
+    /// [`graph_max_prefill`] positions runs the fixed-shape prefill, captured as a graph the
+    /// first time its shape comes and replayed after (`REFRAG_CUDA_GRAPH=0`: never); otherwise,
+    /// and on the CPU, [`Decoder::forward`].
+    pub fn prefill(&self, embeds: &Tensor, state: &mut KvState) -> Result<Tensor> {
+        let graphs = self.device.is_cuda() && embeds.dim(1)? <= graph_max_prefill() && !crate::profile::enabled();
+        self.prefill_by(embeds, state, if graphs { StepPath::Fixed } else { StepPath::Eager })
+    }
+
+    /// [`Decoder::prefill`] along a chosen path. The fixed path pads the prompt to a multiple
+    /// of [`PREFILL_ROWS`] rows and runs it on buffers kept for that shape (the state then
+    /// reads their keys and values; the padding's keys lie past its position, where decoding
+    /// masks them and then overwrites them). It needs a fresh state and inference ops, and
+    /// falls back to the eager path where the shape's buffers are still read by a live state
+    /// and [`PREFILL_SHAPES`] shapes are kept.
+    pub fn prefill_by(&self, embeds: &Tensor, state: &mut KvState, path: StepPath) -> Result<Tensor> {
+        let (batch, t, _) = embeds.dims3()?;
+        if t == 0 {
+            bail!("an empty prompt");
+        }
+        let fixed_ok = path == StepPath::Fixed && state.pos == 0 && state.batch().is_none() && self.ops == Ops::Fused;
+        if fixed_ok {
+            if let Some(logits) = self.prefill_fixed(embeds, state)? {
+                return Ok(logits);
+            }
+        }
+        let h = self.forward(embeds, state)?;
+        Ok(self.logits(&h.narrow(1, t - 1, 1)?)?.reshape((batch, self.cfg.vocab))?)
+    }
+
+    /// The fixed-shape prefill (see [`Decoder::prefill_by`]); None where no buffers are free.
+    fn prefill_fixed(&self, embeds: &Tensor, state: &mut KvState) -> Result<Option<Tensor>> {
+        let (batch, t, _) = embeds.dims3()?;
+        let rows = t.div_ceil(PREFILL_ROWS) * PREFILL_ROWS;
+        let capacity = state.capacity.max(rows).div_ceil(PREFILL_ROWS) * PREFILL_ROWS;
+        if rows > self.cfg.max_positions {
+            return Ok(None);
+        }
+        let mut shapes = self.prefills.0.lock().map_err(|_| anyhow::anyhow!("prefill graphs poisoned"))?;
+        let free = |g: &PrefillGraph| std::sync::Arc::strong_count(&g.lease) == 1;
+        let found = shapes.iter().position(|g| (g.batch, g.rows, g.capacity) == (batch, rows, capacity) && free(g));
+        let i = match found {
+            Some(i) => i,
+            None => {
+                if shapes.len() >= PREFILL_SHAPES {
+                    let Some(old) = shapes.iter().position(free) else { return Ok(None) };
+                    shapes.swap_remove(old);
+                }
+                shapes.push(self.prefill_buffers(batch, rows, capacity)?);
+                shapes.len() - 1
+            }
+        };
+        let g = &mut shapes[i];
+        g.input.slice_set(&embeds.to_dtype(self.dtype)?.contiguous()?, 1, 0)?;
+        g.last.slice_set(&Tensor::new(&[t as u32 - 1], &self.device)?, 0, 0)?;
+        self.run_prefill(g)?;
+        for (layer, (k, v)) in state.layers.iter_mut().zip(&g.kv) {
+            (layer.k, layer.v) = (Some(k.clone()), Some(v.clone()));
+        }
+        state.capacity = capacity;
+        state.pos = t;
+        state.lease = Some(g.lease.clone());
+        // a copy: the buffer is the next prompt's output
+        Ok(Some(g.logits.copy()?))
+    }
+
+    fn prefill_buffers(&self, batch: usize, rows: usize, capacity: usize) -> Result<PrefillGraph> {
+        let c = &self.cfg;
+        let zeros = |shape: &[usize], dtype| Tensor::zeros(shape, dtype, &self.device);
+        let kv = (0..c.n_layer)
+            .map(|_| {
+                let shape = [batch, c.n_kv_head, capacity, c.head_dim];
+                Ok((zeros(&shape, self.dtype)?, zeros(&shape, self.dtype)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PrefillGraph {
+            batch,
+            rows,
+            capacity,
+            input: zeros(&[batch, rows, c.hidden], self.dtype)?,
+            last: zeros(&[1], DType::U32)?,
+            logits: zeros(&[batch, c.vocab], DType::F32)?,
+            kv,
+            lease: std::sync::Arc::new(()),
+            #[cfg(feature = "cuda")]
+            graph: None,
+        })
+    }
+
+    /// The fixed-shape prefill over `g`'s buffers: only device work, the same kernels and
+    /// addresses every time.
+    fn prefill_step(&self, g: &PrefillGraph) -> Result<()> {
+        let h = self.run_layers(
+            &g.input,
+            &self.rope_rows(0, g.rows)?,
+            Visible::Causal { pos: 0 },
+            |li, new| {
+                let (k, v) = new.context("the keys and values of a prefill")?;
+                let (kb, vb) = &g.kv[li];
+                kb.slice_set(&k, 2, 0)?;
+                vb.slice_set(&v, 2, 0)?;
+                Ok((kb.narrow(2, 0, g.rows)?, vb.narrow(2, 0, g.rows)?))
+            },
+            true,
+        )?;
+        let last = h.index_select(&g.last, 1)?;
+        g.logits.slice_set(&self.logits(&last)?.reshape((g.batch, self.cfg.vocab))?, 0, 0)?;
+        Ok(())
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn run_prefill(&self, g: &mut PrefillGraph) -> Result<()> {
+        self.prefill_step(g)
+    }
+
+    /// Replay the shape's graph; the first time, run it and capture it ([`Decoder::capture`]).
+    #[cfg(feature = "cuda")]
+    fn run_prefill(&self, g: &mut PrefillGraph) -> Result<()> {
+        if let Some(graph) = &g.graph {
+            return Ok(graph.0.launch().map_err(candle_core::Error::wrap)?);
+        }
+        if !self.device.is_cuda() {
+            return self.prefill_step(g);
+        }
+        let graph = self.capture(|| self.prefill_step(g))?;
+        g.graph = graph;
         Ok(())
     }
 
@@ -746,7 +955,8 @@ impl Decoder {
             let n = (embeds.dim(0)? * t * self.layers.len()) as u64;
             TRAIN_LAYER_POSITIONS.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }
-        self.run_layers(embeds, &self.rope_rows(0, t)?, Visible::Causal { pos: 0 }, |_, k, v| Ok((k, v)), final_norm)
+        let same = |_, new: Option<_>| new.context("the keys and values of a forward");
+        self.run_layers(embeds, &self.rope_rows(0, t)?, Visible::Causal { pos: 0 }, same, final_norm)
     }
 
     /// Rotary rows of positions pos..pos + t.
@@ -786,7 +996,7 @@ impl Decoder {
         embeds: &Tensor,
         rope: &RopeRows,
         visible: Visible,
-        mut kv: impl FnMut(usize, Tensor, Tensor) -> Result<(Tensor, Tensor)>,
+        mut kv: impl FnMut(usize, Option<(Tensor, Tensor)>) -> Result<(Tensor, Tensor)>,
         final_norm: bool,
     ) -> Result<Tensor> {
         let (b, t, _) = embeds.dims3()?;
@@ -809,18 +1019,39 @@ impl Decoder {
             let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
                 Ok(lin.forward(&h, self.quant_rows)?.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?)
             };
-            let (q, k, v) = match &layer.fused {
-                Some(f) => {
-                    // [b, q + k + v heads, t, d] in one copy; each part is a run of heads
-                    let qkv = heads(&f.qkv, c.n_head + 2 * c.n_kv_head)?.contiguous()?;
+            let (q, k, v) = match (&layer.fused, &attend) {
+                // a captured decoding step: one kernel rotates and writes into the caches
+                (Some(f), &Attend::Decode { at: Some(at), .. })
+                    if fuse && crate::model::elementwise::decode_qkv_enabled() =>
+                {
+                    let (kb, vb) = kv(li, None)?;
+                    let qkv = f.qkv.forward(&h, self.quant_rows)?;
                     let (nq, nk) = (c.n_head, c.n_kv_head);
-                    (qkv.narrow(1, 0, nq)?, qkv.narrow(1, nq, nk)?, qkv.narrow(1, nq + nk, nk)?)
+                    let (cos, sin, cos_q, sin_q) = (&self.cos, &self.sin, &self.cos_q, &self.sin_q);
+                    let (k_cache, v_cache) = (&kb, &vb);
+                    let parts = DecodeQkv { pos: at, cos_q, sin_q, cos, sin, k_cache, v_cache, n_q: nq, n_kv: nk };
+                    (crate::model::elementwise::decode_qkv(&qkv, parts)?, kb, vb)
                 }
-                None => (heads(&layer.wq, c.n_head)?, heads(&layer.wk, c.n_kv_head)?, heads(&layer.wv, c.n_kv_head)?),
+                (fused, _) => {
+                    let (q, k, v) = match fused {
+                        Some(f) => {
+                            // [b, q + k + v heads, t, d] in one copy; each part is a run of heads
+                            let qkv = heads(&f.qkv, c.n_head + 2 * c.n_kv_head)?.contiguous()?;
+                            let (nq, nk) = (c.n_head, c.n_kv_head);
+                            (qkv.narrow(1, 0, nq)?, qkv.narrow(1, nq, nk)?, qkv.narrow(1, nq + nk, nk)?)
+                        }
+                        None => (
+                            heads(&layer.wq, c.n_head)?,
+                            heads(&layer.wk, c.n_kv_head)?,
+                            heads(&layer.wv, c.n_kv_head)?,
+                        ),
+                    };
+                    let q = self.rope(&q.contiguous()?, &rope.cos_q, &rope.sin_q)?; // scaled by 1/sqrt(head_dim)
+                    let k = self.rope(&k.contiguous()?, &rope.cos, &rope.sin)?;
+                    let (k, v) = kv(li, Some((k, v.contiguous()?)))?;
+                    (q, k, v)
+                }
             };
-            let q = self.rope(&q.contiguous()?, &rope.cos_q, &rope.sin_q)?; // scaled by 1/sqrt(head_dim)
-            let k = self.rope(&k.contiguous()?, &rope.cos, &rope.sin)?;
-            let (k, v) = kv(li, k, v.contiguous()?)?;
             crate::profile::mark(&self.device, "fwd_qkv");
             let y = match &attend {
                 Attend::Materialised { mask } => self.attention(&q, &k, &v, mask.as_ref())?,
@@ -1003,6 +1234,20 @@ pub fn graph_max_positions() -> usize {
         }
         let default = if attention::enabled() { usize::MAX } else { 1536 };
         std::env::var("REFRAG_CUDA_GRAPH_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    })
+}
+
+/// The longest prompt prefilled through a CUDA graph ([`Decoder::prefill`];
+/// `REFRAG_PREFILL_GRAPH_MAX`, default 2048 positions: REFRAG's compressed prompts, where a
+/// prefill is bound by kernel launches; longer prompts are bound by arithmetic). 0 with
+/// `REFRAG_CUDA_GRAPH=0`. Read once.
+pub fn graph_max_prefill() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        if graph_max_positions() == 0 {
+            return 0;
+        }
+        std::env::var("REFRAG_PREFILL_GRAPH_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(2048)
     })
 }
 

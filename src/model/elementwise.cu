@@ -52,3 +52,37 @@ extern "C" __global__ void refrag_add_rms_norm_bf16(const bf16* __restrict__ x, 
         norm[j] = __float2bfloat16(__bfloat162float(sum[j]) * inv * __bfloat162float(w[j]));
     }
 }
+
+// A decoding step's rotary embedding and KV write in one pass, from the stacked Q/K/V matmul's
+// output qkv [b, (nq + 2 nk) * 64] at the position pos[0] (read on the device, so that a captured
+// graph replays at every position): the queries rotated with the scaled query tables into
+// q [b, nq, 64], the keys rotated with the key tables into k_cache and the values copied into
+// v_cache ([b, nk, cap, 64] each) at that position. Tables [positions, 32], interleaved pairs
+// (candle's rope_i, whose bf16 arithmetic this repeats). One block of 32 threads per head and
+// sequence, one pair of dimensions per thread.
+extern "C" __global__ void refrag_decode_qkv_bf16(const bf16* __restrict__ qkv, const unsigned* __restrict__ pos,
+                                                  const bf16* __restrict__ cos_q, const bf16* __restrict__ sin_q,
+                                                  const bf16* __restrict__ cos_k, const bf16* __restrict__ sin_k,
+                                                  bf16* __restrict__ q, bf16* __restrict__ k_cache,
+                                                  bf16* __restrict__ v_cache, int nq, int nk, int cap) {
+    const int heads = nq + 2 * nk;
+    const int h = blockIdx.x, b = blockIdx.y, i = threadIdx.x;
+    const long long p = pos[0];
+    const bf16* src = qkv + ((long long)b * heads + h) * 64;
+    const bf16 x0 = src[2 * i], x1 = src[2 * i + 1];
+    if (h < nq) {
+        const bf16 c = cos_q[p * 32 + i], s = sin_q[p * 32 + i];
+        bf16* dst = q + ((long long)b * nq + h) * 64;
+        dst[2 * i] = x0 * c - x1 * s;
+        dst[2 * i + 1] = x0 * s + x1 * c;
+    } else if (h < nq + nk) {
+        const bf16 c = cos_k[p * 32 + i], s = sin_k[p * 32 + i];
+        bf16* dst = k_cache + (((long long)b * nk + (h - nq)) * cap + p) * 64;
+        dst[2 * i] = x0 * c - x1 * s;
+        dst[2 * i + 1] = x0 * s + x1 * c;
+    } else {
+        bf16* dst = v_cache + (((long long)b * nk + (h - nq - nk)) * cap + p) * 64;
+        dst[2 * i] = x0;
+        dst[2 * i + 1] = x1;
+    }
+}

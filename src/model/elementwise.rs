@@ -16,6 +16,13 @@ pub fn enabled() -> bool {
     })
 }
 
+/// Whether a captured decoding step rotates and writes its keys and values with
+/// [`decode_qkv`] (with the other kernels, unless `REFRAG_FUSED_QKV=0`; read once).
+pub fn decode_qkv_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| enabled() && !matches!(std::env::var("REFRAG_FUSED_QKV").as_deref(), Ok("0")))
+}
+
 /// `silu(gu[.., :f]) * gu[.., f:]` for `gu` [.., 2f] (bf16, contiguous): [.., f].
 pub fn silu_mul(gu: &Tensor) -> Result<Tensor> {
     gu.apply_op1_no_bwd(&SiluMul)
@@ -128,12 +135,108 @@ impl CustomOp3 for AddRmsNorm {
     }
 }
 
+/// A decoding step's queries, keys and values from the stacked Q/K/V matmul's output `qkv`
+/// ([b, 1, (nq + 2 nk) * 64], bf16, contiguous), at the position held on the device in `pos`
+/// (u32 [1]): the queries rotated with the scaled query tables, returned as [b, nq, 1, 64]; the
+/// keys rotated with the key tables and the values written into `k_cache`, `v_cache`
+/// ([b, nk, capacity, 64], contiguous) at that position. One launch where five ran (the copy
+/// into heads, two rotations, two scatters): what a captured decoding step replays.
+pub fn decode_qkv(qkv: &Tensor, at: DecodeQkv) -> Result<Tensor> {
+    qkv.apply_op1_no_bwd(&at)
+}
+
+/// The rest of [`decode_qkv`]'s inputs. The caches are written in place through their device
+/// memory (no op of candle's reads them in between: one stream, in order).
+pub struct DecodeQkv<'a> {
+    pub pos: &'a Tensor,
+    /// Query tables (scaled by 1/sqrt(head_dim)), then key tables: [positions, 32] each.
+    pub cos_q: &'a Tensor,
+    pub sin_q: &'a Tensor,
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub k_cache: &'a Tensor,
+    pub v_cache: &'a Tensor,
+    pub n_q: usize,
+    pub n_kv: usize,
+}
+
+impl CustomOp1 for DecodeQkv<'_> {
+    fn name(&self) -> &'static str {
+        "refrag-decode-qkv"
+    }
+
+    cuda_only!(op1, "the fused decoding Q/K/V kernel");
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, qkv: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        use candle_core::{backend::BackendStorage, bail, DType};
+        use half::bf16;
+
+        let (b, t, width) = l.shape().dims3()?;
+        let heads = self.n_q + 2 * self.n_kv;
+        let (cb, ckv, cap, cd) = self.k_cache.dims4()?;
+        let tables = [self.cos_q, self.sin_q, self.cos, self.sin];
+        if t != 1
+            || width != heads * 64
+            || (cb, ckv, cd) != (b, self.n_kv, 64)
+            || self.v_cache.dims() != [b, ckv, cap, cd]
+        {
+            bail!("fused decoding Q/K/V: qkv {:?}, caches {:?}", l.shape(), self.k_cache.shape());
+        }
+        let contiguous = |x: &Tensor| x.is_contiguous() && x.dtype() == DType::BF16;
+        if !l.is_contiguous() || !contiguous(self.k_cache) || !contiguous(self.v_cache) {
+            bail!("fused decoding Q/K/V: contiguous bf16 inputs and caches");
+        }
+        if tables.iter().any(|x| !contiguous(x) || x.dims2().map_or(true, |(_, w)| w != 32))
+            || self.pos.dtype() != DType::U32
+        {
+            bail!("fused decoding Q/K/V: bf16 tables [positions, 32] and a u32 position");
+        }
+        let dev = qkv.device().clone();
+        let stream = dev.cuda_stream();
+        let func = dev.get_or_load_custom_func("refrag_decode_qkv_bf16", "refrag_elementwise", PTX)?;
+        let src = qkv.as_cuda_slice::<bf16>()?.slice(l.start_offset()..);
+        // SAFETY: every query element is written (one thread per pair of each head).
+        let q = unsafe { dev.alloc::<bf16>(b * self.n_q * 64)? };
+        let pos = device_ptr::<u32>(self.pos, &stream)?;
+        let [cq, sq, ck, sk] = [0, 1, 2, 3].map(|i| device_ptr::<bf16>(tables[i], &stream));
+        let (kc, vc) = (device_ptr::<bf16>(self.k_cache, &stream)?, device_ptr::<bf16>(self.v_cache, &stream)?);
+        let (nq, nk, cap_) = (self.n_q as i32, self.n_kv as i32, cap as i32);
+        let mut launch = func.builder();
+        launch.arg(&src).arg(&pos);
+        let (cq, sq, ck, sk) = (cq?, sq?, ck?, sk?);
+        launch.arg(&cq).arg(&sq).arg(&ck).arg(&sk).arg(&q).arg(&kc).arg(&vc).arg(&nq).arg(&nk).arg(&cap_);
+        let cfg = LaunchConfig { grid_dim: (heads as u32, b as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments match the kernel's signature; the shapes were checked above and
+        // the position is below the tables' and caches' lengths (the caller's KV state checks it).
+        unsafe { launch.launch(cfg) }.w()?;
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(q, dev), Shape::from((b, self.n_q, 1, 64))))
+    }
+}
+
+/// The device address of `t`'s first element (a tensor on the GPU of dtype `T`). The memory
+/// lives as long as `t`; candle runs one stream, so no event needs recording.
+#[cfg(feature = "cuda")]
+fn device_ptr<T: candle_core::cuda_backend::CudaDType>(
+    t: &Tensor,
+    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let (st, l) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(c) = &*st else { candle_core::bail!("a tensor that is not on the GPU") };
+    let view = c.as_cuda_slice::<T>()?.slice(l.start_offset()..);
+    let (ptr, _sync) = view.device_ptr(stream);
+    Ok(ptr)
+}
+
 /// The PTX of elementwise.cu.
 #[cfg(feature = "cuda")]
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
 
-/// The largest difference between the fused ops and candle's (add, rms-norm, silu, mul) on
-/// random bf16 inputs on `device` (a few rows and a long prefill's worth); bf16 rounding is
+/// The largest difference between the fused ops and candle's (add, rms-norm, silu, mul; the
+/// decoding step's copies, rotations and scatters) on random bf16 inputs on `device` (a few rows and a long prefill's worth); bf16 rounding is
 /// ~1e-2 at these magnitudes, a wrong index ~1.
 pub fn parity(device: &candle_core::Device) -> anyhow::Result<f32> {
     use candle_core::DType;
@@ -154,6 +257,31 @@ pub fn parity(device: &candle_core::Device) -> anyhow::Result<f32> {
         let gu = bf(Tensor::randn(0f32, 2.0, (b, t, 2 * ffn), device)?)?;
         let (gate, up) = (gu.narrow(2, 0, ffn)?, gu.narrow(2, ffn, ffn)?);
         worst = worst.max(diff(&silu_mul(&gu)?, &(candle_nn::ops::silu(&gate)? * up)?)?);
+    }
+    // the decoding step's Q/K/V (9 query heads over 3 KV heads, as SmolLM2) at a position
+    // of a 40-position cache, against candle's copies, rotations and scatters
+    for (b, p) in [(1usize, 0usize), (2, 17), (1, 39)] {
+        let (nq, nk, cap) = (9, 3, 40);
+        let qkv = bf(Tensor::randn(0f32, 1.0, (b, 1, (nq + 2 * nk) * 64), device)?)?;
+        let table = || bf(Tensor::randn(0f32, 1.0, (cap, 32), device)?);
+        let (cos_q, sin_q, cos, sin) = (table()?, table()?, table()?, table()?);
+        let k_cache = Tensor::zeros((b, nk, cap, 64), DType::BF16, device)?;
+        let v_cache = k_cache.zeros_like()?;
+        let pos = Tensor::new(&[p as u32], device)?;
+        let (cos_q, sin_q, cos, sin, k_cache, v_cache, pos) = (&cos_q, &sin_q, &cos, &sin, &k_cache, &v_cache, &pos);
+        let q = decode_qkv(&qkv, DecodeQkv { pos, cos_q, sin_q, cos, sin, k_cache, v_cache, n_q: nq, n_kv: nk })?;
+        let heads = qkv.reshape((b, 1, nq + 2 * nk, 64))?.transpose(1, 2)?.contiguous()?;
+        let part = |at, n| heads.narrow(1, at, n)?.contiguous();
+        let row = |t: &Tensor| t.narrow(0, p, 1);
+        let want_q = candle_nn::rotary_emb::rope_i(&part(0, nq)?, &row(cos_q)?, &row(sin_q)?)?;
+        let want_k = candle_nn::rotary_emb::rope_i(&part(nq, nk)?, &row(cos)?, &row(sin)?)?;
+        worst = worst.max(diff(&q, &want_q)?);
+        worst = worst.max(diff(&k_cache.narrow(2, p, 1)?, &want_k)?);
+        worst = worst.max(diff(&v_cache.narrow(2, p, 1)?, &part(nq + nk, nk)?)?);
+        // nothing else written
+        let total = |t: &Tensor| -> anyhow::Result<f32> { Ok(t.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar()?) };
+        let rest = (total(k_cache)? - total(&want_k)?).abs();
+        worst = worst.max(rest / 100.0);
     }
     Ok(worst)
 }

@@ -3,7 +3,6 @@
 use crate::model::decoder::Decoder;
 use crate::read::prompt::DecoderInput;
 use anyhow::Result;
-use candle_core::IndexOp;
 use candle_transformers::generation::LogitsProcessor;
 use std::time::{Duration, Instant};
 
@@ -70,9 +69,7 @@ pub fn generate(
     let temperature = (opts.temperature > 0.0).then_some(opts.temperature);
     let mut sampler = LogitsProcessor::new(opts.seed, temperature, opts.top_p);
     let mut state = decoder.new_state(input.positions + opts.max_tokens);
-    let hidden = decoder.forward(&input.embeds, &mut state)?;
-    let last = hidden.i((.., input.positions - 1..input.positions, ..))?;
-    let mut logits = decoder.logits(&last)?.flatten_all()?;
+    let mut logits = decoder.prefill(&input.embeds, &mut state)?.flatten_all()?;
     let mut ids: Vec<u32> = Vec::new();
     let mut emitted = 0usize;
     let mut ttft = None;

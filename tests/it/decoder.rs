@@ -143,6 +143,58 @@ fn fixed_steps_match_eager_steps() {
     }
 }
 
+/// The fixed-shape prefill (the prompt padded to a multiple of 64 rows on buffers kept per
+/// shape: what CUDA captures once and replays) gives the eager prefill's logits, and decoding
+/// after it the same tokens, for one sequence and a batch of two: the padding's keys are
+/// masked and overwritten. A shape's buffers are reused once the state reading them is gone,
+/// and not while it lives.
+#[test]
+fn fixed_prefill_matches_eager_prefill() {
+    use refrag::model::decoder::StepPath;
+    let d = decoder();
+    let ids = alice_ids(60);
+    for batch in [1usize, 2] {
+        // 37 positions: 27 rows of padding
+        let prompt = d.embed_tokens(&ids[..37]).unwrap().unsqueeze(0).unwrap().repeat((batch, 1, 1)).unwrap();
+        let mut eager = d.new_state(37 + 8);
+        let want = d.prefill_by(&prompt, &mut eager, StepPath::Eager).unwrap();
+        for round in 0..2 {
+            let mut fixed = d.new_state(37 + 8);
+            let got = d.prefill_by(&prompt, &mut fixed, StepPath::Fixed).unwrap();
+            assert_eq!(got.dims(), [batch, d.cfg.vocab]);
+            assert_eq!((fixed.len(), fixed.capacity()), (37, 64), "padded to 64 rows");
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff < 1e-3, "batch {batch}, round {round}: prefill logits differ by {diff}");
+            // a second prompt of the same shape while `fixed` lives: its own buffers
+            let mut other = d.new_state(37 + 8);
+            let short = d.embed_tokens(&ids[..5]).unwrap().unsqueeze(0).unwrap().repeat((batch, 1, 1)).unwrap();
+            let _ = d.prefill_by(&short, &mut other, StepPath::Fixed).unwrap();
+            let mut e = d.new_state(37 + 8);
+            let mut f = d.new_state(37 + 8);
+            d.prefill_by(&prompt, &mut e, StepPath::Eager).unwrap();
+            d.prefill_by(&prompt, &mut f, StepPath::Fixed).unwrap();
+            assert_eq!(f.capacity(), 64, "a second live state of the shape got buffers of its own");
+            for (i, &id) in ids[37..45].iter().enumerate() {
+                let tokens = vec![id; batch];
+                let path = if i % 2 == 0 { StepPath::Fixed } else { StepPath::Eager };
+                let a = d.step_by(&mut e, &tokens, StepPath::Eager).unwrap();
+                let b = d.step_by(&mut f, &tokens, path).unwrap();
+                assert_eq!(argmax_rows(&b), argmax_rows(&a), "batch {batch}, step {i}");
+                let diff = max_abs_diff(&a, &b);
+                assert!(diff < 1e-3, "batch {batch}, step {i}: logits differ by {diff}");
+            }
+            // `fixed` and `f` read the same shape's buffers: `f` got the second set, while
+            // `fixed` held the first; the first prefill must not have been overwritten
+            let again = d.step_by(&mut fixed, &vec![ids[37]; batch], StepPath::Eager).unwrap();
+            let mut e2 = d.new_state(37 + 8);
+            d.prefill_by(&prompt, &mut e2, StepPath::Eager).unwrap();
+            let want2 = d.step_by(&mut e2, &vec![ids[37]; batch], StepPath::Eager).unwrap();
+            let diff = max_abs_diff(&again, &want2);
+            assert!(diff < 1e-3, "a live state's keys were overwritten (logits differ by {diff})");
+        }
+    }
+}
+
 /// Q/K/V and gate/up stacked into one matmul each (CUDA's default) give the same logits as
 /// the matrices apart, in prefill and in fixed decoding steps.
 #[test]
