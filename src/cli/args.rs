@@ -2,6 +2,7 @@
 //! session's window), resolved into the library's settings, and how their choices are named in
 //! reports.
 
+#[cfg(feature = "store")]
 use super::Global;
 use crate::options::{Mode, Policy, SearchKind};
 #[cfg(feature = "store")]

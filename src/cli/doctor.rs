@@ -1,6 +1,7 @@
 //! `refrag doctor`: what works here and what does not, each with the fix.
 
 use super::Global;
+#[cfg(feature = "store")]
 use crate::index::store::Store;
 use crate::model::cache::ALL;
 use anyhow::Result;
@@ -257,7 +258,20 @@ fn check_weights(
     }
 }
 
+/// Built without the store (the lean GPU binary): no index to check.
+#[cfg(not(feature = "store"))]
+fn check_index(
+    _: &Global,
+    db: &str,
+    _: Option<&Loaded>,
+    _: Option<&crate::model::weights::Trained>,
+    checks: &mut Checks,
+) {
+    checks.add(Status::Warn, "index", format!("{db}: not checked (this binary was built without the store feature)"));
+}
+
 /// The index at `db`: there, readable, and built with the models (and chunk encoder) in use.
+#[cfg(feature = "store")]
 fn check_index(
     g: &Global,
     db: &str,

@@ -18,7 +18,6 @@ mod chat;
 pub mod config;
 mod dataset;
 pub mod docs;
-#[cfg(feature = "store")]
 mod doctor;
 #[cfg(feature = "store")]
 mod documents;
@@ -161,7 +160,6 @@ pub enum Cmd {
     #[command(hide = true)]
     Top1(top1::Top1Args),
     /// Check models, devices, trained weights, config and an index; exit 1 if something is wrong.
-    #[cfg(feature = "store")]
     Doctor(doctor::DoctorArgs),
     /// Fetch, verify and list the base models.
     #[command(subcommand)]
@@ -246,7 +244,6 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<ExitCode> {
         Cmd::Man(a) => docs::man(a),
         Cmd::Top1(args) => top1::run(&cli.global, args),
         Cmd::Models(cmd) => models::run(&cli.global, cmd),
-        #[cfg(feature = "store")]
         Cmd::Doctor(a) => doctor::run(&cli.global, a),
         #[cfg(feature = "store")]
         Cmd::Index(args) => index::run(&cli.global, args),

@@ -28,6 +28,8 @@ pub struct IndexInfo {
     pub schema_version: u32,
 }
 
+// the store reads and writes the pairs (absent from the lean GPU build)
+#[cfg_attr(not(feature = "store"), allow(dead_code))]
 impl IndexInfo {
     pub(super) fn to_pairs(&self) -> Vec<(String, String)> {
         vec![

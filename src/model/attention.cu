@@ -184,11 +184,15 @@ extern "C" __global__ void __launch_bounds__(128) refrag_attention_bf16(
 
 // Decoding: one query row per sequence over a long cache (flash-decoding, split over keys).
 // Grid (splits, kv heads, b), 4 warps; a block reads 128 keys of one KV head for its n_rep
-// (<= 4) query heads, a warp 32 of them, one key at a time with the 64 dimensions across the
-// lanes. Each block writes its partial maximum, sum and unnormalised output; the combine kernel
-// merges the splits. The cache holds positions 0..=pos, pos read from the device (*pos_dev, so
-// a captured graph replays at any position) or given (pos_host when pos_dev is null); blocks
-// past it write an empty partial.
+// (<= 4) query heads, a warp 32 of them: first each lane scores its own key (the queries in
+// shared memory, the key's 64 dimensions in 8 16-byte loads), the warp takes the maximum and
+// the sum of its 32 weights, then each lane accumulates 2 of the 64 output dimensions over the
+// 32 values, every load issued ahead of the arithmetic. (A key at a time, with the dimensions
+// across the lanes, left each warp waiting on one load after another: ~28 us per call for a
+// short cache on an H200.) Each block writes its partial maximum, sum and unnormalised output;
+// the combine kernel merges the splits. The cache holds positions 0..=pos, pos read from the
+// device (*pos_dev, so a captured graph replays at any position) or given (pos_host when
+// pos_dev is null); keys past it are never read, and blocks past it write an empty partial.
 #define SPLIT_KEYS 128
 #define MAX_REP 4
 
@@ -200,40 +204,76 @@ extern "C" __global__ void __launch_bounds__(128) refrag_decode_attention_bf16(
     long long k_st, long long v_sb, long long v_sh, long long v_st) {
     __shared__ float sml[4][MAX_REP][2];
     __shared__ float so[4][MAX_REP][HEAD];
+    __shared__ float sq[MAX_REP][HEAD];
     const int s = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int len = (pos_dev ? (int)pos_dev[0] : pos_host) + 1;
-    const int begin = s * SPLIT_KEYS + warp * 32, end = min(begin + 32, len);
-    const __nv_bfloat16* kb = k + b * k_sb + kh * k_sh + 2 * lane;
-    const __nv_bfloat16* vb = v + b * v_sb + kh * v_sh + 2 * lane;
+    const int begin = s * SPLIT_KEYS + warp * 32, n = min(32, len - begin);
+    for (int i = threadIdx.x; i < n_rep * HEAD; i += blockDim.x) {
+        const int r = i / HEAD, d = i - r * HEAD;
+        sq[r][d] = __bfloat162float(q[b * q_sb + (kh * n_rep + r) * q_sh + d]);
+    }
+    __syncthreads();
 
-    float2 qv[MAX_REP], o[MAX_REP];
-    float m[MAX_REP], l[MAX_REP];
+    // this lane's key: its score for each query head
+    float sc[MAX_REP];
+#pragma unroll
+    for (int r = 0; r < MAX_REP; ++r) sc[r] = 0.f;
+    if (lane < n) {
+        const __nv_bfloat16* kr = k + b * k_sb + kh * k_sh + (long long)(begin + lane) * k_st;
+        uint4 raw[HEAD / 8];
+#pragma unroll
+        for (int c = 0; c < HEAD / 8; ++c) raw[c] = *reinterpret_cast<const uint4*>(kr + 8 * c);
+#pragma unroll
+        for (int c = 0; c < HEAD / 8; ++c) {
+            const __nv_bfloat162* pr = reinterpret_cast<const __nv_bfloat162*>(&raw[c]);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float2 kk = __bfloat1622float2(pr[e]);
+#pragma unroll
+                for (int r = 0; r < MAX_REP; ++r) {
+                    if (r < n_rep) sc[r] += sq[r][8 * c + 2 * e] * kk.x + sq[r][8 * c + 2 * e + 1] * kk.y;
+                }
+            }
+        }
+    }
+    // the warp's maximum and sum of weights per query head
+    float m[MAX_REP], l[MAX_REP], p[MAX_REP];
 #pragma unroll
     for (int r = 0; r < MAX_REP; ++r) {
-        qv[r] = make_float2(0.f, 0.f);
-        if (r < n_rep)
-            qv[r] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(
-                q + b * q_sb + (kh * n_rep + r) * q_sh + 2 * lane));
-        o[r] = make_float2(0.f, 0.f);
-        m[r] = -INFINITY;
-        l[r] = 0.f;
+        if (r >= n_rep) {
+            m[r] = -INFINITY;
+            l[r] = p[r] = 0.f;
+            continue;
+        }
+        float mx = lane < n ? sc[r] : -INFINITY;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        p[r] = lane < n ? exp2f((sc[r] - mx) * scale_log2) : 0.f;
+        float sum = p[r];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        m[r] = mx;
+        l[r] = sum;
     }
-    for (int key = begin; key < end; ++key) {
-        const float2 kk = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(kb + key * k_st));
-        const float2 vv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(vb + key * v_st));
+    // the values: each lane 2 dimensions, over the warp's keys
+    const __nv_bfloat16* vb = v + b * v_sb + kh * v_sh + 2 * lane;
+    float2 vv[32];
 #pragma unroll
-        for (int r = 0; r < MAX_REP; ++r) {
-            if (r >= n_rep) break;
-            float sc = qv[r].x * kk.x + qv[r].y * kk.y;
+    for (int j = 0; j < 32; ++j) {
+        vv[j] = j < n ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(vb + (long long)(begin + j) * v_st))
+                      : make_float2(0.f, 0.f);
+    }
+    float2 o[MAX_REP];
 #pragma unroll
-            for (int off = 16; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off);
-            const float mn = fmaxf(m[r], sc);
-            const float a = exp2f((m[r] - mn) * scale_log2), p = exp2f((sc - mn) * scale_log2);
-            l[r] = l[r] * a + p;
-            o[r].x = o[r].x * a + p * vv.x;
-            o[r].y = o[r].y * a + p * vv.y;
-            m[r] = mn;
+    for (int r = 0; r < MAX_REP; ++r) {
+        o[r] = make_float2(0.f, 0.f);
+        if (r >= n_rep) continue;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+            const float pj = __shfl_sync(0xffffffffu, p[r], j);
+            o[r].x += pj * vv[j].x;
+            o[r].y += pj * vv[j].y;
         }
     }
 #pragma unroll

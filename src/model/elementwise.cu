@@ -20,7 +20,12 @@ extern "C" __global__ void refrag_silu_mul_bf16(const bf16* __restrict__ gu, bf1
 
 // The residual add and the next norm in one pass over a row of `hidden` values:
 // out[0][r] = x[r] + y[r] (rounded to bf16), out[1][r] = out[0][r] / rms(out[0][r]) * w.
-// One block per row; blockDim.x a multiple of 32, at most 1024.
+// One block per row; blockDim.x a multiple of 32, at most 1024. A thread's sums stay in
+// registers (up to PER_THREAD of them; rows longer than blockDim.x * PER_THREAD read them back)
+// and all its loads are issued before the arithmetic: a one-warp block otherwise waits on one
+// load after another (~12 us a call at 576 columns on an H200, against ~2 us). The order of
+// the sum of squares is unchanged.
+#define PER_THREAD 32
 extern "C" __global__ void refrag_add_rms_norm_bf16(const bf16* __restrict__ x, const bf16* __restrict__ y,
                                                     const bf16* __restrict__ w, bf16* __restrict__ out, int rows,
                                                     int hidden, float eps) {
@@ -30,12 +35,34 @@ extern "C" __global__ void refrag_add_rms_norm_bf16(const bf16* __restrict__ x, 
     const bf16* yr = y + row * hidden;
     bf16* sum = out + row * hidden;
     bf16* norm = out + (long long)rows * hidden + row * hidden;
+    const bool held = hidden <= (int)blockDim.x * PER_THREAD;
+    float kept[PER_THREAD];
     float ss = 0.0f;
-    for (int j = threadIdx.x; j < hidden; j += blockDim.x) {
-        bf16 s = __float2bfloat16(__bfloat162float(xr[j]) + __bfloat162float(yr[j]));
-        sum[j] = s;
-        float v = __bfloat162float(s);
-        ss += v * v;
+    if (held) {
+        float xs[PER_THREAD], ys[PER_THREAD];
+#pragma unroll
+        for (int i = 0; i < PER_THREAD; ++i) {
+            const int j = threadIdx.x + i * blockDim.x;
+            xs[i] = j < hidden ? __bfloat162float(xr[j]) : 0.0f;
+            ys[i] = j < hidden ? __bfloat162float(yr[j]) : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < PER_THREAD; ++i) {
+            const int j = threadIdx.x + i * blockDim.x;
+            if (j < hidden) {
+                const bf16 s = __float2bfloat16(xs[i] + ys[i]);
+                sum[j] = s;
+                kept[i] = __bfloat162float(s);
+                ss += kept[i] * kept[i];
+            }
+        }
+    } else {
+        for (int j = threadIdx.x; j < hidden; j += blockDim.x) {
+            bf16 s = __float2bfloat16(__bfloat162float(xr[j]) + __bfloat162float(yr[j]));
+            sum[j] = s;
+            float v = __bfloat162float(s);
+            ss += v * v;
+        }
     }
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
@@ -48,8 +75,16 @@ extern "C" __global__ void refrag_add_rms_norm_bf16(const bf16* __restrict__ x, 
     }
     __syncthreads();
     const float inv = rsqrtf(part[0] / hidden + eps);
-    for (int j = threadIdx.x; j < hidden; j += blockDim.x) {
-        norm[j] = __float2bfloat16(__bfloat162float(sum[j]) * inv * __bfloat162float(w[j]));
+    if (held) {
+#pragma unroll
+        for (int i = 0; i < PER_THREAD; ++i) {
+            const int j = threadIdx.x + i * blockDim.x;
+            if (j < hidden) norm[j] = __float2bfloat16(kept[i] * inv * __bfloat162float(w[j]));
+        }
+    } else {
+        for (int j = threadIdx.x; j < hidden; j += blockDim.x) {
+            norm[j] = __float2bfloat16(__bfloat162float(sum[j]) * inv * __bfloat162float(w[j]));
+        }
     }
 }
 
