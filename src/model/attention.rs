@@ -287,9 +287,9 @@ impl CustomOp3 for DecodeAttention<'_> {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
-        use candle_core::{backend::BackendStorage, bail, Storage};
+        use candle_core::{backend::BackendStorage, bail};
         use half::bf16;
 
         let (b, heads, t, d) = ql.shape().dims4()?;
@@ -314,16 +314,10 @@ impl CustomOp3 for DecodeAttention<'_> {
         let part_ml = unsafe { dev.alloc::<f32>(b * heads * splits * 2)? };
         let out = unsafe { dev.alloc::<bf16>(b * heads * HEAD)? };
         let stream = dev.cuda_stream();
-        let at = self.at.map(|t| t.storage_and_layout());
-        let pos_view = match &at {
-            Some((st, l)) => match &**st {
-                Storage::Cuda(c) => Some(c.as_cuda_slice::<u32>()?.slice(l.start_offset()..)),
-                _ => bail!("decoding attention: the position is not on the GPU"),
-            },
-            None => None,
+        let pos_arg: u64 = match self.at {
+            Some(t) => super::device_ptr::<u32>(t, &stream)?,
+            None => 0,
         };
-        let pos_ptr = pos_view.as_ref().map(|p| p.device_ptr(&stream));
-        let pos_arg: u64 = pos_ptr.as_ref().map_or(0, |(p, _)| *p);
         let (pos_, heads_, n_rep_, splits_) = (self.pos as i32, heads as i32, self.n_rep as i32, splits as i32);
         let scale_log2 = std::f32::consts::LOG2_E;
         let mut launch = attend.builder();
@@ -336,7 +330,6 @@ impl CustomOp3 for DecodeAttention<'_> {
         let grid = (splits as u32, kv_heads as u32, b as u32);
         // SAFETY: the arguments match the kernel's signature; the bounds were checked above.
         unsafe { launch.launch(LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.w()?;
-        drop(pos_ptr);
         let mut launch = combine.builder();
         launch.arg(&part_o).arg(&part_ml).arg(&out).arg(&heads_).arg(&splits_).arg(&scale_log2);
         let cfg =

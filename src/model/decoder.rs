@@ -220,11 +220,8 @@ struct FixedStep {
     cols: Tensor,
     /// f32 [batch, vocab]: the step's logits.
     logits: Tensor,
-    #[cfg(feature = "cuda")]
-    graph: Option<candle_core::cuda_backend::cudarc::driver::CudaGraph>,
-    /// Capture failed once: steps run eagerly on the fixed buffers.
-    #[cfg(feature = "cuda")]
-    uncaptured: bool,
+    /// The step's graph ([`Decoder::replay`]).
+    replay: Replay,
 }
 
 /// How [`Decoder::step_by`] runs a decoding step.
@@ -242,9 +239,20 @@ pub enum StepPath {
 #[cfg(feature = "cuda")]
 struct Graph(candle_core::cuda_backend::cudarc::driver::CudaGraph);
 // SAFETY: a graph executable may be launched from any thread of its context (cudarc binds the
-// context on launch); refrag launches one only under the `Mutex` of [`PrefillGraphs`].
+// context on launch), one launch at a time: a graph is reached only through `&mut` (a KV
+// state's decoding step, or a prefill shape under the `Mutex` of [`PrefillGraphs`]).
 #[cfg(feature = "cuda")]
 unsafe impl Send for Graph {}
+
+/// Device work captured as a CUDA graph at its first run and replayed after; where the capture
+/// failed (logged once) or the device is not CUDA, the work runs eagerly each time.
+#[derive(Default)]
+struct Replay {
+    #[cfg(feature = "cuda")]
+    graph: Option<Graph>,
+    #[cfg(feature = "cuda")]
+    uncaptured: bool,
+}
 
 /// One prefill shape's device buffers (and, on CUDA, its captured graph): every replay reads
 /// `input` and `last` and writes the keys, values and `logits` in place.
@@ -265,8 +273,8 @@ struct PrefillGraph {
     kv: Vec<(Tensor, Tensor)>,
     /// Cloned into the state that reads the buffers (see [`KvState::lease`]).
     lease: std::sync::Arc<()>,
-    #[cfg(feature = "cuda")]
-    graph: Option<Graph>,
+    /// The prefill's graph ([`Decoder::replay`]).
+    replay: Replay,
 }
 
 /// Prefills of fixed shapes, kept per decoder across prompts (see [`Decoder::prefill`]). A
@@ -695,10 +703,7 @@ impl Decoder {
                 io: Tensor::zeros(batch + 1, DType::U32, &self.device)?,
                 cols: Tensor::arange(0u32, state.capacity as u32, &self.device)?,
                 logits: Tensor::zeros((batch, self.cfg.vocab), DType::F32, &self.device)?,
-                #[cfg(feature = "cuda")]
-                graph: None,
-                #[cfg(feature = "cuda")]
-                uncaptured: false,
+                replay: Replay::default(),
             });
         }
         let fixed = state.fixed.as_ref().context("fixed step")?;
@@ -743,28 +748,33 @@ impl Decoder {
         Ok(())
     }
 
-    #[cfg(not(feature = "cuda"))]
+    /// The fixed step through its graph ([`Decoder::replay`]).
     fn run_fixed(&self, state: &mut KvState) -> Result<()> {
-        self.fixed_step(state)
+        // out of the state while `fixed_step` reads it
+        let mut replay = std::mem::take(&mut state.fixed.as_mut().context("fixed step")?.replay);
+        let done = self.replay(&mut replay, || self.fixed_step(state));
+        state.fixed.as_mut().context("fixed step")?.replay = replay;
+        done
     }
 
-    /// On CUDA the first fixed step runs eagerly and is captured ([`Decoder::capture`]); later
-    /// steps replay the graph. A failed capture is logged once and the steps run eagerly on the
-    /// same buffers.
-    #[cfg(feature = "cuda")]
-    fn run_fixed(&self, state: &mut KvState) -> Result<()> {
-        let f = state.fixed.as_ref().context("fixed step")?;
-        if let Some(g) = &f.graph {
-            return Ok(g.launch().map_err(candle_core::Error::wrap)?);
+    /// Run `work` (device work only, the same kernels and addresses every time) through
+    /// `replay`: its graph when there is one; else, unless a capture failed before, run it and
+    /// capture it ([`Decoder::capture`]); else eagerly.
+    fn replay(&self, replay: &mut Replay, work: impl Fn() -> Result<()>) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            if let Some(g) = &replay.graph {
+                return Ok(g.0.launch().map_err(candle_core::Error::wrap)?);
+            }
+            if !replay.uncaptured {
+                replay.graph = self.capture(work)?;
+                replay.uncaptured = replay.graph.is_none();
+                return Ok(());
+            }
         }
-        if f.uncaptured {
-            return self.fixed_step(state);
-        }
-        let graph = self.capture(|| self.fixed_step(state))?;
-        let f = state.fixed.as_mut().context("fixed step")?;
-        f.uncaptured = graph.is_none();
-        f.graph = graph.map(|g| g.0);
-        Ok(())
+        #[cfg(not(feature = "cuda"))]
+        let _ = replay;
+        work()
     }
 
     /// Run `work` (device work only, the same kernels and addresses every time) eagerly, then
@@ -886,8 +896,7 @@ impl Decoder {
             logits: zeros(&[batch, c.vocab], DType::F32)?,
             kv,
             lease: std::sync::Arc::new(()),
-            #[cfg(feature = "cuda")]
-            graph: None,
+            replay: Replay::default(),
         })
     }
 
@@ -912,23 +921,13 @@ impl Decoder {
         Ok(())
     }
 
-    #[cfg(not(feature = "cuda"))]
+    /// The shape's prefill through its graph ([`Decoder::replay`]).
     fn run_prefill(&self, g: &mut PrefillGraph) -> Result<()> {
-        self.prefill_step(g)
-    }
-
-    /// Replay the shape's graph; the first time, run it and capture it ([`Decoder::capture`]).
-    #[cfg(feature = "cuda")]
-    fn run_prefill(&self, g: &mut PrefillGraph) -> Result<()> {
-        if let Some(graph) = &g.graph {
-            return Ok(graph.0.launch().map_err(candle_core::Error::wrap)?);
-        }
-        if !self.device.is_cuda() {
-            return self.prefill_step(g);
-        }
-        let graph = self.capture(|| self.prefill_step(g))?;
-        g.graph = graph;
-        Ok(())
+        // out of the shape while `prefill_step` reads it
+        let mut replay = std::mem::take(&mut g.replay);
+        let done = self.replay(&mut replay, || self.prefill_step(g));
+        g.replay = replay;
+        done
     }
 
     /// Forward over a whole sequence from position 0 without a KV cache: the path training
@@ -1010,6 +1009,11 @@ impl Decoder {
             Visible::UpTo { pos, .. } => Attend::Decode { pos: 0, at: Some(pos) },
         };
         let fuse = self.fused_elementwise();
+        // a captured decoding step's position: one kernel rotates and writes into the caches
+        let decode_at = match attend {
+            Attend::Decode { at: Some(at), .. } if fuse && crate::model::elementwise::decode_qkv_enabled() => Some(at),
+            _ => None,
+        };
         let mut x = embeds.to_dtype(self.dtype)?;
         // the residual stream is x + pending: each layer's last output is added by the next norm
         let mut pending: Option<Tensor> = None;
@@ -1019,38 +1023,37 @@ impl Decoder {
             let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
                 Ok(lin.forward(&h, self.quant_rows)?.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?)
             };
-            let (q, k, v) = match (&layer.fused, &attend) {
-                // a captured decoding step: one kernel rotates and writes into the caches
-                (Some(f), &Attend::Decode { at: Some(at), .. })
-                    if fuse && crate::model::elementwise::decode_qkv_enabled() =>
-                {
-                    let (kb, vb) = kv(li, None)?;
-                    let qkv = f.qkv.forward(&h, self.quant_rows)?;
-                    let (nq, nk) = (c.n_head, c.n_kv_head);
-                    let (cos, sin, cos_q, sin_q) = (&self.cos, &self.sin, &self.cos_q, &self.sin_q);
-                    let (k_cache, v_cache) = (&kb, &vb);
-                    let parts = DecodeQkv { pos: at, cos_q, sin_q, cos, sin, k_cache, v_cache, n_q: nq, n_kv: nk };
-                    (crate::model::elementwise::decode_qkv(&qkv, parts)?, kb, vb)
-                }
-                (fused, _) => {
-                    let (q, k, v) = match fused {
-                        Some(f) => {
-                            // [b, q + k + v heads, t, d] in one copy; each part is a run of heads
-                            let qkv = heads(&f.qkv, c.n_head + 2 * c.n_kv_head)?.contiguous()?;
-                            let (nq, nk) = (c.n_head, c.n_kv_head);
-                            (qkv.narrow(1, 0, nq)?, qkv.narrow(1, nq, nk)?, qkv.narrow(1, nq + nk, nk)?)
-                        }
-                        None => (
-                            heads(&layer.wq, c.n_head)?,
-                            heads(&layer.wk, c.n_kv_head)?,
-                            heads(&layer.wv, c.n_kv_head)?,
-                        ),
-                    };
-                    let q = self.rope(&q.contiguous()?, &rope.cos_q, &rope.sin_q)?; // scaled by 1/sqrt(head_dim)
-                    let k = self.rope(&k.contiguous()?, &rope.cos, &rope.sin)?;
-                    let (k, v) = kv(li, Some((k, v.contiguous()?)))?;
-                    (q, k, v)
-                }
+            let (q, k, v) = if let (Some(f), Some(pos)) = (&layer.fused, decode_at) {
+                let (k_cache, v_cache) = kv(li, None)?;
+                let qkv = f.qkv.forward(&h, self.quant_rows)?;
+                let parts = DecodeQkv {
+                    pos,
+                    cos_q: &self.cos_q,
+                    sin_q: &self.sin_q,
+                    cos: &self.cos,
+                    sin: &self.sin,
+                    k_cache: &k_cache,
+                    v_cache: &v_cache,
+                    n_q: c.n_head,
+                    n_kv: c.n_kv_head,
+                };
+                (crate::model::elementwise::decode_qkv(&qkv, parts)?, k_cache, v_cache)
+            } else {
+                let (q, k, v) = match &layer.fused {
+                    Some(f) => {
+                        // [b, q + k + v heads, t, d] in one copy; each part is a run of heads
+                        let qkv = heads(&f.qkv, c.n_head + 2 * c.n_kv_head)?.contiguous()?;
+                        let (nq, nk) = (c.n_head, c.n_kv_head);
+                        (qkv.narrow(1, 0, nq)?, qkv.narrow(1, nq, nk)?, qkv.narrow(1, nq + nk, nk)?)
+                    }
+                    None => {
+                        (heads(&layer.wq, c.n_head)?, heads(&layer.wk, c.n_kv_head)?, heads(&layer.wv, c.n_kv_head)?)
+                    }
+                };
+                let q = self.rope(&q.contiguous()?, &rope.cos_q, &rope.sin_q)?; // scaled by 1/sqrt(head_dim)
+                let k = self.rope(&k.contiguous()?, &rope.cos, &rope.sin)?;
+                let (k, v) = kv(li, Some((k, v.contiguous()?)))?;
+                (q, k, v)
             };
             crate::profile::mark(&self.device, "fwd_qkv");
             let y = match &attend {

@@ -200,9 +200,10 @@ impl CustomOp1 for DecodeQkv<'_> {
         let src = qkv.as_cuda_slice::<bf16>()?.slice(l.start_offset()..);
         // SAFETY: every query element is written (one thread per pair of each head).
         let q = unsafe { dev.alloc::<bf16>(b * self.n_q * 64)? };
-        let pos = device_ptr::<u32>(self.pos, &stream)?;
-        let [cq, sq, ck, sk] = [0, 1, 2, 3].map(|i| device_ptr::<bf16>(tables[i], &stream));
-        let (kc, vc) = (device_ptr::<bf16>(self.k_cache, &stream)?, device_ptr::<bf16>(self.v_cache, &stream)?);
+        let pos = super::device_ptr::<u32>(self.pos, &stream)?;
+        let [cq, sq, ck, sk] = [0, 1, 2, 3].map(|i| super::device_ptr::<bf16>(tables[i], &stream));
+        let (kc, vc) =
+            (super::device_ptr::<bf16>(self.k_cache, &stream)?, super::device_ptr::<bf16>(self.v_cache, &stream)?);
         let (nq, nk, cap_) = (self.n_q as i32, self.n_kv as i32, cap as i32);
         let mut launch = func.builder();
         launch.arg(&src).arg(&pos);
@@ -214,21 +215,6 @@ impl CustomOp1 for DecodeQkv<'_> {
         unsafe { launch.launch(cfg) }.w()?;
         Ok((candle_core::CudaStorage::wrap_cuda_slice(q, dev), Shape::from((b, self.n_q, 1, 64))))
     }
-}
-
-/// The device address of `t`'s first element (a tensor on the GPU of dtype `T`). The memory
-/// lives as long as `t`; candle runs one stream, so no event needs recording.
-#[cfg(feature = "cuda")]
-fn device_ptr<T: candle_core::cuda_backend::CudaDType>(
-    t: &Tensor,
-    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
-) -> Result<u64> {
-    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-    let (st, l) = t.storage_and_layout();
-    let candle_core::Storage::Cuda(c) = &*st else { candle_core::bail!("a tensor that is not on the GPU") };
-    let view = c.as_cuda_slice::<T>()?.slice(l.start_offset()..);
-    let (ptr, _sync) = view.device_ptr(stream);
-    Ok(ptr)
 }
 
 /// The PTX of elementwise.cu.

@@ -32,6 +32,22 @@ macro_rules! cuda_only {
     };
 }
 
+/// The device address of `t`'s first element (a tensor on the GPU of dtype `T`), for kernels
+/// that read or write a tensor other than their inputs. The memory lives as long as `t`;
+/// candle runs one stream, so no event needs recording.
+#[cfg(feature = "cuda")]
+pub(crate) fn device_ptr<T: candle_core::cuda_backend::CudaDType>(
+    t: &candle_core::Tensor,
+    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+) -> candle_core::Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let (st, l) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(c) = &*st else { candle_core::bail!("a tensor that is not on the GPU") };
+    let view = c.as_cuda_slice::<T>()?.slice(l.start_offset()..);
+    let (ptr, _sync) = view.device_ptr(stream);
+    Ok(ptr)
+}
+
 pub mod attention;
 pub mod cache;
 pub mod compressor;
