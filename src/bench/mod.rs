@@ -165,11 +165,18 @@ fn time_decode(
         eprintln!("profile: prefill of {} x {} positions: {phases}", batch, input.positions);
     }
     // one host copy per step for the whole batch
-    let mut next = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+    let greedy = |logits: &Tensor| -> Result<Vec<u32>> {
+        let top = match crate::model::elementwise::argmax(logits)? {
+            Some(top) => top,
+            None => logits.argmax(candle_core::D::Minus1)?,
+        };
+        Ok(top.to_vec1::<u32>()?)
+    };
+    let mut next = greedy(&logits)?;
     let ttft = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
     for _ in 0..decode {
-        next = d.step(&mut st, &next)?.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+        next = greedy(&d.step(&mut st, &next)?)?;
     }
     let ttit = if decode > 0 { t1.elapsed().as_secs_f64() * 1e3 / decode as f64 } else { 0.0 };
     let total_s = t0.elapsed().as_secs_f64();

@@ -173,15 +173,15 @@ fn check_elementwise(d: &candle_core::Device, checks: &mut Checks) {
     const TOLERANCE: f32 = 3e-2;
     let (status, what) = match crate::model::elementwise::parity(d) {
         Ok(e) if e <= TOLERANCE => {
-            (Status::Ok, format!("fused add-norm, silu-mul and decoding Q/K/V agree with candle's ops (max error {e:.1e})"))
+            (Status::Ok, format!("fused add-norm, silu-mul, decoding Q/K/V and argmax agree with candle's ops (max error {e:.1e})"))
         }
         Ok(e) => (
             Status::Fail,
-            format!("fused add-norm/silu-mul/decoding Q/K/V differ from candle's ops by {e:.1e}: set REFRAG_FUSED_ELEMENTWISE=0"),
+            format!("fused add-norm/silu-mul/decoding Q/K/V/argmax differ from candle's ops by {e:.1e}: set REFRAG_FUSED_ELEMENTWISE=0"),
         ),
         Err(e) => (
             Status::Fail,
-            format!("fused add-norm/silu-mul fail ({}): set REFRAG_FUSED_ELEMENTWISE=0", super::one_line(&e)),
+            format!("fused add-norm/silu-mul/argmax fail ({}): set REFRAG_FUSED_ELEMENTWISE=0", super::one_line(&e)),
         ),
     };
     checks.add(status, "kernels", what);

@@ -183,69 +183,70 @@ extern "C" __global__ void __launch_bounds__(128) refrag_attention_bf16(
 }
 
 // Decoding: one query row per sequence over a long cache (flash-decoding, split over keys).
-// Grid (splits, kv heads, b), 4 warps; a block reads 128 keys of one KV head for its n_rep
-// (<= 4) query heads, a warp 32 of them: first each lane scores its own key (the queries in
-// shared memory, the key's 64 dimensions in 8 16-byte loads), the warp takes the maximum and
-// the sum of its 32 weights, then each lane accumulates 2 of the 64 output dimensions over the
-// 32 values, every load issued ahead of the arithmetic. (A key at a time, with the dimensions
-// across the lanes, left each warp waiting on one load after another: ~28 us per call for a
-// short cache on an H200.) Each block writes its partial maximum, sum and unnormalised output;
-// the combine kernel merges the splits. The cache holds positions 0..=pos, pos read from the
-// device (*pos_dev, so a captured graph replays at any position) or given (pos_host when
-// pos_dev is null); keys past it are never read, and blocks past it write an empty partial.
+// Grid (splits, kv heads, b), 4 warps; a block reads 128 keys of one KV head for its R query
+// heads (R = n_rep, a template parameter: one entry point per R), a warp 32 of them: first each
+// lane scores its own key (the queries in shared memory, the key's 64 dimensions in 16-byte
+// loads), the warp takes the maximum and the sum of its 32 weights, then each lane accumulates
+// 2 of the 64 output dimensions over the 32 values. Each block writes its partial maximum, sum
+// and unnormalised output; the combine kernel merges the splits. (Merging them in the last
+// block of each KV head instead, counted with an atomic after a __threadfence, saved that
+// launch but took the kernel from ~10 to ~26 us a call on an H200: measured, reverted.) The
+// cache holds positions 0..=pos, pos read from the device (*pos_dev, so a captured graph
+// replays at any position) or given (pos_host when pos_dev is null); rows past it are never
+// read (a lane past it scores nothing and multiplies the last valid value row by a weight of
+// 0), blocks past it write an empty partial.
+// Code size is what sets this kernel's time: a step runs it once per layer on a few blocks,
+// between other kernels, so every block fetches its instructions cold. Fully unrolled over 4
+// query heads and 32 values it was ~46 KB and took ~23 us a call on an H200 for ~1 us of loads;
+// the loops below are unrolled only as far as the loads need (~6 KB). The sums keep the order
+// of the unrolled version (bit-identical).
 #define SPLIT_KEYS 128
 #define MAX_REP 4
 
-extern "C" __global__ void __launch_bounds__(128) refrag_decode_attention_bf16(
+template <int R>
+__device__ __forceinline__ void decode_attention(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
     const __nv_bfloat16* __restrict__ v, float* __restrict__ part_o, float* __restrict__ part_ml,
-    const unsigned int* __restrict__ pos_dev, int pos_host, int heads, int n_rep, int splits,
-    float scale_log2, long long q_sb, long long q_sh, long long k_sb, long long k_sh,
-    long long k_st, long long v_sb, long long v_sh, long long v_st) {
-    __shared__ float sml[4][MAX_REP][2];
-    __shared__ float so[4][MAX_REP][HEAD];
-    __shared__ float sq[MAX_REP][HEAD];
+    const unsigned int* __restrict__ pos_dev, int pos_host, int heads, int splits, float scale_log2,
+    long long q_sb, long long q_sh, long long k_sb, long long k_sh, long long k_st, long long v_sb,
+    long long v_sh, long long v_st) {
+    __shared__ float sml[4][R][2];
+    __shared__ float so[4][R][HEAD];
+    __shared__ float sq[R][HEAD];
     const int s = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int len = (pos_dev ? (int)pos_dev[0] : pos_host) + 1;
     const int begin = s * SPLIT_KEYS + warp * 32, n = min(32, len - begin);
-    for (int i = threadIdx.x; i < n_rep * HEAD; i += blockDim.x) {
+#pragma unroll 1
+    for (int i = threadIdx.x; i < R * HEAD; i += blockDim.x) {
         const int r = i / HEAD, d = i - r * HEAD;
-        sq[r][d] = __bfloat162float(q[b * q_sb + (kh * n_rep + r) * q_sh + d]);
+        sq[r][d] = __bfloat162float(q[b * q_sb + (kh * R + r) * q_sh + d]);
     }
     __syncthreads();
 
-    // this lane's key: its score for each query head
-    float sc[MAX_REP];
+    // this lane's key (a valid row past the end: its weight is 0)
+    const long long key = min(begin + lane, len - 1);
+    float sc[R];
 #pragma unroll
-    for (int r = 0; r < MAX_REP; ++r) sc[r] = 0.f;
+    for (int r = 0; r < R; ++r) sc[r] = 0.f;
     if (lane < n) {
-        const __nv_bfloat16* kr = k + b * k_sb + kh * k_sh + (long long)(begin + lane) * k_st;
-        uint4 raw[HEAD / 8];
-#pragma unroll
-        for (int c = 0; c < HEAD / 8; ++c) raw[c] = *reinterpret_cast<const uint4*>(kr + 8 * c);
-#pragma unroll
+        const __nv_bfloat16* kr = k + b * k_sb + kh * k_sh + key * k_st;
+#pragma unroll 2
         for (int c = 0; c < HEAD / 8; ++c) {
-            const __nv_bfloat162* pr = reinterpret_cast<const __nv_bfloat162*>(&raw[c]);
+            const uint4 raw = *reinterpret_cast<const uint4*>(kr + 8 * c);
+            const __nv_bfloat162* pr = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const float2 kk = __bfloat1622float2(pr[e]);
 #pragma unroll
-                for (int r = 0; r < MAX_REP; ++r) {
-                    if (r < n_rep) sc[r] += sq[r][8 * c + 2 * e] * kk.x + sq[r][8 * c + 2 * e + 1] * kk.y;
-                }
+                for (int r = 0; r < R; ++r) sc[r] += sq[r][8 * c + 2 * e] * kk.x + sq[r][8 * c + 2 * e + 1] * kk.y;
             }
         }
     }
     // the warp's maximum and sum of weights per query head
-    float m[MAX_REP], l[MAX_REP], p[MAX_REP];
+    float m[R], l[R], p[R];
 #pragma unroll
-    for (int r = 0; r < MAX_REP; ++r) {
-        if (r >= n_rep) {
-            m[r] = -INFINITY;
-            l[r] = p[r] = 0.f;
-            continue;
-        }
+    for (int r = 0; r < R; ++r) {
         float mx = lane < n ? sc[r] : -INFINITY;
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
@@ -256,28 +257,33 @@ extern "C" __global__ void __launch_bounds__(128) refrag_decode_attention_bf16(
         m[r] = mx;
         l[r] = sum;
     }
-    // the values: each lane 2 dimensions, over the warp's keys
+    // the values: each lane 2 dimensions, over the warp's keys, 8 rows loaded at a time
     const __nv_bfloat16* vb = v + b * v_sb + kh * v_sh + 2 * lane;
-    float2 vv[32];
+    // (a warp wholly past the end reads no values: the rows there may hold anything, or lie
+    // past the buffer when the capacity is not a multiple of SPLIT_KEYS, and 0 * NaN is NaN)
+    float2 o[R];
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
-        vv[j] = j < n ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(vb + (long long)(begin + j) * v_st))
-                      : make_float2(0.f, 0.f);
-    }
-    float2 o[MAX_REP];
+    for (int r = 0; r < R; ++r) o[r] = make_float2(0.f, 0.f);
+#pragma unroll 1
+    for (int j0 = 0; j0 < (n > 0 ? 32 : 0); j0 += 8) {
+        float2 vv[8];
 #pragma unroll
-    for (int r = 0; r < MAX_REP; ++r) {
-        o[r] = make_float2(0.f, 0.f);
-        if (r >= n_rep) continue;
+        for (int j = 0; j < 8; ++j) {
+            const long long row = min(begin + j0 + j, len - 1);
+            vv[j] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(vb + row * v_st));
+        }
 #pragma unroll
-        for (int j = 0; j < 32; ++j) {
-            const float pj = __shfl_sync(0xffffffffu, p[r], j);
-            o[r].x += pj * vv[j].x;
-            o[r].y += pj * vv[j].y;
+        for (int r = 0; r < R; ++r) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float pj = __shfl_sync(0xffffffffu, p[r], j0 + j);
+                o[r].x += pj * vv[j].x;
+                o[r].y += pj * vv[j].y;
+            }
         }
     }
 #pragma unroll
-    for (int r = 0; r < MAX_REP; ++r) {
+    for (int r = 0; r < R; ++r) {
         if (lane == 0) {
             sml[warp][r][0] = m[r];
             sml[warp][r][1] = l[r];
@@ -286,29 +292,45 @@ extern "C" __global__ void __launch_bounds__(128) refrag_decode_attention_bf16(
         so[warp][r][2 * lane + 1] = o[r].y;
     }
     __syncthreads();
-    if (warp >= n_rep) return;
-    const int r = warp, h = kh * n_rep + r;
-    float mx = -INFINITY;
+    if (warp < R) {
+        const int r = warp, h = kh * R + r;
+        float mx = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < 4; ++w) mx = fmaxf(mx, sml[w][r][0]);
-    float sum = 0.f, o0 = 0.f, o1 = 0.f;
-    if (mx != -INFINITY) {
+        for (int w = 0; w < 4; ++w) mx = fmaxf(mx, sml[w][r][0]);
+        float sum = 0.f, o0 = 0.f, o1 = 0.f;
+        if (mx != -INFINITY) {
 #pragma unroll
-        for (int w = 0; w < 4; ++w) {
-            const float c = exp2f((sml[w][r][0] - mx) * scale_log2);
-            sum += sml[w][r][1] * c;
-            o0 += so[w][r][2 * lane] * c;
-            o1 += so[w][r][2 * lane + 1] * c;
+            for (int w = 0; w < 4; ++w) {
+                const float c = exp2f((sml[w][r][0] - mx) * scale_log2);
+                sum += sml[w][r][1] * c;
+                o0 += so[w][r][2 * lane] * c;
+                o1 += so[w][r][2 * lane + 1] * c;
+            }
+        }
+        const long long at = ((long long)b * heads + h) * splits + s;
+        part_o[at * HEAD + 2 * lane] = o0;
+        part_o[at * HEAD + 2 * lane + 1] = o1;
+        if (lane == 0) {
+            part_ml[at * 2] = mx;
+            part_ml[at * 2 + 1] = sum;
         }
     }
-    const long long at = ((long long)b * heads + h) * splits + s;
-    part_o[at * HEAD + 2 * lane] = o0;
-    part_o[at * HEAD + 2 * lane + 1] = o1;
-    if (lane == 0) {
-        part_ml[at * 2] = mx;
-        part_ml[at * 2 + 1] = sum;
-    }
 }
+
+#define DECODE_ATTENTION(R)                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) refrag_decode_attention_bf16_r##R(                \
+        const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,                      \
+        const __nv_bfloat16* __restrict__ v, float* __restrict__ part_o, float* __restrict__ part_ml,  \
+        const unsigned int* __restrict__ pos_dev, int pos_host, int heads, int splits, float scale_log2, \
+        long long q_sb, long long q_sh, long long k_sb, long long k_sh, long long k_st, long long v_sb, \
+        long long v_sh, long long v_st) {                                                              \
+        decode_attention<R>(q, k, v, part_o, part_ml, pos_dev, pos_host, heads, splits, scale_log2, q_sb, \
+                            q_sh, k_sb, k_sh, k_st, v_sb, v_sh, v_st);                                 \
+    }
+DECODE_ATTENTION(1)
+DECODE_ATTENTION(2)
+DECODE_ATTENTION(3)
+DECODE_ATTENTION(4)
 
 // Merges the splits: grid (heads, b), 64 threads (one per dimension); out [b, 1, heads, 64].
 extern "C" __global__ void refrag_decode_combine_bf16(const float* __restrict__ part_o,
@@ -318,8 +340,10 @@ extern "C" __global__ void refrag_decode_combine_bf16(const float* __restrict__ 
     const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
     const long long base = ((long long)b * heads + h) * splits;
     float mx = -INFINITY;
+#pragma unroll 8
     for (int s = 0; s < splits; ++s) mx = fmaxf(mx, part_ml[(base + s) * 2]);
     float sum = 0.f, acc = 0.f;
+#pragma unroll 4
     for (int s = 0; s < splits; ++s) {
         const float ms = part_ml[(base + s) * 2];
         if (ms == -INFINITY) continue;

@@ -87,6 +87,23 @@ impl Linear {
         Ok(Self { dense, quant, lora: None })
     }
 
+    /// `silu(gate) * up` of the stacked gate/up row `gu` [b, 1, 2k] through this matrix in one
+    /// kernel ([`crate::model::elementwise::gemv_silu`]) where it applies (one dense row on
+    /// CUDA, no adapters): [b, 1, out]; None elsewhere.
+    fn gemv_silu(&self, gu: &Tensor) -> Result<Option<Tensor>> {
+        let two_k = gu.dim(D::Minus1)?;
+        if self.lora.is_some() || self.quant.is_some() || gu.elem_count() != two_k {
+            return Ok(None);
+        }
+        let row = gu.reshape((1, two_k))?;
+        if !crate::model::elementwise::gemv_fits(&row, &self.dense, true) {
+            return Ok(None);
+        }
+        let mut shape = gu.dims().to_vec();
+        *shape.last_mut().context("a last dim")? = self.dense.dim(0)?;
+        Ok(Some(crate::model::elementwise::gemv_silu(&row, &self.dense)?.reshape(shape)?))
+    }
+
     fn forward(&self, x: &Tensor, quant_rows: usize) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
         if let (Some(q), true, None) = (&self.quant, rows <= quant_rows, &self.lora) {
@@ -98,7 +115,12 @@ impl Linear {
         let inner = dims[dims.len() - 1];
         let x2 = x.reshape((rows, inner))?;
         // training: the gradient flows to the input only (the dense weight is frozen)
-        let mut y = crate::model::diffops::frozen_linear(&x2, &self.dense)?;
+        let mut y = if crate::model::elementwise::gemv_fits(&x2, &self.dense, false) {
+            // one row on CUDA (a decoding step at batch 1): a kernel of its own, not cuBLAS's
+            crate::model::elementwise::gemv(&x2, &self.dense)?
+        } else {
+            crate::model::diffops::frozen_linear(&x2, &self.dense)?
+        };
         if let Some(l) = &self.lora {
             // in the activations' dtype (bf16 on CUDA; the adapters stay f32 for the optimizer):
             // f32 copies of every adapted layer's input and output gradient cost more than
@@ -155,8 +177,25 @@ pub struct KvState {
     /// Inputs and outputs of the fixed-shape decoding step, made at its first use.
     fixed: Option<FixedStep>,
     /// Held while the keys and values are a captured prefill's buffers ([`Decoder::prefill`]):
-    /// that prefill is not replayed into them until this state is dropped.
-    lease: Option<std::sync::Arc<()>>,
+    /// that prefill is not replayed into them until this state is dropped, when the decoding
+    /// step made over them goes back to the shape for the next prompt's state.
+    lease: Option<std::sync::Arc<StepSlot>>,
+}
+
+/// A prefill shape's decoding step between the states that read its buffers: its graph
+/// reads and writes those buffers, so the next state of the shape replays it instead of
+/// capturing its own (~7 ms on an H200, once per answer).
+#[derive(Default)]
+struct StepSlot(std::sync::Mutex<Option<FixedStep>>);
+
+impl Drop for KvState {
+    fn drop(&mut self) {
+        if let (Some(slot), Some(fixed)) = (&self.lease, self.fixed.take()) {
+            if let Ok(mut kept) = slot.0.lock() {
+                *kept = Some(fixed);
+            }
+        }
+    }
 }
 
 impl KvState {
@@ -179,6 +218,12 @@ impl KvState {
             .flatten()
             .map(|t| t.elem_count() * t.dtype().size_in_bytes())
             .sum()
+    }
+
+    /// Whether the state has its fixed-shape decoding step (made at its first fixed step, or
+    /// handed on from the last state of its prefill shape).
+    pub fn has_decoding_step(&self) -> bool {
+        self.fixed.is_some()
     }
 
     /// Sequences held (None before the first write).
@@ -271,8 +316,9 @@ struct PrefillGraph {
     logits: Tensor,
     /// Per layer: keys and values, [batch, kv heads, capacity, head_dim].
     kv: Vec<(Tensor, Tensor)>,
-    /// Cloned into the state that reads the buffers (see [`KvState::lease`]).
-    lease: std::sync::Arc<()>,
+    /// Cloned into the state that reads the buffers (see [`KvState::lease`]); holds the
+    /// decoding step over them while no state does.
+    lease: std::sync::Arc<StepSlot>,
     /// The prefill's graph ([`Decoder::replay`]).
     replay: Replay,
 }
@@ -662,7 +708,7 @@ impl Decoder {
         let (pos, t) = (state.pos, embeds.dim(1)?);
         let out = self.run_layers(
             embeds,
-            &self.rope_rows(pos, t)?,
+            || self.rope_rows(pos, t),
             Visible::Causal { pos },
             |li, new| {
                 let (k, v) = new.context("the keys and values of a prefill")?;
@@ -724,21 +770,29 @@ impl Decoder {
         let b = f.batch;
         let pos = f.io.narrow(0, b, 1)?;
         let x = self.embed.index_select(&f.io.narrow(0, 0, b)?, 0)?.reshape((b, 1, c.hidden))?;
+        // the rotary rows and the scatter index only where the fused Q/K/V kernel does not
+        // rotate and write at the device's position itself (a gather each: launches)
         let at = |table: &Tensor| -> Result<Tensor> { Ok(table.index_select(&pos, 0)?) };
-        let rows =
-            RopeRows { cos: at(&self.cos)?, sin: at(&self.sin)?, cos_q: at(&self.cos_q)?, sin_q: at(&self.sin_q)? };
-        let at_pos = pos.reshape((1, 1, 1, 1))?.broadcast_as((b, c.n_kv_head, 1, c.head_dim))?.contiguous()?;
+        let rows = || -> Result<RopeRows> {
+            Ok(RopeRows { cos: at(&self.cos)?, sin: at(&self.sin)?, cos_q: at(&self.cos_q)?, sin_q: at(&self.sin_q)? })
+        };
+        let mut at_pos: Option<Tensor> = None;
         let h = self.run_layers(
             &x,
-            &rows,
+            rows,
             Visible::UpTo { pos: &pos, cols: &f.cols },
             |li, new| {
                 let layer = &state.layers[li];
                 let (kb, vb) = (layer.k.as_ref().context("keys")?, layer.v.as_ref().context("values")?);
                 // None: the fused kernel writes them
                 if let Some((k, v)) = new {
-                    kb.scatter_set(&at_pos, &k, 2)?;
-                    vb.scatter_set(&at_pos, &v, 2)?;
+                    if at_pos.is_none() {
+                        let shape = (b, c.n_kv_head, 1, c.head_dim);
+                        at_pos = Some(pos.reshape((1, 1, 1, 1))?.broadcast_as(shape)?.contiguous()?);
+                    }
+                    let at_pos = at_pos.as_ref().context("scatter index")?;
+                    kb.scatter_set(at_pos, &k, 2)?;
+                    vb.scatter_set(at_pos, &v, 2)?;
                 }
                 Ok((kb.clone(), vb.clone()))
             },
@@ -873,6 +927,7 @@ impl Decoder {
         }
         state.capacity = capacity;
         state.pos = t;
+        state.fixed = g.lease.0.lock().ok().and_then(|mut kept| kept.take());
         state.lease = Some(g.lease.clone());
         // a copy: the buffer is the next prompt's output
         Ok(Some(g.logits.copy()?))
@@ -895,7 +950,7 @@ impl Decoder {
             last: zeros(&[1], DType::U32)?,
             logits: zeros(&[batch, c.vocab], DType::F32)?,
             kv,
-            lease: std::sync::Arc::new(()),
+            lease: std::sync::Arc::default(),
             replay: Replay::default(),
         })
     }
@@ -905,7 +960,7 @@ impl Decoder {
     fn prefill_step(&self, g: &PrefillGraph) -> Result<()> {
         let h = self.run_layers(
             &g.input,
-            &self.rope_rows(0, g.rows)?,
+            || self.rope_rows(0, g.rows),
             Visible::Causal { pos: 0 },
             |li, new| {
                 let (k, v) = new.context("the keys and values of a prefill")?;
@@ -955,7 +1010,7 @@ impl Decoder {
             TRAIN_LAYER_POSITIONS.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }
         let same = |_, new: Option<_>| new.context("the keys and values of a forward");
-        self.run_layers(embeds, &self.rope_rows(0, t)?, Visible::Causal { pos: 0 }, same, final_norm)
+        self.run_layers(embeds, || self.rope_rows(0, t), Visible::Causal { pos: 0 }, same, final_norm)
     }
 
     /// Rotary rows of positions pos..pos + t.
@@ -987,13 +1042,14 @@ impl Decoder {
         Ok(d)
     }
 
-    /// The layers over `embeds` ([b, t, hidden]) at the positions of `rope`, each query row
-    /// seeing the keys `visible` says. `kv(layer, k, v)` stores the new keys and values
-    /// ([b, kv heads, t, d]) and gives back all the keys and values to attend to.
+    /// The layers over `embeds` ([b, t, hidden]) at the positions whose rotary rows `rope`
+    /// gives (called once, where the rows are needed), each query row seeing the keys `visible`
+    /// says. `kv(layer, k, v)` stores the new keys and values ([b, kv heads, t, d]) and gives
+    /// back all the keys and values to attend to.
     fn run_layers(
         &self,
         embeds: &Tensor,
-        rope: &RopeRows,
+        rope: impl Fn() -> Result<RopeRows>,
         visible: Visible,
         mut kv: impl FnMut(usize, Option<(Tensor, Tensor)>) -> Result<(Tensor, Tensor)>,
         final_norm: bool,
@@ -1014,6 +1070,7 @@ impl Decoder {
             Attend::Decode { at: Some(at), .. } if fuse && crate::model::elementwise::decode_qkv_enabled() => Some(at),
             _ => None,
         };
+        let mut rope_rows: Option<RopeRows> = None;
         let mut x = embeds.to_dtype(self.dtype)?;
         // the residual stream is x + pending: each layer's last output is added by the next norm
         let mut pending: Option<Tensor> = None;
@@ -1050,8 +1107,12 @@ impl Decoder {
                         (heads(&layer.wq, c.n_head)?, heads(&layer.wk, c.n_kv_head)?, heads(&layer.wv, c.n_kv_head)?)
                     }
                 };
-                let q = self.rope(&q.contiguous()?, &rope.cos_q, &rope.sin_q)?; // scaled by 1/sqrt(head_dim)
-                let k = self.rope(&k.contiguous()?, &rope.cos, &rope.sin)?;
+                if rope_rows.is_none() {
+                    rope_rows = Some(rope()?);
+                }
+                let r = rope_rows.as_ref().context("rotary rows")?;
+                let q = self.rope(&q.contiguous()?, &r.cos_q, &r.sin_q)?; // scaled by 1/sqrt(head_dim)
+                let k = self.rope(&k.contiguous()?, &r.cos, &r.sin)?;
                 let (k, v) = kv(li, Some((k, v.contiguous()?)))?;
                 (q, k, v)
             };
@@ -1069,7 +1130,15 @@ impl Decoder {
             let h;
             (x, h) = self.add_norm(&x, Some(out), &layer.ffn_norm, fuse)?;
             let act = match &layer.fused {
-                Some(f) if fuse => crate::model::elementwise::silu_mul(&f.gate_up.forward(&h, self.quant_rows)?)?,
+                Some(f) if fuse => {
+                    let gu = f.gate_up.forward(&h, self.quant_rows)?;
+                    if let Some(down) = layer.w_down.gemv_silu(&gu)? {
+                        pending = Some(down);
+                        crate::profile::mark(&self.device, "fwd_mlp");
+                        continue;
+                    }
+                    crate::model::elementwise::silu_mul(&gu)?
+                }
                 Some(f) => {
                     let gu = f.gate_up.forward(&h, self.quant_rows)?;
                     let n = gu.dim(D::Minus1)? / 2;
@@ -1096,7 +1165,9 @@ impl Decoder {
     /// ([`crate::model::elementwise`]), else the add and [`Decoder::rms_norm`].
     fn add_norm(&self, x: &Tensor, y: Option<Tensor>, w: &Tensor, fuse: bool) -> Result<(Tensor, Tensor)> {
         let x = match y {
-            Some(y) if fuse => return Ok(crate::model::elementwise::add_rms_norm(x, &y, w, self.cfg.rms_eps)?),
+            Some(y) if fuse && crate::model::elementwise::add_rms_norm_fits(x, &y, w) => {
+                return Ok(crate::model::elementwise::add_rms_norm(x, &y, w, self.cfg.rms_eps)?)
+            }
             Some(y) => (x + y)?,
             None => x.clone(),
         };

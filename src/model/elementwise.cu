@@ -20,52 +20,63 @@ extern "C" __global__ void refrag_silu_mul_bf16(const bf16* __restrict__ gu, bf1
 
 // The residual add and the next norm in one pass over a row of `hidden` values:
 // out[0][r] = x[r] + y[r] (rounded to bf16), out[1][r] = out[0][r] / rms(out[0][r]) * w.
-// One block per row; blockDim.x a multiple of 32, at most 1024. A thread's sums stay in
-// registers (up to PER_THREAD of them; rows longer than blockDim.x * PER_THREAD read them back)
-// and all its loads are issued before the arithmetic: a one-warp block otherwise waits on one
-// load after another (~12 us a call at 576 columns on an H200, against ~2 us). The order of
-// the sum of squares is unchanged.
-#define PER_THREAD 32
+// One block per row; blockDim.x a multiple of 32, at most 1024. The sum of squares keeps
+// candle's rms-norm kernel's order (thread t adds the columns t, t + blockDim.x, ... in turn,
+// then the warp and block reductions), so the norm rounds as candle's does.
+//
+// The row moves in 16-byte pieces (hidden % 8 == 0, 16-byte aligned rows, at most
+// ADD_NORM_PIECES of them per thread): every load of x, y and w is issued at once, the sums are
+// written and kept in shared memory (f32, `hidden` of them: dynamic shared memory), where each
+// thread then reads its own columns for the sum of squares; elementwise work has no order,
+// only that sum needs the strided walk. Small code and one wait on memory matter more than
+// arithmetic here: a step runs this on one block per row between other kernels, so its
+// instructions are fetched cold each time, and a version with each thread's 32 columns
+// unrolled in registers (~31 KB of code) spent most of its ~7 us doing so.
+#define ADD_NORM_PIECES 3
 extern "C" __global__ void refrag_add_rms_norm_bf16(const bf16* __restrict__ x, const bf16* __restrict__ y,
                                                     const bf16* __restrict__ w, bf16* __restrict__ out, int rows,
                                                     int hidden, float eps) {
+    extern __shared__ float kept[];
     __shared__ float part[32];
     const long long row = blockIdx.x;
-    const bf16* xr = x + row * hidden;
-    const bf16* yr = y + row * hidden;
-    bf16* sum = out + row * hidden;
-    bf16* norm = out + (long long)rows * hidden + row * hidden;
-    const bool held = hidden <= (int)blockDim.x * PER_THREAD;
-    float kept[PER_THREAD];
-    float ss = 0.0f;
-    if (held) {
-        float xs[PER_THREAD], ys[PER_THREAD];
+    const uint4* xr = reinterpret_cast<const uint4*>(x + row * hidden);
+    const uint4* yr = reinterpret_cast<const uint4*>(y + row * hidden);
+    uint4* sum = reinterpret_cast<uint4*>(out + row * hidden);
+    uint4* norm = reinterpret_cast<uint4*>(out + (long long)rows * hidden + row * hidden);
+    const uint4* wr = reinterpret_cast<const uint4*>(w);
+    const int t = threadIdx.x, step = blockDim.x, pieces = hidden / 8;
+    uint4 xs[ADD_NORM_PIECES], ys[ADD_NORM_PIECES], ws[ADD_NORM_PIECES];
 #pragma unroll
-        for (int i = 0; i < PER_THREAD; ++i) {
-            const int j = threadIdx.x + i * blockDim.x;
-            xs[i] = j < hidden ? __bfloat162float(xr[j]) : 0.0f;
-            ys[i] = j < hidden ? __bfloat162float(yr[j]) : 0.0f;
-        }
-#pragma unroll
-        for (int i = 0; i < PER_THREAD; ++i) {
-            const int j = threadIdx.x + i * blockDim.x;
-            if (j < hidden) {
-                const bf16 s = __float2bfloat16(xs[i] + ys[i]);
-                sum[j] = s;
-                kept[i] = __bfloat162float(s);
-                ss += kept[i] * kept[i];
-            }
-        }
-    } else {
-        for (int j = threadIdx.x; j < hidden; j += blockDim.x) {
-            bf16 s = __float2bfloat16(__bfloat162float(xr[j]) + __bfloat162float(yr[j]));
-            sum[j] = s;
-            float v = __bfloat162float(s);
-            ss += v * v;
-        }
+    for (int u = 0; u < ADD_NORM_PIECES; ++u) {
+        const int c = min(t + u * step, pieces - 1);
+        xs[u] = xr[c];
+        ys[u] = yr[c];
+        ws[u] = wr[c];
     }
+#pragma unroll
+    for (int u = 0; u < ADD_NORM_PIECES; ++u) {
+        const int c = t + u * step;
+        if (c >= pieces) break;
+        const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xs[u]);
+        const __nv_bfloat162* yp = reinterpret_cast<const __nv_bfloat162*>(&ys[u]);
+        uint4 packed;
+        __nv_bfloat162* sp = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float2 a = __bfloat1622float2(xp[e]), b = __bfloat1622float2(yp[e]);
+            sp[e] = __floats2bfloat162_rn(a.x + b.x, a.y + b.y);
+            const float2 r = __bfloat1622float2(sp[e]);
+            kept[8 * c + 2 * e] = r.x;
+            kept[8 * c + 2 * e + 1] = r.y;
+        }
+        sum[c] = packed;
+    }
+    __syncthreads();
+    float ss = 0.0f;
+#pragma unroll 4
+    for (int j = t; j < hidden; j += step) ss += kept[j] * kept[j];
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    const int warp = t / 32, lane = t % 32, warps = step / 32;
     if (lane == 0) part[warp] = ss;
     __syncthreads();
     if (warp == 0) {
@@ -75,16 +86,19 @@ extern "C" __global__ void refrag_add_rms_norm_bf16(const bf16* __restrict__ x, 
     }
     __syncthreads();
     const float inv = rsqrtf(part[0] / hidden + eps);
-    if (held) {
 #pragma unroll
-        for (int i = 0; i < PER_THREAD; ++i) {
-            const int j = threadIdx.x + i * blockDim.x;
-            if (j < hidden) norm[j] = __float2bfloat16(kept[i] * inv * __bfloat162float(w[j]));
+    for (int u = 0; u < ADD_NORM_PIECES; ++u) {
+        const int c = t + u * step;
+        if (c >= pieces) break;
+        const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&ws[u]);
+        uint4 packed;
+        __nv_bfloat162* np = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float2 g = __bfloat1622float2(wp[e]);
+            np[e] = __floats2bfloat162_rn(kept[8 * c + 2 * e] * inv * g.x, kept[8 * c + 2 * e + 1] * inv * g.y);
         }
-    } else {
-        for (int j = threadIdx.x; j < hidden; j += blockDim.x) {
-            norm[j] = __float2bfloat16(__bfloat162float(sum[j]) * inv * __bfloat162float(w[j]));
-        }
+        norm[c] = packed;
     }
 }
 
@@ -120,4 +134,167 @@ extern "C" __global__ void refrag_decode_qkv_bf16(const bf16* __restrict__ qkv, 
         dst[2 * i] = x0;
         dst[2 * i + 1] = x1;
     }
+}
+
+// Greedy decoding's argmax over each row of logits [rows, n] (f32, n % 4 == 0, 16-byte aligned
+// rows), in two launches: candle's one-block-per-row kernel walks 49,152 values with one
+// block (~38 us a token on an H200). First each block takes the best of ARGMAX_SPAN values of
+// a row (grid (parts, rows), 256 threads, 16-byte loads), then one warp per row the best of
+// the parts. Ties go where candle's kernel (1024 threads for rows of 1024 values or more)
+// sends them: its thread t takes the columns t, t + 1024, ... and keeps the first of equal
+// values, then a tree reduction pairs thread t with t + 512, t + 256, ..., t + 1, keeping the
+// lower one's on ties, so of equal maxima the one whose thread has the smallest bit-reversed
+// number wins, then the lowest column. They matter: logits come from a bf16 matmul, so the top
+// two are often equal, and greedy answers forked at a third of the questions under another rule.
+#define ARGMAX_SPAN 4096
+
+// lower wins among equal values: the bit-reversed thread (top 10 bits), then the column's round
+__device__ __forceinline__ unsigned tie_rank(unsigned i) { return __brev(i & 1023u) | (i >> 10); }
+
+__device__ __forceinline__ void better(float& v, unsigned& i, float ov, unsigned oi) {
+    // 0xffffffff: no value yet (a part past the row's end)
+    if (oi != 0xffffffffu &&
+        (i == 0xffffffffu || ov > v || (ov == v && tie_rank(oi) < tie_rank(i)) || v != v)) {
+        v = ov;
+        i = oi;
+    }
+}
+
+__device__ __forceinline__ void warp_best(float& v, unsigned& i) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_down_sync(0xffffffffu, v, o);
+        const unsigned oi = __shfl_down_sync(0xffffffffu, i, o);
+        better(v, i, ov, oi);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) refrag_argmax_part_f32(const float* __restrict__ x, float* __restrict__ part_v,
+                                                                       unsigned* __restrict__ part_i, int n, int parts) {
+    __shared__ float sv[8];
+    __shared__ unsigned si[8];
+    const int p = blockIdx.x, row = blockIdx.y, t = threadIdx.x;
+    const float4* xr = reinterpret_cast<const float4*>(x + (long long)row * n);
+    const int begin = p * (ARGMAX_SPAN / 4), end = min(begin + ARGMAX_SPAN / 4, n / 4);
+    float v = -INFINITY;
+    unsigned i = 0xffffffffu;
+    float4 q[ARGMAX_SPAN / 4 / 256];
+#pragma unroll
+    for (int u = 0; u < ARGMAX_SPAN / 4 / 256; ++u) {
+        const int at = begin + u * 256 + t;
+        q[u] = at < end ? xr[at] : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+    }
+#pragma unroll
+    for (int u = 0; u < ARGMAX_SPAN / 4 / 256; ++u) {
+        if (begin + u * 256 + t >= end) break;
+        const unsigned at = 4u * (begin + u * 256 + t);
+        better(v, i, q[u].x, at);
+        better(v, i, q[u].y, at + 1);
+        better(v, i, q[u].z, at + 2);
+        better(v, i, q[u].w, at + 3);
+    }
+    warp_best(v, i);
+    if ((t & 31) == 0) {
+        sv[t >> 5] = v;
+        si[t >> 5] = i;
+    }
+    __syncthreads();
+    if (t < 32) {
+        v = t < 8 ? sv[t] : -INFINITY;
+        i = t < 8 ? si[t] : 0xffffffffu;
+        warp_best(v, i);
+        if (t == 0) {
+            part_v[(long long)row * parts + p] = v;
+            part_i[(long long)row * parts + p] = i;
+        }
+    }
+}
+
+// The best of each row's parts: grid (rows), 32 threads; out [rows] (u32). A row of only NaN
+// gives index 0.
+extern "C" __global__ void refrag_argmax_rows(const float* __restrict__ part_v, const unsigned* __restrict__ part_i,
+                                              unsigned* __restrict__ out, int parts) {
+    const int row = blockIdx.x, t = threadIdx.x;
+    float v = -INFINITY;
+    unsigned i = 0xffffffffu;
+#pragma unroll 1
+    for (int p = t; p < parts; p += 32) better(v, i, part_v[(long long)row * parts + p], part_i[(long long)row * parts + p]);
+    warp_best(v, i);
+    if (t == 0) out[row] = i == 0xffffffffu ? 0u : i;
+}
+
+// A decoding step's matrix-vector products at batch 1: y [n] = w [n, k] x [k] (bf16, f32
+// sums, k % 8 == 0, rows 16-byte aligned). One warp per output row, 8 rows per block: each
+// lane multiplies 16-byte pieces of the row (four in flight), the warp sums. cuBLAS's kernels
+// for these shapes took ~4.6 us each on an H200 whatever the size (576 x 576 to 3072 x 576):
+// latency, not bandwidth. The sum's order is not cuBLAS's (outputs differ by bf16 rounding).
+// With SILU, x is silu(g) * u from the stacked gate/up output gu [2k], computed per piece as
+// refrag_silu_mul_bf16 does (the same roundings) by each block into shared memory (2k bytes
+// of dynamic shared memory), so the MLP's down projection needs no launch of its own for the
+// activation.
+__device__ __forceinline__ uint4 silu_mul8(const uint4 g, const uint4 u) {
+    const bf16* gp = reinterpret_cast<const bf16*>(&g);
+    const bf16* up = reinterpret_cast<const bf16*>(&u);
+    uint4 out;
+    bf16* op = reinterpret_cast<bf16*>(&out);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        const float gv = __bfloat162float(gp[e]);
+        const float sv = __bfloat162float(__float2bfloat16(gv / (1.0f + expf(-gv))));
+        op[e] = __float2bfloat16(sv * __bfloat162float(up[e]));
+    }
+    return out;
+}
+
+template <bool SILU>
+__device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __restrict__ w, bf16* __restrict__ y, int n,
+                                     int k) {
+    extern __shared__ uint4 act[];  // SILU: the block's k activations
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row = blockIdx.x * 8 + warp;
+    const uint4* xr = reinterpret_cast<const uint4*>(x);
+    const int pieces = k / 8;
+    if (SILU) {
+#pragma unroll 1
+        for (int c = threadIdx.x; c < pieces; c += blockDim.x) act[c] = silu_mul8(xr[c], xr[pieces + c]);
+        __syncthreads();
+        xr = act;
+    }
+    if (row >= n) return;
+    const uint4* wr = reinterpret_cast<const uint4*>(w + (long long)row * k);
+    float acc = 0.f;
+#pragma unroll 1
+    for (int c0 = lane; c0 < pieces; c0 += 4 * 32) {
+        uint4 wv[4], xv[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int c = c0 + u * 32;
+            wv[u] = c < pieces ? wr[c] : make_uint4(0, 0, 0, 0);
+            xv[u] = c < pieces ? xr[c] : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&wv[u]);
+            const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xv[u]);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float2 a = __bfloat1622float2(wp[e]), b = __bfloat1622float2(xp[e]);
+                acc += a.x * b.x;
+                acc += a.y * b.y;
+            }
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) y[row] = __float2bfloat16(acc);
+}
+
+extern "C" __global__ void __launch_bounds__(256) refrag_gemv_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                                                 bf16* __restrict__ y, int n, int k) {
+    gemv<false>(x, w, y, n, k);
+}
+
+// x: the stacked gate/up output [2k].
+extern "C" __global__ void __launch_bounds__(256) refrag_gemv_silu_bf16(const bf16* __restrict__ gu,
+                                                                      const bf16* __restrict__ w, bf16* __restrict__ y,
+                                                                      int n, int k) {
+    gemv<true>(gu, w, y, n, k);
 }

@@ -28,11 +28,182 @@ pub fn silu_mul(gu: &Tensor) -> Result<Tensor> {
     gu.apply_op1_no_bwd(&SiluMul)
 }
 
-/// `x + y` and its RMS norm times `w` ([hidden]), for `x`, `y` [.., hidden] (bf16, contiguous):
-/// (the sum, the normed sum), both [.., hidden].
+/// Whether [`add_rms_norm`] takes these tensors: contiguous rows of a multiple of 8 values
+/// (it moves them in 16-byte pieces, at most 3 per thread: up to 768 values, or 1,024 to 12,288)
+/// that start 16-byte aligned (the sums are kept in shared memory as f32).
+pub fn add_rms_norm_fits(x: &Tensor, y: &Tensor, w: &Tensor) -> bool {
+    let hidden = x.dims().last().copied().unwrap_or(0);
+    hidden > 0
+        && hidden.is_multiple_of(8)
+        && hidden <= 12_288
+        && hidden / 8 <= ADD_NORM_PIECES * add_norm_block(hidden)
+        && x.shape() == y.shape()
+        && w.dims() == [hidden]
+        && [x, y, w].iter().all(|t| t.is_contiguous() && t.layout().start_offset().is_multiple_of(8))
+}
+
+/// `x + y` and its RMS norm times `w` ([hidden]), for `x`, `y` [.., hidden] (bf16; see
+/// [`add_rms_norm_fits`]): (the sum, the normed sum), both [.., hidden].
 pub fn add_rms_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     let both = x.apply_op3_no_bwd(y, w, &AddRmsNorm { eps: eps as f32 })?;
     Ok((both.get(0)?, both.get(1)?))
+}
+
+/// Whether one-row matrix products use [`gemv`] (with the other kernels, unless
+/// `REFRAG_GEMV=0`; read once).
+pub fn gemv_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| enabled() && !matches!(std::env::var("REFRAG_GEMV").as_deref(), Ok("0")))
+}
+
+/// Whether [`gemv`] takes `x` [1, k] and `w` [n, k] (with `silu`, [`gemv_silu`] takes `x` [1, 2k]):
+/// bf16 on CUDA, contiguous, 16-byte aligned rows of a multiple of 8 values, no gradient to track.
+pub fn gemv_fits(x: &Tensor, w: &Tensor, silu: bool) -> bool {
+    let aligned = |t: &Tensor| t.is_contiguous() && t.layout().start_offset().is_multiple_of(8);
+    let (Ok((1, xk)), Ok((_, k))) = (x.dims2(), w.dims2()) else { return false };
+    gemv_enabled()
+        && x.device().is_cuda()
+        && x.dtype() == candle_core::DType::BF16
+        && w.dtype() == candle_core::DType::BF16
+        && xk == if silu { 2 * k } else { k }
+        && k.is_multiple_of(8)
+        && (!silu || k <= 16_384)
+        && aligned(x)
+        && aligned(w)
+        && !x.track_op()
+}
+
+/// `x w^T` for one row `x` [1, k] and `w` [n, k] (see [`gemv_fits`]): [1, n].
+pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.apply_op2_no_bwd(w, &Gemv { silu: false })
+}
+
+/// `(silu(gate) * up) w^T` for the stacked gate/up row `gu` [1, 2k] and `w` [n, k] (see
+/// [`gemv_fits`]): [1, n], the activation rounded as [`silu_mul`] rounds it.
+pub fn gemv_silu(gu: &Tensor, w: &Tensor) -> Result<Tensor> {
+    gu.apply_op2_no_bwd(w, &Gemv { silu: true })
+}
+
+struct Gemv {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    silu: bool,
+}
+
+impl candle_core::CustomOp2 for Gemv {
+    fn name(&self) -> &'static str {
+        "refrag-gemv"
+    }
+
+    cuda_only!(op2, "the gemv kernel");
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        use candle_core::{backend::BackendStorage, bail};
+        use half::bf16;
+
+        let (rows, xk) = xl.shape().dims2()?;
+        let (n, k) = wl.shape().dims2()?;
+        let aligned = |l: &Layout| l.is_contiguous() && l.start_offset().is_multiple_of(8);
+        let want = if self.silu { 2 * k } else { k };
+        if rows != 1 || xk != want || !k.is_multiple_of(8) || !aligned(xl) || !aligned(wl) {
+            bail!("gemv: x [1, k] and w [n, k], k a multiple of 8, aligned; got {:?} and {:?}", xl.shape(), wl.shape());
+        }
+        let dev = x.device().clone();
+        let name = if self.silu { "refrag_gemv_silu_bf16" } else { "refrag_gemv_bf16" };
+        let func = dev.get_or_load_custom_func(name, "refrag_elementwise", PTX)?;
+        let (xs, ws) = (
+            x.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..),
+            w.as_cuda_slice::<bf16>()?.slice(wl.start_offset()..),
+        );
+        // SAFETY: one warp writes each output.
+        let out = unsafe { dev.alloc::<bf16>(n)? };
+        let (n_, k_) = (n as i32, k as i32);
+        let mut launch = func.builder();
+        launch.arg(&xs).arg(&ws).arg(&out).arg(&n_).arg(&k_);
+        // with silu: the activations in shared memory (k bf16)
+        let shared = if self.silu { (k * 2) as u32 } else { 0 };
+        let cfg =
+            LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: shared };
+        // SAFETY: the arguments match the kernel's signature; the shapes were checked above.
+        unsafe { launch.launch(cfg) }.w()?;
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), Shape::from((1, n))))
+    }
+}
+
+/// The index of each row's largest value over the last dimension, equal ones chosen as
+/// candle's CUDA argmax chooses (what greedy sampling called): u32 [..]. On CUDA with these
+/// kernels on, for f32 rows of a multiple of 4 values and at least 1,024 of them: two small
+/// launches (candle's kernel walks a 49,152-value row with one block, ~38 us on an H200, ~3%
+/// of a decoding step). None elsewhere.
+pub fn argmax(x: &Tensor) -> Result<Option<Tensor>> {
+    let n = x.dims().last().copied().unwrap_or(0);
+    let fits = enabled()
+        && x.device().is_cuda()
+        && x.dtype() == candle_core::DType::F32
+        && n >= 1024
+        && n.is_multiple_of(4)
+        && x.is_contiguous()
+        && x.layout().start_offset().is_multiple_of(4);
+    if !fits {
+        return Ok(None);
+    }
+    let rows = x.elem_count() / n;
+    let out = x.reshape((rows, n))?.apply_op1_no_bwd(&ArgmaxRows)?;
+    Ok(Some(out.reshape(&x.dims()[..x.rank() - 1])?))
+}
+
+struct ArgmaxRows;
+
+impl CustomOp1 for ArgmaxRows {
+    fn name(&self) -> &'static str {
+        "refrag-argmax"
+    }
+
+    cuda_only!(op1, "the argmax kernels");
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, x: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        use candle_core::{backend::BackendStorage, bail};
+
+        let (rows, n) = l.shape().dims2()?;
+        if !l.is_contiguous() || !n.is_multiple_of(4) || !l.start_offset().is_multiple_of(4) {
+            bail!("argmax: contiguous f32 rows of a multiple of 4 values, got {:?}", l.shape());
+        }
+        /// Values per block of the first kernel (elementwise.cu's ARGMAX_SPAN).
+        const SPAN: usize = 4096;
+        let parts = n.div_ceil(SPAN);
+        let dev = x.device().clone();
+        let part = dev.get_or_load_custom_func("refrag_argmax_part_f32", "refrag_elementwise", PTX)?;
+        let best = dev.get_or_load_custom_func("refrag_argmax_rows", "refrag_elementwise", PTX)?;
+        let src = x.as_cuda_slice::<f32>()?.slice(l.start_offset()..);
+        // SAFETY: every block writes its part; the second kernel writes every row.
+        let part_v = unsafe { dev.alloc::<f32>(rows * parts)? };
+        let part_i = unsafe { dev.alloc::<u32>(rows * parts)? };
+        let out = unsafe { dev.alloc::<u32>(rows)? };
+        let (n_, parts_) = (n as i32, parts as i32);
+        let mut launch = part.builder();
+        launch.arg(&src).arg(&part_v).arg(&part_i).arg(&n_).arg(&parts_);
+        let cfg =
+            LaunchConfig { grid_dim: (parts as u32, rows as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments match the kernel's signature; the shape was checked above.
+        unsafe { launch.launch(cfg) }.w()?;
+        let mut launch = best.builder();
+        launch.arg(&part_v).arg(&part_i).arg(&out).arg(&parts_);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: as above.
+        unsafe { launch.launch(cfg) }.w()?;
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), Shape::from(rows)))
+    }
 }
 
 struct SiluMul;
@@ -76,6 +247,20 @@ impl CustomOp1 for SiluMul {
     }
 }
 
+/// 16-byte pieces of a row each thread of the add-norm kernel holds (elementwise.cu's
+/// ADD_NORM_PIECES).
+const ADD_NORM_PIECES: usize = 3;
+
+/// The add-norm kernel's block: candle's rms-norm kernel's (one warp below 1024 columns), for
+/// the same order of the sum of squares, so the same rounding of the norm.
+fn add_norm_block(hidden: usize) -> usize {
+    if hidden < 1024 {
+        32
+    } else {
+        1024
+    }
+}
+
 struct AddRmsNorm {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     eps: f32,
@@ -107,8 +292,13 @@ impl CustomOp3 for AddRmsNorm {
         if xl.shape() != yl.shape() || wl.shape().dims() != [hidden] || hidden == 0 {
             bail!("fused add-norm: shapes {:?} + {:?}, weight {:?}", xl.shape(), yl.shape(), wl.shape());
         }
-        if !(xl.is_contiguous() && yl.is_contiguous() && wl.is_contiguous()) {
-            bail!("fused add-norm: inputs must be contiguous");
+        let aligned = [xl, yl, wl].iter().all(|l| l.is_contiguous() && l.start_offset().is_multiple_of(8));
+        let block = add_norm_block(hidden);
+        if !(aligned && hidden.is_multiple_of(8) && hidden <= 12_288 && hidden / 8 <= ADD_NORM_PIECES * block) {
+            bail!(
+                "fused add-norm: contiguous, 16-byte aligned rows of a multiple of 8 values (<= 12288), got {:?}",
+                xl.shape()
+            );
         }
         let rows = xl.shape().elem_count() / hidden;
         let dev = x.device().clone();
@@ -120,10 +310,11 @@ impl CustomOp3 for AddRmsNorm {
         );
         // SAFETY: every row's sum and norm are written by its block.
         let out = unsafe { dev.alloc::<bf16>(2 * rows * hidden)? };
-        // candle's rms-norm kernel's block (one warp below 1024 columns): the same order of
-        // the sum of squares, so the same rounding of the norm
-        let block = if hidden < 1024 { 32 } else { 1024 };
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (block as u32, 1, 1),
+            shared_mem_bytes: (hidden * std::mem::size_of::<f32>()) as u32,
+        };
         let (rows_, hidden_) = (rows as i32, hidden as i32);
         let mut launch = func.builder();
         launch.arg(&xs).arg(&ys).arg(&ws).arg(&out).arg(&rows_).arg(&hidden_).arg(&self.eps);
@@ -232,7 +423,7 @@ pub fn parity(device: &candle_core::Device) -> anyhow::Result<f32> {
         Ok(d.flatten_all()?.max(0)?.to_scalar::<f32>()?)
     };
     let bf = |t: Tensor| t.to_dtype(DType::BF16);
-    for (b, t, hidden, ffn) in [(1, 1, 576, 1536), (2, 1, 576, 1536), (1, 517, 576, 1536), (1, 3, 100, 40)] {
+    for (b, t, hidden, ffn) in [(1, 1, 576, 1536), (2, 1, 576, 1536), (1, 517, 576, 1536), (1, 3, 2048, 40)] {
         let x = bf(Tensor::randn(0f32, 1.0, (b, t, hidden), device)?)?;
         let y = bf(Tensor::randn(0f32, 1.0, (b, t, hidden), device)?)?;
         let w = bf((Tensor::rand(0f32, 1.0, hidden, device)? + 0.5)?)?;
@@ -268,6 +459,39 @@ pub fn parity(device: &candle_core::Device) -> anyhow::Result<f32> {
         let total = |t: &Tensor| -> anyhow::Result<f32> { Ok(t.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar()?) };
         let rest = (total(k_cache)? - total(&want_k)?).abs();
         worst = worst.max(rest / 100.0);
+    }
+    // gemv: against candle's matmul (sums in another order: bf16 rounding of ~1-30-sized
+    // outputs, so compared relative to the output's scale)
+    if gemv_enabled() && device.is_cuda() {
+        for (n, k) in [(960usize, 576usize), (576, 1536), (49_152, 576), (13, 8)] {
+            let x = bf(Tensor::randn(0f32, 1.0, (1, k), device)?)?;
+            let w = bf(Tensor::randn(0f32, 1.0, (n, k), device)?)?;
+            let want = x.matmul(&w.t()?)?;
+            let scale: f32 = want.to_dtype(DType::F32)?.abs()?.flatten_all()?.max(0)?.to_scalar()?;
+            worst = worst.max(diff(&gemv(&x, &w)?, &want)? / scale.max(1.0));
+            // the activation inside: the same as silu-mul, then gemv
+            let gu = bf(Tensor::randn(0f32, 2.0, (1, 2 * k), device)?)?;
+            worst = worst.max(diff(&gemv_silu(&gu, &w)?, &gemv(&silu_mul(&gu)?, &w)?)?);
+        }
+    }
+    // argmax: candle's indices (what greedy sampling picked; a mismatch counts as an error of
+    // 1), for a vocabulary's row, rows not a multiple of the kernel's span, and rows whose
+    // maximum comes twice (candle's picks: 300 over 1030, 900 over 5)
+    for (rows, n) in [(1usize, 49_152usize), (3, 2000), (2, 4100)] {
+        let x = Tensor::randn(0f32, 1.0, (rows, n), device)?;
+        let x = if rows == 3 {
+            let top = Tensor::full(10f32, (1, 1), device)?;
+            let x = x.slice_assign(&[0..1, 300..301], &top)?.slice_assign(&[0..1, 1030..1031], &top)?;
+            x.slice_assign(&[1..2, 5..6], &top)?.slice_assign(&[1..2, 900..901], &top)?
+        } else {
+            x
+        };
+        let Some(got) = argmax(&x)? else { continue };
+        let got: Vec<u32> = got.to_vec1()?;
+        let want: Vec<u32> = x.argmax(candle_core::D::Minus1)?.to_vec1()?;
+        if got != want {
+            worst = worst.max(1.0);
+        }
     }
     Ok(worst)
 }

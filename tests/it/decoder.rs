@@ -179,6 +179,8 @@ fn fixed_prefill_matches_eager_prefill() {
             d.prefill_by(&prompt, &mut e, StepPath::Eager).unwrap();
             d.prefill_by(&prompt, &mut f, StepPath::Fixed).unwrap();
             assert_eq!(f.capacity(), 64, "a second live state of the shape got buffers of its own");
+            // round 1 gets the buffers `f` had in round 0, and the decoding step made over them
+            assert_eq!(f.has_decoding_step(), round == 1, "round {round}: the shape's decoding step handed on");
             for (i, &id) in ids[37..45].iter().enumerate() {
                 let tokens = vec![id; batch];
                 let path = if i % 2 == 0 { StepPath::Fixed } else { StepPath::Eager };
