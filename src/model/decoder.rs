@@ -87,6 +87,24 @@ impl Linear {
         Ok(Self { dense, quant, lora: None })
     }
 
+    /// `x + y`, its norm with `g` and this matrix over the norm, in one kernel
+    /// ([`crate::model::elementwise::gemv_norm`]) where it applies (one dense row on CUDA, no
+    /// adapters): (the sum, the product) shaped as `x` and [.., out]; None elsewhere.
+    fn gemv_norm(&self, x: &Tensor, y: &Tensor, g: &Tensor, eps: f64) -> Result<Option<(Tensor, Tensor)>> {
+        let k = x.dim(D::Minus1)?;
+        if self.lora.is_some() || self.quant.is_some() || x.elem_count() != k || y.elem_count() != k {
+            return Ok(None);
+        }
+        let (xr, yr) = (x.reshape((1, k))?, y.reshape((1, k))?);
+        if !crate::model::elementwise::gemv_norm_fits(&xr, &yr, g, &self.dense) {
+            return Ok(None);
+        }
+        let (sum, prod) = crate::model::elementwise::gemv_norm(&xr, &yr, g, eps, &self.dense)?;
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().context("a last dim")? = self.dense.dim(0)?;
+        Ok(Some((sum.reshape(x.dims())?, prod.reshape(shape)?)))
+    }
+
     /// `silu(gate) * up` of the stacked gate/up row `gu` [b, 1, 2k] through this matrix in one
     /// kernel ([`crate::model::elementwise::gemv_silu`]) where it applies (one dense row on
     /// CUDA, no adapters): [b, 1, out]; None elsewhere.
@@ -1075,14 +1093,31 @@ impl Decoder {
         // the residual stream is x + pending: each layer's last output is added by the next norm
         let mut pending: Option<Tensor> = None;
         for (li, layer) in self.layers.iter().enumerate() {
+            // a captured decoding step: the add, the norm and the Q/K/V product in one kernel
+            let last = pending.take();
+            let fused_qkv = match (&layer.fused, decode_at, &last) {
+                (Some(f), Some(_), Some(p)) if fuse => f.qkv.gemv_norm(&x, p, &layer.attn_norm, self.cfg.rms_eps)?,
+                _ => None,
+            };
             let h;
-            (x, h) = self.add_norm(&x, pending.take(), &layer.attn_norm, fuse)?;
+            (x, h) = match &fused_qkv {
+                Some((sum, _)) => (sum.clone(), None),
+                None => {
+                    let (x, h) = self.add_norm(&x, last, &layer.attn_norm, fuse)?;
+                    (x, Some(h))
+                }
+            };
             let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
-                Ok(lin.forward(&h, self.quant_rows)?.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?)
+                let h = h.as_ref().context("the normed input")?;
+                Ok(lin.forward(h, self.quant_rows)?.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?)
             };
             let (q, k, v) = if let (Some(f), Some(pos)) = (&layer.fused, decode_at) {
                 let (k_cache, v_cache) = kv(li, None)?;
-                let qkv = f.qkv.forward(&h, self.quant_rows)?;
+                let qkv = match (&fused_qkv, &h) {
+                    (Some((_, qkv)), _) => qkv.clone(),
+                    (None, Some(h)) => f.qkv.forward(h, self.quant_rows)?,
+                    (None, None) => bail!("no normed input"),
+                };
                 let parts = DecodeQkv {
                     pos,
                     cos_q: &self.cos_q,
@@ -1127,29 +1162,43 @@ impl Decoder {
             };
             let out = layer.wo.forward(&y.reshape((b, t, c.hidden))?, self.quant_rows)?;
             crate::profile::mark(&self.device, "fwd_attention");
-            let h;
-            (x, h) = self.add_norm(&x, Some(out), &layer.ffn_norm, fuse)?;
-            let act = match &layer.fused {
-                Some(f) if fuse => {
-                    let gu = f.gate_up.forward(&h, self.quant_rows)?;
-                    if let Some(down) = layer.w_down.gemv_silu(&gu)? {
-                        pending = Some(down);
-                        crate::profile::mark(&self.device, "fwd_mlp");
-                        continue;
-                    }
-                    crate::model::elementwise::silu_mul(&gu)?
-                }
-                Some(f) => {
-                    let gu = f.gate_up.forward(&h, self.quant_rows)?;
-                    let n = gu.dim(D::Minus1)? / 2;
-                    (candle_nn::ops::silu(&gu.narrow(D::Minus1, 0, n)?)? * gu.narrow(D::Minus1, n, n)?)?
-                }
-                None => {
-                    let gate = layer.w_gate.forward(&h, self.quant_rows)?;
-                    (candle_nn::ops::silu(&gate)? * layer.w_up.forward(&h, self.quant_rows)?)?
-                }
+            // silu(gate) * up through the down projection (one row on CUDA: in its kernel)
+            let down_silu = |gu: &Tensor| -> Result<Tensor> {
+                Ok(match layer.w_down.gemv_silu(gu)? {
+                    Some(y) => y,
+                    None => layer.w_down.forward(&crate::model::elementwise::silu_mul(gu)?, self.quant_rows)?,
+                })
             };
-            pending = Some(layer.w_down.forward(&act, self.quant_rows)?);
+            let down = |act: &Tensor| layer.w_down.forward(act, self.quant_rows);
+            pending = Some(match &layer.fused {
+                // one row: the add, the norm and the gate/up product in one kernel
+                Some(f) if fuse => match f.gate_up.gemv_norm(&x, &out, &layer.ffn_norm, self.cfg.rms_eps)? {
+                    Some((sum, gu)) => {
+                        x = sum;
+                        down_silu(&gu)?
+                    }
+                    None => {
+                        let h;
+                        (x, h) = self.add_norm(&x, Some(out), &layer.ffn_norm, fuse)?;
+                        down_silu(&f.gate_up.forward(&h, self.quant_rows)?)?
+                    }
+                },
+                fused => {
+                    let h;
+                    (x, h) = self.add_norm(&x, Some(out), &layer.ffn_norm, fuse)?;
+                    match fused {
+                        Some(f) => {
+                            let gu = f.gate_up.forward(&h, self.quant_rows)?;
+                            let n = gu.dim(D::Minus1)? / 2;
+                            down(&(candle_nn::ops::silu(&gu.narrow(D::Minus1, 0, n)?)? * gu.narrow(D::Minus1, n, n)?)?)?
+                        }
+                        None => {
+                            let gate = layer.w_gate.forward(&h, self.quant_rows)?;
+                            down(&(candle_nn::ops::silu(&gate)? * layer.w_up.forward(&h, self.quant_rows)?)?)?
+                        }
+                    }
+                }
+            });
             crate::profile::mark(&self.device, "fwd_mlp");
         }
         if !final_norm {

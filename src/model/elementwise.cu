@@ -245,20 +245,12 @@ __device__ __forceinline__ uint4 silu_mul8(const uint4 g, const uint4 u) {
     return out;
 }
 
-template <bool SILU>
-__device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __restrict__ w, bf16* __restrict__ y, int n,
-                                     int k) {
-    extern __shared__ uint4 act[];  // SILU: the block's k activations
+// The products of one row xr (k values, global or shared memory) with the block's 8 rows of w.
+__device__ __forceinline__ void gemv_rows(const uint4* xr, const bf16* __restrict__ w, bf16* __restrict__ y, int n,
+                                          int k) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int row = blockIdx.x * 8 + warp;
-    const uint4* xr = reinterpret_cast<const uint4*>(x);
     const int pieces = k / 8;
-    if (SILU) {
-#pragma unroll 1
-        for (int c = threadIdx.x; c < pieces; c += blockDim.x) act[c] = silu_mul8(xr[c], xr[pieces + c]);
-        __syncthreads();
-        xr = act;
-    }
     if (row >= n) return;
     const uint4* wr = reinterpret_cast<const uint4*>(w + (long long)row * k);
     float acc = 0.f;
@@ -289,12 +281,80 @@ __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __r
 
 extern "C" __global__ void __launch_bounds__(256) refrag_gemv_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                                                  bf16* __restrict__ y, int n, int k) {
-    gemv<false>(x, w, y, n, k);
+    gemv_rows(reinterpret_cast<const uint4*>(x), w, y, n, k);
 }
 
 // x: the stacked gate/up output [2k].
 extern "C" __global__ void __launch_bounds__(256) refrag_gemv_silu_bf16(const bf16* __restrict__ gu,
                                                                       const bf16* __restrict__ w, bf16* __restrict__ y,
                                                                       int n, int k) {
-    gemv<true>(gu, w, y, n, k);
+    extern __shared__ uint4 act[];  // the block's k activations
+    const uint4* xr = reinterpret_cast<const uint4*>(gu);
+    const int pieces = k / 8;
+#pragma unroll 1
+    for (int c = threadIdx.x; c < pieces; c += blockDim.x) act[c] = silu_mul8(xr[c], xr[pieces + c]);
+    __syncthreads();
+    gemv_rows(act, w, y, n, k);
+}
+
+// The residual add and the next norm before a matrix-vector product, in the product's kernel:
+// sum = x + y (bf16; written by block 0), h = sum / rms(sum) * g, out = w h. Every block
+// computes h for itself into shared memory (k f32 sums, then k bf16 of h: 6k bytes of dynamic
+// shared memory), as refrag_add_rms_norm_bf16 with one warp does it (k < 1024: candle's order of
+// the sum of squares, one warp walking the columns lane, lane + 32, ...), so h is the same bits;
+// it saves that kernel's launch, two a layer of a decoding step.
+extern "C" __global__ void __launch_bounds__(256) refrag_gemv_norm_bf16(const bf16* __restrict__ x,
+                                                                      const bf16* __restrict__ y,
+                                                                      const bf16* __restrict__ g, float eps,
+                                                                      const bf16* __restrict__ w, bf16* __restrict__ out,
+                                                                      bf16* __restrict__ sum, int n, int k) {
+    extern __shared__ float kept[];  // k sums (f32), then the k values of h (bf16)
+    __shared__ float total;
+    uint4* h = reinterpret_cast<uint4*>(kept + k);
+    const uint4* xr = reinterpret_cast<const uint4*>(x);
+    const uint4* yr = reinterpret_cast<const uint4*>(y);
+    const uint4* gr = reinterpret_cast<const uint4*>(g);
+    const int t = threadIdx.x, pieces = k / 8;
+#pragma unroll 1
+    for (int c = t; c < pieces; c += blockDim.x) {
+        const uint4 xs = xr[c], ys = yr[c];
+        const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xs);
+        const __nv_bfloat162* yp = reinterpret_cast<const __nv_bfloat162*>(&ys);
+        uint4 packed;
+        __nv_bfloat162* sp = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float2 a = __bfloat1622float2(xp[e]), b = __bfloat1622float2(yp[e]);
+            sp[e] = __floats2bfloat162_rn(a.x + b.x, a.y + b.y);
+            const float2 r = __bfloat1622float2(sp[e]);
+            kept[8 * c + 2 * e] = r.x;
+            kept[8 * c + 2 * e + 1] = r.y;
+        }
+        if (blockIdx.x == 0) reinterpret_cast<uint4*>(sum)[c] = packed;
+    }
+    __syncthreads();
+    if (t < 32) {
+        float ss = 0.0f;
+#pragma unroll 4
+        for (int j = t; j < k; j += 32) ss += kept[j] * kept[j];
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
+        if (t == 0) total = ss;
+    }
+    __syncthreads();
+    const float inv = rsqrtf(total / k + eps);
+#pragma unroll 1
+    for (int c = t; c < pieces; c += blockDim.x) {
+        const uint4 gs = gr[c];
+        const __nv_bfloat162* gp = reinterpret_cast<const __nv_bfloat162*>(&gs);
+        uint4 packed;
+        __nv_bfloat162* np = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float2 gv = __bfloat1622float2(gp[e]);
+            np[e] = __floats2bfloat162_rn(kept[8 * c + 2 * e] * inv * gv.x, kept[8 * c + 2 * e + 1] * inv * gv.y);
+        }
+        h[c] = packed;
+    }
+    __syncthreads();
+    gemv_rows(h, w, out, n, k);
 }

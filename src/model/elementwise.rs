@@ -138,6 +138,98 @@ impl candle_core::CustomOp2 for Gemv {
     }
 }
 
+/// Whether [`gemv_norm`] takes these: `x`, `y` [1, k] and the norm's weight `g` [k] as
+/// [`add_rms_norm`] takes them with k < 1024 (one warp's order of the sum of squares), and `w`
+/// [n, k] as [`gemv`] takes it.
+pub fn gemv_norm_fits(x: &Tensor, y: &Tensor, g: &Tensor, w: &Tensor) -> bool {
+    let k = x.dims().last().copied().unwrap_or(0);
+    k < 1024 && g.device().is_cuda() && g.dtype() == w.dtype() && add_rms_norm_fits(x, y, g) && gemv_fits(x, w, false)
+}
+
+/// The residual add, the norm after it and the matrix-vector product that reads the norm, in
+/// one kernel: for `x`, `y` [1, k] (see [`gemv_norm_fits`]), (x + y, (rms-normed x + y, times
+/// `g`) w^T) as [1, k] and [1, n]: the same bits as [`add_rms_norm`] then [`gemv`].
+pub fn gemv_norm(x: &Tensor, y: &Tensor, g: &Tensor, eps: f64, w: &Tensor) -> Result<(Tensor, Tensor)> {
+    let k = x.dim(1)?;
+    let n = w.dim(0)?;
+    let both = x.apply_op3_no_bwd(y, w, &GemvNorm { g, eps: eps as f32 })?;
+    Ok((both.narrow(0, 0, k)?.reshape((1, k))?, both.narrow(0, k, n)?.reshape((1, n))?))
+}
+
+struct GemvNorm<'a> {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    g: &'a Tensor,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    eps: f32,
+}
+
+impl CustomOp3 for GemvNorm<'_> {
+    fn name(&self) -> &'static str {
+        "refrag-gemv-norm"
+    }
+
+    cuda_only!(op3, "the fused norm and gemv kernel");
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        y: &candle_core::CudaStorage,
+        yl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        use candle_core::{backend::BackendStorage, bail};
+        use half::bf16;
+
+        let (rows, k) = xl.shape().dims2()?;
+        let (n, wk) = wl.shape().dims2()?;
+        let aligned = |l: &Layout| l.is_contiguous() && l.start_offset().is_multiple_of(8);
+        let g_ok = self.g.dims() == [k] && self.g.is_contiguous() && self.g.layout().start_offset().is_multiple_of(8);
+        if rows != 1 || yl.shape() != xl.shape() || wk != k || k >= 1024 || !k.is_multiple_of(8) || !g_ok {
+            bail!(
+                "gemv-norm: x, y [1, k < 1024], g [k], w [n, k]; got {:?}, {:?}, {:?}",
+                xl.shape(),
+                self.g.shape(),
+                wl.shape()
+            );
+        }
+        if !(aligned(xl) && aligned(yl) && aligned(wl)) {
+            bail!("gemv-norm: contiguous, 16-byte aligned rows");
+        }
+        let dev = x.device().clone();
+        let func = dev.get_or_load_custom_func("refrag_gemv_norm_bf16", "refrag_elementwise", PTX)?;
+        let stream = dev.cuda_stream();
+        let (xs, ys, ws) = (
+            x.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..),
+            y.as_cuda_slice::<bf16>()?.slice(yl.start_offset()..),
+            w.as_cuda_slice::<bf16>()?.slice(wl.start_offset()..),
+        );
+        let g = super::device_ptr::<bf16>(self.g, &stream)?;
+        // SAFETY: block 0 writes the k sums, one warp each of the n products.
+        let out = unsafe { dev.alloc::<bf16>(k + n)? };
+        {
+            let (sum, prod) = (out.slice(..k), out.slice(k..));
+            let (n_, k_) = (n as i32, k as i32);
+            let mut launch = func.builder();
+            launch.arg(&xs).arg(&ys).arg(&g).arg(&self.eps).arg(&ws).arg(&prod).arg(&sum).arg(&n_).arg(&k_);
+            // the k sums (f32) and the normed row (bf16)
+            let shared = (k * 6) as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(8) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: shared,
+            };
+            // SAFETY: the arguments match the kernel's signature; the shapes were checked above.
+            unsafe { launch.launch(cfg) }.w()?;
+        }
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), Shape::from(k + n)))
+    }
+}
+
 /// The index of each row's largest value over the last dimension, equal ones chosen as
 /// candle's CUDA argmax chooses (what greedy sampling called): u32 [..]. On CUDA with these
 /// kernels on, for f32 rows of a multiple of 4 values and at least 1,024 of them: two small
@@ -469,6 +561,18 @@ pub fn parity(device: &candle_core::Device) -> anyhow::Result<f32> {
             let want = x.matmul(&w.t()?)?;
             let scale: f32 = want.to_dtype(DType::F32)?.abs()?.flatten_all()?.max(0)?.to_scalar()?;
             worst = worst.max(diff(&gemv(&x, &w)?, &want)? / scale.max(1.0));
+            // the norm inside: the same bits as add-norm, then gemv
+            if k < 1024 && gemv_norm_fits(&x, &x, &Tensor::ones(k, DType::BF16, device)?, &w) {
+                let (xr, yr) =
+                    (bf(Tensor::randn(0f32, 1.0, (1, k), device)?)?, bf(Tensor::randn(0f32, 1.0, (1, k), device)?)?);
+                let g = bf((Tensor::rand(0f32, 1.0, k, device)? + 0.5)?)?;
+                let (sum, prod) = gemv_norm(&xr, &yr, &g, 1e-5, &w)?;
+                let (want_sum, normed) = add_rms_norm(&xr, &yr, &g, 1e-5)?;
+                // the same bits, or a failure
+                if diff(&sum, &want_sum)? > 0.0 || diff(&prod, &gemv(&normed, &w)?)? > 0.0 {
+                    worst = worst.max(1.0);
+                }
+            }
             // the activation inside: the same as silu-mul, then gemv
             let gu = bf(Tensor::randn(0f32, 2.0, (1, 2 * k), device)?)?;
             worst = worst.max(diff(&gemv_silu(&gu, &w)?, &gemv(&silu_mul(&gu)?, &w)?)?);
