@@ -76,14 +76,46 @@ struct Lora {
 #[derive(Clone)]
 struct Linear {
     dense: Tensor,
-    quant: Option<QMatMul>,
+    quant: Option<Quant>,
     lora: Option<Lora>,
+}
+
+/// The quantized copy of a matrix that CPU decoding steps read.
+#[derive(Clone)]
+enum Quant {
+    /// candle's quantized matmul.
+    Candle(QMatMul),
+    /// Q4_1 on an AVX2 CPU ([`crate::model::q4cpu`]): candle's outputs, bit for bit, sooner.
+    Q41(std::sync::Arc<crate::model::q4cpu::Q41>),
+}
+
+impl Quant {
+    fn new(qt: QTensor) -> Result<Self> {
+        Ok(match crate::model::q4cpu::Q41::new(&qt) {
+            Some(q) => Self::Q41(std::sync::Arc::new(q)),
+            None => Self::Candle(QMatMul::from_qtensor(qt)?),
+        })
+    }
+
+    /// `x w^T` for f32 rows `x` [.., in] (contiguous): [.., out].
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Candle(q) => Ok(q.forward(x)?),
+            Self::Q41(q) => {
+                let k = x.dim(D::Minus1)?;
+                let out = q.matmul(&x.flatten_all()?.to_vec1::<f32>()?, x.elem_count() / k);
+                let mut shape = x.dims().to_vec();
+                *shape.last_mut().context("a last dim")? = q.rows();
+                Ok(Tensor::from_vec(out, shape, x.device())?)
+            }
+        }
+    }
 }
 
 impl Linear {
     fn load(qt: QTensor, device: &Device, dtype: DType, keep_quant: bool) -> Result<Self> {
         let dense = qt.dequantize(device)?.to_dtype(dtype)?;
-        let quant = if keep_quant { Some(QMatMul::from_qtensor(qt)?) } else { None };
+        let quant = if keep_quant { Some(Quant::new(qt)?) } else { None };
         Ok(Self { dense, quant, lora: None })
     }
 
@@ -483,7 +515,7 @@ impl Decoder {
             Ok(t) => Linear::load(t, device, dtype, keep_quant)?,
             Err(_) => Linear {
                 dense: embed.clone(),
-                quant: if keep_quant { Some(QMatMul::from_qtensor(embed_q)?) } else { None },
+                quant: if keep_quant { Some(Quant::new(embed_q)?) } else { None },
                 lora: None,
             },
         };

@@ -61,4 +61,5 @@ pub mod hub;
 pub mod load;
 pub mod policy;
 pub mod projector;
+pub mod q4cpu;
 pub mod weights;
