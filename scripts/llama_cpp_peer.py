@@ -5,10 +5,11 @@ Usage: refrag bench --peer "python3 scripts/llama_cpp_peer.py MODEL.gguf"
 
 Protocol on stdin/stdout, one JSON object per line:
   peer -> {"ready": true, "name": "llama.cpp (llama-cpp-python X.Y.Z)"}
-  bench -> {"tokens": [ids...]}          (the full-context prompt, already tokenized by refrag)
-  peer -> {"prefill_ms": T}
+  bench -> {"tokens": [ids...], "decode": N}  (the full-context prompt, already tokenized by refrag)
+  peer -> {"prefill_ms": T, "decode_ms": per later token, "answer_ms": prefill + N tokens}
 The prefill is timed here, around llama.cpp's own evaluation of the tokens, so that pipe and
-JSON costs are not counted. Install: pip install llama-cpp-python (compiles llama.cpp; CPU).
+JSON costs are not counted; then N greedy tokens, each evaluated after the argmax of the last
+logits. Install: pip install llama-cpp-python (compiles llama.cpp; CPU).
 """
 import json
 import os
@@ -38,12 +39,18 @@ def main() -> int:
     for line in sys.stdin:
         if not line.strip():
             continue
-        tokens = json.loads(line)["tokens"]
+        req = json.loads(line)
+        tokens, decode = req["tokens"], int(req.get("decode", 0))
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(tokens)  # the logits of the last position are computed inside
         ms = (time.perf_counter() - t0) * 1e3
-        print(json.dumps({"prefill_ms": ms}), flush=True)
+        t1 = time.perf_counter()
+        for _ in range(decode):
+            llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+        rest = (time.perf_counter() - t1) * 1e3
+        per = rest / decode if decode else None
+        print(json.dumps({"prefill_ms": ms, "decode_ms": per, "answer_ms": ms + rest}), flush=True)
     return 0
 
 

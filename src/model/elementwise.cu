@@ -1,6 +1,7 @@
-// Fused elementwise kernels of the decoder's inference forward (bf16, CUDA): each replaces two
-// launches of a decoding step or a short prefill, where launches, not arithmetic, set the time.
-// Rounding follows the ops they replace (candle's add, rms-norm, silu and mul on bf16).
+// Kernels of the decoder's inference forward besides attention (bf16, CUDA): each replaces
+// launches of a decoding step or a short prefill, where launches and cold instruction fetch, not
+// arithmetic, set the time. Rounding follows the ops they replace (candle's add, rms-norm, silu
+// and mul on bf16, its argmax's ties); the matrix-vector products sum in their own order.
 #include <cuda_bf16.h>
 
 typedef __nv_bfloat16 bf16;

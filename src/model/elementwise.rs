@@ -1,10 +1,12 @@
-//! Fused elementwise ops of the decoder's inference forward on CUDA (src/model/elementwise.cu):
-//! the residual add with the norm after it, and silu(gate) * up from the stacked gate/up matmul.
-//! Each saves one launch where two ran: three per layer, ~90 per decoding step of SmolLM2's 30
-//! layers, whose steps are bound by launches. On by default on CUDA in bf16 inference
-//! (`REFRAG_FUSED_ELEMENTWISE=0`: candle's ops); `refrag doctor` compares them with candle's
-//! ops. Measured on the H200: decoding 2.65-2.86 -> 2.12-2.26 ms per token at batch 1, an
-//! 8192-token prefill 43.9 -> 33.4 ms (docs/research/2026-12-04-training-kernels.md).
+//! The decoder's inference kernels on CUDA besides attention (src/model/elementwise.cu): the
+//! residual add with the norm after it, silu(gate) * up, a decoding step's Q/K/V rotation and
+//! cache write, one-row matrix-vector products (with the add + norm before them or the silu
+//! inside), and greedy argmax. A decoding step's time is set by how many kernels it launches and
+//! how much code each fetches cold, not by arithmetic: these keep both small. On by default on
+//! CUDA in bf16 inference (`REFRAG_FUSED_ELEMENTWISE=0`: candle's ops and cuBLAS;
+//! `REFRAG_GEMV=0`: cuBLAS for the products alone); `refrag doctor` compares them with candle's
+//! ops. Measured on the H200: decoding 2.65 -> 0.75 ms per token at batch 1 over sessions 32-35
+//! (docs/research/2026-12-04-training-kernels.md, 2026-12-04-decode-kernels.md).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
