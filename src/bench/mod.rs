@@ -165,13 +165,8 @@ fn time_decode(
         eprintln!("profile: prefill of {} x {} positions: {phases}", batch, input.positions);
     }
     // one host copy per step for the whole batch
-    let greedy = |logits: &Tensor| -> Result<Vec<u32>> {
-        let top = match crate::model::elementwise::argmax(logits)? {
-            Some(top) => top,
-            None => logits.argmax(candle_core::D::Minus1)?,
-        };
-        Ok(top.to_vec1::<u32>()?)
-    };
+    let greedy =
+        |logits: &Tensor| -> Result<Vec<u32>> { Ok(crate::model::elementwise::argmax(logits)?.to_vec1::<u32>()?) };
     let mut next = greedy(&logits)?;
     let ttft = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();

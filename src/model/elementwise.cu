@@ -34,6 +34,36 @@ extern "C" __global__ void refrag_silu_mul_bf16(const bf16* __restrict__ gu, bf1
 // instructions are fetched cold each time, and a version with each thread's 32 columns
 // unrolled in registers (~31 KB of code) spent most of its ~7 us doing so.
 #define ADD_NORM_PIECES 3
+
+// One 16-byte piece of the residual add: x + y rounded to bf16 (returned), kept as f32 at kept[0..8].
+__device__ __forceinline__ uint4 add8(const uint4 x, const uint4 y, float* kept) {
+    const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&x);
+    const __nv_bfloat162* yp = reinterpret_cast<const __nv_bfloat162*>(&y);
+    uint4 packed;
+    __nv_bfloat162* sp = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const float2 a = __bfloat1622float2(xp[e]), b = __bfloat1622float2(yp[e]);
+        sp[e] = __floats2bfloat162_rn(a.x + b.x, a.y + b.y);
+        const float2 r = __bfloat1622float2(sp[e]);
+        kept[2 * e] = r.x;
+        kept[2 * e + 1] = r.y;
+    }
+    return packed;
+}
+
+// One 16-byte piece of the norm: kept[0..8] * inv * g, rounded to bf16.
+__device__ __forceinline__ uint4 norm8(const float* kept, float inv, const uint4 g) {
+    const __nv_bfloat162* gp = reinterpret_cast<const __nv_bfloat162*>(&g);
+    uint4 packed;
+    __nv_bfloat162* np = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const float2 gv = __bfloat1622float2(gp[e]);
+        np[e] = __floats2bfloat162_rn(kept[2 * e] * inv * gv.x, kept[2 * e + 1] * inv * gv.y);
+    }
+    return packed;
+}
 extern "C" __global__ void refrag_add_rms_norm_bf16(const bf16* __restrict__ x, const bf16* __restrict__ y,
                                                     const bf16* __restrict__ w, bf16* __restrict__ out, int rows,
                                                     int hidden, float eps) {
@@ -58,19 +88,7 @@ extern "C" __global__ void refrag_add_rms_norm_bf16(const bf16* __restrict__ x, 
     for (int u = 0; u < ADD_NORM_PIECES; ++u) {
         const int c = t + u * step;
         if (c >= pieces) break;
-        const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xs[u]);
-        const __nv_bfloat162* yp = reinterpret_cast<const __nv_bfloat162*>(&ys[u]);
-        uint4 packed;
-        __nv_bfloat162* sp = reinterpret_cast<__nv_bfloat162*>(&packed);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const float2 a = __bfloat1622float2(xp[e]), b = __bfloat1622float2(yp[e]);
-            sp[e] = __floats2bfloat162_rn(a.x + b.x, a.y + b.y);
-            const float2 r = __bfloat1622float2(sp[e]);
-            kept[8 * c + 2 * e] = r.x;
-            kept[8 * c + 2 * e + 1] = r.y;
-        }
-        sum[c] = packed;
+        sum[c] = add8(xs[u], ys[u], kept + 8 * c);
     }
     __syncthreads();
     float ss = 0.0f;
@@ -91,15 +109,7 @@ extern "C" __global__ void refrag_add_rms_norm_bf16(const bf16* __restrict__ x, 
     for (int u = 0; u < ADD_NORM_PIECES; ++u) {
         const int c = t + u * step;
         if (c >= pieces) break;
-        const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&ws[u]);
-        uint4 packed;
-        __nv_bfloat162* np = reinterpret_cast<__nv_bfloat162*>(&packed);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const float2 g = __bfloat1622float2(wp[e]);
-            np[e] = __floats2bfloat162_rn(kept[8 * c + 2 * e] * inv * g.x, kept[8 * c + 2 * e + 1] * inv * g.y);
-        }
-        norm[c] = packed;
+        norm[c] = norm8(kept + 8 * c, inv, ws[u]);
     }
 }
 
@@ -318,19 +328,7 @@ extern "C" __global__ void __launch_bounds__(256) refrag_gemv_norm_bf16(const bf
     const int t = threadIdx.x, pieces = k / 8;
 #pragma unroll 1
     for (int c = t; c < pieces; c += blockDim.x) {
-        const uint4 xs = xr[c], ys = yr[c];
-        const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xs);
-        const __nv_bfloat162* yp = reinterpret_cast<const __nv_bfloat162*>(&ys);
-        uint4 packed;
-        __nv_bfloat162* sp = reinterpret_cast<__nv_bfloat162*>(&packed);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const float2 a = __bfloat1622float2(xp[e]), b = __bfloat1622float2(yp[e]);
-            sp[e] = __floats2bfloat162_rn(a.x + b.x, a.y + b.y);
-            const float2 r = __bfloat1622float2(sp[e]);
-            kept[8 * c + 2 * e] = r.x;
-            kept[8 * c + 2 * e + 1] = r.y;
-        }
+        const uint4 packed = add8(xr[c], yr[c], kept + 8 * c);
         if (blockIdx.x == 0) reinterpret_cast<uint4*>(sum)[c] = packed;
     }
     __syncthreads();
@@ -344,18 +342,7 @@ extern "C" __global__ void __launch_bounds__(256) refrag_gemv_norm_bf16(const bf
     __syncthreads();
     const float inv = rsqrtf(total / k + eps);
 #pragma unroll 1
-    for (int c = t; c < pieces; c += blockDim.x) {
-        const uint4 gs = gr[c];
-        const __nv_bfloat162* gp = reinterpret_cast<const __nv_bfloat162*>(&gs);
-        uint4 packed;
-        __nv_bfloat162* np = reinterpret_cast<__nv_bfloat162*>(&packed);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const float2 gv = __bfloat1622float2(gp[e]);
-            np[e] = __floats2bfloat162_rn(kept[8 * c + 2 * e] * inv * gv.x, kept[8 * c + 2 * e + 1] * inv * gv.y);
-        }
-        h[c] = packed;
-    }
+    for (int c = t; c < pieces; c += blockDim.x) h[c] = norm8(kept + 8 * c, inv, gr[c]);
     __syncthreads();
     gemv_rows(h, w, out, n, k);
 }

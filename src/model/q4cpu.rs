@@ -52,34 +52,22 @@ impl Q41 {
         use rayon::prelude::*;
         let blocks = self.cols / BLOCK;
         let q8: Vec<Q8> = x.chunks(self.cols).flat_map(|row| row.chunks(BLOCK).map(quantize)).collect();
-        let mut out = vec![0f32; m * self.rows];
-        // rows of w in chunks, each written for every x row (out is [m, rows]: gather after)
-        let per = 64;
-        let parts: Vec<Vec<f32>> = (0..self.rows.div_ceil(per))
-            .into_par_iter()
-            .map(|c| {
-                let r0 = c * per;
-                let r1 = (r0 + per).min(self.rows);
-                let mut part = Vec::with_capacity((r1 - r0) * m);
-                for i in 0..m {
-                    let q = &q8[i * blocks..(i + 1) * blocks];
-                    for r in r0..r1 {
-                        let w = &self.data[r * blocks * Q4_BYTES..(r + 1) * blocks * Q4_BYTES];
-                        // SAFETY: `available()` said AVX2 is there (checked in `new`).
-                        part.push(unsafe { dot_avx2(w, q) });
-                    }
+        // [rows, m], 64 rows of w a task; transposed after when m > 1
+        let mut by_row = vec![0f32; self.rows * m];
+        by_row.par_chunks_mut(64 * m).enumerate().for_each(|(c, part)| {
+            for (j, dots) in part.chunks_mut(m).enumerate() {
+                let r = c * 64 + j;
+                let w = &self.data[r * blocks * Q4_BYTES..(r + 1) * blocks * Q4_BYTES];
+                for (i, dot) in dots.iter_mut().enumerate() {
+                    // SAFETY: `available()` said AVX2 is there (checked in `new`).
+                    *dot = unsafe { dot_avx2(w, &q8[i * blocks..(i + 1) * blocks]) };
                 }
-                part
-            })
-            .collect();
-        for (c, part) in parts.iter().enumerate() {
-            let r0 = c * per;
-            let n = part.len() / m;
-            for i in 0..m {
-                out[i * self.rows + r0..i * self.rows + r0 + n].copy_from_slice(&part[i * n..(i + 1) * n]);
             }
+        });
+        if m == 1 {
+            return by_row;
         }
-        out
+        (0..m).flat_map(|i| by_row.iter().skip(i).step_by(m).copied()).collect()
     }
 }
 

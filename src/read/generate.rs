@@ -76,14 +76,10 @@ pub fn generate(
     let mut stopped = false;
     let mut first_at = start;
     while ids.len() < opts.max_tokens {
-        // greedy on CUDA: the argmax on the device, one index back (the same pick as the sampler's)
-        let on_device = match temperature {
-            None => crate::model::elementwise::argmax(&logits)?,
-            Some(_) => None,
-        };
-        let next = match on_device {
-            Some(i) => i.to_scalar::<u32>()?,
-            None => sampler.sample(&logits)?,
+        // greedy: the argmax on the device, one index back (the sampler's pick: candle's argmax)
+        let next = match temperature {
+            None => crate::model::elementwise::argmax(&logits)?.to_scalar::<u32>()?,
+            Some(_) => sampler.sample(&logits)?,
         };
         if ttft.is_none() {
             ttft = Some(start.elapsed());
