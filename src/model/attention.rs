@@ -124,6 +124,44 @@ impl TrainAttention {
         let op = TrainAttention { n_rep, lse: std::sync::Mutex::new(None) };
         q.apply_op3_arc(k, v, std::sync::Arc::new(Box::new(op)))
     }
+
+    /// The forward alone (inputs as [`TrainAttention::apply`], not tracked): the output and
+    /// what [`TrainAttention::backward`] needs of it.
+    pub fn forward(
+        q: &candle_core::Tensor,
+        k: &candle_core::Tensor,
+        v: &candle_core::Tensor,
+        n_rep: usize,
+    ) -> Result<(candle_core::Tensor, Self)> {
+        let op = TrainAttention { n_rep, lse: std::sync::Mutex::new(None) };
+        let out = q.apply_op3_no_bwd(k, v, &op)?;
+        Ok((out, op))
+    }
+
+    /// Gradients of q, k and v (in their dtypes) from the output `out` of this op's forward
+    /// and its gradient `grad` ([b, t, heads, 64]). Once: the forward's state is taken.
+    pub fn backward(
+        &self,
+        q: &candle_core::Tensor,
+        k: &candle_core::Tensor,
+        v: &candle_core::Tensor,
+        out: &candle_core::Tensor,
+        grad: &candle_core::Tensor,
+    ) -> Result<(candle_core::Tensor, candle_core::Tensor, candle_core::Tensor)> {
+        use candle_core::DType;
+        let lse = self.lse.lock().map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))?.take();
+        let Some(lse) = lse else { candle_core::bail!("attention backward without its forward") };
+        let grad = grad.to_dtype(DType::BF16)?.contiguous()?;
+        // delta: rowsum(dO * O), [b, heads, t] f32
+        let delta = (grad.to_dtype(DType::F32)? * out.to_dtype(DType::F32)?)?.sum(3)?.transpose(1, 2)?.contiguous()?;
+        let op = AttentionBackward { n_rep: self.n_rep, lse, grad, delta };
+        let flat = q.apply_op3_no_bwd(k, v, &op)?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let part = |at: usize, n: usize, like: &candle_core::Tensor| -> Result<candle_core::Tensor> {
+            flat.narrow(0, at, n)?.reshape(like.shape())?.to_dtype(like.dtype())
+        };
+        Ok((part(0, nq, q)?, part(nq, nk, k)?, part(nq + nk, nk, v)?))
+    }
 }
 
 impl CustomOp3 for TrainAttention {
@@ -160,19 +198,8 @@ impl CustomOp3 for TrainAttention {
         out: &candle_core::Tensor,
         grad: &candle_core::Tensor,
     ) -> Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
-        use candle_core::DType;
-        let lse = self.lse.lock().map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))?.take();
-        let Some(lse) = lse else { candle_core::bail!("attention backward without its forward") };
-        let grad = grad.to_dtype(DType::BF16)?.contiguous()?;
-        // delta: rowsum(dO * O), [b, heads, t] f32
-        let delta = (grad.to_dtype(DType::F32)? * out.to_dtype(DType::F32)?)?.sum(3)?.transpose(1, 2)?.contiguous()?;
-        let op = AttentionBackward { n_rep: self.n_rep, lse, grad, delta };
-        let flat = q.apply_op3_no_bwd(k, v, &op)?;
-        let (nq, nk) = (q.elem_count(), k.elem_count());
-        let part = |at: usize, n: usize, like: &candle_core::Tensor| -> Result<candle_core::Tensor> {
-            flat.narrow(0, at, n)?.reshape(like.shape())?.to_dtype(like.dtype())
-        };
-        Ok((Some(part(0, nq, q)?), Some(part(nq, nk, k)?), Some(part(nq + nk, nk, v)?)))
+        let (dq, dk, dv) = self.backward(q, k, v, out, grad)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 

@@ -451,6 +451,8 @@ pub struct Decoder {
     fuse_projections: bool,
     /// Captured prefills, emptied whenever the weights change.
     prefills: PrefillGraphs,
+    /// See [`Decoder::set_layer_grad`].
+    layer_grad: bool,
 }
 
 fn md_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
@@ -558,6 +560,7 @@ impl Decoder {
             tokenizer_id,
             quant_rows: QUANT_MAX_ROWS,
             fuse_projections: device.is_cuda() && std::env::var("REFRAG_FUSED").map_or(true, |v| v != "0"),
+            layer_grad: crate::model::layer_grad::enabled(),
             prefills: PrefillGraphs::default(),
         };
         decoder.fuse()?;
@@ -571,6 +574,13 @@ impl Decoder {
     pub fn set_fused(&mut self, on: bool) -> Result<()> {
         self.fuse_projections = on;
         self.fuse()
+    }
+
+    /// Whether differentiable forwards run each layer as one op with its backward written out
+    /// ([`crate::model::layer_grad`]; default on unless `REFRAG_LAYER_GRAD=0`) or through
+    /// autograd op by op (the reference it is tested against).
+    pub fn set_layer_grad(&mut self, on: bool) {
+        self.layer_grad = on;
     }
 
     /// Layers whose projections run stacked.
@@ -1059,8 +1069,69 @@ impl Decoder {
             let n = (embeds.dim(0)? * t * self.layers.len()) as u64;
             TRAIN_LAYER_POSITIONS.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }
+        if self.ops == Ops::Differentiable && self.layer_grad {
+            return self.run_layers_grad(embeds, final_norm);
+        }
         let same = |_, new: Option<_>| new.context("the keys and values of a forward");
         self.run_layers(embeds, || self.rope_rows(0, t), Visible::Causal { pos: 0 }, same, final_norm)
+    }
+
+    /// [`Decoder::run_from_start`] with each layer one op whose backward is written out
+    /// ([`crate::model::layer_grad`]): the adapters' tensors are the op's inputs, so their
+    /// gradients come out of it.
+    fn run_layers_grad(&self, embeds: &Tensor, final_norm: bool) -> Result<Tensor> {
+        use crate::model::layer_grad::{self, Attend, LayerParts, Mat};
+        let t = embeds.dim(1)?;
+        let c = &self.cfg;
+        let attend = match self.causal_mask(t, 0)? {
+            _ if t > 1 && self.fused_attention_with_backward() => Attend::Kernel,
+            Some(mask) => Attend::Masked(mask),
+            None => Attend::Masked(Tensor::zeros((1, 1), self.dtype, &self.device)?),
+        };
+        let rope = self.rope_rows(0, t)?;
+        let mut x = embeds.to_dtype(self.dtype)?;
+        for layer in &self.layers {
+            let mut vars = Vec::new();
+            let mut mat = |lin: &Linear| -> Result<Mat> {
+                let lora = match &lin.lora {
+                    Some(l) => {
+                        vars.extend([l.a.clone(), l.b.clone()]);
+                        let own = |v: &Tensor| v.detach().to_dtype(self.dtype);
+                        Some((own(&l.a)?, own(&l.b)?))
+                    }
+                    None => None,
+                };
+                Ok(Mat { w: lin.dense.clone(), lora })
+            };
+            let mats = [
+                mat(&layer.wq)?,
+                mat(&layer.wk)?,
+                mat(&layer.wv)?,
+                mat(&layer.wo)?,
+                mat(&layer.w_gate)?,
+                mat(&layer.w_up)?,
+                mat(&layer.w_down)?,
+            ];
+            let parts = LayerParts {
+                mats,
+                attn_norm: layer.attn_norm.clone(),
+                ffn_norm: layer.ffn_norm.clone(),
+                eps: c.rms_eps,
+                heads: c.n_head,
+                kv_heads: c.n_kv_head,
+                head_dim: c.head_dim,
+                cos: rope.cos.clone(),
+                sin: rope.sin.clone(),
+                cos_q: rope.cos_q.clone(),
+                sin_q: rope.sin_q.clone(),
+                attend: attend.clone(),
+            };
+            x = layer_grad::forward(&x, parts, &vars)?;
+        }
+        if !final_norm {
+            return Ok(x);
+        }
+        self.rms_norm(&x, &self.norm)
     }
 
     /// Rotary rows of positions pos..pos + t.

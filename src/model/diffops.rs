@@ -47,15 +47,8 @@ enum Grad {
 /// pass, and holding the result too would keep every fused output twice (a softmax's attention
 /// weights, a linear's activations) for the whole pass.
 struct WithGrad {
-    y: std::sync::Mutex<Option<Tensor>>,
+    y: Handed,
     grad: Grad,
-}
-
-impl WithGrad {
-    fn result(&self) -> Result<Tensor> {
-        let y = self.y.lock().map_err(|_| candle_core::Error::Msg("fused-with-grad: poisoned".into()))?.take();
-        y.ok_or_else(|| candle_core::Error::Msg("fused-with-grad: forward ran twice".into()))
-    }
 }
 
 impl CustomOp1 for WithGrad {
@@ -64,22 +57,12 @@ impl CustomOp1 for WithGrad {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = self.result()?;
-        let (s, l) = y.storage_and_layout();
-        match &*s {
-            Storage::Cpu(c) => Ok((c.try_clone(l)?, l.shape().clone())),
-            _ => candle_core::bail!("fused-with-grad: result and input on different devices"),
-        }
+        self.y.cpu()
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        let y = self.result()?;
-        let (s, l) = y.storage_and_layout();
-        match &*s {
-            Storage::Cuda(c) => Ok((c.try_clone(l)?, l.shape().clone())),
-            _ => candle_core::bail!("fused-with-grad: result and input on different devices"),
-        }
+        self.y.cuda()
     }
 
     fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -99,20 +82,68 @@ impl CustomOp1 for WithGrad {
                 p.scatter_add(tgt, &g.neg()?, 1)?.to_dtype(x.dtype())?
             }
             Grad::Frozen { w } => g.matmul(w)?,
-            Grad::Rope { cos, sin } => candle_nn::rotary_emb::rope_i(&g.contiguous()?, cos, &sin.neg()?)?,
-            Grad::Rms { w, eps } if kernels(x) => {
-                x.contiguous()?.apply_op3_no_bwd(&g.contiguous()?, w, &RmsBackward { eps: *eps as f32 })?
-            }
-            Grad::Rms { w, eps } => {
-                let x32 = x.to_dtype(DType::F32)?;
-                let gw = g.to_dtype(DType::F32)?.broadcast_mul(&w.to_dtype(DType::F32)?)?;
-                let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + *eps)?.sqrt()?.recip()?;
-                let m = (&gw * &x32)?.mean_keepdim(D::Minus1)?;
-                let dx = (gw.broadcast_mul(&r)? - x32.broadcast_mul(&(r.powf(3.0)? * m)?)?)?;
-                dx.to_dtype(x.dtype())?
-            }
+            Grad::Rope { cos, sin } => rope_grad(g, cos, sin)?,
+            Grad::Rms { w, eps } => rms_norm_grad(x, g, w, *eps)?,
         };
         Ok(Some(dx))
+    }
+}
+
+/// The gradient to `x` of `rms_norm(x, w)` from the output's gradient `g` (the weight is
+/// frozen): one kernel on CUDA in bf16, written out in f32 elsewhere.
+pub(crate) fn rms_norm_grad(x: &Tensor, g: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if kernels(x) {
+        return x.contiguous()?.apply_op3_no_bwd(&g.contiguous()?, w, &RmsBackward { eps: eps as f32 });
+    }
+    let x32 = x.to_dtype(DType::F32)?;
+    let gw = g.to_dtype(DType::F32)?.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let m = (&gw * &x32)?.mean_keepdim(D::Minus1)?;
+    let dx = (gw.broadcast_mul(&r)? - x32.broadcast_mul(&(r.powf(3.0)? * m)?)?)?;
+    dx.to_dtype(x.dtype())
+}
+
+/// The gradient to `x` of the interleaved `rope_i(x, cos, sin)` from the output's gradient
+/// `g`: the inverse rotation.
+pub(crate) fn rope_grad(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    candle_nn::rotary_emb::rope_i(&g.contiguous()?, cos, &sin.neg()?)
+}
+
+/// A result computed before its custom op runs, handed to the op's output by one copy: the
+/// forward of ops whose gradient is written out ([`WithGrad`],
+/// [`crate::model::layer_grad`]). Taken once, so the graph does not keep it twice.
+pub(crate) struct Handed(std::sync::Mutex<Option<Tensor>>);
+
+impl Handed {
+    /// `y` as the op's future output: a view into a larger storage (a narrowed tensor) is
+    /// copied into one of its own first, since the output takes the storage from its start.
+    pub(crate) fn new(y: Tensor) -> Result<Self> {
+        let y = if y.is_contiguous() && y.layout().start_offset() == 0 { y } else { y.force_contiguous()? };
+        Ok(Self(std::sync::Mutex::new(Some(y))))
+    }
+
+    fn take(&self) -> Result<Tensor> {
+        let y = self.0.lock().map_err(|_| candle_core::Error::Msg("fused-with-grad: poisoned".into()))?.take();
+        y.ok_or_else(|| candle_core::Error::Msg("fused-with-grad: forward ran twice".into()))
+    }
+
+    pub(crate) fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+        let y = self.take()?;
+        let (s, l) = y.storage_and_layout();
+        match &*s {
+            Storage::Cpu(c) => Ok((c.try_clone(l)?, l.shape().clone())),
+            _ => candle_core::bail!("fused-with-grad: result and input on different devices"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = self.take()?;
+        let (s, l) = y.storage_and_layout();
+        match &*s {
+            Storage::Cuda(c) => Ok((c.try_clone(l)?, l.shape().clone())),
+            _ => candle_core::bail!("fused-with-grad: result and input on different devices"),
+        }
     }
 }
 
@@ -135,8 +166,7 @@ fn attach(x: &Tensor, y: Tensor, grad: Grad) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(y);
     }
-    let y = if y.is_contiguous() && y.layout().start_offset() == 0 { y } else { y.force_contiguous()? };
-    x.apply_op1(WithGrad { y: std::sync::Mutex::new(Some(y)), grad })
+    x.apply_op1(WithGrad { y: Handed::new(y)?, grad })
 }
 
 /// `x` [rows, in] times the transpose of a frozen weight `w` [out, in], with a gradient to `x`

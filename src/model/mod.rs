@@ -58,6 +58,7 @@ pub mod encoder;
 pub mod gguf_tokenizer;
 pub mod grown;
 pub mod hub;
+pub mod layer_grad;
 pub mod load;
 pub mod policy;
 pub mod projector;
