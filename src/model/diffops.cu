@@ -80,9 +80,9 @@ extern "C" __global__ void refrag_ce_bwd_bf16(const bf16* __restrict__ x, const 
 
 // The rms-norm's gradient to its input, y = x w r with r = 1/sqrt(mean(x^2) + eps):
 // dx = r (g w) - x r^3 mean(g w x). One block per row.
-extern "C" __global__ void refrag_rms_norm_bwd_bf16(const bf16* __restrict__ x, const bf16* __restrict__ g,
-                                                    const bf16* __restrict__ w, bf16* __restrict__ dx, int rows,
-                                                    int hidden, float eps) {
+template <bool ADD>
+__device__ void rms_norm_bwd(const bf16* __restrict__ x, const bf16* __restrict__ g, const bf16* __restrict__ w,
+                             const bf16* __restrict__ res, bf16* __restrict__ dx, int hidden, float eps) {
     __shared__ float part[32];
     const long long row = blockIdx.x;
     const bf16* xr = x + row * hidden;
@@ -99,6 +99,36 @@ extern "C" __global__ void refrag_rms_norm_bwd_bf16(const bf16* __restrict__ x, 
     const float c = r * r * r * (sgx / hidden);
     for (int j = threadIdx.x; j < hidden; j += blockDim.x) {
         float a = __bfloat162float(xr[j]);
-        dx[row * hidden + j] = __float2bfloat16(r * __bfloat162float(gr[j]) * __bfloat162float(w[j]) - a * c);
+        float d = r * __bfloat162float(gr[j]) * __bfloat162float(w[j]) - a * c;
+        if (ADD) d += __bfloat162float(res[row * hidden + j]);
+        dx[row * hidden + j] = __float2bfloat16(d);
+    }
+}
+
+extern "C" __global__ void refrag_rms_norm_bwd_bf16(const bf16* __restrict__ x, const bf16* __restrict__ g,
+                                                    const bf16* __restrict__ w, bf16* __restrict__ dx, int rows,
+                                                    int hidden, float eps) {
+    rms_norm_bwd<false>(x, g, w, nullptr, dx, hidden, eps);
+}
+
+// The same plus a residual gradient `res` (added in f32 before rounding): a layer's input
+// gradient is the residual path's plus the norm's.
+extern "C" __global__ void refrag_rms_norm_bwd_add_bf16(const bf16* __restrict__ x, const bf16* __restrict__ g,
+                                                        const bf16* __restrict__ w, const bf16* __restrict__ res,
+                                                        bf16* __restrict__ dx, int rows, int hidden, float eps) {
+    rms_norm_bwd<true>(x, g, w, res, dx, hidden, eps);
+}
+
+// The gradients of a = silu(g) * u from da, all [n] bf16: out[0..n) = dg, out[n..2n) = du.
+// silu'(g) = s + silu (1 - s), s = sigmoid(g); f32 arithmetic, one rounding per output.
+extern "C" __global__ void refrag_silu_mul_bwd_bf16(const bf16* __restrict__ g, const bf16* __restrict__ u,
+                                                    const bf16* __restrict__ da, bf16* __restrict__ out,
+                                                    long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const float gv = __bfloat162float(g[i]), uv = __bfloat162float(u[i]), d = __bfloat162float(da[i]);
+        const float s = 1.0f / (1.0f + __expf(-gv));
+        const float silu = gv * s;
+        out[i] = __float2bfloat16(d * uv * (s + silu * (1.0f - s)));
+        out[n + i] = __float2bfloat16(d * silu);
     }
 }

@@ -93,7 +93,7 @@ impl CustomOp1 for WithGrad {
 /// frozen): one kernel on CUDA in bf16, written out in f32 elsewhere.
 pub(crate) fn rms_norm_grad(x: &Tensor, g: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if kernels(x) {
-        return x.contiguous()?.apply_op3_no_bwd(&g.contiguous()?, w, &RmsBackward { eps: eps as f32 });
+        return x.contiguous()?.apply_op3_no_bwd(&g.contiguous()?, w, &RmsBackward { eps: eps as f32, res: None });
     }
     let x32 = x.to_dtype(DType::F32)?;
     let gw = g.to_dtype(DType::F32)?.broadcast_mul(&w.to_dtype(DType::F32)?)?;
@@ -101,6 +101,31 @@ pub(crate) fn rms_norm_grad(x: &Tensor, g: &Tensor, w: &Tensor, eps: f64) -> Res
     let m = (&gw * &x32)?.mean_keepdim(D::Minus1)?;
     let dx = (gw.broadcast_mul(&r)? - x32.broadcast_mul(&(r.powf(3.0)? * m)?)?)?;
     dx.to_dtype(x.dtype())
+}
+
+/// `res` plus [`rms_norm_grad`]: on CUDA in bf16 one kernel (the sum in f32, rounded once).
+pub(crate) fn rms_norm_grad_add(x: &Tensor, g: &Tensor, w: &Tensor, eps: f64, res: &Tensor) -> Result<Tensor> {
+    if kernels(x) && res.dtype() == DType::BF16 && res.shape() == x.shape() {
+        let op = RmsBackward { eps: eps as f32, res: Some(res.contiguous()?) };
+        return x.contiguous()?.apply_op3_no_bwd(&g.contiguous()?, w, &op);
+    }
+    res + rms_norm_grad(x, g, w, eps)?
+}
+
+/// The gradients of `silu(g) * u` to `g` and `u` from its gradient `da`: one kernel on CUDA
+/// in bf16 (f32 arithmetic), candle's ops elsewhere.
+pub(crate) fn silu_mul_grad(g: &Tensor, u: &Tensor, da: &Tensor) -> Result<(Tensor, Tensor)> {
+    if kernels(g) && u.dtype() == DType::BF16 && da.dtype() == DType::BF16 {
+        let both = g.contiguous()?.apply_op3_no_bwd(&u.contiguous()?, &da.contiguous()?, &SiluMulBackward)?;
+        return Ok((both.get(0)?, both.get(1)?));
+    }
+    let sg = candle_nn::ops::sigmoid(g)?;
+    let silu = (g * &sg)?;
+    let du = (da * &silu)?;
+    // silu'(g) = sg + silu (1 - sg)
+    let dsilu = ((&sg + &silu)? - (&silu * &sg)?)?;
+    let dg = ((da * u)? * dsilu)?;
+    Ok((dg, du))
 }
 
 /// The gradient to `x` of the interleaved `rope_i(x, cos, sin)` from the output's gradient
@@ -237,11 +262,15 @@ struct CeForward;
 /// then the rows' incoming gradient).
 struct CeBackward;
 
-/// The rms-norm's gradient to its bf16 input from (x, g, w).
+/// The rms-norm's gradient to its bf16 input from (x, g, w), plus `res` when given.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct RmsBackward {
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     eps: f32,
+    res: Option<Tensor>,
 }
+
+/// The gradients of `silu(g) * u` from (g, u, da), bf16, same shapes: [2, ..] (dg, du).
+struct SiluMulBackward;
 
 impl CustomOp2 for CeForward {
     fn name(&self) -> &'static str {
@@ -367,7 +396,8 @@ impl CustomOp3 for RmsBackward {
         }
         let rows = xl.shape().elem_count() / hidden;
         let dev = x.device().clone();
-        let func = dev.get_or_load_custom_func("refrag_rms_norm_bwd_bf16", "refrag_diffops", PTX)?;
+        let name = if self.res.is_some() { "refrag_rms_norm_bwd_add_bf16" } else { "refrag_rms_norm_bwd_bf16" };
+        let func = dev.get_or_load_custom_func(name, "refrag_diffops", PTX)?;
         let (xs, gs, ws) = (
             x.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..),
             g.as_cuda_slice::<bf16>()?.slice(gl.start_offset()..),
@@ -378,10 +408,71 @@ impl CustomOp3 for RmsBackward {
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         let (rows_, hidden_) = (rows as i32, hidden as i32);
         let mut launch = func.builder();
-        launch.arg(&xs).arg(&gs).arg(&ws).arg(&dx).arg(&rows_).arg(&hidden_).arg(&self.eps);
+        let stream = dev.cuda_stream();
+        let res = match &self.res {
+            Some(r) if r.shape() == xl.shape() && r.is_contiguous() => Some(super::device_ptr::<bf16>(r, &stream)?),
+            Some(_) => candle_core::bail!("fused rms-norm backward: the residual gradient's shape"),
+            None => None,
+        };
+        launch.arg(&xs).arg(&gs).arg(&ws);
+        if let Some(r) = &res {
+            launch.arg(r);
+        }
+        launch.arg(&dx).arg(&rows_).arg(&hidden_).arg(&self.eps);
         // SAFETY: the arguments match the kernel's signature; the shapes were checked above.
         unsafe { launch.launch(cfg) }.w()?;
+        drop(launch);
         Ok((candle_core::CudaStorage::wrap_cuda_slice(dx, dev), xl.shape().clone()))
+    }
+}
+
+impl CustomOp3 for SiluMulBackward {
+    fn name(&self) -> &'static str {
+        "refrag-silu-mul-backward"
+    }
+
+    cuda_only!(op3, "the fused silu-mul backward kernel");
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+        u: &candle_core::CudaStorage,
+        ul: &Layout,
+        da: &candle_core::CudaStorage,
+        dl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        use half::bf16;
+        if gl.shape() != ul.shape() || gl.shape() != dl.shape() {
+            candle_core::bail!("fused silu-mul backward: shapes {:?}, {:?}, {:?}", gl.shape(), ul.shape(), dl.shape());
+        }
+        if !(gl.is_contiguous() && ul.is_contiguous() && dl.is_contiguous()) {
+            candle_core::bail!("fused silu-mul backward: inputs must be contiguous");
+        }
+        let n = gl.shape().elem_count();
+        let dev = g.device().clone();
+        let func = dev.get_or_load_custom_func("refrag_silu_mul_bwd_bf16", "refrag_diffops", PTX)?;
+        let (gs, us, ds) = (
+            g.as_cuda_slice::<bf16>()?.slice(gl.start_offset()..),
+            u.as_cuda_slice::<bf16>()?.slice(ul.start_offset()..),
+            da.as_cuda_slice::<bf16>()?.slice(dl.start_offset()..),
+        );
+        // SAFETY: every element of both halves is written.
+        let out = unsafe { dev.alloc::<bf16>(2 * n)? };
+        let block = 256u32;
+        let grid = (n as u32).div_ceil(block).clamp(1, 132 * 16);
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+        let n_ = n as i64;
+        let mut launch = func.builder();
+        launch.arg(&gs).arg(&us).arg(&ds).arg(&out).arg(&n_);
+        // SAFETY: the arguments match the kernel's signature; the shapes were checked above.
+        unsafe { launch.launch(cfg) }.w()?;
+        let mut dims = vec![2];
+        dims.extend_from_slice(gl.shape().dims());
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), Shape::from(dims)))
     }
 }
 
@@ -429,7 +520,16 @@ pub fn parity(device: &candle_core::Device) -> anyhow::Result<f32> {
     let w16 = w.to_dtype(DType::BF16)?;
     let (_, d1) = grad_of(&x, &c, &|t| rms_norm(t, &w16, 1e-5))?;
     let (_, d2) = grad_of(&x.to_dtype(DType::F32)?, &c, &|t| rms_norm(t, &w, 1e-5))?;
-    Ok(worst.max(rel(&d1, &d2)?))
+    worst = worst.max(rel(&d1, &d2)?);
+    // the layer op's kernels: the norm's gradient plus a residual one, silu-mul's gradients
+    let (g16, r) = (c.to_dtype(DType::BF16)?, Tensor::randn(0f32, 1.0, (3, 5, 576), device)?);
+    let a1 = rms_norm_grad_add(&x, &g16, &w16, 1e-5, &r.to_dtype(DType::BF16)?)?;
+    let a2 = rms_norm_grad_add(&x.to_dtype(DType::F32)?, &c, &w, 1e-5, &r)?;
+    worst = worst.max(rel(&a1, &a2)?);
+    let (g, u) = (&x, (&x * 0.7)?.sin()?);
+    let (dg1, du1) = silu_mul_grad(g, &u, &g16)?;
+    let (dg2, du2) = silu_mul_grad(&g.to_dtype(DType::F32)?, &u.to_dtype(DType::F32)?, &c)?;
+    Ok(worst.max(rel(&dg1, &dg2)?).max(rel(&du1, &du2)?))
 }
 
 #[cfg(test)]

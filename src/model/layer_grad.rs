@@ -19,7 +19,7 @@
 //! the reference a test and `refrag doctor` compare this op with.
 
 use crate::model::attention::TrainAttention;
-use crate::model::diffops::{rms_norm_grad, rope_grad, Handed};
+use crate::model::diffops::{rms_norm_grad_add, rope_grad, silu_mul_grad, Handed};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use std::sync::{Arc, Mutex};
 
@@ -198,17 +198,6 @@ fn run(x: &Tensor, p: &LayerParts) -> Result<(Tensor, Saved)> {
     Ok((out, Saved { x, h1, q, k, v, y, att, x2, h2, gate, up, act, mids }))
 }
 
-/// The gradients of `silu(g) * u` to `g` and `u` from its gradient `da`.
-fn silu_mul_grad(g: &Tensor, u: &Tensor, da: &Tensor) -> Result<(Tensor, Tensor)> {
-    let sg = candle_nn::ops::sigmoid(g)?;
-    let silu = (g * &sg)?;
-    let du = (da * &silu)?;
-    // silu'(g) = sg + silu (1 - sg)
-    let dsilu = ((&sg + &silu)? - (&silu * &sg)?)?;
-    let dg = ((da * u)? * dsilu)?;
-    Ok((dg, du))
-}
-
 impl LayerOp {
     /// The input's gradient (when `need_dx`) and the adapters' (f32, flat, in `vars`' order).
     fn backward(&self, dout: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -230,7 +219,7 @@ impl LayerOp {
         let dact = need(lin(6, &dout, &s.act, true)?)?;
         let (dg, du) = silu_mul_grad(&s.gate, &s.up, &dact)?;
         let dh2 = (need(lin(4, &dg, &s.h2, true)?)? + need(lin(5, &du, &s.h2, true)?)?)?;
-        let dx2 = (&dout + rms_norm_grad(&s.x2, &dh2, &p.ffn_norm, p.eps)?)?;
+        let dx2 = rms_norm_grad_add(&s.x2, &dh2, &p.ffn_norm, p.eps, &dout)?;
         // attention
         let dy = need(lin(3, &dx2, &s.y.reshape((n, heads * d))?, true)?)?.reshape((b, t, heads, d))?;
         let (dq, dk, dv) = match &s.att {
@@ -260,7 +249,7 @@ impl LayerOp {
             }
         }
         let dx = match dh1 {
-            Some(dh1) => Some((dx2 + rms_norm_grad(&s.x, &dh1, &p.attn_norm, p.eps)?)?.reshape((b, t, hidden))?),
+            Some(dh1) => Some(rms_norm_grad_add(&s.x, &dh1, &p.attn_norm, p.eps, &dx2)?.reshape((b, t, hidden))?),
             None => None,
         };
         let parts = grads
