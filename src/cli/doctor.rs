@@ -61,6 +61,9 @@ pub fn run(g: &Global, a: DoctorArgs) -> Result<ExitCode> {
         let enc = ld.encoder().ok()?;
         Some((dec.tokenizer_id.clone(), dec, enc))
     });
+    if let Some(ld) = loader.as_ref().filter(|ld| ld.device.is_cuda() && crate::model::layer_grad::enabled()) {
+        check_layer_grad(ld, &mut checks);
+    }
     let trained = match (&loaded, &loader) {
         (Some((_, dec, enc)), Some(ld)) => check_weights(ld, enc, dec, &mut checks),
         _ => {
@@ -194,6 +197,31 @@ fn check_elementwise(d: &candle_core::Device, checks: &mut Checks) {
             format!("training kernels differ from f32 by {e:.1e}: set REFRAG_OP_BY_OP=1 to train without them"),
         ),
         Err(e) => (Status::Fail, format!("training kernels fail ({}): set REFRAG_OP_BY_OP=1", super::one_line(&e))),
+    };
+    checks.add(status, "kernels", what);
+}
+
+/// Training's layer op (a layer's backward written out) against autograd op by op on the real
+/// decoder: the loss's and the gradients' relative error.
+fn check_layer_grad(ld: &crate::model::load::Loader, checks: &mut Checks) {
+    // bf16 on both sides, summed in other orders: ~1e-2 is rounding; a wrong term is ~1
+    const TOLERANCE: f32 = 5e-2;
+    let checked = ld
+        .decoder_with(crate::model::decoder::Ops::Differentiable, false)
+        .and_then(|mut dec| crate::model::layer_grad::parity(&mut dec));
+    let (status, what) = match checked {
+        Ok(e) if e <= TOLERANCE => {
+            (Status::Ok, format!("training's layer op agrees with autograd (gradients {e:.1e} relative)"))
+        }
+        Ok(e) => (
+            Status::Fail,
+            format!(
+                "training's layer op differs from autograd by {e:.1e}: set REFRAG_LAYER_GRAD=0 to train without it"
+            ),
+        ),
+        Err(e) => {
+            (Status::Fail, format!("training's layer op fails ({}): set REFRAG_LAYER_GRAD=0", super::one_line(&e)))
+        }
     };
     checks.add(status, "kernels", what);
 }

@@ -653,6 +653,16 @@ impl Decoder {
         self.fuse()
     }
 
+    /// Drop every adapter attached with [`Decoder::attach_lora`].
+    pub fn clear_lora(&mut self) -> Result<()> {
+        for l in &mut self.layers {
+            for lin in [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down] {
+                lin.lora = None;
+            }
+        }
+        self.fuse()
+    }
+
     /// Fold trained adapters from a file into the dense weights (W += B·A). The quantized
     /// copies no longer match, so the adapted matrices decode densely.
     pub fn merge_lora(&mut self, path: &Path) -> Result<()> {
@@ -1153,13 +1163,8 @@ impl Decoder {
         }
         let mut d = self.clone();
         d.layers.truncate(n);
-        for l in &mut d.layers {
-            for lin in [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down] {
-                lin.lora = None;
-            }
-        }
         d.cfg.n_layer = n;
-        d.fuse()?;
+        d.clear_lora()?;
         Ok(d)
     }
 
