@@ -205,6 +205,9 @@ fn gemm_accumulate(c: &Tensor, a: &Tensor, b: &Tensor, b_t: bool) -> Result<bool
     Ok(true)
 }
 
+/// An adapter's gradients (dA, dB).
+type AdapterGrads = (Tensor, Tensor);
+
 /// The gradients of [`linear`] from `dy`: to `x` (when `need_dx`) and to the adapter (dA, dB).
 fn linear_grad(
     dy: &Tensor,
@@ -212,7 +215,7 @@ fn linear_grad(
     m: &Mat,
     mid: Option<&Tensor>,
     need_dx: bool,
-) -> Result<(Option<Tensor>, Option<(Tensor, Tensor)>)> {
+) -> Result<(Option<Tensor>, Option<AdapterGrads>)> {
     let dx = if need_dx { Some(dy.matmul(&m.w)?) } else { None };
     let (Some((a, b)), Some(mid)) = (&m.lora, mid) else { return Ok((dx, None)) };
     let gr = dy.matmul(b)?;
@@ -287,7 +290,7 @@ impl LayerOp {
         let n = b * t;
         let hidden = s.x.dim(1)?;
         let dout = dout.reshape((n, hidden))?;
-        let mut grads: [Option<(Tensor, Tensor)>; 7] = Default::default();
+        let mut grads: [Option<AdapterGrads>; 7] = Default::default();
         let mut lin = |i: usize, dy: &Tensor, x: &Tensor, need: bool| -> Result<Option<Tensor>> {
             let (dx, g) = linear_grad(dy, x, &p.mats[i], s.mids[i].as_ref(), need)?;
             grads[i] = g;
