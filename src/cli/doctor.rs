@@ -206,9 +206,8 @@ fn check_elementwise(d: &candle_core::Device, checks: &mut Checks) {
 fn check_layer_grad(ld: &crate::model::load::Loader, checks: &mut Checks) {
     // bf16 on both sides, summed in other orders: ~1e-2 is rounding; a wrong term is ~1
     const TOLERANCE: f32 = 5e-2;
-    let checked = ld
-        .decoder_with(crate::model::decoder::Ops::Differentiable, false)
-        .and_then(|mut dec| crate::model::layer_grad::parity(&mut dec));
+    let checked =
+        ld.decoder_with(crate::model::decoder::Ops::Differentiable, false).and_then(|mut dec| dec.layer_grad_parity());
     let (status, what) = match checked {
         Ok(e) if e <= TOLERANCE => {
             (Status::Ok, format!("training's layer op agrees with autograd (gradients {e:.1e} relative)"))

@@ -237,7 +237,8 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// `candle_nn::loss::cross_entropy`, with a written-out gradient (module doc).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if op_by_op() {
-        return candle_nn::loss::cross_entropy(logits, targets);
+        // in f32, as the kernels' loss: a bf16 loss cannot be added to the other (f32) terms
+        return candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, targets);
     }
     if kernels(logits) {
         let n = logits.dim(0)?;

@@ -325,6 +325,6 @@ fn training_kernels_match_f32_ops() {
 #[test]
 fn layer_op_gradients_match_autograd() {
     let mut dec = Decoder::load(&decoder_path(), &Device::Cpu, Ops::Differentiable, false).unwrap();
-    let err = refrag::model::layer_grad::parity(&mut dec).unwrap();
+    let err = dec.layer_grad_parity().unwrap();
     assert!(err < 1e-5, "relative error {err}");
 }
