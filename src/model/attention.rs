@@ -5,6 +5,36 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 
+/// Attention written out: scores, `mask` (additive, [t, keys]), `softmax` over the keys,
+/// values, for queries [b, heads, t, d] (scaled) over keys and values [b, kv heads, keys, d].
+/// Grouped-query: the n_rep query heads of one KV head are read as n_rep * t rows against its
+/// keys, straight from the cache (no copy of K/V per query head). Returns the output [b, t,
+/// heads, d] (a transposed view) and the weights [b, kv heads, n_rep * t, keys].
+pub fn written_out(
+    q: &candle_core::Tensor,
+    k: &candle_core::Tensor,
+    v: &candle_core::Tensor,
+    mask: Option<&candle_core::Tensor>,
+    softmax: impl Fn(&candle_core::Tensor) -> Result<candle_core::Tensor>,
+) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+    let (b, heads, t, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    let rows = heads / kv_heads * t;
+    let mut att = q.reshape((b, kv_heads, rows, d))?.matmul(&k.t()?)?;
+    if let Some(m) = mask {
+        let keys = att.dim(3)?;
+        att = att
+            .reshape((b, kv_heads, heads / kv_heads, t, keys))?
+            .broadcast_add(m)?
+            .reshape((b, kv_heads, rows, keys))?;
+    }
+    crate::profile::mark(q.device(), "fwd_scores");
+    let att = softmax(&att)?;
+    crate::profile::mark(q.device(), "fwd_softmax");
+    let out = att.matmul(v)?.reshape((b, heads, t, d))?.transpose(1, 2)?;
+    Ok((out, att))
+}
+
 /// Whether the decoder may use the fused attention kernel (`REFRAG_FUSED_ATTENTION=0`: no).
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

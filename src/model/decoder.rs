@@ -1164,10 +1164,13 @@ impl Decoder {
         use crate::model::layer_grad::{self, Attend, LayerParts, Mat};
         let t = embeds.dim(1)?;
         let c = &self.cfg;
-        let attend = match self.causal_mask(t, 0)? {
-            _ if t > 1 && self.fused_attention_with_backward() => Attend::Kernel,
-            Some(mask) => Attend::Masked(mask),
-            None => Attend::Masked(Tensor::zeros((1, 1), self.dtype, &self.device)?),
+        let attend = if t > 1 && self.fused_attention_with_backward() {
+            Attend::Kernel
+        } else {
+            match self.causal_mask(t, 0)? {
+                Some(mask) => Attend::Masked(mask),
+                None => Attend::Masked(Tensor::zeros((1, 1), self.dtype, &self.device)?),
+            }
         };
         let rope = self.rope_rows(0, t)?;
         let mut x = embeds.to_dtype(self.dtype)?;
@@ -1393,9 +1396,7 @@ impl Decoder {
     /// ([`crate::model::elementwise`]), else the add and [`Decoder::rms_norm`].
     fn add_norm(&self, x: &Tensor, y: Option<Tensor>, w: &Tensor, fuse: bool) -> Result<(Tensor, Tensor)> {
         let x = match y {
-            Some(y) if fuse && crate::model::elementwise::add_rms_norm_fits(x, &y, w) => {
-                return Ok(crate::model::elementwise::add_rms_norm(x, &y, w, self.cfg.rms_eps)?)
-            }
+            Some(y) if fuse => return Ok(crate::model::elementwise::add_norm(x, &y, w, self.cfg.rms_eps)?),
             Some(y) => (x + y)?,
             None => x.clone(),
         };
@@ -1412,31 +1413,13 @@ impl Decoder {
             && crate::model::elementwise::enabled()
     }
 
-    /// Attention written out: scores, `mask` (additive, [t, keys]), softmax, values, for
-    /// queries [b, heads, t, d] over keys and values [b, kv heads, keys, d]. Grouped-query: the
-    /// n_rep query heads of one KV head are read as n_rep * t rows against its keys, straight
-    /// from the cache (no copy of K/V per query head). Returns [b, t, heads, d].
+    /// [`attention::written_out`] with the softmax of this decoder's ops: [b, t, heads, d].
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, heads, t, d) = q.dims4()?;
-        let kv_heads = k.dim(1)?;
-        let qg = q.reshape((b, kv_heads, heads / kv_heads * t, d))?;
-        let mut att = qg.matmul(&k.t()?)?;
-        if let Some(m) = mask {
-            let keys = att.dim(3)?;
-            att = att.reshape((b, kv_heads, heads / kv_heads, t, keys))?.broadcast_add(m)?.reshape((
-                b,
-                kv_heads,
-                heads / kv_heads * t,
-                keys,
-            ))?;
-        }
-        crate::profile::mark(&self.device, "fwd_scores");
-        let att = match self.ops {
-            Ops::Fused => candle_nn::ops::softmax_last_dim(&att)?,
-            Ops::Differentiable => crate::model::diffops::softmax_last_dim(&att)?,
+        let softmax = |s: &Tensor| match self.ops {
+            Ops::Fused => candle_nn::ops::softmax_last_dim(s),
+            Ops::Differentiable => crate::model::diffops::softmax_last_dim(s),
         };
-        crate::profile::mark(&self.device, "fwd_softmax");
-        Ok(att.matmul(v)?.reshape((b, heads, t, d))?.transpose(1, 2)?)
+        Ok(attention::written_out(q, k, v, mask, softmax)?.0)
     }
 
     /// The additive mask of `visible` for `t` query rows (None: every key is visible).

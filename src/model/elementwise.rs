@@ -51,6 +51,19 @@ pub fn add_rms_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f64) -> Result<(Ten
     Ok((both.get(0)?, both.get(1)?))
 }
 
+/// `x + y` and its RMS norm times `w`: [`add_rms_norm`]'s one kernel where it applies (CUDA,
+/// bf16, [`add_rms_norm_fits`], the kernels on), candle's add and rms-norm elsewhere (the same
+/// bits).
+pub fn add_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let kernel = enabled() && x.device().is_cuda() && x.dtype() == candle_core::DType::BF16;
+    if kernel && add_rms_norm_fits(x, y, w) {
+        return add_rms_norm(x, y, w, eps);
+    }
+    let s = (x + y)?;
+    let h = candle_nn::ops::rms_norm(&s, w, eps as f32)?;
+    Ok((s, h))
+}
+
 /// Whether one-row matrix products use [`gemv`] (with the other kernels, unless
 /// `REFRAG_GEMV=0`; read once).
 pub fn gemv_enabled() -> bool {

@@ -18,7 +18,7 @@
 //! `REFRAG_LAYER_GRAD=0` (or `REFRAG_OP_BY_OP=1`) trains through autograd op by op instead:
 //! the reference a test and `refrag doctor` compare this op with.
 
-use crate::model::attention::TrainAttention;
+use crate::model::attention::{written_out, TrainAttention};
 use crate::model::diffops::{rms_norm_grad_add, rope_grad, silu_mul_grad, Handed};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use std::sync::{Arc, Mutex};
@@ -228,17 +228,6 @@ fn linear_grad(
     Ok((dx, Some((da, db))))
 }
 
-/// `x + y` and its rms-norm with `w`: one kernel on CUDA in bf16 (the inference kernel; the
-/// same bits as the add and candle's norm).
-fn add_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-    if crate::model::elementwise::enabled() && crate::model::elementwise::add_rms_norm_fits(x, y, w) {
-        return crate::model::elementwise::add_rms_norm(x, y, w, eps);
-    }
-    let s = (x + y)?;
-    let h = candle_nn::ops::rms_norm(&s, w, eps as f32)?;
-    Ok((s, h))
-}
-
 /// [b, t, n heads x d] rows as [b, n, t, d].
 fn heads(x: &Tensor, b: usize, t: usize, n: usize, d: usize) -> Result<Tensor> {
     x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()
@@ -262,15 +251,12 @@ fn run(x: &Tensor, p: &LayerParts) -> Result<(Tensor, Saved)> {
             (y, AttnState::Kernel(op))
         }
         Attend::Masked(mask) => {
-            let qg = q.reshape((b, p.kv_heads, n_rep * t, d))?;
-            let s = qg.matmul(&k.t()?)?.reshape((b, p.kv_heads, n_rep, t, t))?.broadcast_add(mask)?;
-            let probs = candle_nn::ops::softmax_last_dim(&s.reshape((b, p.kv_heads, n_rep * t, t))?)?;
-            let y = probs.matmul(&v)?.reshape((b, p.heads, t, d))?.transpose(1, 2)?.contiguous()?;
-            (y, AttnState::Probs(probs))
+            let (y, probs) = written_out(&q, &k, &v, Some(mask), candle_nn::ops::softmax_last_dim)?;
+            (y.contiguous()?, AttnState::Probs(probs))
         }
     };
     let (o, mo) = linear(&y.reshape((n, p.heads * d))?, &p.mats[3])?;
-    let (x2, h2) = add_norm(&x, &o, &p.ffn_norm, p.eps)?;
+    let (x2, h2) = crate::model::elementwise::add_norm(&x, &o, &p.ffn_norm, p.eps)?;
     let (gate, mg) = linear(&h2, &p.mats[4])?;
     let (up, mu) = linear(&h2, &p.mats[5])?;
     let act = (candle_nn::ops::silu(&gate)? * &up)?;
